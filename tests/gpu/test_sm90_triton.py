@@ -1,0 +1,363 @@
+"""SM90/SM89/SM80 W4A8 kernels against the exact reference (needs a CUDA GPU and triton).
+
+Every run: fresh random inputs, outputs (and workspaces, quantized activations, materialized
+weights) poisoned with NaN first, relative error ||y - ref|| / ||ref|| <= 1e-2 against
+``reference_linear`` (exact MXFP4 x exactly quantized activations, float32).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+from w4a8_backend.formats import (
+    ActivationDtype,
+    ActivationScheme,
+    dequantize_mxfp4,
+    quantize_activation,
+    quantize_mxfp4,
+    reference_linear,
+)
+from w4a8_backend.kernels.base import DeviceInfo, LinearKernelConfig
+
+
+
+def _skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU on this machine (torch.cuda.is_available() is False)"
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not importable: {exc}"
+    major, minor = torch.cuda.get_device_capability()
+    if major * 10 + minor not in (80, 86, 87, 89, 90):
+        return f"sm90_triton targets sm_80/86/87/89/90; this GPU is sm_{major}{minor}"
+    return None
+
+
+requires_sm90_backend = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+pytestmark = [pytest.mark.gpu, requires_sm90_backend]
+
+REL_TOL = 1e-2
+FP8, INT8 = ActivationDtype.FP8_E4M3, ActivationDtype.INT8
+SCHEMES = list(ActivationScheme)
+
+LLAMA8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+LLAMA70B = [(10240, 8192), (8192, 8192), (8192, 28672)]
+ODD = [(32 * 3, 32 * 5), (32 * 33, 32 * 7), (32 * 65, 32 * 129)]
+
+
+def _gen(seed: int) -> torch.Generator:
+    g = torch.Generator(device="cuda")
+    g.manual_seed(seed)
+    return g
+
+
+def make_weight(n: int, k: int, g: torch.Generator, extreme: bool = False):
+    """MXFP4 weight with a real-weight-like scale spread (DESIGN §6, MiniLM-like): per-block
+    log-normal magnitudes, a few large input channels; ``extreme`` also plants blocks 20+
+    binades below and 10 above their row and an E8M0 0 (2**-127), i.e. out-of-range blocks."""
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+    spread = torch.randn(n, k // 32, device="cuda", generator=g) * 0.7
+    w *= torch.exp2(spread).repeat_interleave(32, dim=1)
+    cols = torch.randint(0, k, (max(1, k // 512),), device="cuda", generator=g)
+    w[:, cols] *= 16.0
+    packed, scale = quantize_mxfp4(w)
+    if extreme:
+        s = scale.to(torch.int32)
+        pick = torch.rand(s.shape, device="cuda", generator=g)
+        s = torch.where(pick < 0.004, (s - 22).clamp(min=1), s)
+        s = torch.where((pick >= 0.004) & (pick < 0.006), (s + 10).clamp(max=254), s)
+        s[0, 0] = 0
+        scale = s.to(torch.uint8)
+    return packed, scale
+
+
+class Layer(torch.nn.Module):
+    pass
+
+
+def make_layer(packed, scale, input_scale=None):
+    layer = Layer()
+    layer.weight = torch.nn.Parameter(packed.clone(), requires_grad=False)
+    layer.weight_scale = torch.nn.Parameter(scale.clone(), requires_grad=False)
+    layer.input_scale = (
+        None if input_scale is None else torch.nn.Parameter(input_scale, requires_grad=False)
+    )
+    return layer
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    from w4a8_backend.kernels import triton_w4a8
+
+    monkeypatch.setattr(triton_w4a8, "POISON_OUTPUTS", True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+
+
+def make_kernel(act, scheme, n, k, out_dtype=torch.bfloat16):
+    from w4a8_backend.kernels.sm90_triton import Sm90TritonLinearKernel
+
+    cfg = LinearKernelConfig(act, scheme, n, k, out_dtype)
+    ok, why = Sm90TritonLinearKernel.is_supported(DeviceInfo.of("cuda"))
+    assert ok, why
+    ok, why = Sm90TritonLinearKernel.can_implement(cfg)
+    assert ok, why
+    return Sm90TritonLinearKernel(cfg)
+
+
+def static_scale_for(x, act):
+    qmax = 448.0 if act == FP8 else 127.0
+    # calibrated on a slightly smaller range than this input: saturation happens too
+    return (x.float().abs().amax() * 0.9 / qmax).reshape(1)
+
+
+def rel_err(y, ref):
+    assert torch.isfinite(ref).all()
+    assert torch.isfinite(y.float()).all(), "kernel left NaN/Inf (unwritten or poisoned) output"
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+def check(act, scheme, m, n, k, seed, extreme=False, bias=False, out_dtype=torch.bfloat16,
+          x_dtype=torch.bfloat16, prefill_m=None):
+    g = _gen(seed)
+    packed, scale = make_weight(n, k, g, extreme)
+    x = (torch.randn(m, k, device="cuda", generator=g) * 2.0).to(x_dtype)
+    x[:, torch.randint(0, k, (4,), device="cuda", generator=g)] *= 20.0  # activation outliers
+    s_in = static_scale_for(x, act) if scheme == ActivationScheme.STATIC_PER_TENSOR else None
+    b = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16) if bias else None
+    kern = make_kernel(act, scheme, n, k, out_dtype)
+    layer = make_layer(packed, scale, s_in)
+    kern.process_weights_after_loading(layer)
+    if prefill_m is not None:
+        kern.prefill_m = prefill_m
+    y = kern.apply(layer, x, b)
+    assert y.shape == (m, n) and y.dtype == out_dtype
+    ref = reference_linear(x, packed, scale, act, scheme, s_in, b)
+    err = rel_err(y, ref)
+    assert err <= REL_TOL, f"rel err {err:.3e} > {REL_TOL}"
+    return err, kern
+
+
+# ---------------------------------------------------------------------------------------------
+# activation quantization is bit-exact
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name.lower())
+@pytest.mark.parametrize("m,k", [(1, 4096), (7, 160), (33, 20000)])
+def test_activation_quant_bit_exact(act, scheme, m, k):
+    from w4a8_backend.kernels.triton_w4a8 import quantize_activation_gpu
+
+    g = _gen(m * 1000 + k)
+    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16) * 3
+    x[:, 0] = 0.0
+    x[0, 1:9] = torch.tensor([0.5, 1.5, 2.5, -2.5, 1e-30, -1e30, 448.0, -0.0]).to(x.dtype)
+    s_in = (x.float().abs().amax() * 0.5 / (448.0 if act == FP8 else 127.0)).reshape(1)
+    s_in = s_in if scheme == ActivationScheme.STATIC_PER_TENSOR else None
+    q, s = quantize_activation_gpu(x, act == INT8, int(scheme), s_in)
+    q_ref, s_ref = quantize_activation(x, act, scheme, s_in)
+    assert torch.equal(s.reshape(-1), s_ref.reshape(-1))
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMM vs reference
+# ---------------------------------------------------------------------------------------------
+MS_SMALL = [1, 2, 5, 16, 17, 33, 64]
+MS_LARGE = [65, 128, 300, 512, 1024]
+
+
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name.lower())
+@pytest.mark.parametrize("n,k", ODD + [(4096, 4096)], ids=lambda v: str(v))
+def test_all_schemes_many_m(act, scheme, n, k):
+    seed = hash((int(act), int(scheme), n, k)) % 10_000
+    for i, m in enumerate(MS_SMALL + MS_LARGE):
+        check(act, scheme, m, n, k, seed + i, bias=(i % 3 == 0))
+
+
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("n,k", LLAMA8B + LLAMA70B, ids=lambda v: str(v))
+def test_llama_shapes(act, n, k):
+    scheme = ActivationScheme.DYNAMIC_PER_TOKEN if act == INT8 else ActivationScheme.DYNAMIC_PER_TENSOR
+    for i, m in enumerate([1, 16, 64, 256]):
+        check(act, scheme, m, n, k, 17 + i)
+
+
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("m", [4096, 8192])
+def test_prefill_large_m(act, m):
+    check(act, ActivationScheme.DYNAMIC_PER_TOKEN, m, 4096, 4096, m, bias=True)
+
+
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("prefill_m", [1, 10**9], ids=["dense_path", "fused_path"])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name.lower())
+def test_out_of_range_blocks_nothing_lost(act, prefill_m, scheme):
+    """Planted out-of-range blocks (far below/above their row, E8M0 0) are corrected exactly;
+    both the decode/fused path and the materialized prefill path."""
+    os.environ["W4A8_MXFP4_MAX_CORRECTION"] = "0.2"
+    try:
+        for m, (n, k) in itertools.product([1, 40, 200], [(1056, 224), (2048, 4096)]):
+            err, kern = check(act, scheme, m, n, k, m + n, extreme=True, prefill_m=prefill_m)
+            assert kern.delegate is None and kern.num_out_of_range > 0
+    finally:
+        del os.environ["W4A8_MXFP4_MAX_CORRECTION"]
+
+
+def test_out_of_range_blocks_change_the_result():
+    """Guard for the test above: dropping the out-of-range blocks would fail the tolerance."""
+    from w4a8_backend.kernels._sm90_repack import repack_mxfp4
+
+    g = _gen(5)
+    n, k = 512, 4096
+    packed, scale = make_weight(n, k, g, extreme=True)
+    s = scale.to(torch.int32)
+    s[:, ::8] = (s[:, ::8] + 20).clamp(max=254)  # every 8th block 20 binades up: out of range
+    scale = s.to(torch.uint8)
+    rp = repack_mxfp4(packed, scale, act_int8=False)
+    assert rp.num_out_of_range > 0
+    w = dequantize_mxfp4(packed, scale)
+    dropped = w.clone().reshape(n, -1, 32)
+    for i, row in enumerate(rp.corr_rows.tolist()):
+        blocks = rp.corr_blocks[rp.corr_ptr[i] : rp.corr_ptr[i + 1]].long()
+        dropped[row, blocks] = 0
+    x = torch.randn(8, k, device="cuda", generator=g)
+    ref, lossy = x @ w.t(), x @ dropped.reshape(n, k).t()
+    assert ((lossy - ref).norm() / ref.norm()).item() > REL_TOL
+
+
+def test_nan_scale_propagates_like_reference():
+    g = _gen(9)
+    n, k = 256, 512
+    packed, scale = make_weight(n, k, g)
+    scale[3, 2] = 0xFF
+    x = torch.randn(4, k, device="cuda", generator=g).to(torch.bfloat16)
+    for act in (FP8, INT8):
+        kern = make_kernel(act, ActivationScheme.DYNAMIC_PER_TOKEN, n, k)
+        layer = make_layer(packed, scale)
+        kern.process_weights_after_loading(layer)
+        y = kern.apply(layer, x, None).float()
+        ref = reference_linear(x, packed, scale, act, ActivationScheme.DYNAMIC_PER_TOKEN)
+        assert torch.isnan(y[:, 3]).all() and torch.isnan(ref[:, 3]).all()
+        keep = torch.ones(n, dtype=torch.bool, device="cuda")
+        keep[3] = False
+        assert rel_err(y[:, keep], ref[:, keep]) <= REL_TOL
+
+
+def test_too_many_out_of_range_blocks_falls_back(caplog):
+    g = _gen(11)
+    n, k = 256, 1024
+    packed, scale = make_weight(n, k, g)
+    s = scale.to(torch.int32)
+    s[:, ::2] = (s[:, ::2] - 30).clamp(min=1)  # half the blocks 30 binades down
+    scale = s.to(torch.uint8)
+    kern = make_kernel(FP8, ActivationScheme.DYNAMIC_PER_TENSOR, n, k)
+    layer = make_layer(packed, scale)
+    with caplog.at_level("WARNING", logger="w4a8_backend"):
+        kern.process_weights_after_loading(layer)
+    assert kern.delegate is not None
+    assert "dequantize fallback" in caplog.text and "outside the exact" in caplog.text
+    x = torch.randn(3, k, device="cuda", generator=g).to(torch.bfloat16)
+    ref = reference_linear(x, packed, scale, FP8, ActivationScheme.DYNAMIC_PER_TENSOR)
+    assert rel_err(kern.apply(layer, x, None), ref) <= REL_TOL
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+def test_out_and_input_dtypes(out_dtype, act):
+    for m in (3, 300):
+        check(act, ActivationScheme.DYNAMIC_PER_TOKEN, m, 1056, 4096, m, bias=True,
+              out_dtype=out_dtype, x_dtype=torch.float16 if out_dtype == torch.float16 else torch.float32)
+
+
+def test_leading_dims_and_noncontiguous_input():
+    g = _gen(13)
+    n, k = 1024, 2048
+    packed, scale = make_weight(n, k, g)
+    kern = make_kernel(INT8, ActivationScheme.DYNAMIC_PER_TOKEN, n, k)
+    layer = make_layer(packed, scale)
+    kern.process_weights_after_loading(layer)
+    x = torch.randn(2, 3, 2 * k, device="cuda", generator=g).to(torch.bfloat16)[..., ::2]
+    y = kern.apply(layer, x, None)
+    assert y.shape == (2, 3, n)
+    ref = reference_linear(x.contiguous(), packed, scale, INT8, ActivationScheme.DYNAMIC_PER_TOKEN)
+    assert rel_err(y, ref) <= REL_TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs, custom op, torch.compile, dispatch
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+def test_cuda_graph_replay_matches_eager(act):
+    g = _gen(21)
+    n, k = 4096, 4096
+    packed, scale = make_weight(n, k, g, extreme=True)
+    os.environ["W4A8_MXFP4_MAX_CORRECTION"] = "0.2"
+    try:
+        kern = make_kernel(act, ActivationScheme.DYNAMIC_PER_TENSOR, n, k)
+        layer = make_layer(packed, scale)
+        kern.process_weights_after_loading(layer)
+    finally:
+        del os.environ["W4A8_MXFP4_MAX_CORRECTION"]
+    for m in (1, 16, 64):  # split-K paths (in-kernel counters must return to zero)
+        x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            kern.apply(layer, x, None)  # warm-up / compile outside capture
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_graph = kern.apply(layer, x, None)
+        for _ in range(3):
+            x.copy_(torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16))
+            y_graph.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            ref = reference_linear(x, packed, scale, act, ActivationScheme.DYNAMIC_PER_TENSOR)
+            assert rel_err(y_graph, ref) <= REL_TOL
+        assert int(layer.w4a8_counters.abs().sum()) == 0
+
+
+def test_custom_op_opcheck_and_compile():
+    from w4a8_backend.kernels import triton_w4a8
+
+    g = _gen(31)
+    n, k, m = 512, 1024, 8
+    packed, scale = make_weight(n, k, g)
+    kern = make_kernel(FP8, ActivationScheme.DYNAMIC_PER_TOKEN, n, k)
+    layer = make_layer(packed, scale)
+    kern.process_weights_after_loading(layer)
+    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+    args = (
+        x, layer.weight, layer.weight_scale, layer.w4a8_row_scale, layer.w4a8_counters,
+        layer.w4a8_corr_rows, layer.w4a8_corr_ptr, layer.w4a8_corr_blocks,
+        layer.w4a8_corr_values, None, None, n, False, int(ActivationScheme.DYNAMIC_PER_TOKEN),
+        0, kern.prefill_m,
+    )
+    triton_w4a8.POISON_OUTPUTS = False  # opcheck compares repeated runs
+    torch.library.opcheck(torch.ops.w4a8_backend.mxfp4_w4a8_linear.default, args)
+
+    @torch.compile(fullgraph=True, dynamic=True)
+    def f(inp):
+        return kern.apply(layer, inp, None) * 2.0
+
+    ref = reference_linear(x, packed, scale, FP8, ActivationScheme.DYNAMIC_PER_TOKEN) * 2.0
+    assert rel_err(f(x), ref) <= REL_TOL
+    x2 = torch.randn(37, k, device="cuda", generator=g).to(torch.bfloat16)
+    ref2 = reference_linear(x2, packed, scale, FP8, ActivationScheme.DYNAMIC_PER_TOKEN) * 2.0
+    assert rel_err(f(x2), ref2) <= REL_TOL
+
+
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+def test_dispatcher_picks_sm90_triton(act):
+    from w4a8_backend.kernels.dispatch import choose_linear_kernel
+
+    cfg = LinearKernelConfig(act, ActivationScheme.DYNAMIC_PER_TOKEN, 4096, 4096, torch.bfloat16)
+    cls = choose_linear_kernel(cfg, DeviceInfo.of("cuda"))
+    assert cls.name == "sm90_triton"

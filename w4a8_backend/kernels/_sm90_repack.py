@@ -1,0 +1,255 @@
+"""Load-time repacking of MXFP4 weights for the SM90/SM89/SM80 W4A8 kernels (pure torch).
+
+Everything here runs once per layer in ``process_weights_after_loading`` (on the weight's device,
+CPU included, so it is unit-testable without a GPU). The GEMM kernels in ``triton_w4a8`` consume
+the result. See docs/kernels.md for the full description; in short:
+
+Nibble layout
+    K is padded to a multiple of ``K_ALIGN`` (256) and N to a multiple of ``N_ALIGN`` (128), with
+    zero codes. Within each group of 64 consecutive K elements, byte ``j`` (0..31) holds element
+    ``j`` in its low nibble and element ``32 + j`` in its high nibble. So the low nibbles of a
+    32-byte run are one whole MX block and the high nibbles the next one: a kernel splits a K
+    tile into a "low" and a "high" half, each made of whole MX blocks, and never interleaves.
+
+Exponent folding (FP8 activations, E4M3 tensor cores)
+    Each row n gets a reference exponent ``r[n]``; block b's E8M0 exponent ``e = s - 127`` becomes
+    the offset ``d = e - r[n]``. For ``d`` in [-8, 6] every E2M1 value times ``2**d`` is exactly
+    an E4M3 number (0.5 * 2**-8 = 2**-9 is E4M3's smallest subnormal, 6 * 2**6 = 384 <= 448), so
+    the kernel builds exact E4M3 weights in registers and the epilogue multiplies by ``2**r[n]``.
+    ``r[n]`` is the 15-binade window holding the most blocks of the row (ties: the highest).
+
+Exponent folding (INT8 activations, INT8 tensor cores)
+    ``2 * E2M1`` is an integer in [-12, 12], so ``(2 * v) << d`` is an exact int8 for ``d`` in
+    [0, 3] (|12 << 3| = 96 <= 127). Four binades are too few for a whole row, so the reference is
+    per (row, 128-wide K tile): ``t[n, i]``; the kernel accumulates each tile's exact int32 dot,
+    converts it to float32 (exact: |sum| < 2**24) and adds it times ``2**(t[n, i] - 1)``.
+
+Per-block code byte (both modes)
+    ``code = d + 21`` (FP8) or ``d + 22`` (INT8): the exponent field of the float16 multiplier
+    ``2**(d + 6)`` / ``2**(d + 7)`` that the kernel applies to ``E2M1 * 2**-6`` (the E4M3 reading
+    of the nibble). ``code = 0`` (multiplier 0) marks a block the main kernel must skip.
+
+Out-of-range blocks (nothing is silently clamped)
+    A block whose offset falls outside the exact range, whose E8M0 byte is 0xFF (NaN), or whose
+    reference would leave float32's normal range, gets ``code = 0`` in the main pass and is listed
+    in a row-compressed side table with its exact float32 values; the correction kernel adds
+    ``x[:, block] @ values`` to the output rows afterwards. The count is logged at load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..formats.mxfp4 import (
+    BLOCK_SIZE,
+    E8M0_BIAS,
+    E8M0_NAN,
+    e2m1_to_float,
+    e8m0_to_float,
+    unpack_e2m1,
+)
+
+K_ALIGN = 256
+N_ALIGN = 128
+INT8_TILE = 128  # K width of one INT8 reference exponent (4 MX blocks)
+FP8_D_MIN, FP8_D_MAX = -8, 6
+INT8_D_MIN, INT8_D_MAX = 0, 3
+FP8_CODE_BIAS = 21  # float16 exponent field of 2**(d+6): d + 6 + 15
+INT8_CODE_BIAS = 22  # float16 exponent field of 2**(d+7): d + 7 + 15
+
+
+@dataclasses.dataclass
+class RepackedMxfp4:
+    """What the kernels read. Shapes use the padded sizes NP, KP."""
+
+    act_int8: bool
+    n: int
+    k: int
+    packed: torch.Tensor  # uint8 [NP, KP/2], nibble layout above
+    codes: torch.Tensor  # uint8 [NP, KP/32]
+    row_scale: torch.Tensor  # FP8: float32 [NP] = 2**r ; INT8: uint8 [NP, KP/128] biased exponent
+    corr_rows: torch.Tensor  # int32 [R]: rows with out-of-range blocks
+    corr_ptr: torch.Tensor  # int32 [R + 1]: CSR offsets into corr_blocks
+    corr_blocks: torch.Tensor  # int32 [B]: block index (K offset / 32)
+    corr_values: torch.Tensor  # float32 [B, 32]: exact weight values of those blocks
+    num_blocks: int  # N * K / 32 (unpadded)
+    nan_blocks: int
+
+    @property
+    def num_out_of_range(self) -> int:
+        return int(self.corr_blocks.numel())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "packed": self.packed,
+            "codes": self.codes,
+            "row_scale": self.row_scale,
+            "corr_rows": self.corr_rows,
+            "corr_ptr": self.corr_ptr,
+            "corr_blocks": self.corr_blocks,
+            "corr_values": self.corr_values,
+        }
+
+
+def _round_up(v: int, m: int) -> int:
+    return (v + m - 1) // m * m
+
+
+def validate_checkpoint_tensors(weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple[int, int]:
+    if weight.dtype != torch.uint8 or weight.dim() != 2:
+        raise ValueError(
+            f"layer.weight must be packed MXFP4 uint8 [N, K/2], got {weight.dtype} "
+            f"{tuple(weight.shape)}"
+        )
+    n, k = weight.shape[0], weight.shape[1] * 2
+    if k % BLOCK_SIZE:
+        raise ValueError(f"layer.weight: K={k} is not a multiple of {BLOCK_SIZE}")
+    if weight_scale.dtype != torch.uint8 or tuple(weight_scale.shape) != (n, k // BLOCK_SIZE):
+        raise ValueError(
+            f"layer.weight_scale must be E8M0 uint8 {(n, k // BLOCK_SIZE)} for weight "
+            f"{tuple(weight.shape)}, got {weight_scale.dtype} {tuple(weight_scale.shape)}"
+        )
+    return n, k
+
+
+def _repack_nibbles(weight: torch.Tensor, n_pad: int, k_pad: int) -> torch.Tensor:
+    n, k = weight.shape[0], weight.shape[1] * 2
+    codes = unpack_e2m1(weight)  # [N, K] uint8
+    codes = torch.nn.functional.pad(codes, (0, k_pad - k, 0, n_pad - n))
+    groups = codes.reshape(n_pad, k_pad // 64, 2, 32)
+    return (groups[:, :, 0, :] | (groups[:, :, 1, :] << 4)).reshape(n_pad, k_pad // 2).contiguous()
+
+
+def _best_window(exps: torch.Tensor, valid: torch.Tensor, width: int) -> torch.Tensor:
+    """Per row of ``exps`` (int, [R, B]): the top ``t`` maximizing #{valid e in [t-width+1, t]}.
+
+    Candidates are the row's own valid exponents; ties go to the largest. Rows with no valid
+    entry get 0. Works on [R, B] with B small or large (histogram over the 256 E8M0 codes).
+    """
+    r, b = exps.shape
+    hist = torch.zeros(r, 256 + width, dtype=torch.int32, device=exps.device)
+    idx = torch.where(valid, exps, torch.full_like(exps, 255)).long() + width  # invalid -> unused bin
+    hist.scatter_add_(1, idx, valid.to(torch.int32))
+    csum = hist.cumsum(1)
+    # count for top t (E8M0 code) = csum[t + width] - csum[t]
+    tops = torch.arange(256, device=exps.device)
+    counts = csum[:, tops + width] - csum[:, tops]
+    present = hist[:, width : width + 256] > 0
+    score = torch.where(present, counts * 512 + tops, torch.full_like(counts, -1))
+    best = score.argmax(1)
+    return torch.where(score.amax(1) >= 0, best, torch.zeros_like(best)).to(torch.int32)
+
+
+def repack_mxfp4(
+    weight: torch.Tensor, weight_scale: torch.Tensor, act_int8: bool
+) -> RepackedMxfp4:
+    """Repack checkpoint MXFP4 tensors for the W4A8 kernels (see the module docstring)."""
+    n, k = validate_checkpoint_tensors(weight, weight_scale)
+    dev = weight.device
+    n_pad, k_pad = _round_up(n, N_ALIGN), _round_up(k, K_ALIGN)
+    kb, kb_pad = k // BLOCK_SIZE, k_pad // BLOCK_SIZE
+    s = weight_scale.to(torch.int32)
+    is_nan = s == E8M0_NAN
+    finite = ~is_nan
+
+    if act_int8:
+        # Per (row, 4-block tile) window of 4 binades.
+        s_t = torch.nn.functional.pad(s, (0, kb_pad - kb), value=0)
+        f_t = torch.nn.functional.pad(finite, (0, kb_pad - kb), value=False)
+        tiles = kb_pad // 4
+        s4 = s_t.reshape(n, tiles, 4)
+        f4 = f_t.reshape(n, tiles, 4)
+        # candidate tops: each block's exponent; count blocks within [top-3, top]
+        diff = s4[:, :, None, :] - s4[:, :, :, None]  # [n, t, cand, blk] = s_blk - s_cand
+        inwin = (diff <= 0) & (diff >= -(INT8_D_MAX - INT8_D_MIN)) & f4[:, :, None, :]
+        counts = inwin.sum(-1)  # [n, t, cand]
+        score = torch.where(f4, counts * 512 + s4, torch.full_like(counts, -1))
+        best = score.argmax(-1, keepdim=True)
+        top = torch.gather(s4, -1, best).squeeze(-1)
+        top = torch.where(score.amax(-1) >= 0, top, torch.full_like(top, 5))
+        # The tile scale 2**(top - 3 - 127 - 1) must be a normal float32: top in [5, 257].
+        top = top.clamp(min=5)
+        d = s4 - top[:, :, None] + INT8_D_MAX  # [n, t, 4]
+        in_range = f4 & (d >= INT8_D_MIN) & (d <= INT8_D_MAX)
+        code = torch.where(in_range, d + INT8_CODE_BIAS, torch.zeros_like(d)).reshape(n, kb_pad)
+        # biased float32 exponent of 2**(top - 131)
+        tile_exp = (top - 131 + 127).to(torch.uint8)
+        row_scale = torch.zeros(n_pad, tiles, dtype=torch.uint8, device=dev)
+        row_scale[:n] = tile_exp
+        in_range = in_range.reshape(n, kb_pad)[:, :kb]
+        code = code[:, :kb]
+    else:
+        top = _best_window(s, finite, FP8_D_MAX - FP8_D_MIN + 1)
+        # 2**r with r = top - 127 - 6 must be a normal float32: top >= 7.
+        top = top.clamp(min=7)
+        d = s - top[:, None] + FP8_D_MAX
+        in_range = finite & (d >= FP8_D_MIN) & (d <= FP8_D_MAX)
+        code = torch.where(in_range, d + FP8_CODE_BIAS, torch.zeros_like(d))
+        r = (top - E8M0_BIAS - FP8_D_MAX).to(torch.float32)
+        row_scale = torch.zeros(n_pad, dtype=torch.float32, device=dev)
+        row_scale[:n] = torch.exp2(r)
+
+    codes = torch.zeros(n_pad, kb_pad, dtype=torch.uint8, device=dev)
+    codes[:n, :kb] = code.to(torch.uint8)
+
+    # Out-of-range side table (CSR by row), exact float32 values.
+    out = ~in_range
+    rows_hit = out.any(1)
+    corr_rows = rows_hit.nonzero().flatten().to(torch.int32)
+    per_row = out.sum(1)[rows_hit].to(torch.int32)
+    corr_ptr = torch.zeros(corr_rows.numel() + 1, dtype=torch.int32, device=dev)
+    corr_ptr[1:] = per_row.cumsum(0)
+    rr, bb = out.nonzero(as_tuple=True)  # row-major order: matches the CSR offsets
+    if rr.numel():
+        cols = bb.unsqueeze(1) * 16 + torch.arange(16, device=dev)
+        blk_codes = unpack_e2m1(weight[rr.unsqueeze(1), cols])
+        vals = e2m1_to_float(blk_codes)  # [B, 32]
+        scale = e8m0_to_float(weight_scale[rr, bb])
+        corr_values = (vals * scale[:, None]).contiguous()
+    else:
+        corr_values = torch.zeros(0, BLOCK_SIZE, dtype=torch.float32, device=dev)
+
+    return RepackedMxfp4(
+        act_int8=act_int8,
+        n=n,
+        k=k,
+        packed=_repack_nibbles(weight, n_pad, k_pad),
+        codes=codes,
+        row_scale=row_scale,
+        corr_rows=corr_rows,
+        corr_ptr=corr_ptr,
+        corr_blocks=bb.to(torch.int32).contiguous(),
+        corr_values=corr_values,
+        num_blocks=n * kb,
+        nan_blocks=int(is_nan.sum()),
+    )
+
+
+def dequantize_repacked(rp: RepackedMxfp4) -> torch.Tensor:
+    """Decode the repacked form back to float32 ``[N, K]`` exactly as the kernels see it
+    (main pass + correction). Used by CPU tests to prove the repacking loses nothing."""
+    n_pad, k_pad = rp.packed.shape[0], rp.packed.shape[1] * 2
+    b = rp.packed.reshape(n_pad, k_pad // 64, 32)
+    lo, hi = b & 0xF, b >> 4
+    codes = torch.stack((lo, hi), dim=2).reshape(n_pad, k_pad)
+    v = e2m1_to_float(codes).reshape(n_pad, k_pad // 32, 32)
+    c = rp.codes.to(torch.int32)
+    if rp.act_int8:
+        d = c - INT8_CODE_BIAS
+        tile_e = rp.row_scale.to(torch.int32) - 127  # 2**(top-131)
+        mult = torch.exp2(d.float()) * 2.0  # (2v << d) = v * 2**(d+1)
+        w = v * mult[:, :, None]
+        w = w.reshape(n_pad, k_pad // INT8_TILE, INT8_TILE) * torch.exp2(tile_e.float())[:, :, None]
+        w = w.reshape(n_pad, k_pad // 32, 32)
+    else:
+        d = c - FP8_CODE_BIAS
+        w = v * torch.exp2(d.float())[:, :, None] * rp.row_scale[:, None, None]
+    w = torch.where((c == 0)[:, :, None], torch.zeros_like(w), w).reshape(n_pad, k_pad)
+    w = w[: rp.n, : rp.k].clone()
+    for i, row in enumerate(rp.corr_rows.tolist()):
+        for j in range(int(rp.corr_ptr[i]), int(rp.corr_ptr[i + 1])):
+            blk = int(rp.corr_blocks[j])
+            w[row, blk * 32 : (blk + 1) * 32] += rp.corr_values[j]
+    return w

@@ -1,0 +1,231 @@
+"""SM90 / SM89 / SM80 W4A8 MXFP4 linear backend (Triton), with a torch custom op per call.
+
+- FP8 activations: E4M3 tensor cores (SM89+). Per-row reference exponent folded into an exact
+  E2M1 -> E4M3 decode in registers; ``2**r`` and the activation scale in the epilogue.
+- INT8 activations: INT8 tensor cores (SM80+). Per (row, 128-wide K tile) reference exponent,
+  exact int8 weights ``(2 * E2M1) << d``, exact int32 tile sums rescaled in float32.
+- Blocks outside the exact range (or with a NaN scale) are never clamped: they are counted and
+  logged at load and added back exactly by a correction kernel; above
+  ``W4A8_MXFP4_MAX_CORRECTION`` (fraction of blocks, default 0.01) the layer uses the dequantize
+  fallback instead, with the reason logged.
+- Small M (decode): weight as the wide MMA operand, split-K with an in-kernel reduction.
+  Large M (prefill): the weight is decoded once per call into a dense E4M3/int8 matrix, then
+  FP8: ``torch._scaled_mm`` row-wise (cuBLASLt/CUTLASS); INT8: the same Triton GEMM reading it.
+
+The module imports without triton (CPU machines): ``is_supported`` then says why it cannot run.
+Design and measurements: docs/kernels.md, docs/int8_kernel.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from ..formats import ActivationDtype, ActivationScheme
+from ._sm90_repack import N_ALIGN, repack_mxfp4
+from .base import DeviceInfo, LinearKernelConfig, Mxfp4LinearKernel, Verdict
+
+logger = logging.getLogger("w4a8_backend")
+
+try:  # triton is optional: CPU installs have none
+    import triton  # noqa: F401
+
+    _TRITON_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - depends on the machine
+    _TRITON_ERROR = f"triton is not importable ({exc})"
+
+SUPPORTED_CAPABILITIES = (80, 86, 87, 89, 90)
+FP8_MIN_CAPABILITY = 89
+MAX_CORRECTION_ENV = "W4A8_MXFP4_MAX_CORRECTION"
+DEFAULT_MAX_CORRECTION = 0.01
+# M from which the prefill path (decode the weight once, then a dense GEMM) is used.
+PREFILL_M_ENV = "W4A8_SM90_PREFILL_M"
+DEFAULT_PREFILL_M = {False: 256, True: 256}  # keyed by act_int8; set from benchmarks/results
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+_CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
+
+
+def _prefill_m(act_int8: bool) -> int:
+    env = os.environ.get(PREFILL_M_ENV)
+    if env:
+        try:
+            return int(env)
+        except ValueError:
+            raise ValueError(f"{PREFILL_M_ENV}={env!r} is not an integer") from None
+    return DEFAULT_PREFILL_M[act_int8]
+
+
+# --------------------------------------------------------------------------------------------
+# custom op (registered on import; CPU-safe: the real implementation imports triton lazily)
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("w4a8_backend::mxfp4_w4a8_linear", mutates_args=())
+def mxfp4_w4a8_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    codes: torch.Tensor,
+    row_scale: torch.Tensor,
+    counters: torch.Tensor,
+    corr_rows: torch.Tensor,
+    corr_ptr: torch.Tensor,
+    corr_blocks: torch.Tensor,
+    corr_values: torch.Tensor,
+    input_scale: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    n: int,
+    act_int8: bool,
+    scheme: int,
+    out_dtype_code: int,
+    prefill_m: int,
+) -> torch.Tensor:
+    """``y [M, N] = W4A8(x [M, K]) (+ bias)``. ``counters`` is split-K scratch that every launch
+    leaves all-zero again (so it is not declared mutated)."""
+    from . import triton_w4a8 as tk
+
+    out_dtype = _CODE_DTYPE[out_dtype_code]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    q, xs = tk.quantize_activation_gpu(x, act_int8, scheme, input_scale)
+    per_token = scheme == int(ActivationScheme.DYNAMIC_PER_TOKEN)
+    m = x.shape[0]
+    if m >= prefill_m:
+        dense = tk.materialize(packed, codes, act_int8)
+        if act_int8 or out_dtype == torch.float32 or n % 16:
+            y = tk.w4a8_gemm(q, xs, packed, codes, row_scale, counters, n, act_int8, per_token,
+                             bias, out_dtype, dense=dense)
+        else:
+            y = tk.scaled_mm_fp8(q, xs, dense, row_scale, n, per_token, out_dtype)
+            if bias is not None:
+                y += bias.to(out_dtype)
+    else:
+        y = tk.w4a8_gemm(q, xs, packed, codes, row_scale, counters, n, act_int8, per_token, bias,
+                         out_dtype)
+    tk.correction(y, q, xs, per_token, corr_rows, corr_ptr, corr_blocks, corr_values)
+    return y
+
+
+@mxfp4_w4a8_linear.register_fake
+def _(x, packed, codes, row_scale, counters, corr_rows, corr_ptr, corr_blocks, corr_values,
+      input_scale, bias, n, act_int8, scheme, out_dtype_code, prefill_m):
+    return x.new_empty((x.shape[0], n), dtype=_CODE_DTYPE[out_dtype_code])
+
+
+# --------------------------------------------------------------------------------------------
+# backend class
+# --------------------------------------------------------------------------------------------
+class Sm90TritonLinearKernel(Mxfp4LinearKernel):
+    name = "sm90_triton"
+
+    @classmethod
+    def is_supported(cls, device: DeviceInfo) -> Verdict:
+        if device.type != "cuda":
+            return False, f"needs a CUDA GPU (device is {device.type})"
+        if _TRITON_ERROR is not None:
+            return False, _TRITON_ERROR
+        if device.capability not in SUPPORTED_CAPABILITIES:
+            return False, (
+                f"built for sm_{SUPPORTED_CAPABILITIES} (device is sm_{device.capability}); "
+                "sm_100+ has its own native backend"
+            )
+        return True, None
+
+    @classmethod
+    def can_implement(cls, config: LinearKernelConfig) -> Verdict:
+        if config.act_dtype == ActivationDtype.FP8_E4M3 and torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            if major * 10 + minor < FP8_MIN_CAPABILITY:
+                return False, (
+                    f"FP8 activations need E4M3 tensor cores (sm_{FP8_MIN_CAPABILITY}+); the "
+                    f"current device is sm_{major * 10 + minor}"
+                )
+        if config.in_features % 32 or config.in_features <= 0:
+            return False, f"in_features={config.in_features} is not a positive multiple of 32"
+        if config.out_features <= 0:
+            return False, f"out_features={config.out_features} must be positive"
+        if config.out_dtype not in OUT_DTYPES:
+            return False, f"out_dtype {config.out_dtype} is not one of {OUT_DTYPES}"
+        return True, None
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        cfg = self.config
+        act_int8 = cfg.act_dtype == ActivationDtype.INT8
+        weight, weight_scale = layer.weight.data, layer.weight_scale.data
+        if weight.shape[0] != cfg.out_features or weight.shape[1] * 2 != cfg.in_features:
+            raise ValueError(
+                f"layer.weight {tuple(weight.shape)} does not match N={cfg.out_features}, "
+                f"K={cfg.in_features} (expected [N, K/2])"
+            )
+        rp = repack_mxfp4(weight, weight_scale, act_int8)
+        frac = rp.num_out_of_range / max(rp.num_blocks, 1)
+        limit = float(os.environ.get(MAX_CORRECTION_ENV, DEFAULT_MAX_CORRECTION))
+        window = "4 binades per 128-wide K tile" if act_int8 else "15 binades per row"
+        msg = (
+            f"w4a8_mxfp4 sm90_triton: {cfg.describe()}: {rp.num_out_of_range} of {rp.num_blocks} "
+            f"MXFP4 blocks ({100 * frac:.3f}%) lie outside the exact {window} "
+            f"({rp.nan_blocks} NaN scales) in {rp.corr_rows.numel()} rows"
+        )
+        self.num_out_of_range = rp.num_out_of_range
+        self.delegate: Mxfp4LinearKernel | None = None
+        if frac > limit:
+            from .fallback import DequantFallbackLinearKernel
+
+            logger.warning(
+                "%s; above %s=%g, so this layer uses the dequantize fallback", msg,
+                MAX_CORRECTION_ENV, limit,
+            )
+            self.delegate = DequantFallbackLinearKernel(cfg)
+            self.delegate.process_weights_after_loading(layer)
+            return
+        if rp.num_out_of_range:
+            logger.info("%s; they are added back exactly by the correction kernel", msg)
+        else:
+            logger.debug("%s", msg)
+
+        dev = weight.device
+        n_pad = rp.packed.shape[0]
+        layer.weight = torch.nn.Parameter(rp.packed, requires_grad=False)
+        layer.weight_scale = torch.nn.Parameter(rp.codes, requires_grad=False)
+        layer.w4a8_row_scale = rp.row_scale
+        layer.w4a8_counters = torch.zeros(max(n_pad // 64, N_ALIGN), dtype=torch.int32, device=dev)
+        layer.w4a8_corr_rows = rp.corr_rows
+        layer.w4a8_corr_ptr = rp.corr_ptr
+        layer.w4a8_corr_blocks = rp.corr_blocks
+        layer.w4a8_corr_values = rp.corr_values
+        self.prefill_m = _prefill_m(act_int8)
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.delegate is not None:
+            return self.delegate.apply(layer, x, bias)
+        cfg = self.config
+        k = cfg.in_features
+        if x.shape[-1] != k:
+            raise ValueError(f"input x has last dimension {x.shape[-1]}, layer expects K={k}")
+        if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"input x must be bf16/fp16/fp32, got {x.dtype}")
+        input_scale = layer.input_scale
+        if cfg.act_scheme == ActivationScheme.STATIC_PER_TENSOR and input_scale is None:
+            raise ValueError("static activation scheme but layer.input_scale is None")
+        y = torch.ops.w4a8_backend.mxfp4_w4a8_linear(
+            x.reshape(-1, k),
+            layer.weight,
+            layer.weight_scale,
+            layer.w4a8_row_scale,
+            layer.w4a8_counters,
+            layer.w4a8_corr_rows,
+            layer.w4a8_corr_ptr,
+            layer.w4a8_corr_blocks,
+            layer.w4a8_corr_values,
+            input_scale if cfg.act_scheme == ActivationScheme.STATIC_PER_TENSOR else None,
+            bias,
+            cfg.out_features,
+            cfg.act_dtype == ActivationDtype.INT8,
+            int(cfg.act_scheme),
+            _DTYPE_CODE[cfg.out_dtype],
+            self.prefill_m,
+        )
+        return y.reshape(*x.shape[:-1], cfg.out_features)

@@ -1,0 +1,406 @@
+"""Triton kernels of the SM90/SM89/SM80 W4A8 MXFP4 linear (imports triton: GPU machines only).
+
+Kernels
+- ``_quant_act``: FP8/INT8 activation quantization, bit-exact with
+  ``w4a8_backend.formats.quantize_activation`` (IEEE division, RNE, saturation).
+- ``_w4a8_gemm``: the GEMM, computed as ``out^T = W @ x^T`` so that the weight tile is the wide
+  (MMA "M") operand even at M = 1 (decode); the weight is decoded in registers from the nibble
+  layout of ``_sm90_repack`` (MXFP4 code -> E4M3 bits -> float16 -> times a per-block power of two
+  -> exact E4M3 or int8), optional split-K with an in-kernel "last CTA reduces" fix-up (no extra
+  launch, no memset: the per-tile counter is reset by the reducing CTA). The same kernel, with
+  ``W_DENSE``, reads a materialized weight (prefill path).
+- ``_materialize``: decodes the whole weight once per call into E4M3/int8 (prefill path, where
+  decoding per output tile would cost more than writing the weight once).
+- ``_correction``: adds the exact contribution of the out-of-range blocks.
+See docs/kernels.md.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from ._sm90_repack import INT8_TILE
+
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+MIN_DYNAMIC_AMAX = 1e-12
+# Tests set this to fill every output/workspace with NaN before the kernels run, so that an
+# element the kernels fail to write cannot pass.
+POISON_OUTPUTS = False
+
+
+# --------------------------------------------------------------------------------------------
+# activation quantization
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _quant_act(
+    x_ptr,
+    q_ptr,
+    s_in_ptr,
+    s_out_ptr,
+    K,
+    stride_xm,
+    ACT_INT8: tl.constexpr,
+    MODE: tl.constexpr,  # 1 static scale, 2 scale from a global amax, 3 per-token amax
+    ONE_PASS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    q_row = q_ptr + row.to(tl.int64) * K
+    QMAX: tl.constexpr = 127.0 if ACT_INT8 else 448.0
+    offs = tl.arange(0, BLOCK)
+    if MODE == 1:
+        scale = tl.load(s_in_ptr).to(tl.float32)
+    elif MODE == 2:
+        amax = tl.load(s_in_ptr).to(tl.float32)
+        scale = tl.div_rn(tl.maximum(amax, 1e-12), QMAX)
+        if row == 0:
+            tl.store(s_out_ptr, scale)
+    else:
+        if ONE_PASS:
+            xv = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            amax = tl.max(tl.abs(xv), axis=0)
+        else:
+            amax_v = tl.zeros([BLOCK], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK):
+                xv = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+                amax_v = tl.maximum(amax_v, tl.abs(xv))
+            amax = tl.max(amax_v, axis=0)
+        scale = tl.div_rn(tl.maximum(amax, 1e-12), QMAX)
+        tl.store(s_out_ptr + row, scale)
+    for k0 in range(0, K, BLOCK):
+        if not ONE_PASS or MODE != 3:
+            xv = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        v = tl.div_rn(xv, scale)
+        v = tl.clamp(v, -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL)
+        if ACT_INT8:
+            v = libdevice.rint(v)
+            v = tl.where(v != v, 0.0, v)
+            q = v.to(tl.int8)
+        else:
+            q = v.to(tl.float8e4nv)
+        tl.store(q_row + k0 + offs, q, mask=k0 + offs < K)
+
+
+# --------------------------------------------------------------------------------------------
+# weight decode helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_half(b, HIGH: tl.constexpr):
+    """E4M3 bits of the low (or high) nibble of each byte: sign<<7 | idx<<2 = E2M1 * 2**-6."""
+    if HIGH:
+        bits = (b & 0x80) | ((b >> 2) & 0x1C)
+    else:
+        bits = ((b << 4) & 0x80) | ((b << 2) & 0x1C)
+    return bits.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+
+
+@triton.jit
+def _apply_codes(v16, code, ACT_INT8: tl.constexpr):
+    """v16 [BN, G, 32] float16 (E2M1 * 2**-6), code [BN, G] uint8 -> exact E4M3 or int8."""
+    mult = (code.to(tl.int16) << 10).to(tl.float16, bitcast=True)
+    w = v16 * mult[:, :, None]
+    if ACT_INT8:
+        # 2v << d lies in [-96, 96]: adding 1536 puts it in the low byte of the float16 bits.
+        w = w + 1536.0
+        w = w.to(tl.float16)
+        return w.to(tl.int16, bitcast=True).to(tl.int8)
+    else:
+        return w.to(tl.float8e4nv)
+
+
+@triton.jit
+def _load_decoded(w_ptr, c_ptr, offs_n, k0, KP, BN: tl.constexpr, BK: tl.constexpr,
+                  ACT_INT8: tl.constexpr):
+    G: tl.constexpr = BK // 64
+    g = tl.arange(0, G)
+    j = tl.arange(0, 32)
+    row_w = offs_n.to(tl.int64)[:, None, None] * (KP // 2)
+    b = tl.load(w_ptr + row_w + (k0 // 2 + g * 32)[None, :, None] + j[None, None, :])
+    row_c = offs_n.to(tl.int64)[:, None] * (KP // 32)
+    c_lo = tl.load(c_ptr + row_c + (k0 // 32 + 2 * g)[None, :])
+    c_hi = tl.load(c_ptr + row_c + (k0 // 32 + 2 * g + 1)[None, :])
+    w_lo = _apply_codes(_decode_half(b, False), c_lo, ACT_INT8)
+    w_hi = _apply_codes(_decode_half(b, True), c_hi, ACT_INT8)
+    return tl.reshape(w_lo, (BN, BK // 2)), tl.reshape(w_hi, (BN, BK // 2))
+
+
+# --------------------------------------------------------------------------------------------
+# GEMM
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _w4a8_gemm(
+    x_ptr, xs_ptr, w_ptr, c_ptr, rs_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr,
+    M, N, K, KP, stride_ym, iters_per_split,
+    ACT_INT8: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+    W_DENSE: tl.constexpr, SPLIT_K: tl.constexpr,
+    BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    m_mask = offs_m < M
+    x_rows = x_ptr + offs_m.to(tl.int64)[None, :] * K
+    n_iters = KP // BK
+    it0 = pid_k * iters_per_split
+    it1 = tl.minimum(it0 + iters_per_split, n_iters)
+
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
+    if W_DENSE:
+        kk = tl.arange(0, BK)
+    else:
+        jj = tl.arange(0, BK // 2)
+        kx = (jj // 32) * 64 + (jj % 32)
+    for it in range(it0, it1):
+        k0 = it * BK
+        if W_DENSE:
+            w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * KP + (k0 + kk)[None, :])
+            xk = k0 + kk
+            xt = tl.load(x_rows + xk[:, None], mask=m_mask[None, :] & (xk < K)[:, None], other=0)
+            if ACT_INT8:
+                p = tl.dot(w, xt, out_dtype=tl.int32)
+            else:
+                acc = tl.dot(w, xt, acc)
+        else:
+            w_lo, w_hi = _load_decoded(w_ptr, c_ptr, offs_n, k0, KP, BN, BK, ACT_INT8)
+            xk = k0 + kx
+            x_lo = tl.load(x_rows + xk[:, None], mask=m_mask[None, :] & (xk < K)[:, None], other=0)
+            x_hi = tl.load(x_rows + (xk + 32)[:, None],
+                           mask=m_mask[None, :] & (xk + 32 < K)[:, None], other=0)
+            if ACT_INT8:
+                p = tl.dot(w_lo, x_lo, out_dtype=tl.int32)
+                p = tl.dot(w_hi, x_hi, p, out_dtype=tl.int32)
+            else:
+                acc = tl.dot(w_lo, x_lo, acc)
+                acc = tl.dot(w_hi, x_hi, acc)
+        if ACT_INT8:
+            # one 128-wide reference tile per iteration (BK == 128): exact int32 -> float32
+            e = tl.load(rs_ptr + offs_n.to(tl.int64) * (KP // 128) + it)
+            ts = (e.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            acc += p.to(tl.float32) * ts[:, None]
+
+    if SPLIT_K > 1:
+        ws_tile = ws_ptr + (pid_m * BM + tl.arange(0, BM))[None, :] * N + offs_n[:, None]
+        tile_stride = M * N
+        st_mask = m_mask[None, :] & (offs_n < N)[:, None]
+        tl.store(ws_tile + pid_k * tile_stride, acc, mask=st_mask)
+        tl.debug_barrier()
+        cnt = cnt_ptr + pid_n * tl.num_programs(1) + pid_m
+        arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros([BN, BM], dtype=tl.float32)
+            for s in range(SPLIT_K):
+                acc += tl.load(ws_tile + s * tile_stride, mask=st_mask, other=0.0,
+                               cache_modifier=".cg")
+            tl.atomic_xchg(cnt, 0)
+            _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, rs_ptr, y_ptr, bias_ptr, N, stride_ym,
+                      ACT_INT8, PER_TOKEN, HAS_BIAS)
+    else:
+        _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, rs_ptr, y_ptr, bias_ptr, N, stride_ym,
+                  ACT_INT8, PER_TOKEN, HAS_BIAS)
+
+
+@triton.jit
+def _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, rs_ptr, y_ptr, bias_ptr, N, stride_ym,
+              ACT_INT8: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr):
+    if PER_TOKEN:
+        xs = tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)
+        acc = acc * xs[None, :]
+    else:
+        acc = acc * tl.load(xs_ptr)
+    if not ACT_INT8:
+        acc = acc * tl.load(rs_ptr + offs_n)[:, None]
+    n_mask = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
+    tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[None, :] & n_mask[:, None])
+
+
+# --------------------------------------------------------------------------------------------
+# materialize (prefill): decoded weight [NP, KP] E4M3 / int8
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _materialize(w_ptr, c_ptr, out_ptr, KP, ACT_INT8: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    k0 = pid_k * BK
+    G: tl.constexpr = BK // 64
+    w_lo, w_hi = _load_decoded(w_ptr, c_ptr, offs_n, k0, KP, BN, BK, ACT_INT8)
+    g = tl.arange(0, G)
+    j = tl.arange(0, 32)
+    base = out_ptr + offs_n.to(tl.int64)[:, None, None] * KP + k0 + (g * 64)[None, :, None] + j[None, None, :]
+    tl.store(base, tl.reshape(w_lo, (BN, G, 32)))
+    tl.store(base + 32, tl.reshape(w_hi, (BN, G, 32)))
+
+
+# --------------------------------------------------------------------------------------------
+# correction for out-of-range blocks: y[:, n] += (x[:, blocks of n] @ values) * x_scale
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _correction(x_ptr, xs_ptr, y_ptr, rows_ptr, ptr_ptr, blk_ptr, val_ptr, M, K, stride_ym,
+                PER_TOKEN: tl.constexpr, BM: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    n = tl.load(rows_ptr + pid_r)
+    b0 = tl.load(ptr_ptr + pid_r)
+    b1 = tl.load(ptr_ptr + pid_r + 1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    m_mask = offs_m < M
+    j = tl.arange(0, 32)
+    acc = tl.zeros([BM], dtype=tl.float32)
+    for b in range(b0, b1):
+        blk = tl.load(blk_ptr + b)
+        v = tl.load(val_ptr + b * 32 + j)
+        xq = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * K + blk * 32 + j[None, :],
+                     mask=m_mask[:, None], other=0).to(tl.float32)
+        acc += tl.sum(xq * v[None, :], axis=1)
+    if PER_TOKEN:
+        acc = acc * tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)
+    else:
+        acc = acc * tl.load(xs_ptr)
+    yp = y_ptr + offs_m.to(tl.int64) * stride_ym + n
+    y = tl.load(yp, mask=m_mask, other=0.0).to(tl.float32)
+    tl.store(yp, (y + acc).to(y_ptr.dtype.element_ty), mask=m_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def quantize_activation_gpu(x2: torch.Tensor, act_int8: bool, scheme: int,
+                            input_scale: torch.Tensor | None):
+    """x2 [M, K] (bf16/fp16/fp32, last dim contiguous) -> (q [M, K], scale fp32 [M] or [1])."""
+    m, k = x2.shape
+    q = torch.empty((m, k), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn,
+                    device=x2.device)
+    if POISON_OUTPUTS:
+        q.view(torch.uint8).fill_(0x7F if not act_int8 else 0x80)  # E4M3 NaN / int8 -128
+    if scheme == 1:
+        s_in = input_scale
+        s_out = input_scale
+    elif scheme == 2:
+        s_in = torch.linalg.vector_norm(x2, float("inf")).reshape(1)
+        s_out = torch.empty(1, dtype=torch.float32, device=x2.device)
+    else:
+        s_in = x2  # unused
+        s_out = torch.empty(m, dtype=torch.float32, device=x2.device)
+    if POISON_OUTPUTS and scheme != 1:
+        s_out.fill_(float("nan"))
+    if m == 0:
+        return q, s_out
+    one_pass = k <= 16384
+    block = triton.next_power_of_2(k) if one_pass else 4096
+    _quant_act[(m,)](x2, q, s_in, s_out, k, x2.stride(0), ACT_INT8=act_int8, MODE=scheme,
+                     ONE_PASS=one_pass, BLOCK=block, num_warps=8 if block >= 4096 else 4)
+    return q, s_out
+
+
+def pick_config(m: int, n_pad: int, kp: int, act_int8: bool, sms: int, dense: bool = False):
+    """(BN, BM, BK, split_k, num_warps, num_stages) for a problem; decode -> split-K."""
+    bk = 128 if act_int8 else 256
+    if dense:
+        bk = 128
+        if m <= 64:
+            bn, bm, warps, stages = 64, max(16, triton.next_power_of_2(m)), 4, 4
+        else:
+            bn, bm, warps, stages = 128, 128, 8, 4
+    elif m <= 64:
+        bn, bm = 64, max(16, triton.next_power_of_2(m))
+        warps, stages = 4, 4 if m <= 16 else 3
+    else:
+        bn, bm = 128, 128 if m >= 256 else 64
+        warps, stages = 8, 3
+    tiles = (n_pad // bn) * triton.cdiv(m, bm)
+    iters = kp // bk
+    split = 1
+    if triton.cdiv(m, bm) == 1:
+        while tiles * split < sms and split * 2 <= iters // 4 and split < 16:
+            split *= 2
+    return bn, bm, bk, split, warps, stages
+
+
+def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
+              row_scale: torch.Tensor, counters: torch.Tensor, n: int, act_int8: bool,
+              per_token: bool, bias: torch.Tensor | None, out_dtype: torch.dtype,
+              config=None, dense: torch.Tensor | None = None) -> torch.Tensor:
+    m, k = q.shape
+    n_pad, kp = packed.shape[0], packed.shape[1] * 2
+    y = torch.empty((m, n), dtype=out_dtype, device=q.device)
+    if POISON_OUTPUTS:
+        y.fill_(float("nan"))
+    if m == 0:
+        return y
+    if config is None:
+        config = pick_config(m, n_pad, kp, act_int8, num_sms(q.device.index or 0), dense is not None)
+    bn, bm, bk, split, warps, stages = config
+    iters = kp // bk
+    per_split = triton.cdiv(iters, split)
+    split = triton.cdiv(iters, per_split)
+    grid = (n_pad // bn, triton.cdiv(m, bm), split)
+    if split > 1:
+        if grid[0] * grid[1] > counters.numel():
+            raise ValueError(
+                f"split-K needs {grid[0] * grid[1]} tile counters, layer has {counters.numel()}"
+            )
+        ws = torch.empty((split, m, n), dtype=torch.float32, device=q.device)
+        if POISON_OUTPUTS:
+            ws.fill_(float("nan"))
+    else:
+        ws = y
+    _w4a8_gemm[grid](
+        q, xs, packed if dense is None else dense, codes, row_scale, y,
+        bias if bias is not None else y, ws, counters,
+        m, n, k, kp, y.stride(0), per_split,
+        ACT_INT8=act_int8, PER_TOKEN=per_token, HAS_BIAS=bias is not None,
+        W_DENSE=dense is not None, SPLIT_K=split, BN=bn, BM=bm, BK=bk,
+        num_warps=warps, num_stages=stages,
+    )
+    return y
+
+
+def materialize(packed: torch.Tensor, codes: torch.Tensor, act_int8: bool) -> torch.Tensor:
+    n_pad, kp = packed.shape[0], packed.shape[1] * 2
+    out = torch.empty((n_pad, kp), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn,
+                      device=packed.device)
+    if POISON_OUTPUTS:
+        out.view(torch.uint8).fill_(0x7F if not act_int8 else 0x80)
+    bn, bk = 64, 256
+    _materialize[(n_pad // bn, kp // bk)](packed, codes, out, kp, ACT_INT8=act_int8, BN=bn,
+                                          BK=bk, num_warps=4)
+    return out
+
+
+def correction(y: torch.Tensor, q: torch.Tensor, xs: torch.Tensor, per_token: bool,
+               rows: torch.Tensor, ptr: torch.Tensor, blocks: torch.Tensor,
+               values: torch.Tensor) -> None:
+    m, k = q.shape
+    if rows.numel() == 0 or m == 0:
+        return
+    bm = min(64, max(16, triton.next_power_of_2(m)))
+    _correction[(rows.numel(), triton.cdiv(m, bm))](
+        q, xs, y, rows, ptr, blocks, values, m, k, y.stride(0), PER_TOKEN=per_token, BM=bm,
+        num_warps=4)
+
+
+def scaled_mm_fp8(q: torch.Tensor, xs: torch.Tensor, dense: torch.Tensor, row_scale: torch.Tensor,
+                  n: int, per_token: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """Prefill FP8 path: cuBLASLt/CUTLASS row-wise FP8 GEMM on the materialized E4M3 weight."""
+    m, k = q.shape
+    sa = xs.reshape(-1, 1) if per_token else xs.reshape(1, 1).expand(m, 1).contiguous()
+    sb = row_scale[:n].reshape(1, n)
+    return torch._scaled_mm(q, dense[:n, :k].t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
