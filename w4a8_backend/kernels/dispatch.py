@@ -13,7 +13,8 @@ import os
 
 from .base import DeviceInfo, LinearKernelConfig, Mxfp4LinearKernel
 
-logger = logging.getLogger("w4a8_backend")
+# A child of "vllm" so that messages reach vLLM's log handlers without importing vLLM here.
+logger = logging.getLogger("vllm.w4a8_mxfp4")
 
 FORCE_ENV = "W4A8_MXFP4_KERNEL"
 

@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import inspect
 
 import torch
 
@@ -79,6 +78,7 @@ from .base import DeviceInfo, Verdict
 from .sm100_flashinfer import (
     check_sm100_device,
     interleave_block_scales,
+    missing_parameters,
     resolve_entry_point,
 )
 
@@ -351,8 +351,7 @@ def moe_call_arguments(
         do_finalize=True,
         output=output,
     )
-    accepted = inspect.signature(fn).parameters
-    if "hidden_states_scale_layout" in accepted:
+    if not missing_parameters(fn, MOE_OPTIONAL_PARAMETERS):
         kwargs["hidden_states_scale_layout"] = SF_LAYOUT_LINEAR
     return kwargs
 

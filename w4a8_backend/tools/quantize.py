@@ -88,8 +88,6 @@ class ArchSpec:
     linear_leaves: frozenset
     # Per-expert leaves on disk -> role of the fused in-memory projection they belong to.
     expert_leaves: dict = field(default_factory=dict)
-    # Names used when a fused 3-D expert tensor is split: (gate, up, down).
-    split_leaves: tuple = ("gate_proj", "up_proj", "down_proj")
     # Module name of the MoE block on disk (hub layout) and in memory (transformers >= 5).
     disk_moe_block: str = "mlp"
     memory_moe_block: str = "mlp"
@@ -110,11 +108,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "mixtral": ArchSpec(
         _DENSE_LEAVES,
         {"w1": "gate_up", "w3": "gate_up", "w2": "down"},
-        split_leaves=("w1", "w3", "w2"),
         disk_moe_block="block_sparse_moe",
         router="gate",
     ),
 }
+
+FUSED_SPLIT_LEAVES = ("gate_proj", "up_proj", "down_proj")
 
 _LAYER_RE = re.compile(r"^(?P<layer>.*\.layers\.\d+)\.(?P<rest>.+)$")
 _EXPERT_RE = re.compile(r"^(?P<experts>.*\.experts)\.(?P<idx>\d+)\.(?P<leaf>\w+)$")
@@ -312,7 +311,9 @@ def build_plan(meta: dict, spec: ArchSpec, excludes: Sequence[str], static_input
             n_exp = shape[0]
             mem_key = _memory_name(spec, experts)
             role = "gate_up" if fused["leaf"] == "gate_up_proj" else "down"
-            gate_leaf, up_leaf, down_leaf = spec.split_leaves
+            # ModelOpt names split experts after transformers' in-memory modules, whatever the
+            # architecture's hub names are (checked for Qwen3-MoE and Mixtral stored fused).
+            gate_leaf, up_leaf, down_leaf = FUSED_SPLIT_LEAVES
             if role == "gate_up" and shape[1] % 2:
                 raise QuantizeError(f"{name}: fused gate/up tensor has an odd row count {shape[1]}")
             for e in range(n_exp):
@@ -348,8 +349,9 @@ def build_plan(meta: dict, spec: ArchSpec, excludes: Sequence[str], static_input
             continue
         leaf = module.rsplit(".", 1)[-1]
         expert = _EXPERT_RE.match(module)
-        is_router = spec.router is not None and module.endswith(
-            f".{spec.disk_moe_block}.{spec.router}")
+        is_router = spec.router is not None and any(
+            module.endswith(f".{block}.{spec.router}")
+            for block in (spec.disk_moe_block, spec.memory_moe_block))
         if is_router or _matches(module, excludes):
             excluded.append(module)
             jobs.append(_copy_job(name, dtype, shape))

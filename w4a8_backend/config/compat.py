@@ -1,0 +1,66 @@
+"""The one place that knows where vLLM 0.26 … 0.33 keep the things this plugin uses.
+
+Everything else imports from here, so version differences never spread through the code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import vllm
+
+VLLM_VERSION = vllm.__version__
+
+
+def _first(*candidates: tuple[str, str]) -> Any:
+    errors = []
+    for module, attr in candidates:
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            errors.append(f"{module}.{attr}: {exc}")
+    raise ImportError(
+        f"w4a8_mxfp4 does not know where vLLM {VLLM_VERSION} keeps "
+        f"{candidates[0][1]} (tried {'; '.join(errors)})"
+    )
+
+
+from vllm.model_executor.layers.linear import (  # noqa: E402
+    LinearBase,
+    LinearMethodBase,
+    UnquantizedLinearMethod,
+    register_weight_loader_v2_supported_method,
+)
+from vllm.model_executor.layers.quantization import register_quantization_config  # noqa: E402
+from vllm.model_executor.layers.quantization.base_config import (  # noqa: E402
+    QuantizationConfig,
+    QuantizeMethodBase,
+)
+from vllm.model_executor.layers.quantization.kv_cache import BaseKVCacheMethod  # noqa: E402
+from vllm.model_executor.parameter import (  # noqa: E402
+    GroupQuantScaleParameter,
+    ModelWeightParameter,
+    PerTensorScaleParameter,
+)
+
+# 0.32+: vllm.model_executor.layers.attention; earlier: vllm.attention.layer.
+Attention = _first(
+    ("vllm.model_executor.layers.attention", "Attention"),
+    ("vllm.attention.layer", "Attention"),
+    ("vllm.attention", "Attention"),
+)
+try:
+    MLAAttention = _first(
+        ("vllm.model_executor.layers.attention", "MLAAttention"),
+        ("vllm.attention.layer", "MLAAttention"),
+    )
+except ImportError:  # versions without a separate MLA layer class
+    MLAAttention = Attention
+ATTENTION_LAYERS = (Attention, MLAAttention)
+
+
+def current_platform() -> Any:
+    from vllm.platforms import current_platform as platform
+
+    return platform
