@@ -189,10 +189,25 @@ def test_forcing_an_unknown_backend_is_an_error():
         choose_linear_kernel(fp8_config(), DeviceInfo.of("cpu"), forced="sm99_magic")
 
 
-def test_choice_is_logged_with_passed_over_reasons(caplog, monkeypatch):
+def test_choice_is_logged_with_passed_over_reasons(monkeypatch):
+    import logging
+
     monkeypatch.setattr(dispatch, "_logged", set())
-    cfg = fp8_config(n=264)
-    with caplog.at_level("INFO", logger="w4a8_backend"):
-        choose_linear_kernel(cfg, DeviceInfo("cuda", 90, "NVIDIA H100"))
-    text = caplog.text
-    assert "sm100_flashinfer: sm_90 has no tcgen05" in text
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Collect(level=logging.INFO)
+    log = dispatch.logger
+    old_level = log.level
+    monkeypatch.setattr(log, "disabled", False)
+    log.setLevel(logging.INFO)  # setLevel, not the attribute: it clears the level cache
+    log.addHandler(handler)
+    try:
+        choose_linear_kernel(fp8_config(n=264), DeviceInfo("cuda", 90, "NVIDIA H100"))
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    assert any("sm100_flashinfer: sm_90 has no tcgen05" in r for r in records), records
