@@ -51,9 +51,10 @@ CHAT_TEMPLATE = (
 
 
 def calibration_texts() -> list[str]:
-    """The package's built-in calibration text, split into paragraphs."""
-    text = CALIBRATION_TEXT.read_text(encoding="utf-8")
-    return [p.strip() for p in text.split("\n\n") if p.strip()]
+    """The package's built-in calibration text, split into paragraphs exactly as w4a8-quantize does."""
+    from w4a8_backend.tools.quantize import load_calibration_texts
+
+    return load_calibration_texts(CALIBRATION_TEXT)
 
 
 def build_tokenizer(directory: str | os.PathLike, vocab_size: int = VOCAB_SIZE):
@@ -201,6 +202,33 @@ def make_tiny_mixtral(directory: str | os.PathLike, seed: int = 0) -> Path:
     return _save(model.to(torch.bfloat16), tokenizer, directory)
 
 
+def save_experts_fused(directory: str | os.PathLike) -> Path:
+    """Rewrite an MoE model directory so that its experts are stored fused on disk.
+
+    Loads the model with transformers and saves its in-memory state dict as is: 3-D
+    ``mlp.experts.gate_up_proj`` ``[E, 2I, H]`` and ``mlp.experts.down_proj`` ``[E, H, I]`` (and,
+    for Mixtral, the in-memory ``mlp`` block name instead of ``block_sparse_moe``).
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    for old in directory.glob("*.safetensors"):
+        old.unlink()
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        index.unlink()
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+def make_tiny_qwen3_moe_fused(directory: str | os.PathLike, seed: int = 0) -> Path:
+    """:func:`make_tiny_qwen3_moe` with the experts stored as fused 3-D tensors on disk."""
+    return save_experts_fused(make_tiny_qwen3_moe(directory, seed))
+
+
 MODEL_MAKERS = {
     "llama": make_tiny_llama,
     "qwen3_moe": make_tiny_qwen3_moe,
@@ -214,7 +242,8 @@ def export_with_modelopt(
     static: bool,
     calib_texts: Iterable[str] | None = None,
     kv_cache_fp8: bool = False,
-    max_length: int = 256,
+    max_length: int = 512,
+    disable: Iterable[str] = (),
 ) -> Path:
     """Quantize ``src_dir`` with ModelOpt's ``W4A8_MXFP4_FP8_CFG`` on CPU and export it to ``out_dir``.
 
@@ -222,6 +251,9 @@ def export_with_modelopt(
     calibration text, one paragraph per forward) so that ``input_scale`` is written;
     ``static=False`` is ModelOpt's shipped preset (no calibration, no ``input_scale``).
     ``kv_cache_fp8=True`` adds ModelOpt's FP8 KV-cache quantizers (static only).
+    ``disable``: extra quantizer-name patterns to switch off (e.g. ``"*layers.1.*"``), the way
+    one excludes layers in ModelOpt. ``max_length`` truncates each text (same default as
+    w4a8-quantize's ``--calib-max-length``).
     """
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
@@ -233,6 +265,8 @@ def export_with_modelopt(
     cfg = copy.deepcopy(mtq.W4A8_MXFP4_FP8_CFG)
     if kv_cache_fp8:
         cfg["quant_cfg"] = list(cfg["quant_cfg"]) + copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"])
+    for pattern in disable:
+        cfg["quant_cfg"] = list(cfg["quant_cfg"]) + [{"quantizer_name": pattern, "enable": False}]
     texts = list(calib_texts) if calib_texts is not None else calibration_texts()
     if static:
         cfg["algorithm"] = "max"
