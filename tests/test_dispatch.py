@@ -26,7 +26,9 @@ from w4a8_backend.kernels.dispatch import (
     evaluate_backends,
 )
 
-flashinfer = pytest.importorskip("flashinfer", reason="the sm100 extra (flashinfer-python) is required")
+flashinfer = pytest.importorskip(
+    "flashinfer", reason="the sm100 extra (flashinfer-python) is required"
+)
 
 SM100 = "sm100_flashinfer"
 
@@ -132,7 +134,9 @@ def test_flashinfer_gemm_with_other_signature_falls_through(monkeypatch, cuda_to
     def group_gemm_mxfp8_mxfp4_nt_groupwise(a, b, a_scale, b_scale, seg_indptr):  # renamed arg
         raise AssertionError("must not be called")
 
-    monkeypatch.setattr(fg, "group_gemm_mxfp8_mxfp4_nt_groupwise", group_gemm_mxfp8_mxfp4_nt_groupwise)
+    monkeypatch.setattr(
+        fg, "group_gemm_mxfp8_mxfp4_nt_groupwise", group_gemm_mxfp8_mxfp4_nt_groupwise
+    )
     cls, reason = sm100_verdict(fp8_config(), blackwell())
     assert cls is None and "does not accept ['m_indptr', 'out_dtype']" in reason
 

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-flashinfer = pytest.importorskip("flashinfer", reason="the sm100 extra (flashinfer-python) is required")
+flashinfer = pytest.importorskip(
+    "flashinfer", reason="the sm100 extra (flashinfer-python) is required"
+)
 
 import flashinfer.fused_moe as fi_moe  # noqa: E402
 import flashinfer.gemm as fi_gemm  # noqa: E402
@@ -138,8 +140,8 @@ class FakeDenseGemm:
 
 def make_layer(n, k, scheme, seed=0, bias=False):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * torch.exp2(torch.randint(-3, 3, (n, k // 32),
-                                                                  generator=g)).repeat_interleave(32, 1)
+    spread = torch.exp2(torch.randint(-3, 3, (n, k // 32), generator=g).float())
+    w = torch.randn(n, k, generator=g) * spread.repeat_interleave(32, 1)
     weight, weight_scale = quantize_mxfp4(w)
     layer = torch.nn.Module()
     layer.weight = torch.nn.Parameter(weight, requires_grad=False)
@@ -470,7 +472,8 @@ def test_moe_call_arguments_follow_the_documented_api(mode, fake_moe):
     p = bound.arguments
     e, h, i = 4, 256, 128
     assert p["hidden_states"].dtype == torch.float8_e4m3fn and p["hidden_states"].shape == (t, h)
-    assert p["gemm1_weights"].dtype == torch.uint8 and p["gemm1_weights"].shape == (e, 2 * i, h // 2)
+    assert p["gemm1_weights"].dtype == torch.uint8
+    assert p["gemm1_weights"].shape == (e, 2 * i, h // 2)
     assert p["gemm1_weights_scale"].dtype == torch.float8_e4m3fn
     assert p["gemm1_weights_scale"].shape == (e, 2 * i, h // 32)
     assert p["gemm2_weights"].dtype == torch.uint8 and p["gemm2_weights"].shape == (e, h, i // 2)
@@ -495,7 +498,8 @@ def test_moe_call_arguments_follow_the_documented_api(mode, fake_moe):
     # FlashInfer's own validator of the declared activation-scale layout accepts it
     from flashinfer.fused_moe.shared.validation import resolve_moe_act_sf_layout
 
-    assert resolve_moe_act_sf_layout(p["hidden_states_scale_layout"]) == flashinfer.SfLayout.layout_linear
+    layout = resolve_moe_act_sf_layout(p["hidden_states_scale_layout"])
+    assert layout == flashinfer.SfLayout.layout_linear
 
     if mode == moe.MoEActivationMode.MXFP8:
         q, s = moe.quantize_mxfp8(x)

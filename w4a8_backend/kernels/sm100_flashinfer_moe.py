@@ -130,7 +130,11 @@ SF_LAYOUT_LINEAR = 2  # flashinfer.tllm_enums.SfLayout.layout_linear
 
 MOE_ENTRY_POINTS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("flashinfer.fused_moe", (MOE_ENTRY_NAME,), MOE_CALL_PARAMETERS),
-    ("flashinfer.utils", ("get_shuffle_matrix_a_row_indices",), ("input_tensor", "epilogue_tile_m")),
+    (
+        "flashinfer.utils",
+        ("get_shuffle_matrix_a_row_indices",),
+        ("input_tensor", "epilogue_tile_m"),
+    ),
     ("flashinfer.fused_moe.core", ("get_reorder_rows_for_gated_act_gemm_row_indices",), ("x",)),
     ("flashinfer", ("block_scale_interleave",), ("unswizzled_sf",)),
 )
