@@ -8,7 +8,6 @@ weights) poisoned with NaN first, relative error ||y - ref|| / ||ref|| <= 1e-2 a
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
@@ -95,6 +94,9 @@ def _poison(monkeypatch):
     from w4a8_backend.kernels import triton_w4a8
 
     monkeypatch.setattr(triton_w4a8, "POISON_OUTPUTS", True)
+    # the synthetic weights are harsher than real ones (MiniLM: 0.005% INT8 out-of-range
+    # blocks); keep the kernel path (plus correction) instead of the fallback delegate
+    monkeypatch.setenv("W4A8_MXFP4_MAX_CORRECTION", "0.5")
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
 
@@ -200,13 +202,9 @@ def test_prefill_large_m(act, m):
 def test_out_of_range_blocks_nothing_lost(act, prefill_m, scheme):
     """Planted out-of-range blocks (far below/above their row, E8M0 0) are corrected exactly;
     both the decode/fused path and the materialized prefill path."""
-    os.environ["W4A8_MXFP4_MAX_CORRECTION"] = "0.2"
-    try:
-        for m, (n, k) in itertools.product([1, 40, 200], [(1056, 224), (2048, 4096)]):
-            err, kern = check(act, scheme, m, n, k, m + n, extreme=True, prefill_m=prefill_m)
-            assert kern.delegate is None and kern.num_out_of_range > 0
-    finally:
-        del os.environ["W4A8_MXFP4_MAX_CORRECTION"]
+    for m, (n, k) in itertools.product([1, 40, 200], [(1056, 224), (2048, 4096)]):
+        err, kern = check(act, scheme, m, n, k, m + n, extreme=True, prefill_m=prefill_m)
+        assert kern.delegate is None and kern.num_out_of_range > 0
 
 
 def test_out_of_range_blocks_change_the_result():
@@ -249,7 +247,8 @@ def test_nan_scale_propagates_like_reference():
         assert rel_err(y[:, keep], ref[:, keep]) <= REL_TOL
 
 
-def test_too_many_out_of_range_blocks_falls_back(caplog):
+def test_too_many_out_of_range_blocks_falls_back(caplog, monkeypatch):
+    monkeypatch.delenv("W4A8_MXFP4_MAX_CORRECTION")
     g = _gen(11)
     n, k = 256, 1024
     packed, scale = make_weight(n, k, g)
@@ -297,13 +296,9 @@ def test_cuda_graph_replay_matches_eager(act):
     g = _gen(21)
     n, k = 4096, 4096
     packed, scale = make_weight(n, k, g, extreme=True)
-    os.environ["W4A8_MXFP4_MAX_CORRECTION"] = "0.2"
-    try:
-        kern = make_kernel(act, ActivationScheme.DYNAMIC_PER_TENSOR, n, k)
-        layer = make_layer(packed, scale)
-        kern.process_weights_after_loading(layer)
-    finally:
-        del os.environ["W4A8_MXFP4_MAX_CORRECTION"]
+    kern = make_kernel(act, ActivationScheme.DYNAMIC_PER_TENSOR, n, k)
+    layer = make_layer(packed, scale)
+    kern.process_weights_after_loading(layer)
     for m in (1, 16, 64):  # split-K paths (in-kernel counters must return to zero)
         x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
         s = torch.cuda.Stream()

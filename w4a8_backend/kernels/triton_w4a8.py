@@ -54,12 +54,15 @@ def _quant_act(
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     q_row = q_ptr + row.to(tl.int64) * K
     QMAX: tl.constexpr = 127.0 if ACT_INT8 else 448.0
+    # torch (CUDA) divides a tensor by a Python scalar as a multiplication by the float32
+    # reciprocal; the reference scale is amax.clamp(min) / qmax, so do exactly that here.
+    INV_QMAX: tl.constexpr = 1.0 / 127.0 if ACT_INT8 else 1.0 / 448.0
     offs = tl.arange(0, BLOCK)
     if MODE == 1:
         scale = tl.load(s_in_ptr).to(tl.float32)
     elif MODE == 2:
         amax = tl.load(s_in_ptr).to(tl.float32)
-        scale = tl.div_rn(tl.maximum(amax, 1e-12), QMAX)
+        scale = tl.maximum(amax, 1e-12) * INV_QMAX
         if row == 0:
             tl.store(s_out_ptr, scale)
     else:
@@ -72,7 +75,7 @@ def _quant_act(
                 xv = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
                 amax_v = tl.maximum(amax_v, tl.abs(xv))
             amax = tl.max(amax_v, axis=0)
-        scale = tl.div_rn(tl.maximum(amax, 1e-12), QMAX)
+        scale = tl.maximum(amax, 1e-12) * INV_QMAX
         tl.store(s_out_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         if not ONE_PASS or MODE != 3:
@@ -164,7 +167,7 @@ def _w4a8_gemm(
         if W_DENSE:
             w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * KP + (k0 + kk)[None, :])
             xk = k0 + kk
-            xt = tl.load(x_rows + xk[:, None], mask=m_mask[None, :] & (xk < K)[:, None], other=0)
+            xt = tl.load(x_rows + xk[:, None], mask=m_mask[None, :] & (xk < K)[:, None], other=0.0)
             if ACT_INT8:
                 p = tl.dot(w, xt, out_dtype=tl.int32)
             else:
@@ -172,9 +175,9 @@ def _w4a8_gemm(
         else:
             w_lo, w_hi = _load_decoded(w_ptr, c_ptr, offs_n, k0, KP, BN, BK, ACT_INT8)
             xk = k0 + kx
-            x_lo = tl.load(x_rows + xk[:, None], mask=m_mask[None, :] & (xk < K)[:, None], other=0)
+            x_lo = tl.load(x_rows + xk[:, None], mask=m_mask[None, :] & (xk < K)[:, None], other=0.0)
             x_hi = tl.load(x_rows + (xk + 32)[:, None],
-                           mask=m_mask[None, :] & (xk + 32 < K)[:, None], other=0)
+                           mask=m_mask[None, :] & (xk + 32 < K)[:, None], other=0.0)
             if ACT_INT8:
                 p = tl.dot(w_lo, x_lo, out_dtype=tl.int32)
                 p = tl.dot(w_hi, x_hi, p, out_dtype=tl.int32)
@@ -263,7 +266,7 @@ def _correction(x_ptr, xs_ptr, y_ptr, rows_ptr, ptr_ptr, blk_ptr, val_ptr, M, K,
         blk = tl.load(blk_ptr + b)
         v = tl.load(val_ptr + b * 32 + j)
         xq = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * K + blk * 32 + j[None, :],
-                     mask=m_mask[:, None], other=0).to(tl.float32)
+                     mask=m_mask[:, None], other=0.0).to(tl.float32)
         acc += tl.sum(xq * v[None, :], axis=1)
     if PER_TOKEN:
         acc = acc * tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)

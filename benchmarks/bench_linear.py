@@ -1,0 +1,421 @@
+"""Benchmark the SM90 W4A8 MXFP4 linear against cuBLAS BF16, torch._scaled_mm FP8 and Humming.
+
+Every time is one call measured under CUDA-graph replay with the L2 cache flushed before each
+call (a graph of R x [flush, call] minus a graph of R x [flush], medians of several replays), so
+host overhead (Humming's Python path costs 45-90 us) and cache reuse stay out of the numbers.
+
+    python benchmarks/bench_linear.py --out benchmarks/results            # full table + plot
+    python benchmarks/bench_linear.py --sweep                              # tune our configs
+
+Humming (PyPI humming-kernels 0.1.19) is optional: carried as a wheel, see DESIGN.md §6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from w4a8_backend.formats import (  # noqa: E402
+    ActivationDtype,
+    ActivationScheme,
+    dequantize_mxfp4,
+    quantize_mxfp4,
+)
+from w4a8_backend.kernels.base import LinearKernelConfig  # noqa: E402
+
+SHAPES_8192 = [(8192, 8192)]
+SHAPES_LLAMA8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+MS = [1, 4, 16, 64, 128, 512, 4096]
+FP8, INT8 = ActivationDtype.FP8_E4M3, ActivationDtype.INT8
+S_STATIC, S_TENSOR, S_TOKEN = (
+    ActivationScheme.STATIC_PER_TENSOR,
+    ActivationScheme.DYNAMIC_PER_TENSOR,
+    ActivationScheme.DYNAMIC_PER_TOKEN,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------
+class Timer:
+    def __init__(self):
+        l2 = torch.cuda.get_device_properties(0).L2_cache_size
+        self.flush_buf = torch.empty(max(4 * l2, 256 << 20), dtype=torch.uint8, device="cuda")
+
+    def _graph(self, fn, reps):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                self.flush_buf.zero_()
+                if fn is not None:
+                    fn()
+        return g
+
+    @staticmethod
+    def _replay_ms(g, n=7):
+        times = []
+        for _ in range(n):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        return statistics.median(times)
+
+    def time_us(self, fn, reps=None):
+        """Median microseconds of one ``fn()`` with a cold L2, under graph replay."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fn()  # compile / autotune / lazy init outside capture
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        if reps is None:
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            one = time.perf_counter() - t0
+            reps = int(max(3, min(40, 0.004 / max(one, 1e-6))))
+        g1 = self._graph(fn, reps)
+        g0 = self._graph(None, reps)
+        t1, t0 = self._replay_ms(g1), self._replay_ms(g0)
+        del g1, g0
+        return max(t1 - t0, 0.0) * 1000.0 / reps
+
+
+def copy_bandwidth_tbs() -> float:
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    ev[0].record()
+    for _ in range(10):
+        b.copy_(a)
+    ev[1].record()
+    torch.cuda.synchronize()
+    return 2 * n * 10 / (ev[0].elapsed_time(ev[1]) / 1000) / 1e12
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------
+def make_weight(n, k, seed=0):
+    g = torch.Generator(device="cuda")
+    g.manual_seed(seed)
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+    # per-block log-normal magnitudes (std 0.35 binade) and a few 4x input channels: rows span
+    # ~3 binades of E8M0 exponents, wider than MiniLM's real rows (mean ~1-1.5)
+    w *= torch.exp2(torch.randn(n, k // 32, device="cuda", generator=g) * 0.35).repeat_interleave(
+        32, dim=1
+    )
+    w[:, torch.randint(0, k, (max(1, k // 512),), device="cuda", generator=g)] *= 4.0
+    return quantize_mxfp4(w)
+
+
+class Layer(torch.nn.Module):
+    pass
+
+
+def our_kernel(packed, scale, act, scheme, x_cal):
+    from w4a8_backend.kernels.sm90_triton import Sm90TritonLinearKernel
+
+    n, k = packed.shape[0], packed.shape[1] * 2
+    kern = Sm90TritonLinearKernel(LinearKernelConfig(act, scheme, n, k, torch.bfloat16))
+    layer = Layer()
+    layer.weight = torch.nn.Parameter(packed.clone(), requires_grad=False)
+    layer.weight_scale = torch.nn.Parameter(scale.clone(), requires_grad=False)
+    qmax = 448.0 if act == FP8 else 127.0
+    layer.input_scale = (
+        torch.nn.Parameter((x_cal.float().abs().amax() / qmax).reshape(1), requires_grad=False)
+        if scheme == S_STATIC
+        else None
+    )
+    kern.process_weights_after_loading(layer)
+    return kern, layer
+
+
+def humming_layers(packed, scale):
+    from humming.layer import HummingLayer
+
+    n, k = packed.shape[0], packed.shape[1] * 2
+    out = {}
+    for name, input_config in (
+        ("W4A16", None),
+        ("W4A8", {"quant_method": "humming", "dtype": "float8e4m3"}),
+    ):
+        kw = {} if input_config is None else {"input_config": dict(input_config)}
+        layer = HummingLayer(
+            shape_n=n, shape_k=k, weight_config={"quant_method": "mxfp4"},
+            torch_dtype=torch.bfloat16, **kw,
+        ).to("cuda")
+        layer.load_from_tensors({"weight": packed, "weight_scale": scale})
+        layer.transform()
+        out[name] = layer
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+# ---------------------------------------------------------------------------------------------
+def bench_shape(timer, n, k, ms, use_humming, log):
+    packed, scale = make_weight(n, k, seed=n + k)
+    w_bf16 = dequantize_mxfp4(packed, scale, torch.bfloat16)
+    w_scale = (w_bf16.float().abs().amax() / 448.0).reshape(1)
+    w_fp8 = (w_bf16.float() / w_scale).to(torch.float8_e4m3fn)
+    x_cal = torch.randn(64, k, device="cuda").to(torch.bfloat16)
+    ours = {}
+    for label, act, scheme in (
+        ("ours FP8 dyn-tensor", FP8, S_TENSOR),
+        ("ours FP8 static", FP8, S_STATIC),
+        ("ours FP8 per-token", FP8, S_TOKEN),
+        ("ours INT8 per-token", INT8, S_TOKEN),
+        ("ours INT8 static", INT8, S_STATIC),
+    ):
+        ours[label] = our_kernel(packed, scale, act, scheme, x_cal)
+    hum = {}
+    if use_humming:
+        try:
+            hum = humming_layers(packed, scale)
+        except Exception:
+            log(f"humming setup failed for {(n, k)}:\n{traceback.format_exc()}")
+    rows = []
+    for m in ms:
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        res = {"N": n, "K": k, "M": m}
+
+        def t(label, fn):
+            try:
+                res[label] = timer.time_us(fn)
+            except Exception:
+                log(f"{label} M={m} N={n} K={k} failed:\n{traceback.format_exc()}")
+                res[label] = None
+
+        t("cuBLAS BF16", lambda: torch.mm(x, w_bf16.t()))
+        xq = (x.float() / (x.float().abs().amax() / 448)).to(torch.float8_e4m3fn)
+        one = torch.ones(1, device="cuda")
+        t("_scaled_mm FP8", lambda: torch._scaled_mm(xq, w_fp8.t(), scale_a=one, scale_b=w_scale,
+                                                      out_dtype=torch.bfloat16))
+        for label, (kern, layer) in ours.items():
+            t(label, lambda kern=kern, layer=layer: kern.apply(layer, x, None))
+        if hum:
+            from humming.forward import may_process_input
+            from humming.tune import get_heuristics_config
+
+            for name, layer in hum.items():
+                tc = get_heuristics_config(layer.humming_config, shape_m=m)
+                if name == "W4A16":
+                    t("Humming W4A16", lambda layer=layer, tc=tc: layer(x, tuning_config=tc))
+                else:
+                    t("Humming W4A8+quant", lambda layer=layer, tc=tc: layer(x, tuning_config=tc))
+                    x8, _, ts = may_process_input(layer.humming_config, x)
+                    t("Humming W4A8", lambda layer=layer, tc=tc, x8=x8, ts=ts: layer(
+                        x8, input_scale=ts, tuning_config=tc))
+        log(json.dumps(res))
+        rows.append(res)
+    return rows
+
+
+OURS = ["ours FP8 dyn-tensor", "ours FP8 static", "ours FP8 per-token", "ours INT8 per-token",
+        "ours INT8 static"]
+BASE = ["cuBLAS BF16", "_scaled_mm FP8", "Humming W4A16", "Humming W4A8", "Humming W4A8+quant"]
+
+
+def fmt(v, ref):
+    if v is None:
+        return "n/a"
+    return f"{v:.1f} ({ref / v:.2f}x)" if ref else f"{v:.1f}"
+
+
+def write_report(rows, out_dir: Path, meta):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench_linear.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    cols = [c for c in BASE + OURS if any(r.get(c) is not None for r in rows)]
+    lines = [
+        "# W4A8 MXFP4 linear: time (us) and speed-up vs cuBLAS BF16",
+        "",
+        f"- device: {meta['device']} ({meta['sms']} SMs), torch {meta['torch']}, "
+        f"triton {meta['triton']}",
+        f"- date: {meta['date']}",
+        f"- command: `{meta['command']}`",
+        f"- measured copy bandwidth: {meta['copy_tbs']:.2f} TB/s (read + write)",
+        "- each entry: one call under CUDA-graph replay, L2 flushed before each call; "
+        "`ours` includes activation quantization (dynamic schemes compute the scale per call); "
+        "`_scaled_mm FP8` and `Humming W4A8` exclude it, `Humming W4A8+quant` includes "
+        "Humming's per-token FP8 quantization.",
+        "- `wbw` = MXFP4 weight bytes (4.25 bit/weight) / time of `ours FP8 static`, "
+        "as a fraction of the measured copy bandwidth.",
+        "",
+        "| N | K | M | " + " | ".join(cols) + " | wbw |",
+        "|" + "---|" * (len(cols) + 4),
+    ]
+    for r in rows:
+        ref = r.get("cuBLAS BF16")
+        best = r.get("ours FP8 static")
+        wbw = ""
+        if best:
+            wbw = f"{r['N'] * r['K'] * 4.25 / 8 / (best * 1e-6) / 1e12 / meta['copy_tbs']:.0%}"
+        lines.append(
+            f"| {r['N']} | {r['K']} | {r['M']} | "
+            + " | ".join(fmt(r.get(c), ref) for c in cols)
+            + f" | {wbw} |"
+        )
+    (out_dir / "bench_linear.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        shapes = sorted({(r["N"], r["K"]) for r in rows})
+        fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+        for ax, (n, k) in zip(axes[0], shapes):
+            sub = [r for r in rows if (r["N"], r["K"]) == (n, k)]
+            for c in cols:
+                if c == "cuBLAS BF16":
+                    continue
+                pts = [(r["M"], r["cuBLAS BF16"] / r[c]) for r in sub if r.get(c) and r.get("cuBLAS BF16")]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=c, linestyle="-" if "ours" in c else "--")
+            ax.axhline(1.0, color="gray", lw=0.5)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"N={n} K={k}")
+            ax.set_xlabel("M")
+            ax.set_ylabel("speed-up vs cuBLAS BF16")
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"{meta['device']} {meta['date']}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out_dir / "bench_linear.png", dpi=110)
+    except Exception:
+        traceback.print_exc()
+    return "\n".join(lines)
+
+
+def sweep(timer, log):
+    """Time our GEMM configs (not the activation quantization) at N=K=8192."""
+    from w4a8_backend.kernels import triton_w4a8 as tk
+
+    n, k = 8192, 8192
+    packed, scale = make_weight(n, k)
+    x_cal = torch.randn(64, k, device="cuda").to(torch.bfloat16)
+    for act in (FP8, INT8):
+        kern, layer = our_kernel(packed, scale, act, S_TOKEN, x_cal)
+        for m in (1, 16, 64, 128, 512, 4096):
+            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+            q, xs = tk.quantize_activation_gpu(x, act == INT8, 3, None)
+            tq = timer.time_us(lambda: tk.quantize_activation_gpu(x, act == INT8, 3, None))
+            cands = []
+            if m <= 64:
+                bm = max(16, 1 << (m - 1).bit_length())
+                for bn, bk, split, warps, stages in (
+                    (64, 128 if act == INT8 else 256, 1, 4, 4),
+                    (64, 128 if act == INT8 else 256, 2, 4, 4),
+                    (64, 128 if act == INT8 else 256, 4, 4, 4),
+                    (64, 128 if act == INT8 else 256, 2, 4, 6),
+                    (128, 128 if act == INT8 else 256, 2, 4, 4),
+                    (128, 128 if act == INT8 else 256, 4, 8, 4),
+                    (64, 128 if act == INT8 else 512, 2, 4, 3),
+                ):
+                    cands.append(("fused", (bn, bm, bk, split, warps, stages)))
+            else:
+                for cfg in ((128, 64, 128 if act == INT8 else 256, 1, 8, 3),
+                            (128, 128, 128 if act == INT8 else 256, 1, 8, 3),
+                            (128, 128, 128, 1, 4, 4)):
+                    cands.append(("fused", cfg))
+                for cfg in ((128, 128, 128, 1, 8, 4), (128, 128, 128, 1, 4, 4),
+                            (128, 256, 128, 1, 8, 3), (128, 64, 128, 1, 4, 4)):
+                    cands.append(("dense", cfg))
+            tmat = timer.time_us(lambda: tk.materialize(layer.weight, layer.weight_scale, act == INT8))
+            res = {"act": act.name, "M": m, "quant_us": round(tq, 2), "materialize_us": round(tmat, 2)}
+            for kind, cfg in cands:
+                try:
+                    if kind == "fused":
+                        fn = lambda cfg=cfg: tk.w4a8_gemm(  # noqa: E731
+                            q, xs, layer.weight, layer.weight_scale, layer.w4a8_row_scale,
+                            layer.w4a8_counters, n, act == INT8, True, None, torch.bfloat16,
+                            config=cfg)
+                    else:
+                        dense = tk.materialize(layer.weight, layer.weight_scale, act == INT8)
+                        fn = lambda cfg=cfg, dense=dense: tk.w4a8_gemm(  # noqa: E731
+                            q, xs, layer.weight, layer.weight_scale, layer.w4a8_row_scale,
+                            layer.w4a8_counters, n, act == INT8, True, None, torch.bfloat16,
+                            config=cfg, dense=dense)
+                    res[f"{kind}{cfg}"] = round(timer.time_us(fn), 2)
+                except Exception as exc:
+                    res[f"{kind}{cfg}"] = f"ERR {type(exc).__name__}: {str(exc)[:200]}"
+            if act == FP8 and m > 64:
+                dense = tk.materialize(layer.weight, layer.weight_scale, False)
+                res["scaled_mm_rowwise"] = round(timer.time_us(lambda: tk.scaled_mm_fp8(
+                    q, xs, dense, layer.w4a8_row_scale, n, True, torch.bfloat16)), 2)
+            log(json.dumps(res))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--shapes", default="all", choices=["8192", "llama8b", "all"])
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--no-humming", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="time our kernel configs only")
+    ap.add_argument("--log", default=None, help="also append log lines to this file")
+    args = ap.parse_args(argv)
+    log_f = open(args.log, "a") if args.log else None
+
+    def log(s):
+        print(s, flush=True)
+        if log_f:
+            log_f.write(s + "\n")
+            log_f.flush()
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    timer = Timer()
+    if args.sweep:
+        sweep(timer, log)
+        return
+    import triton
+
+    meta = {
+        "device": torch.cuda.get_device_name(0),
+        "sms": torch.cuda.get_device_properties(0).multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "copy_tbs": copy_bandwidth_tbs(),
+    }
+    log(json.dumps(meta))
+    use_humming = not args.no_humming
+    if use_humming:
+        try:
+            import humming  # noqa: F401
+        except ImportError as exc:
+            log(f"humming not importable ({exc}); its columns are left out")
+            use_humming = False
+    shapes = {"8192": SHAPES_8192, "llama8b": SHAPES_LLAMA8B,
+              "all": SHAPES_8192 + SHAPES_LLAMA8B}[args.shapes]
+    ms = [int(v) for v in args.ms.split(",")]
+    rows = []
+    for n, k in shapes:
+        rows += bench_shape(timer, n, k, ms, use_humming, log)
+        write_report(rows, Path(args.out), meta)
+    print(write_report(rows, Path(args.out), meta))
+
+
+if __name__ == "__main__":
+    main()
