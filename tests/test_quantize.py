@@ -297,6 +297,21 @@ def test_sharding_and_index(llama, work):
     assert s1["bytes_after"] < s1["bytes_before"] * 0.6
 
 
+def test_row_chunking_gives_the_same_bytes(qwen3_moe, qwen3_moe_fused, work, monkeypatch):
+    whole = {}
+    for name, src in (("split", qwen3_moe), ("fused", qwen3_moe_fused)):
+        wq.quantize_checkpoint(src, work / f"chunk_whole_{name}", activations="fp8",
+                               progress=False)
+        whole[name] = load_tensors(work / f"chunk_whole_{name}")
+    monkeypatch.setattr(wq, "CHUNK_ELEMENTS", 300)  # 2 rows of 128, or 4 rows of 64, per chunk
+    for name, src in (("split", qwen3_moe), ("fused", qwen3_moe_fused)):
+        wq.quantize_checkpoint(src, work / f"chunk_small_{name}", activations="fp8",
+                               progress=False)
+        small = load_tensors(work / f"chunk_small_{name}")
+        assert sorted(small) == sorted(whole[name])
+        assert all(raw(small[k]) == raw(whole[name][k]) for k in small)
+
+
 def test_cli_success_prints_summary(llama, work, capsys):
     code, out, err = run_cli(llama, work / "cli_ok", "--activations", "int8", capsys=capsys)
     assert code == 0, err

@@ -15,11 +15,13 @@ or from Python: :func:`quantize_checkpoint`.
 Memory
 ------
 Weights are streamed: every output tensor's name, dtype and shape is planned from the source
-headers first, each shard's safetensors header is written up front, then tensors are read one at
-a time (a source file is opened per tensor, so its memory map is released after each read),
-encoded and appended. Peak memory is about the largest source tensor (fused 3-D expert tensors
-are read one expert at a time) plus its encoded copy, whatever the model size and shard size.
-This bound holds for ``--calibration dynamic`` (the default) without ``--kv-cache-fp8``.
+headers first, each shard's safetensors header is written up front, then each tensor is read in
+row chunks of about 256K elements (its source file is opened per tensor, so no memory map
+lingers), encoded and appended to the shard as it comes; only a tensor's E8M0 scales (1/16 of
+its bf16 size) wait until its packed data is written. Peak memory is therefore bounded by a
+small fraction of the largest tensor plus a constant working set, whatever the model size and
+shard size (``benchmarks/bench_export_memory.py`` measures it). This bound holds for
+``--calibration dynamic`` (the default) without ``--kv-cache-fp8``.
 Static calibration (and FP8 KV-cache scales) must run the model: the BF16 model is loaded once
 with transformers on the CPU, run over the calibration text, and freed before the weights are
 streamed, so the peak is then about the model size.
@@ -135,12 +137,21 @@ class OutSpec:
         return math.prod(self.shape) * _ST_ITEMSIZE[self.dtype]
 
 
+# Rows are read and encoded in chunks of about this many elements, so the working set of a job
+# does not grow with the tensor (row-wise encoding gives the same bytes as one call).
+CHUNK_ELEMENTS = 1 << 18
+
+
 @dataclass
 class Job:
-    """One unit of streaming work: read a source tensor (or a slice), emit ``outputs`` in order."""
+    """One unit of streaming work: read a source tensor (or one expert of it), emit ``outputs``.
+
+    ``pieces(reader, scales)`` yields ``(output_index, tensor)`` in file order: all pieces of
+    output 0 (row chunks, concatenated in the file), then output 1, and so on.
+    """
 
     outputs: list
-    compute: Callable  # (reader, scales) -> list[torch.Tensor] matching outputs
+    pieces: Callable  # (reader, scales) -> Iterator[tuple[int, torch.Tensor]]
     src_bytes: int = 0
     quantized: int = 0  # number of linears quantized by this job
 
@@ -161,23 +172,27 @@ class Plan:
 
 
 class _SourceReader:
-    """Reads tensors from SRC's safetensors files, opening the file per read (no lingering mmap)."""
+    """Reads row ranges of SRC tensors; a file is opened per job, so no memory map lingers."""
 
     def __init__(self, weight_map: dict[str, Path]):
         self.weight_map = weight_map
 
-    def get(self, name: str) -> torch.Tensor:
+    def rows(self, name: str, index: int | None, start: int, stop: int, step_elements: int):
+        """Yield ``tensor[index][start:stop]`` (or ``tensor[start:stop]``) in row chunks."""
         from safetensors import safe_open
 
         with safe_open(str(self.weight_map[name]), framework="pt") as f:
-            return f.get_tensor(name)
-
-    def get_index(self, name: str, index: int) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self.weight_map[name]), framework="pt") as f:
-            return f.get_slice(name)[index].contiguous()
-
+            sl = f.get_slice(name)
+            shape = sl.get_shape()
+            if len(shape) == 0:
+                yield f.get_tensor(name)
+                return
+            row_elems = math.prod(shape[2:] if index is not None else shape[1:]) or 1
+            step = max(1, step_elements // row_elems)
+            for r in range(start, stop, step):
+                r1 = min(stop, r + step)
+                chunk = sl[index, r:r1] if index is not None else sl[r:r1]
+                yield chunk.contiguous()
 
 def _read_source_layout(src: Path) -> tuple[dict, dict]:
     """``(weight_map name -> file, meta name -> (dtype str, shape))`` from the safetensors headers."""
@@ -254,42 +269,46 @@ def _quantize_job(src_name: str, module: str, dtype: str, shape: tuple, with_inp
                   input_key, index: int | None = None, rows: tuple | None = None) -> Job:
     """Job emitting ``module.weight`` / ``.weight_scale`` (/ ``.input_scale``) from one 2-D weight.
 
-    ``index`` selects one expert of a 3-D tensor; ``rows`` a row range of that expert (used to
-    split a fused gate/up tensor).
+    ``index`` selects one expert of a 3-D tensor; ``rows`` a row range of it (used to split a
+    fused gate/up tensor). The weight is read and encoded in row chunks; its packed bytes go to
+    the file as they come, the E8M0 scales (1/16 of the bf16 size) are kept until the end.
     """
     out_rows, k = shape
     outputs = [OutSpec(f"{module}.weight", "U8", (out_rows, k // 2)),
                OutSpec(f"{module}.weight_scale", "U8", (out_rows, k // BLOCK_SIZE))]
     if with_input_scale:
         outputs.append(OutSpec(f"{module}.input_scale", "F32", ()))
+    start, stop = rows if rows is not None else (0, out_rows)
 
-    def compute(reader: _SourceReader, scales: dict) -> list[torch.Tensor]:
-        w = reader.get(src_name) if index is None else reader.get_index(src_name, index)
-        if rows is not None:
-            w = w[rows[0]:rows[1]]
-        packed, scale = quantize_mxfp4(w)
-        result = [packed, scale]
+    def pieces(reader: _SourceReader, scales: dict):
+        block_scales = []
+        for chunk in reader.rows(src_name, index, start, stop, CHUNK_ELEMENTS):
+            packed, scale = quantize_mxfp4(chunk)
+            block_scales.append(scale)
+            yield 0, packed
+        yield 1, torch.cat(block_scales)
         if with_input_scale:
-            result.append(scales[input_key].reshape(()))
-        return result
+            yield 2, scales[input_key].reshape(())
 
     src_bytes = out_rows * k * _ST_ITEMSIZE[dtype]
-    return Job(outputs, compute, src_bytes=src_bytes, quantized=1)
+    return Job(outputs, pieces, src_bytes=src_bytes, quantized=1)
 
 
 def _copy_job(name: str, dtype: str, shape: tuple) -> Job:
-    def compute(reader: _SourceReader, scales: dict) -> list[torch.Tensor]:
-        return [reader.get(name)]
-
     spec = OutSpec(name, dtype, shape)
-    return Job([spec], compute, src_bytes=spec.nbytes)
+
+    def pieces(reader: _SourceReader, scales: dict):
+        for chunk in reader.rows(name, None, 0, shape[0] if shape else 1, CHUNK_ELEMENTS):
+            yield 0, chunk
+
+    return Job([spec], pieces, src_bytes=spec.nbytes)
 
 
 def _scalar_job(name: str, key) -> Job:
-    def compute(reader: _SourceReader, scales: dict) -> list[torch.Tensor]:
-        return [scales[key].reshape(())]
+    def pieces(reader: _SourceReader, scales: dict):
+        yield 0, scales[key].reshape(())
 
-    return Job([OutSpec(name, "F32", ())], compute)
+    return Job([OutSpec(name, "F32", ())], pieces)
 
 
 def build_plan(meta: dict, spec: ArchSpec, excludes: Sequence[str], static_inputs: bool,
@@ -607,12 +626,12 @@ def _header_bytes(outputs: list[OutSpec]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def _tensor_bytes(t: torch.Tensor, spec: OutSpec) -> memoryview:
+def _piece_bytes(t: torch.Tensor, spec: OutSpec) -> memoryview:
     expected = _ST_DTYPES[spec.dtype]
-    if t.dtype != expected or tuple(t.shape) != tuple(spec.shape):
+    if t.dtype != expected or tuple(t.shape[1:]) != tuple(spec.shape[1:]):
         raise RuntimeError(
-            f"internal error: {spec.name} is {t.dtype} {tuple(t.shape)}, planned {expected} "
-            f"{tuple(spec.shape)}"
+            f"internal error: piece of {spec.name} is {t.dtype} {tuple(t.shape)}, planned "
+            f"{expected} {tuple(spec.shape)}"
         )
     flat = t.contiguous().reshape(-1).view(torch.uint8)
     return memoryview(flat.numpy())
@@ -629,12 +648,22 @@ def _write_shards(shards: list[list[Job]], out: Path, reader: _SourceReader, sca
         with open(out / fname, "wb") as f:
             f.write(_header_bytes(outputs))
             for job in jobs:
-                tensors = job.compute(reader, scales)
-                for spec, t in zip(job.outputs, tensors, strict=True):
-                    f.write(_tensor_bytes(t, spec))
+                written = [0] * len(job.outputs)
+                current = 0
+                for idx, piece in job.pieces(reader, scales):
+                    if idx < current or any(written[j] != job.outputs[j].nbytes
+                                            for j in range(current, idx)):
+                        raise RuntimeError(f"internal error: {job.outputs[idx].name} out of order")
+                    current = idx
+                    data = _piece_bytes(piece, job.outputs[idx])
+                    f.write(data)
+                    written[idx] += data.nbytes
+                for spec, nbytes in zip(job.outputs, written, strict=True):
+                    if nbytes != spec.nbytes:
+                        raise RuntimeError(f"internal error: wrote {nbytes} bytes of {spec.name}, "
+                                           f"planned {spec.nbytes}")
                     weight_map[spec.name] = fname
-                    total += spec.nbytes
-                del tensors
+                    total += nbytes
                 progress.update(job.src_bytes or job.out_bytes)
     return weight_map, total
 
