@@ -92,24 +92,16 @@ def build_reference_model(
 
 
 @torch.no_grad()
-def reference_greedy(
-    model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int
-) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy decoding of one sequence the way a serving engine runs it: the whole prompt in one
-    forward, then one token per forward against the KV cache (so dynamic per-tensor activation
-    scales see the same tokens as in vLLM with one sequence in flight).
-
-    Returns the generated ids and the log-softmax of each step's logits.
-    """
-    out, logprobs = [], []
+def reference_logprobs(
+    model: torch.nn.Module, prompt_ids: list[int], generated: list[int]
+) -> list[torch.Tensor]:
+    """Teacher-forced log-softmax of each generation step, fed the engine's own tokens."""
+    logprobs = []
     inputs = torch.tensor([prompt_ids])
     past = None
-    for _ in range(max_new_tokens):
+    for token in generated:
         result = model(input_ids=inputs, past_key_values=past, use_cache=True)
         past = result.past_key_values
-        lp = torch.log_softmax(result.logits[0, -1].float(), dim=-1)
-        nxt = int(lp.argmax())
-        out.append(nxt)
-        logprobs.append(lp)
-        inputs = torch.tensor([[nxt]])
-    return out, logprobs
+        logprobs.append(torch.log_softmax(result.logits[0, -1].float(), dim=-1))
+        inputs = torch.tensor([[token]])
+    return logprobs

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny local models, their ModelOpt and w4a8-quantize exports, vLLM engines.
+
+The environment is set before anything imports vLLM: CPU platform, a small KV cache, the
+in-process engine (one engine starts in ~3 s, DESIGN.md §4) and no network.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+for key, value in {
+    "VLLM_TARGET_DEVICE": "cpu",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(key, value)
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+
+import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return tiny_models.make_tiny_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def modelopt_llama_static(tiny_llama, tmp_path_factory) -> Path:
+    """ModelOpt 0.47 W4A8_MXFP4_FP8 with max calibration: per-layer input_scale present."""
+    return tiny_models.export_with_modelopt(
+        tiny_llama, tmp_path_factory.mktemp("mo_llama_static"), static=True
+    )
+
+
+@pytest.fixture(scope="session")
+def modelopt_llama_dynamic(tiny_llama, tmp_path_factory) -> Path:
+    """ModelOpt 0.47's shipped W4A8_MXFP4_FP8 preset: no input_scale (dynamic activations)."""
+    return tiny_models.export_with_modelopt(
+        tiny_llama, tmp_path_factory.mktemp("mo_llama_dynamic"), static=False
+    )
