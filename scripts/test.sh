@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run the whole test suite on this machine. GPU tests skip on CPU, saying why.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh || exit 1
+export TMPDIR=${TMPDIR:-$(mktemp -d)}
+.venv/bin/python -m pytest "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then
+  echo "error: pytest collected no tests (exit code 5): the suite is missing, or the selection matched nothing" >&2
+  exit 5
+fi
+exit "$rc"
