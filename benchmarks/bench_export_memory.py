@@ -10,7 +10,7 @@ shown for contrast (it loads the model once, by design).
 Writes ``benchmarks/results/export_memory.md`` and, when matplotlib is installed,
 ``benchmarks/results/export_memory.png``.
 
-    python benchmarks/bench_export_memory.py                 # defaults: 4, 16, 48 layers
+    python benchmarks/bench_export_memory.py                 # defaults: hidden 2048, 2, 8, 24 layers
     python benchmarks/bench_export_memory.py --layers 2 8 --hidden 512 --intermediate 2048
 """
 
@@ -180,11 +180,11 @@ def plot(runs: list[dict], path: Path) -> str | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, nargs="+", default=[4, 16, 48])
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--intermediate", type=int, default=4096)
+    ap.add_argument("--layers", type=int, nargs="+", default=[2, 8, 24])
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, default=8192)
     ap.add_argument("--vocab", type=int, default=2048)
-    ap.add_argument("--static-layers", type=int, default=4,
+    ap.add_argument("--static-layers", type=int, default=2,
                     help="layer count of the one static-calibration run (0: skip)")
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir)")
     ap.add_argument("--results", default=str(RESULTS))

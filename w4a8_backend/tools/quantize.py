@@ -16,7 +16,7 @@ Memory
 ------
 Weights are streamed: every output tensor's name, dtype and shape is planned from the source
 headers first, each shard's safetensors header is written up front, then each tensor is read in
-row chunks of about 256K elements (its source file is opened per tensor, so no memory map
+row chunks of about 256K elements (the source file is opened per chunk, so no memory map
 lingers), encoded and appended to the shard as it comes; only a tensor's E8M0 scales (1/16 of
 its bf16 size) wait until its packed data is written. Peak memory is therefore bounded by a
 small fraction of the largest tensor plus a constant working set, whatever the model size and
@@ -172,7 +172,12 @@ class Plan:
 
 
 class _SourceReader:
-    """Reads row ranges of SRC tensors; a file is opened per job, so no memory map lingers."""
+    """Reads row chunks of SRC tensors through ``safe_open``.
+
+    The file is opened (memory-mapped) anew for every chunk and closed right after, so the pages
+    a chunk touched leave this process's resident set with it: reading a tensor never keeps more
+    than one chunk of it mapped.
+    """
 
     def __init__(self, weight_map: dict[str, Path]):
         self.weight_map = weight_map
@@ -181,18 +186,21 @@ class _SourceReader:
         """Yield ``tensor[index][start:stop]`` (or ``tensor[start:stop]``) in row chunks."""
         from safetensors import safe_open
 
-        with safe_open(str(self.weight_map[name]), framework="pt") as f:
-            sl = f.get_slice(name)
-            shape = sl.get_shape()
+        path = str(self.weight_map[name])
+        with safe_open(path, framework="pt") as f:
+            shape = f.get_slice(name).get_shape()
             if len(shape) == 0:
                 yield f.get_tensor(name)
                 return
-            row_elems = math.prod(shape[2:] if index is not None else shape[1:]) or 1
-            step = max(1, step_elements // row_elems)
-            for r in range(start, stop, step):
-                r1 = min(stop, r + step)
-                chunk = sl[index, r:r1] if index is not None else sl[r:r1]
-                yield chunk.contiguous()
+        row_elems = math.prod(shape[2:] if index is not None else shape[1:]) or 1
+        step = max(1, step_elements // row_elems)
+        for r in range(start, stop, step):
+            r1 = min(stop, r + step)
+            with safe_open(path, framework="pt") as f:
+                sl = f.get_slice(name)
+                chunk = (sl[index, r:r1] if index is not None else sl[r:r1]).clone()
+            yield chunk
+
 
 def _read_source_layout(src: Path) -> tuple[dict, dict]:
     """``(weight_map name -> file, meta name -> (dtype str, shape))`` from the safetensors headers."""
