@@ -10,6 +10,8 @@ is used: only ``w4a8_backend.formats``.
 from __future__ import annotations
 
 import json
+import re
+import types
 from pathlib import Path
 
 import torch
@@ -32,6 +34,55 @@ def _load_tensors(directory: Path) -> dict[str, torch.Tensor]:
             for key in f.keys():
                 tensors[key] = f.get_tensor(key)
     return tensors
+
+
+EXPERT_KEY = re.compile(
+    r"^(?P<block>.+)\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)"
+    r"\.(?P<tensor>weight|weight_scale|input_scale)$"
+)
+GATE_UP_DOWN = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up",
+                "down_proj": "down", "w2": "down"}
+
+
+def _transformers_block(block: str) -> str:
+    # Mixtral checkpoints say block_sparse_moe; transformers 5 names the module mlp.
+    return block.replace(".block_sparse_moe", ".mlp")
+
+
+def _collect_experts(tensors: dict) -> dict[str, dict]:
+    """``{experts module path: {(expert, gate|up|down): {tensor name: tensor}}}``."""
+    experts: dict[str, dict] = {}
+    for key in list(tensors):
+        match = EXPERT_KEY.match(key)
+        if match:
+            block = _transformers_block(match["block"]) + ".experts"
+            slot = (int(match["expert"]), GATE_UP_DOWN[match["proj"]])
+            experts.setdefault(block, {}).setdefault(slot, {})[match["tensor"]] = tensors.pop(key)
+    return experts
+
+
+def _exact_experts_forward(weights: dict, act, schemes, scales):
+    """The W4A8 MoE semantics (kernels/moe_base.py), written independently: one quantization of
+    the layer input for all experts, one of all routed (token, expert) intermediate rows."""
+    (scheme1, scheme2), (s1, s2) = schemes, scales
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        xq = fake_quantize_activation(hidden_states.float(), act, scheme1, s1)
+        rows, pairs = [], []
+        for token in range(hidden_states.shape[0]):
+            for slot in range(top_k_index.shape[1]):
+                expert = int(top_k_index[token, slot])
+                gate = xq[token] @ weights[(expert, "gate")].t()
+                up = xq[token] @ weights[(expert, "up")].t()
+                rows.append(torch.nn.functional.silu(gate) * up)
+                pairs.append((token, slot, expert))
+        hq = fake_quantize_activation(torch.stack(rows), act, scheme2, s2)
+        out = torch.zeros(hidden_states.shape, dtype=torch.float32)
+        for row, (token, slot, expert) in zip(hq, pairs):
+            out[token] += float(top_k_weights[token, slot]) * (row @ weights[(expert, "down")].t())
+        return out.to(hidden_states.dtype)
+
+    return forward
 
 
 def build_reference_model(
@@ -59,6 +110,7 @@ def build_reference_model(
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     tensors = _load_tensors(checkpoint)
+    experts = _collect_experts(tensors)
 
     quantized = sorted(k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale"))
     state = {}
@@ -66,11 +118,14 @@ def build_reference_model(
         if key.endswith((".weight_scale", ".input_scale", ".k_scale", ".v_scale")):
             continue
         prefix = key[: -len(".weight")] if key.endswith(".weight") else None
+        key = _transformers_block(key)
         if prefix in quantized:
             value = dequantize_mxfp4(value, tensors[f"{prefix}.weight_scale"], torch.float32)
         state[key] = value.to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [m for m in missing if "rotary" not in m]:
+    fused_expert_params = tuple(f"{path}." for path in experts)
+    missing = [m for m in missing if not m.startswith(fused_expert_params) and "rotary" not in m]
+    if unexpected or missing:
         raise ValueError(f"reference model: missing {missing}, unexpected {unexpected}")
 
     modules = dict(model.named_modules())
@@ -88,6 +143,26 @@ def build_reference_model(
             return (fake_quantize_activation(x, act, scheme, static).to(x.dtype),)
 
         module.register_forward_pre_hook(hook)
+
+    def served_scale(stored: torch.Tensor | None, scheme_if_dynamic):
+        if stored is None:
+            return scheme_if_dynamic, None
+        return ActivationScheme.STATIC_PER_TENSOR, stored * QMAX[ckpt_act] / QMAX[act]
+
+    for path, slots in experts.items():
+        weights = {slot: dequantize_mxfp4(t["weight"], t["weight_scale"], torch.float32)
+                   for slot, t in slots.items()}
+
+        def layer_scale(kinds):
+            found = [t["input_scale"].float() for (e, kind), t in slots.items()
+                     if kind in kinds and "input_scale" in t]
+            return torch.stack(found).max().reshape(1) if found else None
+
+        (scheme1, s1) = served_scale(layer_scale(("gate", "up")), scheme_dynamic)
+        (scheme2, s2) = served_scale(layer_scale(("down",)), scheme_dynamic)
+        module = modules[path]
+        module.forward = types.MethodType(
+            _exact_experts_forward(weights, act, (scheme1, scheme2), (s1, s2)), module)
     return model
 
 

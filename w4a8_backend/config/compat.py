@@ -44,6 +44,18 @@ from vllm.model_executor.parameter import (  # noqa: E402
     PerTensorScaleParameter,
 )
 
+from vllm.model_executor.layers.fused_moe import (  # noqa: E402
+    FusedMoEMethodBase,
+    FusedMoeWeightScaleSupported,
+)
+from vllm.model_executor.utils import set_weight_attrs  # noqa: E402
+
+# The MoE layer that owns expert weights: RoutedExperts since 0.26's MoE refactor, FusedMoE before.
+MoELayer = _first(
+    ("vllm.model_executor.layers.fused_moe", "RoutedExperts"),
+    ("vllm.model_executor.layers.fused_moe", "FusedMoE"),
+)
+
 # 0.32+: vllm.model_executor.layers.attention; earlier: vllm.attention.layer.
 Attention = _first(
     ("vllm.model_executor.layers.attention", "Attention"),

@@ -19,6 +19,7 @@ from .compat import (
     ATTENTION_LAYERS,
     BaseKVCacheMethod,
     LinearBase,
+    MoELayer,
     QuantizationConfig,
     QuantizeMethodBase,
     UnquantizedLinearMethod,
@@ -76,6 +77,7 @@ class W4A8Mxfp4Config(QuantizationConfig):
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         from ..methods.linear import LINEAR_METHODS
+        from ..methods.moe import MOE_METHODS
 
         if isinstance(layer, ATTENTION_LAYERS):
             return BaseKVCacheMethod(self)
@@ -83,6 +85,10 @@ class W4A8Mxfp4Config(QuantizationConfig):
             if is_excluded(prefix, self.exclude_modules, self.packed_modules_mapping):
                 return UnquantizedLinearMethod()
             return LINEAR_METHODS[self.act_dtype](self, prefix)
+        if isinstance(layer, MoELayer):
+            if is_excluded(prefix, self.exclude_modules, self.packed_modules_mapping):
+                return None  # vLLM then uses its unquantized MoE method
+            return MOE_METHODS[self.act_dtype](self, layer.moe_config, prefix)
         return None
 
     @property

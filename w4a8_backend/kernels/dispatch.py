@@ -1,4 +1,4 @@
-"""Choose a linear kernel backend per layer: SM100 native, then SM90/SM80 kernels, then fallback.
+"""Choose a kernel backend per layer: SM100 native, then SM90/SM80 kernels, then fallback.
 
 The first backend whose ``is_supported`` and ``can_implement`` both say yes wins. The choice and
 the reasons the better backends were passed over are logged once per layer shape.
@@ -10,41 +10,45 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from typing import Any
 
 from .base import DeviceInfo, LinearKernelConfig, Mxfp4LinearKernel
+from .moe_base import MoEKernelConfig, Mxfp4MoEKernel
 
 # A child of "vllm" so that messages reach vLLM's log handlers without importing vLLM here.
 logger = logging.getLogger("vllm.w4a8_mxfp4")
 
 FORCE_ENV = "W4A8_MXFP4_KERNEL"
 
+Backends = tuple[tuple[str, str, str], ...]
+
 # Best first. Modules are imported lazily so that a backend's optional dependencies (triton,
 # flashinfer) are only touched on machines that might use them.
-LINEAR_BACKENDS: tuple[tuple[str, str, str], ...] = (
+LINEAR_BACKENDS: Backends = (
     ("sm100_flashinfer", "w4a8_backend.kernels.sm100_flashinfer", "Sm100FlashInferLinearKernel"),
     ("sm90_triton", "w4a8_backend.kernels.sm90_triton", "Sm90TritonLinearKernel"),
     ("fallback", "w4a8_backend.kernels.fallback", "DequantFallbackLinearKernel"),
 )
+MOE_BACKENDS: Backends = (
+    ("sm90_triton", "w4a8_backend.kernels.sm90_triton_moe", "Sm90TritonMoEKernel"),
+    ("fallback", "w4a8_backend.kernels.moe_fallback", "DequantFallbackMoEKernel"),
+)
 
-_logged: set[tuple[str, LinearKernelConfig, DeviceInfo]] = set()
+_logged: set[tuple[str, Any, DeviceInfo]] = set()
 
 
-def backend_names() -> list[str]:
-    return [name for name, _, _ in LINEAR_BACKENDS]
-
-
-def _load(module: str, attr: str) -> type[Mxfp4LinearKernel]:
-    return getattr(importlib.import_module(module), attr)
+def backend_names(backends: Backends = LINEAR_BACKENDS) -> list[str]:
+    return [name for name, _, _ in backends]
 
 
 def evaluate_backends(
-    config: LinearKernelConfig, device: DeviceInfo
-) -> list[tuple[str, type[Mxfp4LinearKernel] | None, str | None]]:
+    config: Any, device: DeviceInfo, backends: Backends = LINEAR_BACKENDS
+) -> list[tuple[str, type | None, str | None]]:
     """Every backend in order with ``(name, class or None, reason it cannot run or None)``."""
     verdicts = []
-    for name, module, attr in LINEAR_BACKENDS:
+    for name, module, attr in backends:
         try:
-            cls = _load(module, attr)
+            cls = getattr(importlib.import_module(module), attr)
         except ImportError as exc:
             verdicts.append((name, None, f"not importable: {exc}"))
             continue
@@ -55,31 +59,27 @@ def evaluate_backends(
     return verdicts
 
 
-def choose_linear_kernel(
-    config: LinearKernelConfig, device: DeviceInfo, forced: str | None = None
-) -> type[Mxfp4LinearKernel]:
+def _choose(config: Any, device: DeviceInfo, backends: Backends, forced: str | None) -> type:
     forced = forced if forced is not None else os.environ.get(FORCE_ENV) or None
-    if forced is not None and forced not in backend_names():
-        raise ValueError(
-            f"{FORCE_ENV}={forced!r} names no kernel backend; expected one of {backend_names()}"
-        )
-    verdicts = evaluate_backends(config, device)
-    for name, cls, reason in verdicts:
+    names = backend_names(backends)
+    if forced is not None and forced not in names:
+        raise ValueError(f"{FORCE_ENV}={forced!r} names no kernel backend; expected one of {names}")
+    verdicts = evaluate_backends(config, device, backends)
+    for index, (name, cls, reason) in enumerate(verdicts):
         if forced is not None and name != forced:
             continue
         if cls is None:
-            if forced is not None:
+            if forced is not None or name == names[-1]:
+                who = f"{FORCE_ENV}={forced!r}" if forced else f"even the {name} backend"
                 raise ValueError(
-                    f"{FORCE_ENV}={forced!r} cannot run {config.describe()} on "
+                    f"w4a8_mxfp4: {who} cannot run {config.describe()} on "
                     f"{device.describe()}: {reason}"
                 )
             continue
         key = (name, config, device)
         if key not in _logged:
             _logged.add(key)
-            passed_over = "; ".join(
-                f"{n}: {r}" for n, c, r in verdicts[: verdicts.index((name, cls, reason))]
-            )
+            passed_over = "; ".join(f"{n}: {r}" for n, _, r in verdicts[:index])
             logger.info(
                 "w4a8_mxfp4: %s on %s uses kernel %s%s",
                 config.describe(),
@@ -88,4 +88,16 @@ def choose_linear_kernel(
                 f" (passed over: {passed_over})" if passed_over else "",
             )
         return cls
-    raise AssertionError("the fallback backend accepts every layer")
+    raise AssertionError("unreachable: the last backend either returns or raises")
+
+
+def choose_linear_kernel(
+    config: LinearKernelConfig, device: DeviceInfo, forced: str | None = None
+) -> type[Mxfp4LinearKernel]:
+    return _choose(config, device, LINEAR_BACKENDS, forced)
+
+
+def choose_moe_kernel(
+    config: MoEKernelConfig, device: DeviceInfo, forced: str | None = None
+) -> type[Mxfp4MoEKernel]:
+    return _choose(config, device, MOE_BACKENDS, forced)

@@ -29,7 +29,7 @@ def report(device: str, n: int, k: int) -> str:
     lines.append(f"vLLM:               {', '.join(vllm_versions) or 'not installed'}")
     lines.append(f"torch:              {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
     for dist in ("triton", "flashinfer-python", "w4a8-backend"):
-        lines.append(f"{dist + ':':<19}{_version(dist) or 'not installed'}")
+        lines.append(f"{dist + ':':<20}{_version(dist) or 'not installed'}")
     info = DeviceInfo.of(device)
     cap = f"sm_{info.capability}" if info.capability is not None else "none (not a CUDA GPU)"
     lines.append(f"device:             {info.describe()} | capability {cap}")
@@ -39,7 +39,7 @@ def report(device: str, n: int, k: int) -> str:
             config = LinearKernelConfig(act, scheme, n, k, torch.bfloat16)
             verdicts = evaluate_backends(config, info)
             chosen = next(name for name, cls, _ in verdicts if cls is not None)
-            lines.append(f"  {act.name:<9} {scheme.name:<19} -> {chosen}")
+            lines.append(f"  {act.name:<9} {scheme.name:<20} -> {chosen}")
             for name, cls, reason in verdicts:
                 if name == chosen:
                     break
