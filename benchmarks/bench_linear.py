@@ -315,52 +315,55 @@ def sweep(timer, log):
     packed, scale = make_weight(n, k)
     x_cal = torch.randn(64, k, device="cuda").to(torch.bfloat16)
     for act in (FP8, INT8):
+        i8 = act == INT8
         kern, layer = our_kernel(packed, scale, act, S_TOKEN, x_cal)
+        lut = layer.w4a8_lut
+        bk = 256
+        dbk = 256 if i8 else 128
         for m in (1, 16, 64, 128, 512, 4096):
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-            q, xs = tk.quantize_activation_gpu(x, act == INT8, 3, None)
-            tq = timer.time_us(lambda: tk.quantize_activation_gpu(x, act == INT8, 3, None))
+            q, xs = tk.quantize_activation_gpu(x, i8, 3, None)
+            res = {"act": act.name, "M": m}
+            res["quant_us"] = round(timer.time_us(
+                lambda: tk.quantize_activation_gpu(x, i8, 3, None)), 2)
             cands = []
             if m <= 64:
                 bm = max(16, 1 << (m - 1).bit_length())
-                for bn, bk, split, warps, stages in (
-                    (64, 128 if act == INT8 else 256, 1, 4, 4),
-                    (64, 128 if act == INT8 else 256, 2, 4, 4),
-                    (64, 128 if act == INT8 else 256, 4, 4, 4),
-                    (64, 128 if act == INT8 else 256, 2, 4, 6),
-                    (128, 128 if act == INT8 else 256, 2, 4, 4),
-                    (128, 128 if act == INT8 else 256, 4, 8, 4),
-                    (64, 128 if act == INT8 else 512, 2, 4, 3),
-                ):
-                    cands.append(("fused", (bn, bm, bk, split, warps, stages)))
-            else:
-                for cfg in ((128, 64, 128 if act == INT8 else 256, 1, 8, 3),
-                            (128, 128, 128 if act == INT8 else 256, 1, 8, 3),
-                            (128, 128, 128, 1, 4, 4)):
+                cands.append(("fused-f16", (64, bm, bk, 4, 4, 4)))
+                for cfg in ((64, bm, bk, 1, 4, 4), (64, bm, bk, 2, 4, 4), (64, bm, bk, 4, 4, 4),
+                            (64, bm, bk, 8, 4, 4), (64, bm, bk, 4, 4, 6), (64, bm, bk, 4, 4, 3),
+                            (128, bm, bk, 4, 4, 4), (128, bm, bk, 2, 8, 4)):
                     cands.append(("fused", cfg))
-                for cfg in ((128, 128, 128, 1, 8, 4), (128, 128, 128, 1, 4, 4),
-                            (128, 256, 128, 1, 8, 3), (128, 64, 128, 1, 4, 4)):
+                if not i8:
+                    cands.append(("fused", (64, bm, 512, 2, 4, 3)))
+                    cands.append(("fused", (64, bm, 128, 4, 4, 6)))
+                    cands.append(("fused", (64, bm, 128, 8, 4, 6)))
+            else:
+                for cfg in ((128, 128, bk, 1, 8, 3), (128, 64, bk, 1, 4, 4)):
+                    cands.append(("fused", cfg))
+                for cfg in ((128, 256, dbk, 1, 8, 3), (128, 128, dbk, 1, 8, 4),
+                            (128, 128, dbk, 1, 8, 3), (128, 64, dbk, 1, 4, 4)):
                     cands.append(("dense", cfg))
-            tmat = timer.time_us(lambda: tk.materialize(layer.weight, layer.weight_scale, act == INT8))
-            res = {"act": act.name, "M": m, "quant_us": round(tq, 2), "materialize_us": round(tmat, 2)}
+            for lut_mode in (True, False) if m == 1 else (True,):
+                tk.DECODE_LUT = lut_mode
+                res[f"materialize_us{'' if lut_mode else '-f16'}"] = round(timer.time_us(
+                    lambda: tk.materialize(layer.weight, layer.weight_scale, lut, i8)), 2)
+            tk.DECODE_LUT = True
             for kind, cfg in cands:
+                tk.DECODE_LUT = kind != "fused-f16"
                 try:
-                    if kind == "fused":
-                        fn = lambda cfg=cfg: tk.w4a8_gemm(  # noqa: E731
-                            q, xs, layer.weight, layer.weight_scale, layer.w4a8_row_scale,
-                            layer.w4a8_counters, n, act == INT8, True, None, torch.bfloat16,
-                            config=cfg)
-                    else:
-                        dense = tk.materialize(layer.weight, layer.weight_scale, act == INT8)
-                        fn = lambda cfg=cfg, dense=dense: tk.w4a8_gemm(  # noqa: E731
-                            q, xs, layer.weight, layer.weight_scale, layer.w4a8_row_scale,
-                            layer.w4a8_counters, n, act == INT8, True, None, torch.bfloat16,
-                            config=cfg, dense=dense)
+                    dense = (tk.materialize(layer.weight, layer.weight_scale, lut, i8)
+                             if kind == "dense" else None)
+                    fn = lambda cfg=cfg, dense=dense: tk.w4a8_gemm(  # noqa: E731
+                        q, xs, layer.weight, layer.weight_scale, layer.w4a8_row_scale,
+                        layer.w4a8_counters, lut, n, i8, True, None, torch.bfloat16,
+                        config=cfg, dense=dense)
                     res[f"{kind}{cfg}"] = round(timer.time_us(fn), 2)
                 except Exception as exc:
-                    res[f"{kind}{cfg}"] = f"ERR {type(exc).__name__}: {str(exc)[:200]}"
-            if act == FP8 and m > 64:
-                dense = tk.materialize(layer.weight, layer.weight_scale, False)
+                    res[f"{kind}{cfg}"] = f"ERR {type(exc).__name__}: {str(exc)[-300:]}"
+            tk.DECODE_LUT = True
+            if not i8 and m > 64:
+                dense = tk.materialize(layer.weight, layer.weight_scale, lut, False)
                 res["scaled_mm_rowwise"] = round(timer.time_us(lambda: tk.scaled_mm_fp8(
                     q, xs, dense, layer.w4a8_row_scale, n, True, torch.bfloat16)), 2)
             log(json.dumps(res))

@@ -331,7 +331,7 @@ def test_custom_op_opcheck_and_compile():
     x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
     args = (
         x, layer.weight, layer.weight_scale, layer.w4a8_row_scale, layer.w4a8_counters,
-        layer.w4a8_corr_rows, layer.w4a8_corr_ptr, layer.w4a8_corr_blocks,
+        layer.w4a8_lut, layer.w4a8_corr_rows, layer.w4a8_corr_ptr, layer.w4a8_corr_blocks,
         layer.w4a8_corr_values, None, None, n, False, int(ActivationScheme.DYNAMIC_PER_TOKEN),
         0, kern.prefill_m,
     )

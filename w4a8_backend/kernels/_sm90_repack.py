@@ -5,7 +5,7 @@ CPU included, so it is unit-testable without a GPU). The GEMM kernels in ``trito
 the result. See docs/kernels.md for the full description; in short:
 
 Nibble layout
-    K is padded to a multiple of ``K_ALIGN`` (256) and N to a multiple of ``N_ALIGN`` (128), with
+    K is padded to a multiple of ``K_ALIGN`` (512) and N to a multiple of ``N_ALIGN`` (128), with
     zero codes. Within each group of 64 consecutive K elements, byte ``j`` (0..31) holds element
     ``j`` in its low nibble and element ``32 + j`` in its high nibble. So the low nibbles of a
     32-byte run are one whole MX block and the high nibbles the next one: a kernel splits a K
@@ -13,15 +13,17 @@ Nibble layout
 
 Exponent folding (FP8 activations, E4M3 tensor cores)
     Each row n gets a reference exponent ``r[n]``; block b's E8M0 exponent ``e = s - 127`` becomes
-    the offset ``d = e - r[n]``. For ``d`` in [-8, 6] every E2M1 value times ``2**d`` is exactly
-    an E4M3 number (0.5 * 2**-8 = 2**-9 is E4M3's smallest subnormal, 6 * 2**6 = 384 <= 448), so
-    the kernel builds exact E4M3 weights in registers and the epilogue multiplies by ``2**r[n]``.
-    ``r[n]`` is the 15-binade window holding the most blocks of the row (ties: the highest).
+    the offset ``d = e - r[n]``. For ``d`` in [-5, 6] every E2M1 value times ``2**d`` is exactly
+    a normal E4M3 number (0.5 * 2**-5 = 2**-6 is E4M3's smallest normal, 6 * 2**6 = 384 <= 448)
+    whose bits follow from the code by integer arithmetic, so the kernel builds exact E4M3
+    weights in registers and the epilogue multiplies by ``2**r[n]``. (E4M3 subnormals would
+    stretch this to [-8, 6]; the kernel does not use them, to keep the decode table arithmetic.)
+    ``r[n]`` is the 12-binade window holding the most blocks of the row (ties: the highest).
 
 Exponent folding (INT8 activations, INT8 tensor cores)
     ``2 * E2M1`` is an integer in [-12, 12], so ``(2 * v) << d`` is an exact int8 for ``d`` in
     [0, 3] (|12 << 3| = 96 <= 127). Four binades are too few for a whole row, so the reference is
-    per (row, 128-wide K tile): ``t[n, i]``; the kernel accumulates each tile's exact int32 dot,
+    per (row, 256-wide K tile): ``t[n, i]``; the kernel accumulates each tile's exact int32 dot,
     converts it to float32 (exact: |sum| < 2**24) and adds it times ``2**(t[n, i] - 1)``.
 
 Per-block code byte (both modes)
@@ -51,10 +53,10 @@ from ..formats.mxfp4 import (
     unpack_e2m1,
 )
 
-K_ALIGN = 256
+K_ALIGN = 512  # keeps every row stride the kernels use (KP/2, KP/32) a multiple of 16 bytes
 N_ALIGN = 128
-INT8_TILE = 128  # K width of one INT8 reference exponent (4 MX blocks)
-FP8_D_MIN, FP8_D_MAX = -8, 6
+INT8_TILE = 256  # K width of one INT8 reference exponent (8 MX blocks)
+FP8_D_MIN, FP8_D_MAX = -5, 6
 INT8_D_MIN, INT8_D_MAX = 0, 3
 FP8_CODE_BIAS = 21  # float16 exponent field of 2**(d+6): d + 6 + 15
 INT8_CODE_BIAS = 22  # float16 exponent field of 2**(d+7): d + 7 + 15
@@ -69,7 +71,7 @@ class RepackedMxfp4:
     k: int
     packed: torch.Tensor  # uint8 [NP, KP/2], nibble layout above
     codes: torch.Tensor  # uint8 [NP, KP/32]
-    row_scale: torch.Tensor  # FP8: float32 [NP] = 2**r ; INT8: uint8 [NP, KP/128] biased exponent
+    row_scale: torch.Tensor  # FP8: float32 [NP] = 2**r ; INT8: uint8 [KP/256, NP] biased exponent
     corr_rows: torch.Tensor  # int32 [R]: rows with out-of-range blocks
     corr_ptr: torch.Tensor  # int32 [R + 1]: CSR offsets into corr_blocks
     corr_blocks: torch.Tensor  # int32 [B]: block index (K offset / 32)
@@ -155,12 +157,13 @@ def repack_mxfp4(
     finite = ~is_nan
 
     if act_int8:
-        # Per (row, 4-block tile) window of 4 binades.
+        # Per (row, 8-block tile) window of 4 binades.
         s_t = torch.nn.functional.pad(s, (0, kb_pad - kb), value=0)
         f_t = torch.nn.functional.pad(finite, (0, kb_pad - kb), value=False)
-        tiles = kb_pad // 4
-        s4 = s_t.reshape(n, tiles, 4)
-        f4 = f_t.reshape(n, tiles, 4)
+        bpt = INT8_TILE // BLOCK_SIZE  # blocks per tile
+        tiles = kb_pad // bpt
+        s4 = s_t.reshape(n, tiles, bpt)
+        f4 = f_t.reshape(n, tiles, bpt)
         # candidate tops: each block's exponent; count blocks within [top-3, top]
         diff = s4[:, :, None, :] - s4[:, :, :, None]  # [n, t, cand, blk] = s_blk - s_cand
         inwin = (diff <= 0) & (diff >= -(INT8_D_MAX - INT8_D_MIN)) & f4[:, :, None, :]
@@ -176,8 +179,9 @@ def repack_mxfp4(
         code = torch.where(in_range, d + INT8_CODE_BIAS, torch.zeros_like(d)).reshape(n, kb_pad)
         # biased float32 exponent of 2**(top - 131)
         tile_exp = (top - 131 + 127).to(torch.uint8)
-        row_scale = torch.zeros(n_pad, tiles, dtype=torch.uint8, device=dev)
-        row_scale[:n] = tile_exp
+        # tile-major, so that a K step reads one contiguous run of BN exponents
+        row_scale = torch.zeros(tiles, n_pad, dtype=torch.uint8, device=dev)
+        row_scale[:, :n] = tile_exp.t()
         in_range = in_range.reshape(n, kb_pad)[:, :kb]
         code = code[:, :kb]
     else:
@@ -238,7 +242,7 @@ def dequantize_repacked(rp: RepackedMxfp4) -> torch.Tensor:
     c = rp.codes.to(torch.int32)
     if rp.act_int8:
         d = c - INT8_CODE_BIAS
-        tile_e = rp.row_scale.to(torch.int32) - 127  # 2**(top-131)
+        tile_e = rp.row_scale.t().to(torch.int32) - 127  # 2**(top-131)
         mult = torch.exp2(d.float()) * 2.0  # (2v << d) = v * 2**(d+1)
         w = v * mult[:, :, None]
         w = w.reshape(n_pad, k_pad // INT8_TILE, INT8_TILE) * torch.exp2(tile_e.float())[:, :, None]
@@ -253,3 +257,33 @@ def dequantize_repacked(rp: RepackedMxfp4) -> torch.Tensor:
             blk = int(rp.corr_blocks[j])
             w[row, blk * 32 : (blk + 1) * 32] += rp.corr_values[j]
     return w
+
+
+def decode_lut(act_int8: bool) -> torch.Tensor:
+    """Per code byte, the byte tables the fast decode looks up with ``prmt`` (int32 words,
+    little-endian bytes): FP8 -> 2 words = E4M3 bits of ``E2M1[idx] * 2**d`` for idx 0..7;
+    INT8 -> 4 words = int8 ``(2 * E2M1[idx]) << d`` for idx 0..7, then their negatives.
+    Code 0 (a block the main pass skips) and unused codes map to all-zero tables."""
+    from ..formats.mxfp4 import E2M1_VALUES
+
+    rows = []
+    for code in range(32):
+        if act_int8:
+            d = code - INT8_CODE_BIAS
+            if code and INT8_D_MIN <= d <= INT8_D_MAX:
+                pos = [int(2 * v) << d for v in E2M1_VALUES]
+            else:
+                pos = [0] * 8
+            rows.append(pos + [(-p) & 0xFF for p in pos])
+        else:
+            d = code - FP8_CODE_BIAS
+            if code and FP8_D_MIN <= d <= FP8_D_MAX:
+                vals = torch.tensor([v * 2.0**d for v in E2M1_VALUES], dtype=torch.float32)
+                e4m3 = vals.to(torch.float8_e4m3fn)
+                if not torch.equal(e4m3.float(), vals):
+                    raise AssertionError(f"E2M1 * 2**{d} is not exact in E4M3")
+                rows.append(e4m3.view(torch.uint8).tolist())
+            else:
+                rows.append([0] * 8)
+    table = torch.tensor(rows, dtype=torch.uint8)
+    return table.view(torch.int32).contiguous()  # [32, 2] or [32, 4]

@@ -2,15 +2,15 @@
 
 - FP8 activations: E4M3 tensor cores (SM89+). Per-row reference exponent folded into an exact
   E2M1 -> E4M3 decode in registers; ``2**r`` and the activation scale in the epilogue.
-- INT8 activations: INT8 tensor cores (SM80+). Per (row, 128-wide K tile) reference exponent,
+- INT8 activations: INT8 tensor cores (SM80+). Per (row, 256-wide K tile) reference exponent,
   exact int8 weights ``(2 * E2M1) << d``, exact int32 tile sums rescaled in float32.
 - Blocks outside the exact range (or with a NaN scale) are never clamped: they are counted and
   logged at load and added back exactly by a correction kernel; above
   ``W4A8_MXFP4_MAX_CORRECTION`` (fraction of blocks, default 0.01) the layer uses the dequantize
   fallback instead, with the reason logged.
 - Small M (decode): weight as the wide MMA operand, split-K with an in-kernel reduction.
-  Large M (prefill): the weight is decoded once per call into a dense E4M3/int8 matrix, then
-  FP8: ``torch._scaled_mm`` row-wise (cuBLASLt/CUTLASS); INT8: the same Triton GEMM reading it.
+  Large M (prefill): the weight is decoded once per call into a dense E4M3/int8 matrix that the
+  same Triton GEMM then reads (no per-tile decode).
 
 The module imports without triton (CPU machines): ``is_supported`` then says why it cannot run.
 Design and measurements: docs/kernels.md, docs/int8_kernel.md.
@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from ..formats import ActivationDtype, ActivationScheme
-from ._sm90_repack import N_ALIGN, repack_mxfp4
+from ._sm90_repack import N_ALIGN, decode_lut, repack_mxfp4
 from .base import DeviceInfo, LinearKernelConfig, Mxfp4LinearKernel, Verdict
 
 logger = logging.getLogger("w4a8_backend")
@@ -43,7 +43,7 @@ MAX_CORRECTION_ENV = "W4A8_MXFP4_MAX_CORRECTION"
 DEFAULT_MAX_CORRECTION = 0.01
 # M from which the prefill path (decode the weight once, then a dense GEMM) is used.
 PREFILL_M_ENV = "W4A8_SM90_PREFILL_M"
-DEFAULT_PREFILL_M = {False: 256, True: 256}  # keyed by act_int8; set from benchmarks/results
+DEFAULT_PREFILL_M = {False: 384, True: 384}  # keyed by act_int8; from benchmarks/results
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
@@ -69,6 +69,7 @@ def mxfp4_w4a8_linear(
     codes: torch.Tensor,
     row_scale: torch.Tensor,
     counters: torch.Tensor,
+    lut: torch.Tensor,
     corr_rows: torch.Tensor,
     corr_ptr: torch.Tensor,
     corr_blocks: torch.Tensor,
@@ -92,23 +93,20 @@ def mxfp4_w4a8_linear(
     per_token = scheme == int(ActivationScheme.DYNAMIC_PER_TOKEN)
     m = x.shape[0]
     if m >= prefill_m:
-        dense = tk.materialize(packed, codes, act_int8)
-        if act_int8 or out_dtype == torch.float32 or n % 16:
-            y = tk.w4a8_gemm(q, xs, packed, codes, row_scale, counters, n, act_int8, per_token,
-                             bias, out_dtype, dense=dense)
-        else:
-            y = tk.scaled_mm_fp8(q, xs, dense, row_scale, n, per_token, out_dtype)
-            if bias is not None:
-                y += bias.to(out_dtype)
+        # (the Triton dense GEMM beat torch._scaled_mm row-wise on H100: 399 vs 426 us at
+        # M=4096, N=K=8192; benchmarks/results/sweep_v3.jsonl)
+        dense = tk.materialize(packed, codes, lut, act_int8)
+        y = tk.w4a8_gemm(q, xs, packed, codes, row_scale, counters, lut, n, act_int8, per_token,
+                         bias, out_dtype, dense=dense)
     else:
-        y = tk.w4a8_gemm(q, xs, packed, codes, row_scale, counters, n, act_int8, per_token, bias,
-                         out_dtype)
+        y = tk.w4a8_gemm(q, xs, packed, codes, row_scale, counters, lut, n, act_int8, per_token,
+                         bias, out_dtype)
     tk.correction(y, q, xs, per_token, corr_rows, corr_ptr, corr_blocks, corr_values)
     return y
 
 
 @mxfp4_w4a8_linear.register_fake
-def _(x, packed, codes, row_scale, counters, corr_rows, corr_ptr, corr_blocks, corr_values,
+def _(x, packed, codes, row_scale, counters, lut, corr_rows, corr_ptr, corr_blocks, corr_values,
       input_scale, bias, n, act_int8, scheme, out_dtype_code, prefill_m):
     return x.new_empty((x.shape[0], n), dtype=_CODE_DTYPE[out_dtype_code])
 
@@ -161,7 +159,7 @@ class Sm90TritonLinearKernel(Mxfp4LinearKernel):
         rp = repack_mxfp4(weight, weight_scale, act_int8)
         frac = rp.num_out_of_range / max(rp.num_blocks, 1)
         limit = float(os.environ.get(MAX_CORRECTION_ENV, DEFAULT_MAX_CORRECTION))
-        window = "4 binades per 128-wide K tile" if act_int8 else "15 binades per row"
+        window = "4 binades per 256-wide K tile" if act_int8 else "15 binades per row"
         msg = (
             f"w4a8_mxfp4 sm90_triton: {cfg.describe()}: {rp.num_out_of_range} of {rp.num_blocks} "
             f"MXFP4 blocks ({100 * frac:.3f}%) lie outside the exact {window} "
@@ -190,6 +188,7 @@ class Sm90TritonLinearKernel(Mxfp4LinearKernel):
         layer.weight_scale = torch.nn.Parameter(rp.codes, requires_grad=False)
         layer.w4a8_row_scale = rp.row_scale
         layer.w4a8_counters = torch.zeros(max(n_pad // 64, N_ALIGN), dtype=torch.int32, device=dev)
+        layer.w4a8_lut = decode_lut(act_int8).to(dev)
         layer.w4a8_corr_rows = rp.corr_rows
         layer.w4a8_corr_ptr = rp.corr_ptr
         layer.w4a8_corr_blocks = rp.corr_blocks
@@ -216,6 +215,7 @@ class Sm90TritonLinearKernel(Mxfp4LinearKernel):
             layer.weight_scale,
             layer.w4a8_row_scale,
             layer.w4a8_counters,
+            layer.w4a8_lut,
             layer.w4a8_corr_rows,
             layer.w4a8_corr_ptr,
             layer.w4a8_corr_blocks,

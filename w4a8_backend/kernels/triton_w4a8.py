@@ -24,7 +24,19 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ._sm90_repack import INT8_TILE
+from ._sm90_repack import INT8_TILE, decode_lut
+
+INT8_TILE_K = tl.constexpr(INT8_TILE)
+
+_LUTS: dict = {}
+
+
+def lut_for(device: torch.device, act_int8: bool) -> torch.Tensor:
+    """The decode table on ``device`` (built once; call outside CUDA-graph capture)."""
+    key = (str(device), act_int8)
+    if key not in _LUTS:
+        _LUTS[key] = decode_lut(act_int8).to(device)
+    return _LUTS[key]
 
 FP8_MAX = 448.0
 INT8_MAX = 127.0
@@ -32,6 +44,8 @@ MIN_DYNAMIC_AMAX = 1e-12
 # Tests set this to fill every output/workspace with NaN before the kernels run, so that an
 # element the kernels fail to write cannot pass.
 POISON_OUTPUTS = False
+# The prmt table decode (fast); False selects the float16-arithmetic decode (kept for comparison).
+DECODE_LUT = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,19 +132,92 @@ def _apply_codes(v16, code, ACT_INT8: tl.constexpr):
         return w.to(tl.float8e4nv)
 
 
+# Fast decode (DECODE_LUT): per block, an 8-entry byte table (E4M3 bits of E2M1 * 2**d, or the
+# int8 values (2 * E2M1) << d and their negatives), built arithmetically from the block's code
+# byte, is looked up with one `prmt` per 4 weights.
+# Each 32-bit word of the packed weight holds 4 low nibbles (block A) and 4 high nibbles
+# (block B); `prmt` reads four 3-bit selectors from the low 16 bits of its selector operand,
+# so the indices are compacted first (x | x >> 4, then bytes 0 and 2). The sign is OR-ed in
+# (E4M3) or selected between the positive and negative tables with a byte mask made by
+# `prmt`'s sign-replicate mode (int8). Operand numbering with pack=4: $0 output, $1 the four
+# packed bytes, then four registers per 32-bit table argument.
+_SEL_LO = (
+    "and.b32 x, $1, 0x07070707; shr.u32 y, x, 4; or.b32 y, x, y; prmt.b32 s, y, 0, 0x0020; "
+)
+_SEL_HI = (
+    "shr.u32 x, $1, 4; and.b32 x, x, 0x07070707; shr.u32 y, x, 4; or.b32 y, x, y; "
+    "prmt.b32 s, y, 0, 0x0020; "
+)
+_ASM_FP8_LO = tl.constexpr("{ .reg .b32 x, y, s, t; " + _SEL_LO +
+               "prmt.b32 t, $2, $6, s; shl.b32 x, $1, 4; "
+               "lop3.b32 $0, t, x, 0x80808080, 0xF8; }")
+_ASM_FP8_HI = tl.constexpr("{ .reg .b32 x, y, s, t; " + _SEL_HI +
+               "prmt.b32 t, $2, $6, s; lop3.b32 $0, t, $1, 0x80808080, 0xF8; }")
+_ASM_I8_LO = tl.constexpr("{ .reg .b32 x, y, s, p, n, m; " + _SEL_LO +
+              "prmt.b32 p, $2, $6, s; prmt.b32 n, $10, $14, s; shl.b32 x, $1, 4; "
+              "prmt.b32 m, x, 0, 0xBA98; lop3.b32 $0, p, n, m, 0xD8; }")
+_CONSTRAINTS_9 = tl.constexpr("=r," + ",".join(["r"] * 9))
+_CONSTRAINTS_17 = tl.constexpr("=r," + ",".join(["r"] * 17))
+_ASM_I8_HI = tl.constexpr("{ .reg .b32 x, y, s, p, n, m; " + _SEL_HI +
+              "prmt.b32 p, $2, $6, s; prmt.b32 n, $10, $14, s; "
+              "prmt.b32 m, $1, 0, 0xBA98; lop3.b32 $0, p, n, m, 0xD8; }")
+
+
 @triton.jit
-def _load_decoded(w_ptr, c_ptr, offs_n, k0, KP, BN: tl.constexpr, BK: tl.constexpr,
-                  ACT_INT8: tl.constexpr):
+def _lut_half(b, code, BN: tl.constexpr, G: tl.constexpr, HIGH: tl.constexpr,
+              ACT_INT8: tl.constexpr):
+    """Decode one nibble half of ``b`` [BN, G, 32] with the per-block tables built from
+    ``code`` [BN, G] by integer arithmetic (no memory lookups, so nothing breaks the pipeline)."""
+    c = code.to(tl.int32)
+    live = c != 0
+    if ACT_INT8:
+        d = c - 22
+        pos_lo = tl.where(live, 0x03020100 << d, 0)
+        pos_hi = tl.where(live, 0x0C080604 << d, 0)
+        neg_lo = tl.where(live, 0x01010000 - pos_lo, 0)
+        neg_hi = tl.where(live, 0x01010100 - pos_hi, 0)
+        t0 = tl.broadcast_to(pos_lo[:, :, None], (BN, G, 32))
+        t1 = tl.broadcast_to(pos_hi[:, :, None], (BN, G, 32))
+        t2 = tl.broadcast_to(neg_lo[:, :, None], (BN, G, 32))
+        t3 = tl.broadcast_to(neg_hi[:, :, None], (BN, G, 32))
+        if HIGH:
+            out = tl.inline_asm_elementwise(_ASM_I8_HI, _CONSTRAINTS_17, [b, t0, t1, t2, t3],
+                                            dtype=tl.uint8, is_pure=True, pack=4)
+        else:
+            out = tl.inline_asm_elementwise(_ASM_I8_LO, _CONSTRAINTS_17, [b, t0, t1, t2, t3],
+                                            dtype=tl.uint8, is_pure=True, pack=4)
+        return out.to(tl.int8, bitcast=True)
+    else:
+        e = (c - 15) * 8  # E4M3 exponent field of 0.5 * 2**d, shifted into place: (d + 6) << 3
+        la = tl.where(live, e * 0x01010100 + 0x0C080000, 0)
+        lb = tl.where(live, e * 0x01010101 + 0x1C181410, 0)
+        t0 = tl.broadcast_to(la[:, :, None], (BN, G, 32))
+        t1 = tl.broadcast_to(lb[:, :, None], (BN, G, 32))
+        if HIGH:
+            out = tl.inline_asm_elementwise(_ASM_FP8_HI, _CONSTRAINTS_9, [b, t0, t1],
+                                            dtype=tl.uint8, is_pure=True, pack=4)
+        else:
+            out = tl.inline_asm_elementwise(_ASM_FP8_LO, _CONSTRAINTS_9, [b, t0, t1],
+                                            dtype=tl.uint8, is_pure=True, pack=4)
+        return out.to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
+def _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN: tl.constexpr, BK: tl.constexpr,
+                  ACT_INT8: tl.constexpr, DECODE_LUT: tl.constexpr):
     G: tl.constexpr = BK // 64
-    g = tl.arange(0, G)
-    j = tl.arange(0, 32)
-    row_w = offs_n.to(tl.int64)[:, None, None] * (KP // 2)
-    b = tl.load(w_ptr + row_w + (k0 // 2 + g * 32)[None, :, None] + j[None, None, :])
-    row_c = offs_n.to(tl.int64)[:, None] * (KP // 32)
-    c_lo = tl.load(c_ptr + row_c + (k0 // 32 + 2 * g)[None, :])
-    c_hi = tl.load(c_ptr + row_c + (k0 // 32 + 2 * g + 1)[None, :])
-    w_lo = _apply_codes(_decode_half(b, False), c_lo, ACT_INT8)
-    w_hi = _apply_codes(_decode_half(b, True), c_hi, ACT_INT8)
+    jj = tl.arange(0, BK // 2)
+    b2 = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * KP2 + (k0 // 2 + jj)[None, :])
+    b = tl.reshape(b2, (BN, G, 32))
+    cc = tl.arange(0, 2 * G)
+    c2 = tl.load(c_ptr + offs_n.to(tl.int64)[:, None] * KP32 + (k0 // 32 + cc)[None, :])
+    c_lo, c_hi = tl.split(tl.reshape(c2, (BN, G, 2)))
+    if DECODE_LUT:
+        w_lo = _lut_half(b, c_lo, BN, G, False, ACT_INT8)
+        w_hi = _lut_half(b, c_hi, BN, G, True, ACT_INT8)
+    else:
+        w_lo = _apply_codes(_decode_half(b, False), c_lo, ACT_INT8)
+        w_hi = _apply_codes(_decode_half(b, True), c_hi, ACT_INT8)
     return tl.reshape(w_lo, (BN, BK // 2)), tl.reshape(w_hi, (BN, BK // 2))
 
 
@@ -139,10 +226,10 @@ def _load_decoded(w_ptr, c_ptr, offs_n, k0, KP, BN: tl.constexpr, BK: tl.constex
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _w4a8_gemm(
-    x_ptr, xs_ptr, w_ptr, c_ptr, rs_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr,
-    M, N, K, KP, stride_ym, iters_per_split,
+    x_ptr, xs_ptr, w_ptr, c_ptr, rs_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, lut_ptr,
+    M, N, K, KP, KP2, KP32, NP, stride_ym, iters_per_split,
     ACT_INT8: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
-    W_DENSE: tl.constexpr, SPLIT_K: tl.constexpr,
+    W_DENSE: tl.constexpr, SPLIT_K: tl.constexpr, DECODE_LUT: tl.constexpr,
     BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -157,6 +244,10 @@ def _w4a8_gemm(
     it1 = tl.minimum(it0 + iters_per_split, n_iters)
 
     acc = tl.zeros([BN, BM], dtype=tl.float32)
+    if ACT_INT8:
+        tl.static_assert(BK == INT8_TILE_K, "INT8 needs one reference tile per K step")
+        # the tile exponents are one byte per row (not pipelined by cp.async): prefetch by hand
+        e_next = tl.load(rs_ptr + it0 * NP + offs_n)
     if W_DENSE:
         kk = tl.arange(0, BK)
     else:
@@ -173,7 +264,8 @@ def _w4a8_gemm(
             else:
                 acc = tl.dot(w, xt, acc)
         else:
-            w_lo, w_hi = _load_decoded(w_ptr, c_ptr, offs_n, k0, KP, BN, BK, ACT_INT8)
+            w_lo, w_hi = _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN, BK, ACT_INT8,
+                                       DECODE_LUT)
             xk = k0 + kx
             x_lo = tl.load(x_rows + xk[:, None], mask=m_mask[None, :] & (xk < K)[:, None], other=0.0)
             x_hi = tl.load(x_rows + (xk + 32)[:, None],
@@ -185,10 +277,13 @@ def _w4a8_gemm(
                 acc = tl.dot(w_lo, x_lo, acc)
                 acc = tl.dot(w_hi, x_hi, acc)
         if ACT_INT8:
-            # one 128-wide reference tile per iteration (BK == 128): exact int32 -> float32
-            e = tl.load(rs_ptr + offs_n.to(tl.int64) * (KP // 128) + it)
+            # one reference tile per iteration: exact int32 -> float32, times 2**(t - 1)
+            e = e_next
+            e_next = tl.load(rs_ptr + tl.minimum(it + 1, n_iters - 1) * NP + offs_n)
             ts = (e.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-            acc += p.to(tl.float32) * ts[:, None]
+            # exact int32 -> float32 without I2F (|p| < 2**22): 0x4B400000 is 1.5 * 2**23
+            pf = (p + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+            acc += pf * ts[:, None]
 
     if SPLIT_K > 1:
         ws_tile = ws_ptr + (pid_m * BM + tl.arange(0, BM))[None, :] * N + offs_n[:, None]
@@ -232,14 +327,15 @@ def _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, rs_ptr, y_ptr, bias_ptr, N, s
 # materialize (prefill): decoded weight [NP, KP] E4M3 / int8
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _materialize(w_ptr, c_ptr, out_ptr, KP, ACT_INT8: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr):
+def _materialize(w_ptr, c_ptr, lut_ptr, out_ptr, KP, KP2, KP32, ACT_INT8: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr, DECODE_LUT: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
     k0 = pid_k * BK
     G: tl.constexpr = BK // 64
-    w_lo, w_hi = _load_decoded(w_ptr, c_ptr, offs_n, k0, KP, BN, BK, ACT_INT8)
+    w_lo, w_hi = _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN, BK, ACT_INT8,
+                               DECODE_LUT)
     g = tl.arange(0, G)
     j = tl.arange(0, 32)
     base = out_ptr + offs_n.to(tl.int64)[:, None, None] * KP + k0 + (g * 64)[None, :, None] + j[None, None, :]
@@ -314,33 +410,36 @@ def quantize_activation_gpu(x2: torch.Tensor, act_int8: bool, scheme: int,
 
 
 def pick_config(m: int, n_pad: int, kp: int, act_int8: bool, sms: int, dense: bool = False):
-    """(BN, BM, BK, split_k, num_warps, num_stages) for a problem; decode -> split-K."""
-    bk = 128 if act_int8 else 256
+    """(BN, BM, BK, split_k, num_warps, num_stages), from the H100 sweeps in
+    benchmarks/results/sweep_*.jsonl (N = K = 8192): split-K until about 7 (FP8) or 14 (INT8,
+    more decode work per byte) warps per SM are busy at decode sizes."""
     if dense:
-        bk = 128
-        if m <= 64:
-            bn, bm, warps, stages = 64, max(16, triton.next_power_of_2(m)), 4, 4
-        else:
-            bn, bm, warps, stages = 128, 128, 8, 4
+        if act_int8:
+            return 128, 128, INT8_TILE, 1, 8, 3
+        return (128, 256, 128, 1, 8, 3) if m >= 2048 else (128, 128, 128, 1, 8, 3)
+    bk = 256
+    if m <= 16:
+        bn, bm, warps, stages = 64, 16, 4, 3 if act_int8 else 4
     elif m <= 64:
-        bn, bm = 64, max(16, triton.next_power_of_2(m))
-        warps, stages = 4, 4 if m <= 16 else 3
+        bm = 32 if m <= 32 else 64
+        bn, warps, stages = (64, 4, 4) if act_int8 else (128, 8, 4)
     else:
-        bn, bm = 128, 128 if m >= 256 else 64
-        warps, stages = 8, 3
+        bn, bm, warps, stages = 128, 64, 4, 4
     tiles = (n_pad // bn) * triton.cdiv(m, bm)
-    iters = kp // bk
+    target = (14 if act_int8 and m <= 16 else 7) * sms
     split = 1
     if triton.cdiv(m, bm) == 1:
-        while tiles * split < sms and split * 2 <= iters // 4 and split < 16:
+        iters = kp // bk
+        while tiles * split * warps < target and split * 2 <= max(1, iters // 2) and split < 16:
             split *= 2
     return bn, bm, bk, split, warps, stages
 
 
 def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
-              row_scale: torch.Tensor, counters: torch.Tensor, n: int, act_int8: bool,
-              per_token: bool, bias: torch.Tensor | None, out_dtype: torch.dtype,
-              config=None, dense: torch.Tensor | None = None) -> torch.Tensor:
+              row_scale: torch.Tensor, counters: torch.Tensor, lut: torch.Tensor, n: int,
+              act_int8: bool, per_token: bool, bias: torch.Tensor | None,
+              out_dtype: torch.dtype, config=None,
+              dense: torch.Tensor | None = None) -> torch.Tensor:
     m, k = q.shape
     n_pad, kp = packed.shape[0], packed.shape[1] * 2
     y = torch.empty((m, n), dtype=out_dtype, device=q.device)
@@ -367,24 +466,25 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
         ws = y
     _w4a8_gemm[grid](
         q, xs, packed if dense is None else dense, codes, row_scale, y,
-        bias if bias is not None else y, ws, counters,
-        m, n, k, kp, y.stride(0), per_split,
+        bias if bias is not None else y, ws, counters, lut,
+        m, n, k, kp, kp // 2, kp // 32, n_pad, y.stride(0), per_split,
         ACT_INT8=act_int8, PER_TOKEN=per_token, HAS_BIAS=bias is not None,
-        W_DENSE=dense is not None, SPLIT_K=split, BN=bn, BM=bm, BK=bk,
+        W_DENSE=dense is not None, SPLIT_K=split, DECODE_LUT=DECODE_LUT, BN=bn, BM=bm, BK=bk,
         num_warps=warps, num_stages=stages,
     )
     return y
 
 
-def materialize(packed: torch.Tensor, codes: torch.Tensor, act_int8: bool) -> torch.Tensor:
+def materialize(packed: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor,
+                act_int8: bool) -> torch.Tensor:
     n_pad, kp = packed.shape[0], packed.shape[1] * 2
     out = torch.empty((n_pad, kp), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn,
                       device=packed.device)
     if POISON_OUTPUTS:
         out.view(torch.uint8).fill_(0x7F if not act_int8 else 0x80)
     bn, bk = 64, 256
-    _materialize[(n_pad // bn, kp // bk)](packed, codes, out, kp, ACT_INT8=act_int8, BN=bn,
-                                          BK=bk, num_warps=4)
+    _materialize[(n_pad // bn, kp // bk)](packed, codes, lut, out, kp, kp // 2, kp // 32, ACT_INT8=act_int8, BN=bn,
+                                          BK=bk, DECODE_LUT=DECODE_LUT, num_warps=4)
     return out
 
 
