@@ -48,3 +48,66 @@ def modelopt_llama_dynamic(tiny_llama, tmp_path_factory) -> Path:
     return tiny_models.export_with_modelopt(
         tiny_llama, tmp_path_factory.mktemp("mo_llama_dynamic"), static=False
     )
+
+
+def _export(src, factory, name, **kwargs) -> Path:
+    from w4a8_backend.tools.quantize import quantize_checkpoint
+
+    out = factory.mktemp(name) / "ckpt"
+    quantize_checkpoint(src, out, progress=False, **kwargs)
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported_llama_int8_static(tiny_llama, tmp_path_factory) -> Path:
+    """w4a8-quantize's own W4A8_MXFP4_INT8 format with calibrated input_scale = amax/127."""
+    return _export(tiny_llama, tmp_path_factory, "ex_llama_int8", activations="int8",
+                   calibration="static")
+
+
+@pytest.fixture(scope="session")
+def exported_llama_int8_dynamic(tiny_llama, tmp_path_factory) -> Path:
+    return _export(tiny_llama, tmp_path_factory, "ex_llama_int8_dyn", activations="int8",
+                   calibration="dynamic")
+
+
+@pytest.fixture(scope="session")
+def exported_llama_fp8_static(tiny_llama, tmp_path_factory) -> Path:
+    return _export(tiny_llama, tmp_path_factory, "ex_llama_fp8", activations="fp8",
+                   calibration="static")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe(tmp_path_factory) -> Path:
+    return tiny_models.make_tiny_qwen3_moe(tmp_path_factory.mktemp("qwen3_moe"))
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory) -> Path:
+    return tiny_models.make_tiny_mixtral(tmp_path_factory.mktemp("mixtral"))
+
+
+@pytest.fixture(scope="session")
+def modelopt_qwen3_moe_static(tiny_qwen3_moe, tmp_path_factory) -> Path:
+    return tiny_models.export_with_modelopt(
+        tiny_qwen3_moe, tmp_path_factory.mktemp("mo_qwen3_moe_static"), static=True
+    )
+
+
+@pytest.fixture(scope="session")
+def modelopt_mixtral_dynamic(tiny_mixtral, tmp_path_factory) -> Path:
+    return tiny_models.export_with_modelopt(
+        tiny_mixtral, tmp_path_factory.mktemp("mo_mixtral_dynamic"), static=False
+    )
+
+
+@pytest.fixture(scope="session")
+def exported_qwen3_moe_int8_static(tiny_qwen3_moe, tmp_path_factory) -> Path:
+    return _export(tiny_qwen3_moe, tmp_path_factory, "ex_qwen3_moe_int8", activations="int8",
+                   calibration="static")
+
+
+@pytest.fixture(scope="session")
+def exported_mixtral_fp8_static(tiny_mixtral, tmp_path_factory) -> Path:
+    return _export(tiny_mixtral, tmp_path_factory, "ex_mixtral_fp8", activations="fp8",
+                   calibration="static")

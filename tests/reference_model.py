@@ -61,7 +61,7 @@ def _collect_experts(tensors: dict) -> dict[str, dict]:
     return experts
 
 
-def _exact_experts_forward(weights: dict, act, schemes, scales):
+def exact_experts_forward(weights: dict, act, schemes, scales):
     """The W4A8 MoE semantics (kernels/moe_base.py), written independently: one quantization of
     the layer input for all experts, one of all routed (token, expert) intermediate rows."""
     (scheme1, scheme2), (s1, s2) = schemes, scales
@@ -162,7 +162,7 @@ def build_reference_model(
         (scheme2, s2) = served_scale(layer_scale(("down",)), scheme_dynamic)
         module = modules[path]
         module.forward = types.MethodType(
-            _exact_experts_forward(weights, act, (scheme1, scheme2), (s1, s2)), module)
+            exact_experts_forward(weights, act, (scheme1, scheme2), (s1, s2)), module)
     return model
 
 

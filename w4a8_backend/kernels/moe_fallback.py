@@ -72,9 +72,9 @@ class DequantFallbackMoEKernel(Mxfp4MoEKernel):
         s1 = _scale_for(x, cfg, cfg.w13_scheme, layer.w13_input_scale)
         x_codes = _codes(x, cfg, s1, w13.dtype)
         if x.device.type == "cpu":
-            out = self._routed_pairs(x_codes, s1, local_ids, weights, w13, w2, layer)
+            out = self.routed_pairs(x_codes, s1, local_ids, weights, w13, w2, layer)
         else:
-            out = self._all_experts(x_codes, s1, local_ids, weights, w13, w2, layer)
+            out = self.all_experts(x_codes, s1, local_ids, weights, w13, w2, layer)
         return out.to(cfg.out_dtype)
 
     def _gemm1(self, rows: torch.Tensor, rows_scale: torch.Tensor, w13_e: torch.Tensor):
@@ -82,7 +82,7 @@ class DequantFallbackMoEKernel(Mxfp4MoEKernel):
         gate, up = gate_up.chunk(2, dim=-1)
         return torch.nn.functional.silu(gate) * up
 
-    def _routed_pairs(self, x_codes, s1, local_ids, weights, w13, w2, layer):
+    def routed_pairs(self, x_codes, s1, local_ids, weights, w13, w2, layer):
         cfg = self.config
         flat_ids = local_ids.reshape(-1)
         token_of_pair = torch.arange(x_codes.shape[0], device=x_codes.device).repeat_interleave(
@@ -118,7 +118,7 @@ class DequantFallbackMoEKernel(Mxfp4MoEKernel):
             start += count
         return out
 
-    def _all_experts(self, x_codes, s1, local_ids, weights, w13, w2, layer):
+    def all_experts(self, x_codes, s1, local_ids, weights, w13, w2, layer):
         cfg = self.config
         experts = torch.arange(cfg.num_local_experts, device=x_codes.device)
         routed = local_ids.unsqueeze(0) == experts[:, None, None]  # [E, T, k]
