@@ -271,6 +271,60 @@ def test_int8_export(llama, work, calib_texts):
         int8["model.layers.0.self_attn.o_proj.weight"])
 
 
+@pytest.mark.slow
+def test_static_calib_file_scales_are_amax_over_448(llama, work):
+    """input_scale / k_scale from a user's file equal an independent hook-based measurement."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    texts = ["A short note about the tides and the moon.",
+             "Numbers: 3.14159, 2.71828 and 1.41421 are famous constants.",
+             "The quick brown fox jumps over the lazy dog, again and again."]
+    calib = work / "my_calibration.txt"
+    calib.write_text("\n\n".join(texts) + "\n")
+    out = work / "calib_file_out"
+    wq.quantize_checkpoint(llama, out, activations="fp8", calibration="static",
+                           calib_file=calib, kv_cache_fp8=True, progress=False)
+    got = load_tensors(out)
+
+    tok = AutoTokenizer.from_pretrained(llama)
+    model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.bfloat16).eval()
+    amax: dict[str, float] = {}
+
+    def hook(name):
+        def pre(module, args):
+            amax[name] = max(amax.get(name, 0.0), args[0].abs().max().float().item())
+        return pre
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            module.register_forward_pre_hook(hook(name))
+    with torch.no_grad():
+        for text in texts:
+            model(input_ids=tok(text, return_tensors="pt")["input_ids"])
+    assert len(amax) == 14
+    for name, value in amax.items():
+        expected = torch.tensor(value, dtype=torch.float32) / 448.0
+        assert got[f"{name}.input_scale"].item() == expected.item(), name
+    # v_scale: v_proj's output has no RoPE, so amax(v_proj(x)) / 448
+    vmax = {}
+    for i in range(2):
+        v = model.model.layers[i].self_attn.v_proj
+        v.register_forward_hook(lambda m, a, o, i=i: vmax.__setitem__(
+            i, max(vmax.get(i, 0.0), o.abs().max().float().item())))
+    with torch.no_grad():
+        for text in texts:
+            model(input_ids=tok(text, return_tensors="pt")["input_ids"])
+    for i in range(2):
+        expected = torch.tensor(vmax[i], dtype=torch.float32) / 448.0
+        assert got[f"model.layers.{i}.self_attn.v_proj.v_scale"].item() == expected.item()
+    # and a different text gives different scales than the built-in one
+    builtin = work / "calib_builtin_out"
+    wq.quantize_checkpoint(llama, builtin, activations="fp8", calibration="static",
+                           progress=False)
+    other = load_tensors(builtin)
+    assert any(other[n].item() != got[n].item() for n in got if n.endswith("input_scale"))
+
+
 def test_sharding_and_index(llama, work):
     one = work / "shards_one"
     many = work / "shards_many"

@@ -289,12 +289,17 @@ def _quantize_job(src_name: str, module: str, dtype: str, shape: tuple, with_inp
     start, stop = rows if rows is not None else (0, out_rows)
 
     def pieces(reader: _SourceReader, scales: dict):
-        block_scales = []
+        # One allocation for all scales (many small pieces interleaved with the encoder's large
+        # temporaries would fragment the heap and keep it from shrinking).
+        block_scales = torch.empty((out_rows, k // BLOCK_SIZE), dtype=torch.uint8)
+        row = 0
         for chunk in reader.rows(src_name, index, start, stop, CHUNK_ELEMENTS):
             packed, scale = quantize_mxfp4(chunk)
-            block_scales.append(scale)
+            block_scales[row:row + scale.shape[0]] = scale
+            row += scale.shape[0]
+            del scale
             yield 0, packed
-        yield 1, torch.cat(block_scales)
+        yield 1, block_scales
         if with_input_scale:
             yield 2, scales[input_key].reshape(())
 
