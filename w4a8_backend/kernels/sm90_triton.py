@@ -187,7 +187,8 @@ class Sm90TritonLinearKernel(Mxfp4LinearKernel):
         layer.weight = torch.nn.Parameter(rp.packed, requires_grad=False)
         layer.weight_scale = torch.nn.Parameter(rp.codes, requires_grad=False)
         layer.w4a8_row_scale = rp.row_scale
-        layer.w4a8_counters = torch.zeros(max(n_pad // 64, N_ALIGN), dtype=torch.int32, device=dev)
+        # split-K tile counters: up to 8 M tiles of (N_pad / 64) N tiles
+        layer.w4a8_counters = torch.zeros(8 * n_pad // 64, dtype=torch.int32, device=dev)
         layer.w4a8_lut = decode_lut(act_int8).to(dev)
         layer.w4a8_corr_rows = rp.corr_rows
         layer.w4a8_corr_ptr = rp.corr_ptr
