@@ -1,0 +1,469 @@
+"""SM90/SM89/SM80 W4A8 MXFP4 MoE kernels against an exact per-expert reference (CUDA + triton).
+
+Every run: fresh random weights, inputs and routing (top-k ids distinct per token, drawn from a
+subset of the experts so that some receive nothing), every output and intermediate poisoned
+with NaN first, relative error ||y - ref|| / ||ref|| <= 1e-2 against ``reference_moe`` below
+(exact MXFP4 weights in float32, activations quantized exactly as ``moe_base`` defines: the
+layer input once for all experts, the intermediate rows of all routed pairs once).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from w4a8_backend.formats import (
+    ActivationDtype,
+    ActivationScheme,
+    dequantize_mxfp4,
+    quantize_activation,
+    quantize_mxfp4,
+)
+from w4a8_backend.kernels.base import DeviceInfo
+from w4a8_backend.kernels.moe_base import MoEKernelConfig
+
+
+def _skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU on this machine (torch.cuda.is_available() is False)"
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not importable: {exc}"
+    major, minor = torch.cuda.get_device_capability()
+    if major * 10 + minor < 80:
+        return f"sm90_triton MoE needs sm_80+; this GPU is sm_{major}{minor}"
+    return None
+
+
+requires_gpu_backend = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+pytestmark = [pytest.mark.gpu, requires_gpu_backend]
+
+REL_TOL = 1e-2
+FP8, INT8 = ActivationDtype.FP8_E4M3, ActivationDtype.INT8
+S, D, P = (ActivationScheme.STATIC_PER_TENSOR, ActivationScheme.DYNAMIC_PER_TENSOR,
+           ActivationScheme.DYNAMIC_PER_TOKEN)
+DEV = "cuda"
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs and the reference
+# ---------------------------------------------------------------------------------------------
+def _gen(seed: int, dev: str | None = None) -> torch.Generator:
+    g = torch.Generator(device=dev or DEV)
+    g.manual_seed(seed)
+    return g
+
+
+def make_expert_weights(e, n, k, g, dev=None, extreme=False):
+    """MXFP4 ``[e, n, k/2]`` / ``[e, n, k/32]`` with a real-weight-like spread of block scales
+    (per-block log-normal magnitudes, a few large input channels, per-expert level);
+    ``extreme`` also plants blocks far outside their row's exact window (corrections)."""
+    dev = dev or DEV
+    w = torch.randn(e, n, k, device=dev, generator=g) * 0.02
+    w *= torch.exp2(torch.randn(e, n, k // 32, device=dev, generator=g) * 0.6).repeat_interleave(
+        32, dim=2)
+    w *= torch.exp2(torch.randn(e, 1, 1, device=dev, generator=g))
+    cols = torch.randint(0, k, (max(1, k // 256),), device=dev, generator=g)
+    w[:, :, cols] *= 8.0
+    packed, scale = quantize_mxfp4(w)
+    if extreme:
+        s = scale.to(torch.int32)
+        pick = torch.rand(s.shape, device=dev, generator=g)
+        s = torch.where(pick < 0.004, (s - 22).clamp(min=1), s)
+        s = torch.where((pick >= 0.004) & (pick < 0.006), (s + 10).clamp(max=254), s)
+        s[0, 0, 0] = 0
+        scale = s.to(torch.uint8)
+    return packed, scale
+
+
+class Layer(torch.nn.Module):
+    pass
+
+
+def make_layer(e, h, i, g, dev=None, extreme=False):
+    dev = dev or DEV
+    layer = Layer()
+    dense = {}
+    for name, (n, k) in (("w13", (2 * i, h)), ("w2", (h, i))):
+        packed, scale = make_expert_weights(e, n, k, g, dev, extreme)
+        layer.register_parameter(f"{name}_weight", torch.nn.Parameter(packed, requires_grad=False))
+        layer.register_parameter(f"{name}_weight_scale",
+                                 torch.nn.Parameter(scale, requires_grad=False))
+        dense[name] = dequantize_mxfp4(packed, scale)
+    layer.w13_input_scale = None
+    layer.w2_input_scale = None
+    return layer, dense
+
+
+def make_routing(t, e, k, g, dev=None, used=None, ids_dtype=torch.int32):
+    """Distinct top-k ids per token among the first ``used`` experts (the rest get nothing)."""
+    dev = dev or DEV
+    used = e if used is None else used
+    scores = torch.rand(t, e, device=dev, generator=g)
+    scores[:, used:] = -1.0
+    vals, ids = scores.topk(k, dim=-1)
+    weights = torch.softmax(vals * 4.0, dim=-1)
+    return weights.float(), ids.to(ids_dtype)
+
+
+def make_x(t, h, g, dev=None, dtype=torch.bfloat16):
+    dev = dev or DEV
+    x = torch.randn(t, h, device=dev, generator=g) * 2.0
+    x[:, torch.randint(0, h, (4,), device=dev, generator=g)] *= 20.0  # activation outliers
+    return x.to(dtype)
+
+
+def silu(v):
+    return v / (1.0 + torch.exp(-v))
+
+
+def reference_moe(x, topk_weights, topk_ids, dense, act, scheme1, scheme2, s1=None, s2=None,
+                  expert_map=None, on_input=False):
+    """Exact W4A8 MoE (moe_base semantics), float32, per expert."""
+    w13, w2 = dense["w13"].float(), dense["w2"].float()
+    e, i2, _ = w13.shape
+    inter = i2 // 2
+    t, k = topk_ids.shape
+    local = topk_ids.long() if expert_map is None else expert_map[topk_ids.long()].long()
+    weights = topk_weights.float()
+    if on_input:
+        x = x * topk_weights.to(x.dtype)
+        weights = torch.ones_like(weights)
+    q1, sc1 = quantize_activation(x, act, scheme1, s1)
+    xq = q1.float() * sc1
+    flat = local.reshape(-1)
+    tok = torch.arange(t, device=x.device).repeat_interleave(k)
+    pv = ((flat >= 0) & (flat < e)).nonzero().flatten()
+    ev = flat[pv]
+    h = torch.zeros(pv.numel(), inter, device=x.device)
+    groups = [(ex, (ev == ex).nonzero().flatten()) for ex in ev.unique().tolist()]
+    for ex, sel in groups:
+        gu = xq[tok[pv[sel]]] @ w13[ex].t()
+        h[sel] = silu(gu[:, :inter]) * gu[:, inter:]
+    out = torch.zeros(t, x.shape[1], device=x.device)
+    if pv.numel() == 0:
+        return out
+    q2, sc2 = quantize_activation(h, act, scheme2, s2)
+    hq = q2.float() * sc2
+    for ex, sel in groups:
+        y = hq[sel] @ w2[ex].t()
+        out.index_add_(0, tok[pv[sel]], y * weights.reshape(-1)[pv[sel], None])
+    return out
+
+
+def static_scales(x, topk_weights, topk_ids, dense, act, scheme1, scheme2):
+    """Calibrated-like static scales: 0.9 x the amax of this input (saturation happens)."""
+    qmax = 448.0 if act == FP8 else 127.0
+    s1 = (x.float().abs().amax() * 0.9 / qmax).reshape(1)
+    # the intermediate amax from a per-tensor dynamic reference run
+    w13 = dense["w13"].float()
+    inter = w13.shape[1] // 2
+    q1, sc1 = quantize_activation(x, act, ActivationScheme.STATIC_PER_TENSOR, s1)
+    xq = q1.float() * sc1
+    ids = topk_ids.long().reshape(-1)
+    tok = torch.arange(x.shape[0], device=x.device).repeat_interleave(topk_ids.shape[1])
+    amax = 0.0
+    for ex in ids.unique().tolist():
+        sel = (ids == ex).nonzero().flatten()
+        gu = xq[tok[sel]] @ w13[ex].t()
+        amax = max(amax, float((silu(gu[:, :inter]) * gu[:, inter:]).abs().amax()))
+    s2 = torch.tensor([amax * 0.9 / qmax], device=x.device)
+    return s1, s2
+
+
+def rel_err(y, ref):
+    assert torch.isfinite(ref).all()
+    assert torch.isfinite(y.float()).all(), "kernel left NaN/Inf (unwritten or poisoned) output"
+    return ((y.float() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures / helpers
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    from w4a8_backend.kernels import _sm90_moe_triton as mk
+    from w4a8_backend.kernels import triton_w4a8 as tk
+
+    monkeypatch.setattr(tk, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(mk, "POISON_OUTPUTS", True)
+    # the synthetic "extreme" weights are far harsher than real ones: keep the kernel path
+    monkeypatch.setenv("W4A8_MXFP4_MAX_CORRECTION", "0.5")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+
+
+def make_kernel(act, scheme1, scheme2, e, h, i, k, out_dtype=torch.bfloat16):
+    from w4a8_backend.kernels.sm90_triton_moe import Sm90TritonMoEKernel
+
+    cfg = MoEKernelConfig(act, scheme1, scheme2, e, h, i, k, "silu", out_dtype)
+    if DEV == "cuda":
+        ok, why = Sm90TritonMoEKernel.is_supported(DeviceInfo.of("cuda"))
+        assert ok, why
+    ok, why = Sm90TritonMoEKernel.can_implement(cfg)
+    assert ok, why
+    return Sm90TritonMoEKernel(cfg)
+
+
+def build(act, scheme1, scheme2, e, h, i, k, seed, extreme=False, out_dtype=torch.bfloat16):
+    g = _gen(seed)
+    layer, dense = make_layer(e, h, i, g, DEV, extreme)
+    kern = make_kernel(act, scheme1, scheme2, e, h, i, k, out_dtype)
+    return kern, layer, dense, g
+
+
+def run_case(kern, layer, dense, g, t, act, scheme1, scheme2, used=None, ids_dtype=torch.int32,
+             x_dtype=torch.bfloat16, expert_map=None, num_global=None, on_input=False):
+    cfg = kern.config
+    e, h, k = cfg.num_local_experts, cfg.hidden_size, cfg.top_k
+    x = make_x(t, h, g, DEV, x_dtype)
+    topk_weights, topk_ids = make_routing(t, num_global or e, k, g, DEV, used, ids_dtype)
+    s1 = s2 = None
+    if S in (scheme1, scheme2):
+        local = topk_ids if expert_map is None else expert_map[topk_ids.long()]
+        s1, s2 = static_scales(x, topk_weights, local.clamp(min=0), dense, act, scheme1,
+                               scheme2)
+    layer.w13_input_scale = s1 if scheme1 == S else None
+    layer.w2_input_scale = s2 if scheme2 == S else None
+    y = kern.apply(layer, x, topk_weights, topk_ids, expert_map, on_input)
+    assert y.shape == (t, h) and y.dtype == cfg.out_dtype
+    ref = reference_moe(x, topk_weights, topk_ids, dense, act, scheme1, scheme2, s1, s2,
+                        expert_map, on_input)
+    err = rel_err(y, ref)
+    assert err <= REL_TOL, f"T={t} E={e} k={k}: rel err {err:.3e} > {REL_TOL}"
+    return err
+
+
+def _need_fp8(act):
+    if act == FP8 and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 activations need sm_89+")
+
+
+# ---------------------------------------------------------------------------------------------
+# routing / shapes (E = 8/64/128, top-k 1/2/8, T = 1..8192, empty experts)
+# ---------------------------------------------------------------------------------------------
+# (E, top_k, H, I, used experts, token counts)
+CASES = [
+    (8, 2, 256, 96, 6, [1, 3, 17, 100]),
+    (8, 1, 384, 128, 8, [5, 1024]),
+    (64, 8, 512, 256, 48, [1, 16, 64, 300]),
+    (128, 8, 1024, 384, 100, [1, 33, 257, 2048]),
+    (64, 2, 256, 128, 64, [8192]),
+]
+
+
+@pytest.mark.parametrize("act,schemes", [(FP8, (D, D)), (INT8, (P, P))],
+                         ids=["fp8-tensor", "int8-token"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_routing_and_shapes(act, schemes, case):
+    _need_fp8(act)
+    e, k, h, i, used, tokens = CASES[case]
+    kern, layer, dense, g = build(act, *schemes, e, h, i, k, seed=100 * case + int(act))
+    kern.process_weights_after_loading(layer)
+    for n, t in enumerate(tokens):
+        run_case(kern, layer, dense, g, t, act, *schemes, used=used,
+                 ids_dtype=torch.int64 if n % 2 else torch.int32)
+
+
+SCHEME_PAIRS = [(S, S), (D, D), (P, P), (P, D), (S, P), (D, S)]
+
+
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("schemes", SCHEME_PAIRS, ids=lambda p: f"{p[0].name}-{p[1].name}")
+def test_activation_schemes(act, schemes):
+    _need_fp8(act)
+    kern, layer, dense, g = build(act, *schemes, 16, 256, 160, 4, seed=7 + int(act))
+    kern.process_weights_after_loading(layer)
+    for t in (5, 200):
+        run_case(kern, layer, dense, g, t, act, *schemes, used=12)
+
+
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("name,dims", [("qwen3-30b-a3b", (128, 8, 2048, 768)),
+                                       ("gpt-oss-20b", (32, 4, 2880, 2880))])
+def test_model_shapes(act, name, dims):
+    _need_fp8(act)
+    e, k, h, i = dims
+    schemes = (D, D) if act == FP8 else (P, P)
+    kern, layer, dense, g = build(act, *schemes, e, h, i, k, seed=e + k)
+    kern.process_weights_after_loading(layer)
+    for t in (1, 16, 64, 512):
+        run_case(kern, layer, dense, g, t, act, *schemes)
+
+
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("config", [(32, 16, 4, 4), (64, 16, 4, 4), (128, 16, 4, 3),
+                                    (64, 32, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3),
+                                    (128, 64, 8, 3)], ids=str)
+def test_config_variants(act, config, monkeypatch):
+    """Every tile shape the benchmark may pick is correct (forced through pick_config)."""
+    _need_fp8(act)
+    from w4a8_backend.kernels import _sm90_moe_triton as mk
+
+    monkeypatch.setattr(mk, "pick_config", lambda *a, **kw: config)
+    kern, layer, dense, g = build(act, P, D, 16, 512, 320, 4, seed=config[0] + config[1])
+    kern.process_weights_after_loading(layer)
+    for t in (3, 150):
+        run_case(kern, layer, dense, g, t, act, P, D, used=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# out-of-range blocks (correction, unfused SiLU), EP maps, router weight on input, dtypes
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("schemes", [(D, D), (P, P), (S, S)], ids=lambda p: f"{p[0].name}")
+def test_out_of_range_blocks_nothing_lost(act, schemes):
+    _need_fp8(act)
+    kern, layer, dense, g = build(act, *schemes, 8, 512, 192, 2, seed=31 + int(act), extreme=True)
+    kern.process_weights_after_loading(layer)
+    assert kern.delegate is None
+    n13, n2 = kern.num_out_of_range
+    assert n13 > 0 and n2 > 0 and not kern.fuse_silu
+    for t in (1, 40, 300):
+        run_case(kern, layer, dense, g, t, act, *schemes, used=7)
+
+
+def test_out_of_range_blocks_change_the_result():
+    """Guard for the test above: dropping the corrected blocks would fail the tolerance."""
+    from w4a8_backend.kernels._sm90_repack import repack_mxfp4
+    from w4a8_backend.kernels.sm90_triton_moe import stack_expert_rows
+
+    g = _gen(5)
+    e, n, k = 8, 384, 512
+    packed, scale = make_expert_weights(e, n, k, g, extreme=True)
+    w = dequantize_mxfp4(packed, scale).reshape(e * n, k)
+    x = torch.randn(16, k, device=DEV, generator=g)
+    for act_int8 in (False, True):
+        rp = repack_mxfp4(*stack_expert_rows(packed.view(e, 1, n, k // 2),
+                                             scale.view(e, 1, n, k // 32), n), act_int8)
+        assert rp.num_out_of_range > 0
+        dropped = w.clone().reshape(e * n, k // 32, 32)
+        for j, row in enumerate(rp.corr_rows.tolist()):
+            dropped[row, rp.corr_blocks[rp.corr_ptr[j]:rp.corr_ptr[j + 1]].long()] = 0
+        ref, lossy = x @ w.t(), x @ dropped.reshape(e * n, k).t()
+        assert ((lossy - ref).norm() / ref.norm()).item() > REL_TOL
+
+
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+def test_expert_map_and_router_weight_on_input(act):
+    _need_fp8(act)
+    # expert parallelism: 16 global experts, this rank holds 8 (ids 3..10), the rest map to -1
+    e_local, e_global = 8, 16
+    expert_map = torch.full((e_global,), -1, dtype=torch.int32, device=DEV)
+    expert_map[3:11] = torch.arange(8, dtype=torch.int32, device=DEV).flip(0)
+    for schemes in ((D, D), (P, P), (S, P)):
+        kern, layer, dense, g = build(act, *schemes, e_local, 256, 128, 4, seed=int(act) + 3)
+        kern.process_weights_after_loading(layer)
+        for t in (1, 9, 130):
+            run_case(kern, layer, dense, g, t, act, *schemes, expert_map=expert_map,
+                     num_global=e_global)
+    kern, layer, dense, g = build(act, D, P, 8, 256, 128, 1, seed=77)
+    kern.process_weights_after_loading(layer)
+    for t in (2, 70):
+        run_case(kern, layer, dense, g, t, act, D, P, on_input=True)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+def test_out_and_input_dtypes(out_dtype, act):
+    _need_fp8(act)
+    kern, layer, dense, g = build(act, P, P, 8, 256, 128, 2, seed=11, out_dtype=out_dtype)
+    kern.process_weights_after_loading(layer)
+    x_dtype = torch.float16 if out_dtype == torch.float16 else torch.float32
+    for t in (3, 90):
+        run_case(kern, layer, dense, g, t, act, P, P, x_dtype=x_dtype)
+
+
+def test_reference_agrees_with_fallback_kernel():
+    """The test's reference against the project's dequantize fallback (graph-safe GPU path)."""
+    from w4a8_backend.kernels.moe_fallback import DequantFallbackMoEKernel
+
+    for act, schemes in ((FP8, (D, P)), (INT8, (P, D))):
+        g = _gen(3)
+        layer, dense = make_layer(8, 256, 128, g)
+        cfg = MoEKernelConfig(act, *schemes, 8, 256, 128, 2, "silu", torch.float32)
+        fb = DequantFallbackMoEKernel(cfg)
+        fb.process_weights_after_loading(layer)
+        x = make_x(20, 256, g)
+        w, ids = make_routing(20, 8, 2, g, used=6)
+        y = fb.apply(layer, x, w, ids, None, False)
+        ref = reference_moe(x, w, ids, dense, act, *schemes)
+        assert rel_err(y, ref) <= REL_TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs, custom op, torch.compile, dispatch
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+def test_cuda_graph_replay_matches_eager(act):
+    _need_fp8(act)
+    schemes = (D, D) if act == FP8 else (P, P)
+    e, k, h, i = 64, 8, 512, 256
+    kern, layer, dense, g = build(act, *schemes, e, h, i, k, seed=21, extreme=act == INT8)
+    kern.process_weights_after_loading(layer)
+    for t in (1, 64):
+        x = make_x(t, h, g)
+        w, ids = make_routing(t, e, k, g)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            kern.apply(layer, x, w, ids, None, False)  # compile outside capture
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_graph = kern.apply(layer, x, w, ids, None, False)
+        for _ in range(3):
+            w2_, ids2 = make_routing(t, e, k, g, used=e // 2)
+            x.copy_(make_x(t, h, g))
+            w.copy_(w2_)
+            ids.copy_(ids2)
+            y_graph.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            ref = reference_moe(x, w, ids, dense, act, *schemes)
+            assert rel_err(y_graph, ref) <= REL_TOL
+
+
+def test_custom_op_opcheck_and_compile():
+    from w4a8_backend.kernels import _sm90_moe_triton as mk
+
+    e, k, h, i = 8, 2, 256, 128
+    kern, layer, dense, g = build(FP8, P, D, e, h, i, k, seed=41)
+    kern.process_weights_after_loading(layer)
+    x = make_x(6, h, g)
+    w, ids = make_routing(6, e, k, g)
+    args = (x, w, ids, None, kern._weights(layer, "w13"), kern._weights(layer, "w2"), None, None,
+            kern.dims, False, int(P), int(D), 0, False, kern.fuse_silu)
+    mk.POISON_OUTPUTS = False  # opcheck compares repeated runs (restored by the fixture)
+    torch.library.opcheck(torch.ops.w4a8_backend.mxfp4_w4a8_moe.default, args)
+
+    @torch.compile(fullgraph=True, dynamic=True)
+    def f(inp, tw, ti):
+        return kern.apply(layer, inp, tw, ti, None, False) * 2.0
+
+    for t in (6, 37):
+        x = make_x(t, h, g)
+        w, ids = make_routing(t, e, k, g)
+        ref = reference_moe(x, w, ids, dense, FP8, P, D) * 2.0
+        assert rel_err(f(x, w, ids), ref) <= REL_TOL
+
+
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+def test_dispatcher_picks_sm90_triton(act):
+    _need_fp8(act)
+    from w4a8_backend.kernels.dispatch import choose_moe_kernel
+
+    cfg = MoEKernelConfig(act, D, P, 8, 256, 128, 2, "silu", torch.bfloat16)
+    assert choose_moe_kernel(cfg, DeviceInfo.of("cuda")).name == "sm90_triton"
+
+
+def test_can_implement_reasons():
+    from w4a8_backend.kernels.sm90_triton_moe import Sm90TritonMoEKernel
+
+    bad = MoEKernelConfig(FP8, D, D, 8, 256, 100, 2, "silu", torch.bfloat16)
+    ok, why = Sm90TritonMoEKernel.can_implement(bad)
+    assert not ok and "intermediate_size=100" in why
+    bad = MoEKernelConfig(FP8, D, D, 8, 256, 128, 2, "gelu", torch.bfloat16)
+    ok, why = Sm90TritonMoEKernel.can_implement(bad)
+    assert not ok and "gelu" in why
