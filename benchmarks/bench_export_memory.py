@@ -171,19 +171,32 @@ def plot(runs: list[dict], path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no plot (pip install matplotlib)"
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for r in runs:
-        xs = [s[0] for s in r["samples"]]
-        ys = [(s[1] - r["baseline"]) / MiB for s in r["samples"]]
-        ax.plot(xs, ys, label=f"{r['label']} (model {r['total'] / MiB:.0f} MiB)")
-    largest = runs[0]["largest"] / MiB
-    ax.axhline(largest, color="k", linestyle="--", linewidth=1,
-               label=f"largest tensor ({largest:.0f} MiB)")
-    ax.set_xlabel("seconds since export start")
-    ax.set_ylabel("RSS above post-import baseline (MiB)")
-    ax.set_yscale("symlog", linthresh=max(1.0, largest))
-    ax.set_title("w4a8-quantize memory while exporting (synthetic bf16 Llama)")
-    ax.legend(fontsize=8)
+    dyn = [r for r in runs if r["calibration"] == "dynamic"]
+    static = [r for r in runs if r["calibration"] == "static"]
+    fig, axes = plt.subplots(1, 2 if static else 1, figsize=(11 if static else 7, 4.5),
+                             squeeze=False)
+    panels = [(axes[0][0], dyn, "dynamic (streaming)")]
+    if static:
+        panels.append((axes[0][1], static, "static calibration (loads the model)"))
+    for ax, group, title in panels:
+        for r in group:
+            xs = [s[0] for s in r["samples"]]
+            ys = [(s[1] - r["baseline"]) / MiB for s in r["samples"]]
+            ax.plot(xs, ys, linewidth=0.8,
+                    label=f"{r['label'].rsplit(',', 1)[0]}: model {r['total'] / MiB:.0f} MiB")
+        for size in sorted({r["largest"] for r in group}):
+            ax.axhline(size / MiB, color="k", linestyle="--", linewidth=0.8)
+            ax.annotate(f"largest tensor {size / MiB:.0f} MiB", (0, size / MiB),
+                        textcoords="offset points", xytext=(2, 3), fontsize=7)
+        if group is static:
+            ax.axhline(group[0]["total"] / MiB, color="tab:red", linestyle=":", linewidth=0.8)
+            ax.annotate("model size", (0, group[0]["total"] / MiB), textcoords="offset points",
+                        xytext=(2, 3), fontsize=7, color="tab:red")
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("seconds since export start")
+        ax.set_ylabel("RSS above post-import baseline (MiB)")
+        ax.set_title(f"w4a8-quantize, {title}", fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return None
@@ -269,12 +282,11 @@ def main() -> None:
             f"({dyn[0]['largest'] / MiB:.0f} MiB) the exporter's peak above baseline stays at "
             f"{lo:.0f}-{hi:.0f} MiB while the model grows "
             f"{same[-1]['total'] / same[0]['total']:.0f}-fold: it does not grow with the model. "
-            f"The largest ratio to the largest tensor is {ratios[worst]:.2f}x ({worst}). It consists "
-            "of a roughly constant part (code pages of torch/safetensors touched for the first "
-            "time, allocator slack, the ~256K-element chunk being encoded with its float32 "
-            "temporaries) and a part that scales with the largest tensor (its E8M0 scales, "
-            "1/16 of its bf16 size, held until its packed bytes are written, plus allocator "
-            "slack), visible when the tensors are larger. Source files are opened per "
+            f"The largest ratio to the largest tensor is {ratios[worst]:.2f}x ({worst}). "
+            "What it holds: a roughly constant part (code pages of torch/safetensors touched for "
+            "the first time, allocator slack, the ~256K-element row chunk being encoded with its "
+            "float32 temporaries) plus the E8M0 scales of the tensor being encoded (1/16 of its "
+            "bf16 size), kept until its packed bytes are written. Source files are opened per "
             "chunk, so mapped file pages do not pile up (file-backed column).",
         ]
     if any(r["calibration"] == "static" for r in runs):
