@@ -292,20 +292,21 @@ def test_model_shapes(act, name, dims):
         run_case(kern, layer, dense, g, t, act, *schemes)
 
 
-@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("act,schemes", [(FP8, (D, D)), (INT8, (P, P))],
+                         ids=["fp8-tensor", "int8-token"])
 @pytest.mark.parametrize("config", [(32, 16, 4, 4), (64, 16, 4, 4), (128, 16, 4, 3),
                                     (64, 32, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3),
                                     (128, 64, 8, 3)], ids=str)
-def test_config_variants(act, config, monkeypatch):
-    """Every tile shape the benchmark may pick is correct (forced through pick_config)."""
+def test_config_variants(act, schemes, config, monkeypatch):
+    """Every tile shape (BN, BM, warps, stages) the benchmark may pick is correct."""
     _need_fp8(act)
     from w4a8_backend.kernels import _sm90_moe_triton as mk
 
     monkeypatch.setattr(mk, "pick_config", lambda *a, **kw: config)
-    kern, layer, dense, g = build(act, P, D, 16, 512, 320, 4, seed=config[0] + config[1])
+    kern, layer, dense, g = build(act, *schemes, 16, 512, 320, 4, seed=config[0] + config[1])
     kern.process_weights_after_loading(layer)
     for t in (3, 150):
-        run_case(kern, layer, dense, g, t, act, P, D, used=10)
+        run_case(kern, layer, dense, g, t, act, *schemes, used=10)
 
 
 # ---------------------------------------------------------------------------------------------

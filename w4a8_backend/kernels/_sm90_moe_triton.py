@@ -139,7 +139,8 @@ def _moe_gemm(
 ):
     """out^T tile [BN, BM] = W_e[rows] @ A[rows of the block]^T, see the module docstring.
 
-    a: quantized [rows, K] (token rows for GEMM1, pair rows for GEMM2); W_BF16: bf16/fp32 rows.
+    a: quantized [rows, K] (token rows for GEMM1, pair rows for GEMM2); W_BF16: float rows,
+    cast to the dense weights' dtype (bf16 for the baseline).
     w/c/rs: the repacked stack, expert e's rows at [e * WR, (e + 1) * WR); gated: gate rows
     [0, UP_OFF) and up rows [UP_OFF, 2 * UP_OFF) of each expert.
     out: one row per pair (stride_out); unfused gated: gate at columns [0, N), up at UP_COL + n.
@@ -170,7 +171,7 @@ def _moe_gemm(
         if W_BF16:
             kk = k0 + tl.arange(0, BK)
             xt = tl.load(a_rows + kk[:, None], mask=m_mask[None, :] & (kk < K)[:, None],
-                         other=0.0).to(tl.bfloat16)
+                         other=0.0).to(w_ptr.dtype.element_ty)
             x_lo = xt
             x_hi = xt
         else:

@@ -1,0 +1,344 @@
+"""Benchmark the SM90 W4A8 MXFP4 MoE (grouped expert GEMMs) against BF16 fused-MoE baselines.
+
+Layer shapes: Qwen3-30B-A3B (H=2048, I=768, E=128, top-8) and gpt-oss-20b (H=2880, I=2880,
+E=32, top-4), random MXFP4 weights (per-block log-normal scale spread, a few 4x input channels,
+as benchmarks/bench_linear.py), uniform random top-k routing. Every time is one whole MoE layer
+call (activation quantization, routing, both GEMMs, reduction) under CUDA-graph replay with the
+L2 cache flushed before each call (bench_linear.Timer).
+
+Baselines, in the same run:
+- ``vLLM BF16 fused_experts``: vLLM 0.26's Triton fused MoE (bf16 weights and activations),
+  when vLLM is importable (on the GPU machine: carry .kit, ``source .kit/activate.sh``).
+- ``Triton BF16 grouped``: this project's grouped kernels with dense bf16 weights (same routing,
+  tiles and reduction as ours; only the weight format differs).
+Humming's MoE kernels are not used: humming-kernels 0.1.19 exposes dense layers only.
+
+    python benchmarks/bench_moe.py --out benchmarks/results          # table, json, png
+    python benchmarks/bench_moe.py --sweep                            # decode tile configs
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_linear import Timer, copy_bandwidth_tbs, make_weight  # noqa: E402
+
+from w4a8_backend.formats import ActivationDtype, ActivationScheme, dequantize_mxfp4  # noqa: E402
+from w4a8_backend.kernels.moe_base import MoEKernelConfig  # noqa: E402
+
+MODELS = {
+    "qwen3-30b-a3b": dict(hidden=2048, inter=768, experts=128, top_k=8),
+    "gpt-oss-20b": dict(hidden=2880, inter=2880, experts=32, top_k=4),
+}
+TOKENS = [1, 16, 64, 512, 4096]
+FP8, INT8 = ActivationDtype.FP8_E4M3, ActivationDtype.INT8
+S, D, P = (ActivationScheme.STATIC_PER_TENSOR, ActivationScheme.DYNAMIC_PER_TENSOR,
+           ActivationScheme.DYNAMIC_PER_TOKEN)
+OURS = {
+    "ours FP8 dyn-tensor": (FP8, D),  # ModelOpt's shipped preset (dynamic FP8)
+    "ours FP8 static": (FP8, S),
+    "ours INT8 per-token": (INT8, P),
+    "ours INT8 static": (INT8, S),
+}
+VLLM = "vLLM BF16 fused_experts"
+TRITON_BF16 = "Triton BF16 grouped"
+
+
+class Layer(torch.nn.Module):
+    pass
+
+
+def make_moe_weights(m, seed):
+    e, h, i = m["experts"], m["hidden"], m["inter"]
+    p13, s13 = make_weight(e * 2 * i, h, seed)
+    p2, s2 = make_weight(e * h, i, seed + 1)
+    return (p13.view(e, 2 * i, h // 2), s13.view(e, 2 * i, h // 32),
+            p2.view(e, h, i // 2), s2.view(e, h, i // 32))
+
+
+def our_layer(weights, m, act, scheme, x_cal, routing_cal):
+    from w4a8_backend.kernels.sm90_triton_moe import Sm90TritonMoEKernel
+
+    e, h, i, k = m["experts"], m["hidden"], m["inter"], m["top_k"]
+    kern = Sm90TritonMoEKernel(MoEKernelConfig(act, scheme, scheme, e, h, i, k, "silu",
+                                               torch.bfloat16))
+    layer = Layer()
+    for name, t in zip(("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale"),
+                       weights):
+        layer.register_parameter(name, torch.nn.Parameter(t.clone(), requires_grad=False))
+    layer.w13_input_scale = layer.w2_input_scale = None
+    if scheme == S:
+        # calibrate: amax of a dynamic per-tensor run's inputs (x and the intermediate)
+        qmax = 448.0 if act == FP8 else 127.0
+        layer.w13_input_scale = (x_cal.float().abs().amax() / qmax).reshape(1)
+        layer.w2_input_scale = torch.tensor([1.0], device="cuda")  # replaced below
+    kern.process_weights_after_loading(layer)
+    if scheme == S:
+        from w4a8_backend.kernels import _sm90_moe_triton as mk
+
+        seen = {}
+        orig = mk.quantize_h
+
+        def spy(hbuf, act_int8, sch, s, amax):
+            seen["amax"] = float(hbuf[hbuf == hbuf].abs().max())
+            return orig(hbuf, act_int8, sch, s, amax)
+
+        mk.quantize_h = spy
+        try:
+            kern.apply(layer, x_cal, *routing_cal, None, False)
+        finally:
+            mk.quantize_h = orig
+        layer.w2_input_scale = torch.tensor([seen["amax"] / qmax], device="cuda")
+    return kern, layer
+
+
+def bf16_stacks(w13_bf16, w2_bf16, m):
+    """Dense bf16 rows laid out like our repacked stacks (rows per expert padded to 128)."""
+    e, h, i = m["experts"], m["hidden"], m["inter"]
+    ip, hp = -(-i // 128) * 128, -(-h // 128) * 128
+    g = torch.zeros(e, 2, ip, h, dtype=torch.bfloat16, device="cuda")
+    g[:, :, :i] = w13_bf16.view(e, 2, i, h)
+    d = torch.zeros(e, hp, i, dtype=torch.bfloat16, device="cuda")
+    d[:, :h] = w2_bf16
+    return g.reshape(-1, h), d.reshape(-1, i), ip, hp
+
+
+def triton_bf16_moe(x, tw, ti, w13s, w2s, m, ip, hp, config=None):
+    from w4a8_backend.kernels import _sm90_moe_triton as mk
+
+    return mk.moe_forward(x, tw, ti, None, (w13s,), (w2s,), None, None, m["experts"],
+                          m["hidden"], m["inter"], ip, hp, False, 0, 0, torch.bfloat16, False,
+                          True, bf16_weights=True, config1=config, config2=config)
+
+
+def vllm_fused_experts():
+    from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
+
+    return fused_experts
+
+
+def routing(t, m, seed):
+    g = torch.Generator(device="cuda")
+    g.manual_seed(seed)
+    scores = torch.randn(t, m["experts"], device="cuda", generator=g)
+    vals, ids = scores.topk(m["top_k"], dim=-1)
+    return torch.softmax(vals, dim=-1).float(), ids.to(torch.int32)
+
+
+def bytes_touched(ids, m):
+    """(MXFP4 bytes, BF16 bytes) of the experts this routing touches (weights only)."""
+    e_used = int(torch.unique(ids).numel())
+    params = e_used * 3 * m["hidden"] * m["inter"]
+    return params * 4.25 / 8, params * 2
+
+
+def bench_model(timer, name, m, tokens, fused_experts, log):
+    weights = make_moe_weights(m, seed=len(name))
+    w13_bf16 = dequantize_mxfp4(weights[0], weights[1], torch.bfloat16)
+    w2_bf16 = dequantize_mxfp4(weights[2], weights[3], torch.bfloat16)
+    w13s, w2s, ip, hp = bf16_stacks(w13_bf16, w2_bf16, m)
+    x_cal = torch.randn(64, m["hidden"], device="cuda").to(torch.bfloat16)
+    r_cal = routing(64, m, 1)
+    ours = {}
+    for label, (act, scheme) in OURS.items():
+        t0 = time.time()
+        ours[label] = our_layer(weights, m, act, scheme, x_cal, r_cal)
+        k = ours[label][0]
+        log(f"# {name} {label}: load {time.time() - t0:.1f}s, out-of-range blocks "
+            f"{k.num_out_of_range}, fuse_silu={getattr(k, 'fuse_silu', None)}")
+    rows = []
+    for t in tokens:
+        x = torch.randn(t, m["hidden"], device="cuda").to(torch.bfloat16)
+        tw, ti = routing(t, m, 100 + t)
+        fp4_b, bf16_b = bytes_touched(ti, m)
+        res = {"model": name, "T": t, "fp4_MB": round(fp4_b / 1e6, 2),
+               "bf16_MB": round(bf16_b / 1e6, 2)}
+
+        def tm(label, fn):
+            try:
+                res[label] = round(timer.time_us(fn), 2)
+            except Exception:
+                log(f"{label} {name} T={t} failed:\n{traceback.format_exc()}")
+                res[label] = None
+
+        outs = {}
+        if fused_experts is not None:
+            outs[VLLM] = fused_experts(x, w13_bf16, w2_bf16, tw, ti)
+            tm(VLLM, lambda: fused_experts(x, w13_bf16, w2_bf16, tw, ti))
+        outs[TRITON_BF16] = triton_bf16_moe(x, tw, ti, w13s, w2s, m, ip, hp)
+        tm(TRITON_BF16, lambda: triton_bf16_moe(x, tw, ti, w13s, w2s, m, ip, hp))
+        for label, (kern, layer) in ours.items():
+            outs[label] = kern.apply(layer, x, tw, ti, None, False)
+            tm(label, lambda kern=kern, layer=layer: kern.apply(layer, x, tw, ti, None, False))
+        # sanity: every output close to the BF16 baseline (quantization error only)
+        ref = outs.get(VLLM, outs[TRITON_BF16]).float()
+        res["rel_diff_vs_bf16"] = {
+            k: round(((v.float() - ref).norm() / ref.norm()).item(), 4) for k, v in outs.items()}
+        log(json.dumps(res))
+        rows.append(res)
+    return rows
+
+
+def fmt(v, ref):
+    if v is None:
+        return "n/a"
+    return f"{v:.1f} ({ref / v:.2f}x)" if ref else f"{v:.1f}"
+
+
+def write_report(rows, out_dir: Path, meta):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "moe_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    base = VLLM if any(r.get(VLLM) for r in rows) else TRITON_BF16
+    cols = [c for c in [VLLM, TRITON_BF16, *OURS] if any(r.get(c) is not None for r in rows)]
+    lines = [
+        "# W4A8 MXFP4 MoE layer: time (us) and speed-up vs " + base,
+        "",
+        f"- device: {meta['device']} ({meta['sms']} SMs), torch {meta['torch']}, "
+        f"triton {meta['triton']}, vLLM {meta.get('vllm', 'not importable')}",
+        f"- date: {meta['date']}",
+        f"- command: `{meta['command']}`",
+        f"- measured copy bandwidth: {meta['copy_tbs']:.2f} TB/s (read + write)",
+        "- each entry: one whole MoE layer call (activation quantization, routing, gate-up GEMM "
+        "+ SiLU, down GEMM, top-k reduction) under CUDA-graph replay, L2 flushed before each "
+        "call; uniform random top-k routing; speed-up in parentheses vs " + base + ".",
+        "- `floor` = MXFP4 weight bytes of the experts the routing touches / copy bandwidth "
+        "(BF16 floor in brackets).",
+        "",
+        "| model | T | " + " | ".join(cols) + " | floor us |",
+        "|" + "---|" * (len(cols) + 3),
+    ]
+    for r in rows:
+        ref = r.get(base)
+        floor = r["fp4_MB"] * 1e6 / (meta["copy_tbs"] * 1e12) * 1e6
+        floor_bf = r["bf16_MB"] * 1e6 / (meta["copy_tbs"] * 1e12) * 1e6
+        lines.append(f"| {r['model']} | {r['T']} | " + " | ".join(fmt(r.get(c), ref) for c in cols)
+                     + f" | {floor:.1f} [{floor_bf:.1f}] |")
+    (out_dir / "moe_bench.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        models = list(dict.fromkeys(r["model"] for r in rows))
+        fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+        for ax, name in zip(axes[0], models):
+            sub = [r for r in rows if r["model"] == name]
+            for c in cols:
+                if c == base:
+                    continue
+                pts = [(r["T"], r[base] / r[c]) for r in sub if r.get(c) and r.get(base)]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=c,
+                            linestyle="-" if "ours" in c else "--")
+            ax.axhline(1.0, color="gray", lw=0.5)
+            ax.axhline(2.5, color="red", lw=0.5, ls=":")
+            ax.set_xscale("log", base=2)
+            ax.set_title(name)
+            ax.set_xlabel("tokens")
+            ax.set_ylabel(f"speed-up vs {base}")
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"{meta['device']} {meta['date']}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out_dir / "moe_bench.png", dpi=110)
+    except Exception:
+        traceback.print_exc()
+    return "\n".join(lines)
+
+
+def sweep(timer, log, tokens=(1, 16, 64)):
+    """Decode tile configs (BN, BM, warps, stages) of both GEMMs, FP8 dyn-tensor and INT8."""
+    from w4a8_backend.kernels import _sm90_moe_triton as mk
+
+    orig = mk.pick_config
+    for name, m in MODELS.items():
+        weights = make_moe_weights(m, seed=len(name))
+        x_cal = torch.randn(64, m["hidden"], device="cuda").to(torch.bfloat16)
+        for label in ("ours FP8 dyn-tensor", "ours INT8 per-token"):
+            kern, layer = our_layer(weights, m, *OURS[label], x_cal, routing(64, m, 1))
+            for t in tokens:
+                x = torch.randn(t, m["hidden"], device="cuda").to(torch.bfloat16)
+                tw, ti = routing(t, m, 100 + t)
+                res = {"model": name, "variant": label, "T": t,
+                       "default": orig(t, t * m["top_k"], m["experts"], 1, 132)}
+                for cfg in ((32, 16, 4, 4), (64, 16, 4, 4), (64, 16, 4, 3), (128, 16, 4, 4),
+                            (32, 16, 4, 6), (64, 32, 4, 4)):
+                    mk.pick_config = lambda *a, cfg=cfg, **kw: cfg
+                    try:
+                        res[str(cfg)] = round(timer.time_us(
+                            lambda: kern.apply(layer, x, tw, ti, None, False)), 2)
+                    except Exception as exc:
+                        res[str(cfg)] = f"ERR {type(exc).__name__}: {str(exc)[-200:]}"
+                    finally:
+                        mk.pick_config = orig
+                log(json.dumps(res))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="time decode tile configs only")
+    ap.add_argument("--log", default=None, help="also append log lines to this file")
+    args = ap.parse_args(argv)
+    log_f = open(args.log, "a") if args.log else None
+
+    def log(s):
+        print(s, flush=True)
+        if log_f:
+            log_f.write(s + "\n")
+            log_f.flush()
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    timer = Timer()
+    if args.sweep:
+        sweep(timer, log)
+        return
+    import triton
+
+    meta = {
+        "device": torch.cuda.get_device_name(0),
+        "sms": torch.cuda.get_device_properties(0).multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "copy_tbs": copy_bandwidth_tbs(),
+    }
+    fused_experts = None
+    if not args.no_vllm:
+        try:
+            t0 = time.time()
+            fused_experts = vllm_fused_experts()
+            import vllm
+
+            meta["vllm"] = vllm.__version__
+            log(f"# vLLM {vllm.__version__} imported in {time.time() - t0:.1f}s")
+        except Exception as exc:
+            log(f"# vLLM fused_experts not importable ({type(exc).__name__}: {exc}); "
+                "baseline is the Triton BF16 grouped kernel only")
+    log(json.dumps(meta))
+    tokens = [int(v) for v in args.tokens.split(",")]
+    rows = []
+    for name in args.models.split(","):
+        rows += bench_model(timer, name, MODELS[name], tokens, fused_experts, log)
+        write_report(rows, Path(args.out), meta)
+    print(write_report(rows, Path(args.out), meta))
+
+
+if __name__ == "__main__":
+    main()
