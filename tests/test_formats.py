@@ -273,6 +273,7 @@ def _wide_spread_weight(g: torch.Generator, shape, dtype) -> torch.Tensor:
     return flat.to(dtype)
 
 
+@pytest.mark.slow  # the first ModelOpt import takes ~10 s; the comparisons themselves < 1 s
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @given(seed=SEEDS)
 @FAST
@@ -294,6 +295,7 @@ def test_quantize_mxfp4_matches_modelopt_bytes(dtype, seed):
     assert torch.equal(dequantize_mxfp4(ours_packed, ours_scale), mo_deq)
 
 
+@pytest.mark.slow
 @given(seed=SEEDS)
 @FAST
 def test_quantize_mxfp4_matches_modelopt_3d_experts(seed):

@@ -9,7 +9,6 @@ KV-cache scales included, must be byte-identical.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -351,6 +350,7 @@ def test_sharding_and_index(llama, work):
     assert s1["bytes_after"] < s1["bytes_before"] * 0.6
 
 
+@pytest.mark.slow
 def test_row_chunking_gives_the_same_bytes(qwen3_moe, qwen3_moe_fused, work, monkeypatch):
     whole = {}
     for name, src in (("split", qwen3_moe), ("fused", qwen3_moe_fused)):
