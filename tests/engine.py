@@ -151,5 +151,5 @@ def generate_in_subprocess(path, prompts=PROMPTS, steps: int = STEPS, env=None, 
                           capture_output=True, text=True, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"engine subprocess failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+        raise RuntimeError(f"engine subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return [(r["prompt_ids"], r["tokens"], r["logprobs"]) for r in json.loads(lines[-1][6:])]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -25,7 +26,34 @@ from .compat import (
     UnquantizedLinearMethod,
 )
 
+from .integrity import check_safetensors_files
+from .validation import check_attention
+
 SERVED_ALGOS = frozenset(m.name for m in QuantAlgo)
+
+
+class Mxfp4KVCacheMethod(BaseKVCacheMethod):
+    """Loads the checkpoint's FP8 ``k_scale``/``v_scale`` (vLLM maps ModelOpt's
+    ``self_attn.{k,v}_proj.{k,v}_scale`` names), refusing values that are not finite and
+    positive instead of letting them reach the cache."""
+
+    def __init__(self, quant_config: QuantizationConfig, prefix: str):
+        super().__init__(quant_config)
+        self.prefix = prefix
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        for name in ("k_scale", "v_scale"):
+            param = getattr(layer, name, None)
+            if param is None:
+                continue
+            value = float(param.detach().reshape(-1)[0])
+            # -1.0 is vLLM's "not in the checkpoint" marker.
+            if value != -1.0 and not (math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"w4a8_mxfp4: checkpoint tensor {self.prefix}.{name} is {value}; a KV-cache "
+                    "scale must be finite and positive"
+                )
+        super().process_weights_after_loading(layer)
 
 
 class W4A8Mxfp4Config(QuantizationConfig):
@@ -69,7 +97,21 @@ class W4A8Mxfp4Config(QuantizationConfig):
     ) -> str | None:
         if user_quant == QUANTIZATION_NAME:
             return QUANTIZATION_NAME
-        return QUANTIZATION_NAME if extract_quant_algo(hf_quant_cfg) in SERVED_ALGOS else None
+        algo = extract_quant_algo(hf_quant_cfg)
+        if algo not in SERVED_ALGOS:
+            return None
+        if user_quant is not None:
+            # vLLM would otherwise let this override replace the user's explicit choice.
+            raise ValueError(
+                f"the checkpoint's quant_algo is {algo}, served by --quantization "
+                f"{QUANTIZATION_NAME}, but --quantization {user_quant} was given; drop the flag "
+                f"or pass --quantization {QUANTIZATION_NAME}"
+            )
+        return QUANTIZATION_NAME
+
+    def maybe_update_config(self, model_name: str, hf_config: Any = None,
+                            revision: str | None = None) -> None:
+        check_safetensors_files(model_name)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
         if self.exclude_modules:
@@ -80,7 +122,14 @@ class W4A8Mxfp4Config(QuantizationConfig):
         from ..methods.moe import MOE_METHODS
 
         if isinstance(layer, ATTENTION_LAYERS):
-            return BaseKVCacheMethod(self)
+            check_attention(
+                prefix,
+                layer.attn_backend.get_name(),
+                layer.kv_cache_dtype,
+                checkpoint_fp8_kv=self.spec.kv_cache_quant_algo == "FP8",
+                activations=self.act_dtype.name,
+            )
+            return Mxfp4KVCacheMethod(self, prefix)
         if isinstance(layer, LinearBase):
             if is_excluded(prefix, self.exclude_modules, self.packed_modules_mapping):
                 return UnquantizedLinearMethod()

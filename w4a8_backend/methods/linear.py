@@ -27,7 +27,13 @@ from ..formats import (
 )
 from ..formats.activations import QMAX
 from ..kernels import DeviceInfo, LinearKernelConfig, Mxfp4LinearKernel, choose_linear_kernel
-from .loading import checked_loader, loaded_shards, require_loaded, track_loading
+from .loading import (
+    checked_loader,
+    checkpoint_tensor_name,
+    loaded_shards,
+    require_loaded,
+    track_loading,
+)
 
 if TYPE_CHECKING:
     from ..config.config import W4A8Mxfp4Config
@@ -72,6 +78,10 @@ class Mxfp4LinearMethodBase(LinearMethodBase):
         self.prefix = prefix
         self.kernel: Mxfp4LinearKernel | None = None
 
+    def _name(self, suffix: str):
+        mapping = self.quant_config.packed_modules_mapping
+        return lambda shard: checkpoint_tensor_name(self.prefix, suffix, shard, mapping)
+
     def create_weights(
         self,
         layer: torch.nn.Module,
@@ -91,7 +101,7 @@ class Mxfp4LinearMethodBase(LinearMethodBase):
             input_dim=1,
             output_dim=0,
             weight_loader=checked_loader(
-                loader, f"{self.prefix}.weight", (torch.uint8,), trailing_dim=input_size // 2
+                loader, self._name("weight"), (torch.uint8,), trailing_dim=input_size // 2
             ),
         )
         weight_scale = GroupQuantScaleParameter(
@@ -100,7 +110,7 @@ class Mxfp4LinearMethodBase(LinearMethodBase):
             output_dim=0,
             weight_loader=checked_loader(
                 loader,
-                f"{self.prefix}.weight_scale",
+                self._name("weight_scale"),
                 (torch.uint8,),
                 trailing_dim=input_size // BLOCK_SIZE,
             ),
@@ -108,7 +118,7 @@ class Mxfp4LinearMethodBase(LinearMethodBase):
         input_scale = PerTensorScaleParameter(
             data=torch.ones(len(output_partition_sizes), dtype=torch.float32),
             weight_loader=checked_loader(
-                loader, f"{self.prefix}.input_scale", FLOAT_SCALE_DTYPES, scalar=True
+                loader, self._name("input_scale"), FLOAT_SCALE_DTYPES, scalar=True
             ),
         )
         for name, param in (
@@ -128,18 +138,19 @@ class Mxfp4LinearMethodBase(LinearMethodBase):
         if None in arrived or len(arrived) >= num_shards:
             return ActivationScheme.STATIC_PER_TENSOR
         if arrived:
+            name = self._name("input_scale")
             raise ValueError(
-                f"w4a8_mxfp4: layer {self.prefix!r} has input_scale for shards "
-                f"{sorted(map(str, arrived))} but not for all {num_shards}; a fused layer's parts "
-                "must all be calibrated or all dynamic"
+                f"w4a8_mxfp4: checkpoint has {sorted(name(s) for s in arrived)} but not the "
+                f"input_scale of every part of the fused layer {self.prefix!r}; its parts must "
+                "all be calibrated or all dynamic"
             )
         forced = self.quant_config.forced_dynamic_scheme
         return forced if forced is not None else DEFAULT_DYNAMIC_SCHEME[self.act_dtype]
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         num_shards = layer.w4a8_num_shards
-        require_loaded(layer.weight, f"{self.prefix}.weight", num_shards)
-        require_loaded(layer.weight_scale, f"{self.prefix}.weight_scale", num_shards)
+        require_loaded(layer.weight, self._name("weight"), num_shards)
+        require_loaded(layer.weight_scale, self._name("weight_scale"), num_shards)
         check_scales_not_nan(layer.weight_scale.data, f"{self.prefix}.weight_scale")
 
         scheme = self._activation_scheme(layer)

@@ -16,23 +16,42 @@ import torch
 LOADED_ATTR = "w4a8_loaded_shards"
 
 
+QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
+
+
+def checkpoint_tensor_name(
+    prefix: str, suffix: str, shard, packed_modules_mapping: dict[str, list[str]]
+) -> str:
+    """The checkpoint's name of one part of a (possibly fused) vLLM layer, e.g. the ``'q'`` shard
+    of ``layers.0.self_attn.qkv_proj`` is ``layers.0.self_attn.q_proj``."""
+    parent, _, name = prefix.rpartition(".")
+    parts = packed_modules_mapping.get(name)
+    if shard is None or not parts:
+        return f"{prefix}.{suffix}"
+    index = QKV_SHARDS.get(shard, shard) if isinstance(shard, str) else shard
+    if not isinstance(index, int) or index >= len(parts):
+        return f"{prefix}.{suffix} (shard {shard!r})"
+    return f"{parent}.{parts[index]}.{suffix}" if parent else f"{parts[index]}.{suffix}"
+
+
 def checked_loader(
     inner: Callable,
-    tensor_name: str,
+    tensor_name: Callable[[object], str],
     dtypes: Sequence[torch.dtype],
     trailing_dim: int | None = None,
     scalar: bool = False,
 ) -> Callable:
     """Wrap a vLLM weight loader.
 
-    ``trailing_dim``: the expected size of the checkpoint tensor's last dimension (the full,
+    ``tensor_name(shard)`` names the checkpoint tensor being loaded. ``trailing_dim``: the
+    expected size of the checkpoint tensor's last dimension (the full,
     unsharded input dimension, in packed bytes or scale blocks). ``scalar``: a per-tensor scale
     that must be one finite positive number.
     """
 
     def load(param: torch.nn.Parameter, loaded_weight: torch.Tensor, *args, **kwargs) -> None:
         shard = args[0] if args else kwargs.get("loaded_shard_id")
-        where = tensor_name if shard is None else f"{tensor_name} (shard {shard!r})"
+        where = tensor_name(shard)
         if loaded_weight.dtype not in dtypes:
             raise ValueError(
                 f"w4a8_mxfp4: checkpoint tensor {where} has dtype {loaded_weight.dtype}; "
@@ -44,7 +63,7 @@ def checked_loader(
                     f"w4a8_mxfp4: checkpoint tensor {where} must be a scalar, got shape "
                     f"{tuple(loaded_weight.shape)}"
                 )
-            value = float(loaded_weight.reshape(()).float())
+            value = float(loaded_weight.reshape(()).double())
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(
                     f"w4a8_mxfp4: checkpoint tensor {where} is {value}; an activation scale must "
@@ -79,10 +98,16 @@ def loaded_shards(param: torch.nn.Parameter) -> set:
     return getattr(param, LOADED_ATTR, set())
 
 
-def require_loaded(param: torch.nn.Parameter, tensor_name: str, num_shards: int) -> None:
+def require_loaded(param: torch.nn.Parameter, tensor_name: Callable[[object], str],
+                   num_shards: int) -> None:
     """A weight or weight scale must have arrived whole: unsplit, or every shard of it."""
     shards = loaded_shards(param)
-    if None in shards or len(shards) >= num_shards:
+    if None in shards:
         return
-    missing = "all of it" if not shards else f"only shards {sorted(map(str, shards))} arrived"
-    raise ValueError(f"w4a8_mxfp4: checkpoint tensor {tensor_name} is missing ({missing})")
+    qkv = "qkv" if num_shards == 3 else ""
+    missing = [
+        tensor_name(index) for index in range(num_shards)
+        if index not in shards and (not qkv or qkv[index] not in shards)
+    ]
+    if missing:
+        raise ValueError(f"w4a8_mxfp4: checkpoint tensor(s) {missing} are missing")
