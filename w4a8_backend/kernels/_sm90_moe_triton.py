@@ -98,7 +98,7 @@ def _block_of(pid_m, cnt_ptr, E, EP2: tl.constexpr, BM: tl.constexpr):
 @triton.jit
 def _mma_step(acc, w_ptr, c_ptr, rs_ptr, rows, it, k0, x_lo, x_hi, xt, K, KP2, KP32, NPT,
               ACT_INT8: tl.constexpr, W_BF16: tl.constexpr, DECODE_LUT: tl.constexpr,
-              BN: tl.constexpr, BK: tl.constexpr):
+              FP8_PROMOTE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     if W_BF16:
         kk = k0 + tl.arange(0, BK)
         w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * K + kk[None, :],
@@ -114,8 +114,10 @@ def _mma_step(acc, w_ptr, c_ptr, rs_ptr, rows, it, k0, x_lo, x_hi, xt, K, KP2, K
             ts = (ex.to(tl.int32) << 23).to(tl.float32, bitcast=True)
             acc += p.to(tl.float32) * ts[:, None]
         else:
-            acc = tl.dot(w_lo, x_lo, acc)
-            acc = tl.dot(w_hi, x_hi, acc)
+            # Hopper's FP8 MMA accumulates with ~14 mantissa bits unless promoted; the MoE
+            # re-quantizes the GEMM1 output to FP8, which turns that into ~1e-2 output error
+            acc = tl.dot(w_lo, x_lo, acc, max_num_imprecise_acc=FP8_PROMOTE)
+            acc = tl.dot(w_hi, x_hi, acc, max_num_imprecise_acc=FP8_PROMOTE)
     return acc
 
 
@@ -134,7 +136,7 @@ def _moe_gemm(
     E, N, K, KP2, KP32, NPT, WR, UP_OFF, UP_COL, CAP, TOPK, stride_out,
     ACT_INT8: tl.constexpr, PER_ROW: tl.constexpr, A_BY_TOKEN: tl.constexpr,
     GATED: tl.constexpr, FUSE_SILU: tl.constexpr, AMAX: tl.constexpr,
-    W_BF16: tl.constexpr, DECODE_LUT: tl.constexpr,
+    W_BF16: tl.constexpr, DECODE_LUT: tl.constexpr, FP8_PROMOTE: tl.constexpr,
     EP2: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
     """out^T tile [BN, BM] = W_e[rows] @ A[rows of the block]^T, see the module docstring.
@@ -182,10 +184,10 @@ def _moe_gemm(
                            mask=m_mask[None, :] & (xk + 32 < K)[:, None], other=0.0)
             xt = x_lo
         acc = _mma_step(acc, w_ptr, c_ptr, rs_ptr, rows_g, it, k0, x_lo, x_hi, xt, K, KP2, KP32,
-                        NPT, ACT_INT8, W_BF16, DECODE_LUT, BN, BK)
+                        NPT, ACT_INT8, W_BF16, DECODE_LUT, FP8_PROMOTE, BN, BK)
         if GATED:
             acc_u = _mma_step(acc_u, w_ptr, c_ptr, rs_ptr, rows_u, it, k0, x_lo, x_hi, xt, K,
-                              KP2, KP32, NPT, ACT_INT8, W_BF16, DECODE_LUT, BN, BK)
+                              KP2, KP32, NPT, ACT_INT8, W_BF16, DECODE_LUT, FP8_PROMOTE, BN, BK)
 
     if PER_ROW:
         a_scale = tl.load(as_ptr + src, mask=m_mask, other=0.0)[None, :]
@@ -431,6 +433,12 @@ def moe_forward(
     sms = _sms(dev)
     lut = tk.DECODE_LUT
     k1, k2 = hidden, inter
+    bk = 64 if bf16_weights else BK_MOE  # bf16 tiles of 256 overflow shared memory
+
+    def promote(bm):
+        # FP8 partial sums promoted to float32 every PROMOTE products (sm_90 fast accumulation
+        # otherwise): every MMA instruction at decode sizes, every dot (128) at prefill sizes
+        return 32 if bm <= 32 else 128
 
     def grid_m(bm):
         return min(triton.cdiv(p, bm) + e, e * triton.cdiv(t, bm))
@@ -459,8 +467,9 @@ def moe_forward(
         a1, s1, wst1, codes1, rs1, out1, amax.view(torch.int32), tab, cnt,
         e, inter, k1, kp2_1, kp32_1, npt1, 2 * ip, ip, inter, cap, top_k, stride1,
         ACT_INT8=act_int8, PER_ROW=per_row1, A_BY_TOKEN=True, GATED=True, FUSE_SILU=fused,
-        AMAX=amax_needed and fused, W_BF16=bf16_weights, DECODE_LUT=lut, EP2=ep2, BN=bn1,
-        BM=bm1, BK=BK_MOE, num_warps=w1_, num_stages=st1,
+        AMAX=amax_needed and fused, W_BF16=bf16_weights, DECODE_LUT=lut,
+        FP8_PROMOTE=promote(bm1), EP2=ep2, BN=bn1, BM=bm1, BK=bk, num_warps=w1_,
+        num_stages=st1,
     )
     if not fused:
         rows, ptr, blocks, values = w13[3], w13[4], w13[5], w13[6]
@@ -498,8 +507,8 @@ def moe_forward(
         a2, s2, wst2, codes2, rs2, y, amax.view(torch.int32), tab, cnt,
         e, hidden, k2, kp2_2, kp32_2, npt2, hp, 0, 0, cap, top_k, hidden,
         ACT_INT8=act_int8, PER_ROW=per_row2, A_BY_TOKEN=False, GATED=False, FUSE_SILU=False,
-        AMAX=False, W_BF16=bf16_weights, DECODE_LUT=lut, EP2=ep2, BN=bn2, BM=bm2, BK=BK_MOE,
-        num_warps=w2_, num_stages=st2,
+        AMAX=False, W_BF16=bf16_weights, DECODE_LUT=lut, FP8_PROMOTE=promote(bm2), EP2=ep2,
+        BN=bn2, BM=bm2, BK=bk, num_warps=w2_, num_stages=st2,
     )
     if not bf16_weights:
         rows, ptr, blocks, values = w2[3], w2[4], w2[5], w2[6]
