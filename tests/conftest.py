@@ -111,3 +111,10 @@ def exported_qwen3_moe_int8_static(tiny_qwen3_moe, tmp_path_factory) -> Path:
 def exported_mixtral_fp8_static(tiny_mixtral, tmp_path_factory) -> Path:
     return _export(tiny_mixtral, tmp_path_factory, "ex_mixtral_fp8", activations="fp8",
                    calibration="static")
+
+
+@pytest.fixture(scope="session")
+def exported_llama_fp8_kv(tiny_llama, tmp_path_factory) -> Path:
+    """FP8 static activations plus FP8 KV-cache scales (k_scale/v_scale, kv_cache_quant_algo)."""
+    return _export(tiny_llama, tmp_path_factory, "ex_llama_fp8_kv", activations="fp8",
+                   calibration="static", kv_cache_fp8=True)
