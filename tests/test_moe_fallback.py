@@ -97,7 +97,8 @@ def test_expert_parallel_map_drops_remote_experts():
     local_ids = expert_map[topk_ids]
     keep = local_ids >= 0
     reference = _reference(layer, x, local_ids.clamp(min=0), topk_weights * keep, act, scheme, 64)
-    config = MoEKernelConfig(act, scheme, scheme, 2, 64, 64, 2, "silu", torch.float32)
+    config = MoEKernelConfig(act, scheme, scheme, 2, 64, 64, 2, "silu", torch.float32,
+                             num_global_experts=4)
     kernel = DequantFallbackMoEKernel(config)
     kernel.process_weights_after_loading(layer)
     out = kernel.apply(layer, x, topk_weights, topk_ids, expert_map, False)

@@ -30,6 +30,7 @@ LINEAR_BACKENDS: Backends = (
     ("fallback", "w4a8_backend.kernels.fallback", "DequantFallbackLinearKernel"),
 )
 MOE_BACKENDS: Backends = (
+    ("sm100_flashinfer", "w4a8_backend.kernels.sm100_flashinfer_moe", "Sm100FlashInferMoEBackend"),
     ("sm90_triton", "w4a8_backend.kernels.sm90_triton_moe", "Sm90TritonMoEKernel"),
     ("fallback", "w4a8_backend.kernels.moe_fallback", "DequantFallbackMoEKernel"),
 )

@@ -32,10 +32,15 @@ class MoEKernelConfig:
     top_k: int
     activation: str  # vLLM's MoE activation name, e.g. "silu"
     out_dtype: torch.dtype
+    num_global_experts: int | None = None  # None: no expert parallelism (all experts local)
+
+    @property
+    def total_experts(self) -> int:
+        return self.num_local_experts if self.num_global_experts is None else self.num_global_experts
 
     def describe(self) -> str:
         return (
-            f"MoE E={self.num_local_experts} H={self.hidden_size} I={self.intermediate_size} "
+            f"MoE E={self.num_local_experts}/{self.total_experts} H={self.hidden_size} I={self.intermediate_size} "
             f"top_k={self.top_k} act={self.act_dtype.name} w13={self.w13_scheme.name} "
             f"w2={self.w2_scheme.name} activation={self.activation} out={self.out_dtype}"
         )

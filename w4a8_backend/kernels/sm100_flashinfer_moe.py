@@ -75,6 +75,8 @@ from ..formats import (
     quantize_fp8,
 )
 from .base import DeviceInfo, Verdict
+from .moe_base import MoEKernelConfig as MoELayerConfig
+from .moe_base import Mxfp4MoEKernel
 from .sm100_flashinfer import (
     check_sm100_device,
     interleave_block_scales,
@@ -527,3 +529,60 @@ class Sm100FlashInferMoEKernel:
             cfg.num_local_experts,
         )
         return out.to(cfg.out_dtype).reshape(*x.shape[:-1], cfg.hidden_size)
+
+
+class Sm100FlashInferMoEBackend(Mxfp4MoEKernel):
+    """The MoE dispatcher's SM100 backend: :class:`Sm100FlashInferMoEKernel` in its exact mode.
+
+    Only ``FP8_PER_TENSOR`` reproduces the format (per-tensor E4M3 activations with the
+    checkpoint's static scales); the ``MXFP8`` mode re-quantizes activations per 32-block and
+    would serve different numbers, so layers with dynamic scales go to the next backend.
+    """
+
+    name = "sm100_flashinfer"
+
+    def __init__(self, config: MoELayerConfig):
+        super().__init__(config)
+        self.kernel = Sm100FlashInferMoEKernel(self._flashinfer_config(config))
+
+    @staticmethod
+    def _flashinfer_config(config: MoELayerConfig) -> MoEKernelConfig:
+        return MoEKernelConfig(
+            num_experts=config.total_experts,
+            top_k=config.top_k,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            act_dtype=config.act_dtype,
+            act_scheme=config.w13_scheme,
+            act_mode=MoEActivationMode.FP8_PER_TENSOR,
+            activation=config.activation,
+            out_dtype=config.out_dtype,
+        )
+
+    @classmethod
+    def is_supported(cls, device: DeviceInfo) -> Verdict:
+        return Sm100FlashInferMoEKernel.is_supported(device)
+
+    @classmethod
+    def can_implement(cls, config: MoELayerConfig) -> Verdict:
+        static = ActivationScheme.STATIC_PER_TENSOR
+        if (config.w13_scheme, config.w2_scheme) != (static, static):
+            return False, ("dynamic activation scales: FlashInfer's MXFP4 MoE has no exact "
+                           "per-tensor dynamic FP8 mode")
+        if config.num_local_experts != config.total_experts:
+            return False, "expert parallelism is not wired for the SM100 MoE path"
+        return Sm100FlashInferMoEKernel.can_implement(cls._flashinfer_config(config))
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        layer.w4a8_sm100_moe = self.kernel.process_weights(
+            layer.w13_weight.data, layer.w13_weight_scale.data, layer.w2_weight.data,
+            layer.w2_weight_scale.data, layer.w13_input_scale, layer.w2_input_scale,
+        )
+        for name in ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale"):
+            delattr(layer, name)
+
+    def apply(self, layer, x, topk_weights, topk_ids, expert_map, apply_router_weight_on_input):
+        if apply_router_weight_on_input:
+            x = x * topk_weights.to(x.dtype)
+            topk_weights = torch.ones_like(topk_weights)
+        return self.kernel.apply(layer.w4a8_sm100_moe, x, topk_weights, topk_ids)

@@ -196,6 +196,7 @@ class Mxfp4MoEMethodBase(FusedMoEMethodBase):
             w13_scheme=w13_scheme,
             w2_scheme=w2_scheme,
             num_local_experts=num_experts,
+            num_global_experts=self.moe.num_experts,
             hidden_size=layer.w13_weight.shape[2] * 2,
             intermediate_size=layer.w2_weight.shape[2] * 2,
             top_k=self.moe.experts_per_token,

@@ -1,0 +1,55 @@
+"""MoE backend choice under faked capabilities: SM100 (FlashInfer, exact per-tensor FP8 mode)
+only for static FP8 layers without expert parallelism; everything else falls through with a
+reason, ending at the fallback on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from w4a8_backend.formats import ActivationDtype, ActivationScheme
+from w4a8_backend.kernels import DeviceInfo
+from w4a8_backend.kernels import sm100_flashinfer as sm100
+from w4a8_backend.kernels.dispatch import FORCE_ENV, choose_moe_kernel, evaluate_backends
+from w4a8_backend.kernels.dispatch import MOE_BACKENDS
+from w4a8_backend.kernels.moe_base import MoEKernelConfig
+
+STATIC = ActivationScheme.STATIC_PER_TENSOR
+DYNAMIC = ActivationScheme.DYNAMIC_PER_TENSOR
+B200 = DeviceInfo("cuda", 100, "NVIDIA B200 (faked)")
+
+
+def _config(act=ActivationDtype.FP8_E4M3, scheme=STATIC, local=128, global_=128):
+    return MoEKernelConfig(act, scheme, scheme, local, 2048, 768, 8, "silu", torch.bfloat16,
+                           num_global_experts=global_)
+
+
+@pytest.fixture(autouse=True)
+def _cuda_torch(monkeypatch):
+    monkeypatch.delenv(FORCE_ENV, raising=False)
+    monkeypatch.setattr(sm100, "_torch_cuda_version", lambda: "12.9")
+
+
+def _verdicts(config, device):
+    return {name: reason for name, cls, reason in evaluate_backends(config, device, MOE_BACKENDS)}
+
+
+def test_sm100_chosen_for_static_fp8():
+    assert choose_moe_kernel(_config(), B200).name == "sm100_flashinfer"
+
+
+@pytest.mark.parametrize("config,reason", [
+    (_config(scheme=DYNAMIC), "no exact per-tensor dynamic FP8 mode"),
+    (_config(act=ActivationDtype.INT8), "no MXFP4 x INT8 MoE"),
+    (_config(local=64), "expert parallelism is not wired"),
+])
+def test_sm100_passed_over_with_reason(config, reason):
+    assert reason in _verdicts(config, B200)["sm100_flashinfer"]
+
+
+def test_cpu_takes_the_fallback_with_reasons():
+    cpu = DeviceInfo("cpu", None, "cpu")
+    verdicts = _verdicts(_config(), cpu)
+    assert "needs a Blackwell GPU" in verdicts["sm100_flashinfer"]
+    assert verdicts["sm90_triton"]  # a reason, whatever it is on this machine
+    assert choose_moe_kernel(_config(), cpu).name == "fallback"
