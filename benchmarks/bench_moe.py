@@ -259,8 +259,9 @@ def write_report(rows, out_dir: Path, meta):
     return "\n".join(lines)
 
 
-def sweep(timer, log, tokens=(1, 16, 64)):
-    """Decode tile configs (BN, BM, warps, stages) of both GEMMs, FP8 dyn-tensor and INT8."""
+def sweep(timer, log, tokens=(1, 16, 64, 512, 4096)):
+    """Tile configs (BN, BM, warps, stages) of both GEMMs, FP8 dyn-tensor and INT8 (only the
+    configs that tests/gpu/test_sm90_moe.py::test_config_variants checks)."""
     from w4a8_backend.kernels import _sm90_moe_triton as mk
 
     orig = mk.pick_config
@@ -274,8 +275,9 @@ def sweep(timer, log, tokens=(1, 16, 64)):
                 tw, ti = routing(t, m, 100 + t)
                 res = {"model": name, "variant": label, "T": t,
                        "default": orig(t, t * m["top_k"], m["experts"], 1, 132)}
-                for cfg in ((32, 16, 4, 4), (64, 16, 4, 4), (64, 16, 4, 3), (128, 16, 4, 4),
-                            (32, 16, 4, 6), (64, 32, 4, 4)):
+                cfgs = (((64, 16, 4, 3), (64, 16, 4, 4), (128, 16, 4, 3), (64, 32, 4, 3))
+                        if t <= 64 else ((64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3)))
+                for cfg in cfgs:
                     mk.pick_config = lambda *a, cfg=cfg, **kw: cfg
                     try:
                         res[str(cfg)] = round(timer.time_us(

@@ -349,20 +349,16 @@ def pick_config(num_tokens: int, num_pairs: int, num_experts: int, n_tiles_64: i
                 sms: int) -> tuple[int, int, int, int]:
     """(BN, BM, num_warps, num_stages) of one grouped GEMM.
 
-    BM follows the expected rows per expert (P / E); BN = 32 when 64-row tiles would leave the
-    GPU with fewer than two programs per SM (decode: few experts touched)."""
+    BM follows the expected rows per expert (P / E). BN = 64 and 3 stages at decode sizes:
+    the H100 sweep (benchmarks/results/moe_sweep.jsonl) measured BN = 32 1.5-2x slower and
+    BN = 128 / BM = 32 15-25 % slower at T = 1, 16, 64 on both model shapes."""
     per_expert = num_pairs / max(num_experts, 1)
     bm = 16
     while bm < 128 and bm < per_expert * 1.5:
         bm *= 2
     bm = min(bm, max(16, triton.next_power_of_2(num_tokens)))
-    active = min(num_pairs, num_experts)
-    bn = 64
-    if bm <= 16 and n_tiles_64 * active < 2 * sms:
-        bn = 32
     warps = 4 if bm <= 64 else 8
-    stages = 4 if bm <= 16 else 3
-    return bn, bm, warps, stages
+    return 64, bm, warps, 3
 
 
 def moe_forward(
@@ -441,7 +437,8 @@ def moe_forward(
         return 32 if bm <= 32 else 128
 
     def grid_m(bm):
-        return min(triton.cdiv(p, bm) + e, e * triton.cdiv(t, bm))
+        # sum_e ceil(c_e / BM) <= min(ceil(P / BM) + E - 1, P, E * ceil(T / BM))
+        return min(triton.cdiv(p, bm) + e, p, e * triton.cdiv(t, bm))
 
     # GEMM1 (+ SiLU)
     bn1, bm1, w1_, st1 = config1 or pick_config(t, p, e, triton.cdiv(inter, 64), sms)
