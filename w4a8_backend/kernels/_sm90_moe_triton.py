@@ -347,18 +347,20 @@ def _sms(device: torch.device) -> int:
 
 def pick_config(num_tokens: int, num_pairs: int, num_experts: int, n_tiles_64: int,
                 sms: int) -> tuple[int, int, int, int]:
-    """(BN, BM, num_warps, num_stages) of one grouped GEMM.
+    """(BN, BM, num_warps, num_stages) of one grouped GEMM, from the H100 sweeps
+    (benchmarks/results/moe_sweep*.jsonl, both model shapes, FP8 and INT8):
 
-    BM follows the expected rows per expert (P / E). BN = 64 and 3 stages at decode sizes:
-    the H100 sweep (benchmarks/results/moe_sweep.jsonl) measured BN = 32 1.5-2x slower and
-    BN = 128 / BM = 32 15-25 % slower at T = 1, 16, 64 on both model shapes."""
+    - BM follows the expected rows per expert (P / E), capped at 64: (64, 64, 4, 3) beat
+      (64, 128, 8, 3) by 1.6-2.3x at T = 512 and 4096 and (128, 64, 8, 3) by 5-10 %.
+    - BN = 64 and 3 stages at decode sizes: BN = 32 was 1.5-2x slower, BN = 128 or BM = 32
+      10-25 % slower at T = 1, 16, 64.
+    """
     per_expert = num_pairs / max(num_experts, 1)
     bm = 16
-    while bm < 128 and bm < per_expert * 1.5:
+    while bm < 64 and bm < per_expert * 1.5:
         bm *= 2
     bm = min(bm, max(16, triton.next_power_of_2(num_tokens)))
-    warps = 4 if bm <= 64 else 8
-    return 64, bm, warps, 3
+    return 64, bm, 4, 3
 
 
 def moe_forward(
