@@ -78,7 +78,9 @@ class DequantFallbackMoEKernel(Mxfp4MoEKernel):
         return out.to(cfg.out_dtype)
 
     def _gemm1(self, rows: torch.Tensor, rows_scale: torch.Tensor, w13_e: torch.Tensor):
-        gate_up = torch.nn.functional.linear(rows, w13_e).float() * rows_scale
+        # float32 here even where weights rest in bf16: this output is quantized again for
+        # GEMM2, and a bf16-rounded product would move many of those roundings.
+        gate_up = torch.nn.functional.linear(rows.float(), w13_e.float()) * rows_scale
         gate, up = gate_up.chunk(2, dim=-1)
         return torch.nn.functional.silu(gate) * up
 

@@ -34,6 +34,42 @@ def checkpoint_tensor_name(
     return f"{parent}.{parts[index]}.{suffix}" if parent else f"{parts[index]}.{suffix}"
 
 
+def check_checkpoint_tensor(
+    tensor: torch.Tensor,
+    where: str,
+    dtypes: Sequence[torch.dtype],
+    trailing_dim: int | None,
+    scalar: bool,
+    ndims: Sequence[int],
+) -> None:
+    """Dtype and shape of one checkpoint tensor; a scalar must be finite and positive."""
+    if tensor.dtype not in dtypes:
+        raise ValueError(
+            f"w4a8_mxfp4: checkpoint tensor {where} has dtype {tensor.dtype}; "
+            f"expected {' or '.join(str(d) for d in dtypes)}"
+        )
+    if scalar:
+        if tensor.numel() != 1:
+            raise ValueError(
+                f"w4a8_mxfp4: checkpoint tensor {where} must be a scalar, got shape "
+                f"{tuple(tensor.shape)}"
+            )
+        value = float(tensor.reshape(()).double())
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(
+                f"w4a8_mxfp4: checkpoint tensor {where} is {value}; an activation scale must "
+                "be finite and positive"
+            )
+    elif tensor.ndim not in ndims or (
+        trailing_dim is not None and tensor.shape[-1] != trailing_dim
+    ):
+        raise ValueError(
+            f"w4a8_mxfp4: checkpoint tensor {where} has shape {tuple(tensor.shape)}; "
+            f"expected {' or '.join(map(str, ndims))} dimensions with a last dimension of "
+            f"{trailing_dim}"
+        )
+
+
 def checked_loader(
     inner: Callable,
     tensor_name: Callable[[object], str],
@@ -52,30 +88,7 @@ def checked_loader(
     def load(param: torch.nn.Parameter, loaded_weight: torch.Tensor, *args, **kwargs) -> None:
         shard = args[0] if args else kwargs.get("loaded_shard_id")
         where = tensor_name(shard)
-        if loaded_weight.dtype not in dtypes:
-            raise ValueError(
-                f"w4a8_mxfp4: checkpoint tensor {where} has dtype {loaded_weight.dtype}; "
-                f"expected {' or '.join(str(d) for d in dtypes)}"
-            )
-        if scalar:
-            if loaded_weight.numel() != 1:
-                raise ValueError(
-                    f"w4a8_mxfp4: checkpoint tensor {where} must be a scalar, got shape "
-                    f"{tuple(loaded_weight.shape)}"
-                )
-            value = float(loaded_weight.reshape(()).double())
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(
-                    f"w4a8_mxfp4: checkpoint tensor {where} is {value}; an activation scale must "
-                    "be finite and positive"
-                )
-        elif loaded_weight.ndim != 2 or (
-            trailing_dim is not None and loaded_weight.shape[-1] != trailing_dim
-        ):
-            raise ValueError(
-                f"w4a8_mxfp4: checkpoint tensor {where} has shape {tuple(loaded_weight.shape)}; "
-                f"expected 2 dimensions with a last dimension of {trailing_dim}"
-            )
+        check_checkpoint_tensor(loaded_weight, where, dtypes, trailing_dim, scalar, ndims=(2,))
         try:
             inner(param, loaded_weight, *args, **kwargs)
         except AssertionError as exc:

@@ -8,7 +8,6 @@ across tensor-parallel ranks and keeps only this rank's experts under expert par
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -19,6 +18,7 @@ from ..kernels import DeviceInfo
 from ..kernels.dispatch import choose_moe_kernel
 from ..kernels.moe_base import MoEKernelConfig, Mxfp4MoEKernel
 from .linear import FLOAT_SCALE_DTYPES, check_scales_not_nan, served_input_scale
+from .loading import check_checkpoint_tensor
 
 if TYPE_CHECKING:
     from ..config.config import W4A8Mxfp4Config
@@ -38,37 +38,17 @@ class _ExpertLoadTracker:
 
         def load(param, loaded_weight, weight_name, shard_id, expert_id, return_success=False):
             where = (
-                f"{self.prefix}: expert {expert_id} {SHARD_NAMES.get(shard_id, shard_id)} "
+                f"for {self.prefix}: expert {expert_id} {SHARD_NAMES.get(shard_id, shard_id)} "
                 f"{param_name.split('_', 1)[1]} ({weight_name})"
             )
-            if loaded_weight.dtype not in dtypes:
-                raise ValueError(
-                    f"w4a8_mxfp4: checkpoint tensor for {where} has dtype {loaded_weight.dtype}; "
-                    f"expected {' or '.join(str(d) for d in dtypes)}"
-                )
-            if trailing_dim is None:
-                if loaded_weight.numel() != 1:
-                    raise ValueError(
-                        f"w4a8_mxfp4: checkpoint tensor for {where} must be a scalar, got shape "
-                        f"{tuple(loaded_weight.shape)}"
-                    )
-                value = float(loaded_weight.reshape(()).float())
-                if not math.isfinite(value) or value <= 0:
-                    raise ValueError(
-                        f"w4a8_mxfp4: checkpoint tensor for {where} is {value}; an activation "
-                        "scale must be finite and positive"
-                    )
-            elif loaded_weight.ndim not in (2, 3) or loaded_weight.shape[-1] != trailing_dim:
-                raise ValueError(
-                    f"w4a8_mxfp4: checkpoint tensor for {where} has shape "
-                    f"{tuple(loaded_weight.shape)}; expected a last dimension of {trailing_dim}"
-                )
+            check_checkpoint_tensor(loaded_weight, where, dtypes, trailing_dim,
+                                    scalar=trailing_dim is None, ndims=(2, 3))
             try:
                 loaded = inner(param, loaded_weight, weight_name, shard_id, expert_id,
                                return_success=True)
             except (AssertionError, RuntimeError) as exc:
                 raise ValueError(
-                    f"w4a8_mxfp4: checkpoint tensor for {where} of shape "
+                    f"w4a8_mxfp4: checkpoint tensor {where} of shape "
                     f"{tuple(loaded_weight.shape)} does not fit the layer's parameter of shape "
                     f"{tuple(param.shape)}: {exc}"
                 ) from None
