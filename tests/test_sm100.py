@@ -565,7 +565,7 @@ def test_fp8_per_tensor_mode_needs_static_scales():
                                                           w13_input_scale=torch.tensor(0.1))
 
 
-def test_process_weights_names_the_bad_tensor():
+def test_moe_process_weights_names_the_bad_tensor():
     w13, s13, w2, s2 = moe_weights(e=4)
     kernel = moe.Sm100FlashInferMoEKernel(moe_config())
     with pytest.raises(ValueError, match=r"w2 must be uint8 \[4, 256, 64\]"):

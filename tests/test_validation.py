@@ -3,7 +3,6 @@ plugin cannot honour, the config parser under random input, NaN/Inf activations 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 

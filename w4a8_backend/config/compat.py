@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 from typing import Any
-
 import vllm
 
 VLLM_VERSION = vllm.__version__
@@ -71,8 +70,22 @@ except ImportError:  # versions without a separate MLA layer class
     MLAAttention = Attention
 ATTENTION_LAYERS = (Attention, MLAAttention)
 
-
-def current_platform() -> Any:
-    from vllm.platforms import current_platform as platform
-
-    return platform
+__all__ = [
+    "ATTENTION_LAYERS",
+    "VLLM_VERSION",
+    "BaseKVCacheMethod",
+    "FusedMoEMethodBase",
+    "FusedMoeWeightScaleSupported",
+    "GroupQuantScaleParameter",
+    "LinearBase",
+    "LinearMethodBase",
+    "MoELayer",
+    "ModelWeightParameter",
+    "PerTensorScaleParameter",
+    "QuantizationConfig",
+    "QuantizeMethodBase",
+    "UnquantizedLinearMethod",
+    "register_quantization_config",
+    "register_weight_loader_v2_supported_method",
+    "set_weight_attrs",
+]

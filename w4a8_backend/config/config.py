@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .. import QUANTIZATION_NAME
-from ..formats import ActivationDtype, QuantAlgo
+from ..formats import QuantAlgo
 from .checkpoint import (
     CheckpointQuantSpec,
     activation_choice,
@@ -139,7 +139,3 @@ class W4A8Mxfp4Config(QuantizationConfig):
                 return None  # vLLM then uses its unquantized MoE method
             return MOE_METHODS[self.act_dtype](self, layer.moe_config, prefix)
         return None
-
-    @property
-    def serves_int8(self) -> bool:
-        return self.act_dtype == ActivationDtype.INT8
