@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def main() -> None:
     from w4a8_backend.tools.quantize import quantize_checkpoint
 
     out = Path(sys.argv[1])
-    work = Path(os.environ.get("TMPDIR", "/tmp")) / "w4a8_smoke"
+    work = Path(tempfile.gettempdir()) / "w4a8_smoke"
     prompts = ["The weather today is", "Once upon a time", "A quantized model runs"]
     report = []
     for arch, maker in (("llama", tiny_models.make_tiny_llama),
