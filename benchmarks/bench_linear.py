@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -369,6 +368,34 @@ def sweep(timer, log):
             log(json.dumps(res))
 
 
+def make_logger(path):
+    """``log(line)``: print, and append to ``path`` too when given."""
+    log_f = open(path, "a") if path else None
+
+    def log(s):
+        print(s, flush=True)
+        if log_f:
+            log_f.write(s + "\n")
+            log_f.flush()
+
+    return log
+
+
+def run_metadata() -> dict:
+    """Device, versions, date, the exact command and the measured copy bandwidth."""
+    import triton
+
+    return {
+        "device": torch.cuda.get_device_name(0),
+        "sms": torch.cuda.get_device_properties(0).multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "copy_tbs": copy_bandwidth_tbs(),
+    }
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results")
@@ -378,30 +405,14 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="time our kernel configs only")
     ap.add_argument("--log", default=None, help="also append log lines to this file")
     args = ap.parse_args(argv)
-    log_f = open(args.log, "a") if args.log else None
-
-    def log(s):
-        print(s, flush=True)
-        if log_f:
-            log_f.write(s + "\n")
-            log_f.flush()
+    log = make_logger(args.log)
 
     torch.backends.cuda.matmul.allow_tf32 = False
     timer = Timer()
     if args.sweep:
         sweep(timer, log)
         return
-    import triton
-
-    meta = {
-        "device": torch.cuda.get_device_name(0),
-        "sms": torch.cuda.get_device_properties(0).multi_processor_count,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "copy_tbs": copy_bandwidth_tbs(),
-    }
+    meta = run_metadata()
     log(json.dumps(meta))
     use_humming = not args.no_humming
     if use_humming:

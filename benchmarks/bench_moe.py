@@ -20,9 +20,7 @@ Humming's MoE kernels are not used: humming-kernels 0.1.19 exposes dense layers 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import sys
 import time
 import traceback
@@ -33,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_linear import Timer, copy_bandwidth_tbs, make_weight  # noqa: E402
+from bench_linear import Timer, make_logger, make_weight, run_metadata  # noqa: E402
 
 from w4a8_backend.formats import ActivationDtype, ActivationScheme, dequantize_mxfp4  # noqa: E402
 from w4a8_backend.kernels.moe_base import MoEKernelConfig  # noqa: E402
@@ -298,30 +296,14 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="time decode tile configs only")
     ap.add_argument("--log", default=None, help="also append log lines to this file")
     args = ap.parse_args(argv)
-    log_f = open(args.log, "a") if args.log else None
-
-    def log(s):
-        print(s, flush=True)
-        if log_f:
-            log_f.write(s + "\n")
-            log_f.flush()
+    log = make_logger(args.log)
 
     torch.backends.cuda.matmul.allow_tf32 = False
     timer = Timer()
     if args.sweep:
         sweep(timer, log)
         return
-    import triton
-
-    meta = {
-        "device": torch.cuda.get_device_name(0),
-        "sms": torch.cuda.get_device_properties(0).multi_processor_count,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "copy_tbs": copy_bandwidth_tbs(),
-    }
+    meta = run_metadata()
     fused_experts = None
     if not args.no_vllm:
         try:
