@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine import assert_matches_reference, generate_in_subprocess
+from engine import assert_matches_reference, generate_in_subprocess, median_nats_for
 from reference_model import build_reference_model
 from w4a8_backend.config.checkpoint import ACTIVATIONS_ENV
 from w4a8_backend.formats import ActivationDtype
@@ -29,7 +29,7 @@ CASES = [
 
 def _check(path, act, results):
     reference = build_reference_model(path, act_dtype=ActivationDtype.from_string(act))
-    median = 1e-3 if "static" in str(path) else 3e-2  # see test_engine_dense.median_nats
+    median = median_nats_for(path)
     for prompt_ids, tokens, logprobs in results:
         assert_matches_reference(reference, prompt_ids, tokens, logprobs, max_nats=0.1,
                                  median_nats=median)
@@ -51,4 +51,11 @@ def test_moe_tensor_and_expert_parallel(modelopt_qwen3_moe_static, expert_parall
         enable_expert_parallel=expert_parallel,
         env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
     )
+    _check(modelopt_qwen3_moe_static, "fp8", results)
+
+
+def test_moe_compiled_engine(modelopt_qwen3_moe_static):
+    """vLLM's default torch.compile mode with MoE layers (vLLM wraps them in its own custom op)."""
+    results = generate_in_subprocess(modelopt_qwen3_moe_static, enforce_eager=False,
+                                     env={**IN_PROCESS, ACTIVATIONS_ENV: "fp8"})
     _check(modelopt_qwen3_moe_static, "fp8", results)

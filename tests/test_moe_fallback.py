@@ -74,8 +74,8 @@ def test_fallback_moe_matches_per_expert_loop(act, scheme, top_k, path):
     else:  # the accelerator path (no host sync), run here on CPU tensors
         from w4a8_backend.kernels.moe_fallback import _codes, _scale_for
 
-        s1 = _scale_for(x, config, scheme, layer.w13_input_scale)
-        codes = _codes(x, config, s1, layer.w13_weight.dtype)
+        s1 = _scale_for(x, act, scheme, layer.w13_input_scale)
+        codes = _codes(x, act, s1, layer.w13_weight.dtype)
         out = kernel.all_experts(codes, s1, topk_ids.long(), topk_weights.float(),
                                  layer.w13_weight, layer.w2_weight, layer)
     rel = (out.float() - reference).norm() / reference.norm()
@@ -110,3 +110,27 @@ def test_non_silu_activation_is_refused_with_reason():
                              torch.bfloat16)
     ok, reason = DequantFallbackMoEKernel.can_implement(config)
     assert not ok and "gelu" in reason
+
+
+def test_fallback_moe_compiles_without_graph_breaks():
+    """vLLM compiles the model on CPU too: the routed-pairs path is one opaque custom op."""
+    gen = torch.Generator().manual_seed(3)
+    act, scheme = ActivationDtype.INT8, ActivationScheme.DYNAMIC_PER_TOKEN
+    layer = _layer(4, 64, 64, gen, static=False)
+    config = MoEKernelConfig(act, scheme, scheme, 4, 64, 64, 2, "silu", torch.float32)
+    kernel = DequantFallbackMoEKernel(config)
+    kernel.process_weights_after_loading(layer)
+    torch.library.opcheck(
+        torch.ops.w4a8_backend.moe_fallback_routed_pairs,
+        (torch.randn(5, 64).round(), torch.rand(5, 1) + 0.1, torch.randint(0, 4, (5, 2)),
+         torch.rand(5, 2), layer.w13_weight, layer.w2_weight, torch.empty(0), int(act),
+         int(scheme)),
+    )
+    compiled = torch.compile(
+        lambda x, w, ids: kernel.apply(layer, x, w, ids, None, False), fullgraph=True,
+        dynamic=True)
+    for tokens in (3, 9):
+        x = torch.randn(tokens, 64, generator=gen)
+        weights, ids = torch.rand(tokens, 4, generator=gen).softmax(-1).topk(2, dim=-1)
+        assert torch.equal(compiled(x, weights, ids), kernel.apply(layer, x, weights, ids, None,
+                                                                   False))

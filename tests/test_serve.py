@@ -53,8 +53,9 @@ def test_serve_claims_int8_checkpoint_without_flag(exported_llama_int8_static):
     assert "act=INT8 scheme=STATIC_PER_TENSOR" in text
 
 
-def test_serve_moe(modelopt_qwen3_moe_static):
+def test_serve_moe_compiled(modelopt_qwen3_moe_static):
+    """MoE in vLLM's default (torch.compile) mode, as a user would serve it."""
     with vllm_server(modelopt_qwen3_moe_static, "--quantization", "w4a8_mxfp4",
-                     "--enforce-eager", port=18233) as (url, log):
+                     port=18233) as (url, log):
         _exercise(url)
     assert "MoE E=4" in log.read_text()
