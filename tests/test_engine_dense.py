@@ -59,17 +59,18 @@ def test_greedy_tokens_match_reference(request, monkeypatch, fixture, act, schem
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("act", ["fp8", "int8"])
-def test_compiled_engine_matches_reference(modelopt_llama_static, act):
-    """vLLM's default mode (torch.compile with inductor on CPU), not only eager. Runs in its own
-    process: an in-process engine after others inherits their global compile state."""
-    results = generate_in_subprocess(modelopt_llama_static, enforce_eager=False,
-                                     env={ACTIVATIONS_ENV: act})
-    reference = build_reference_model(modelopt_llama_static,
-                                      act_dtype=ActivationDtype.from_string(act))
+@pytest.mark.parametrize("fixture,act", [("modelopt_llama_static", "fp8"),
+                                         ("modelopt_llama_dynamic", "int8")])
+def test_compiled_engine_matches_reference(request, fixture, act):
+    """vLLM's default mode (torch.compile with inductor on CPU), not only eager, with static and
+    dynamic scales. Runs in its own process: an in-process engine after others inherits their
+    global compile state."""
+    path = request.getfixturevalue(fixture)
+    results = generate_in_subprocess(path, enforce_eager=False, env={ACTIVATIONS_ENV: act})
+    reference = build_reference_model(path, act_dtype=ActivationDtype.from_string(act))
     for prompt_ids, tokens, logprobs in results:
         assert_matches_reference(reference, prompt_ids, tokens, logprobs,
-                                 max_nats=0.1, median_nats=1e-3)
+                                 max_nats=0.1, median_nats=median_nats_for(path))
 
 
 @pytest.mark.slow
