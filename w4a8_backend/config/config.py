@@ -25,7 +25,6 @@ from .compat import (
     QuantizeMethodBase,
     UnquantizedLinearMethod,
 )
-
 from .integrity import check_safetensors_files
 from .validation import check_attention
 
