@@ -1,8 +1,8 @@
 """Check that an unpacked vLLM source tree has everything ``w4a8_backend/config/compat.py``
 imports, without installing it (vLLM's GPU wheel does not import on a CPU machine).
 
-    pip download --no-deps --only-binary=:all: vllm==0.33.0 -d /tmp/v && unzip -q /tmp/v/*.whl 'vllm/*' -d /tmp/v
-    python scripts/check_vllm_api.py /tmp/v
+    pip download --no-deps --only-binary=:all: vllm==0.33.0 -d v033 && unzip -q v033/*.whl "vllm/*" -d v033
+    python scripts/check_vllm_api.py v033
 
 Reads compat.py's ``from vllm... import`` statements and its ``_first(...)`` candidate lists
 (where one of the candidates must exist) and looks each name up in the tree's source.
