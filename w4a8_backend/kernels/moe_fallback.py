@@ -35,9 +35,7 @@ def _codes(x: torch.Tensor, act: ActivationDtype, scale: torch.Tensor, dtype: to
 
 
 def _gemm1(rows: torch.Tensor, rows_scale: torch.Tensor, w13_e: torch.Tensor) -> torch.Tensor:
-    # float32 here even where weights rest in bf16: this output is quantized again for GEMM2,
-    # and a bf16-rounded product would move many of those roundings.
-    gate_up = torch.nn.functional.linear(rows.float(), w13_e.float()) * rows_scale
+    gate_up = torch.nn.functional.linear(rows.float(), w13_e) * rows_scale
     gate, up = gate_up.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
 
@@ -116,8 +114,11 @@ class DequantFallbackMoEKernel(Mxfp4MoEKernel):
         return True, None
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        dtype = compute_dtype_for(layer.w13_weight.device)
-        for name in ("w13", "w2"):
+        # w13 is decoded to float32 on every device: GEMM1's output is quantized again for GEMM2,
+        # and a bf16-rounded product would move many of those roundings. Decoding it once here
+        # keeps the per-call path free of weight up-casts.
+        dtypes = {"w13": torch.float32, "w2": compute_dtype_for(layer.w13_weight.device)}
+        for name, dtype in dtypes.items():
             packed = getattr(layer, f"{name}_weight").data
             dense = dequantize_mxfp4(packed, getattr(layer, f"{name}_weight_scale").data, dtype)
             setattr(layer, f"{name}_weight", torch.nn.Parameter(dense, requires_grad=False))
@@ -134,7 +135,7 @@ class DequantFallbackMoEKernel(Mxfp4MoEKernel):
             weights = torch.ones_like(weights)
 
         s1 = _scale_for(x, cfg.act_dtype, cfg.w13_scheme, layer.w13_input_scale)
-        x_codes = _codes(x, cfg.act_dtype, s1, w13.dtype)
+        x_codes = _codes(x, cfg.act_dtype, s1, torch.float32)
         if x.device.type == "cpu":
             w2_static = layer.w2_input_scale
             out = routed_pairs(
