@@ -480,6 +480,28 @@ def test_error_in_features_not_multiple_of_32(work, capsys):
     assert "model.layers.0.mlp.down_proj" in hq["quantization"]["exclude_modules"]
 
 
+def test_error_non_finite_weight(llama, work, capsys):
+    from safetensors.torch import load_file, save_file
+
+    src = work / "nan_llama"
+    src.mkdir()
+    for f in llama.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            (src / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(llama / "model.safetensors")
+    name = "model.layers.1.self_attn.o_proj.weight"
+    row = int(torch.randint(0, tensors[name].shape[0], ()).item())
+    tensors[name][row, 7] = float("nan")
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    out = work / "err_nan_out"
+    code, _, err = run_cli(src, out, "--activations", "fp8", capsys=capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"w4a8-quantize: error: {name}, rows 0..")
+    assert err.strip().endswith("cannot encode non-finite values to MXFP4: 1 block(s) of 32 hold "
+                                "NaN or Inf")
+    assert not out.exists() and not leftovers(work)
+
+
 def test_error_existing_nonempty_output(llama, work, capsys):
     out = work / "err_exists_out"
     out.mkdir()

@@ -294,7 +294,12 @@ def _quantize_job(src_name: str, module: str, dtype: str, shape: tuple, with_inp
         block_scales = torch.empty((out_rows, k // BLOCK_SIZE), dtype=torch.uint8)
         row = 0
         for chunk in reader.rows(src_name, index, start, stop, CHUNK_ELEMENTS):
-            packed, scale = quantize_mxfp4(chunk)
+            try:
+                packed, scale = quantize_mxfp4(chunk)
+            except ValueError as exc:
+                where = f"{src_name}" + (f" (expert {index})" if index is not None else "")
+                raise QuantizeError(f"{where}, rows {start + row}..{start + row + chunk.shape[0] - 1}: "
+                                    f"{exc}") from None
             block_scales[row:row + scale.shape[0]] = scale
             row += scale.shape[0]
             del scale
