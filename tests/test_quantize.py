@@ -502,6 +502,16 @@ def test_error_non_finite_weight(llama, work, capsys):
     assert not out.exists() and not leftovers(work)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_error_calib_device_unavailable(llama, work, capsys):
+    out = work / "err_calib_dev_out"
+    code, _, err = run_cli(llama, out, "--activations", "fp8", "--calibration", "static",
+                           "--calib-device", "cuda", capsys=capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("w4a8-quantize: error: --calib-device 'cuda' is not usable here: ")
+    assert not out.exists() and not leftovers(work)
+
+
 def test_error_existing_nonempty_output(llama, work, capsys):
     out = work / "err_exists_out"
     out.mkdir()

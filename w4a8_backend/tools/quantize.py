@@ -95,6 +95,23 @@ class ArchSpec:
     memory_moe_block: str = "mlp"
     # Leaf of the MoE router under the MoE block (kept in high precision, like ModelOpt).
     router: str | None = None
+    # Name of the list that holds the numbered blocks: ``model.layers.N`` (decoders) or
+    # ``encoder.layer.N`` (BERT).
+    layer_container: str = "layers"
+    # Linears outside the numbered blocks that ModelOpt quantizes too (BERT's ``pooler.dense``).
+    extra_linears: frozenset = frozenset()
+    # Source tensors that ModelOpt's export leaves out (buffers transformers >= 5 does not save).
+    dropped: frozenset = frozenset()
+    # The ``transformers`` auto class that loads the checkpoint for calibration.
+    auto_class: str = "AutoModelForCausalLM"
+    # ``config.json`` architectures this spec is verified for (None: any).
+    architectures: frozenset | None = None
+    # Whether vLLM keeps a KV cache for the model (encoder-only models have none).
+    has_kv_cache: bool = True
+
+    @property
+    def layer_re(self) -> re.Pattern:
+        return re.compile(rf"^(?P<layer>.*\.{re.escape(self.layer_container)}\.\d+)\.(?P<rest>.+)$")
 
 
 _DENSE_LEAVES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -113,11 +130,22 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         disk_moe_block="block_sparse_moe",
         router="gate",
     ),
+    # BERT encoders (sentence-embedding backbones such as all-MiniLM-L6-v2). ModelOpt 0.47's
+    # W4A8_MXFP4_FP8 preset quantizes every linear of the encoder layers and pooler.dense, and
+    # leaves the embeddings (exclude_modules ["embeddings*"]); checked on the real MiniLM weights.
+    "bert": ArchSpec(
+        frozenset({"query", "key", "value", "dense"}),
+        layer_container="layer",
+        extra_linears=frozenset({"pooler.dense"}),
+        dropped=frozenset({"embeddings.position_ids"}),
+        auto_class="AutoModel",
+        architectures=frozenset({"BertModel"}),
+        has_kv_cache=False,
+    ),
 }
 
 FUSED_SPLIT_LEAVES = ("gate_proj", "up_proj", "down_proj")
 
-_LAYER_RE = re.compile(r"^(?P<layer>.*\.layers\.\d+)\.(?P<rest>.+)$")
 _EXPERT_RE = re.compile(r"^(?P<experts>.*\.experts)\.(?P<idx>\d+)\.(?P<leaf>\w+)$")
 _FUSED_RE = re.compile(r"^(?P<experts>.*\.experts)\.(?P<leaf>gate_up_proj|down_proj)$")
 
@@ -337,11 +365,14 @@ def build_plan(meta: dict, spec: ArchSpec, excludes: Sequence[str], static_input
     input_keys: dict = {}
     attention: list[str] = []
     src_bytes = 0
+    layer_re = spec.layer_re
 
     for name in sorted(meta):
         dtype, shape = meta[name]
         src_bytes += math.prod(shape) * _ST_ITEMSIZE.get(dtype, 1)
-        layer = _LAYER_RE.match(name)
+        if name in spec.dropped:
+            continue
+        layer = layer_re.match(name)
         fused = _FUSED_RE.match(name) if layer else None
         if fused and len(shape) == 3:
             experts = fused["experts"]
@@ -379,7 +410,7 @@ def build_plan(meta: dict, spec: ArchSpec, excludes: Sequence[str], static_input
             continue
 
         module = name[: -len(".weight")]
-        if layer is None:
+        if layer is None and module not in spec.extra_linears:
             # lm_head, embeddings and anything else outside the decoder layers stay as they are.
             excluded.append(module)
             jobs.append(_copy_job(name, dtype, shape))
@@ -488,7 +519,8 @@ def _force_eager_experts(config) -> None:
             stack.append(getattr(cfg, sub, None))
 
 
-def calibrate(src: Path, texts: Sequence[str], max_length: int) -> dict:
+def calibrate(src: Path, texts: Sequence[str], max_length: int, device: str = "cpu",
+              auto_class: str = "AutoModelForCausalLM") -> dict:
     """Run the model on ``texts``; return amax per calibration key.
 
     Keys: ``(module, "linear")`` for each ``nn.Linear`` input, ``(experts, "gate_up")`` and
@@ -498,13 +530,18 @@ def calibrate(src: Path, texts: Sequence[str], max_length: int) -> dict:
     transformers' in-memory module names.
     """
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(src)
     except Exception as exc:
         raise QuantizeError(f"static calibration needs the tokenizer in {src}: {exc}") from None
-    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    try:
+        torch_device = torch.device(device)
+        torch.empty(0, device=torch_device)
+    except (RuntimeError, AssertionError) as exc:
+        raise QuantizeError(f"--calib-device {device!r} is not usable here: {exc}") from None
+    model = getattr(transformers, auto_class).from_pretrained(src, dtype="auto").to(torch_device)
     model.eval()
     _force_eager_experts(model.config)
 
@@ -571,13 +608,13 @@ def calibrate(src: Path, texts: Sequence[str], max_length: int) -> dict:
                 ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)
                 if ids["input_ids"].numel() == 0:
                     continue
-                model(input_ids=ids["input_ids"])
+                model(input_ids=ids["input_ids"].to(torch_device))
     finally:
         torch.nn.functional.linear = original_linear
         for c, impl in saved:
             c._attn_implementation = impl
     del model
-    return amax
+    return {key: value.cpu() for key, value in amax.items()}
 
 
 def _scales_from_amax(plan: Plan, amax: dict, activations: str, static_inputs: bool,
@@ -754,6 +791,7 @@ def quantize_checkpoint(
     shard_size: str | int = DEFAULT_SHARD_SIZE,
     kv_cache_fp8: bool = False,
     calib_max_length: int = DEFAULT_CALIB_MAX_LENGTH,
+    calib_device: str = "cpu",
     progress: bool = True,
 ) -> dict:
     """Export ``src_dir`` (HF safetensors model) to W4A8 MXFP4 in ``out_dir``; return a summary.
@@ -763,7 +801,8 @@ def quantize_checkpoint(
     ``input_scale`` = amax / 448 (FP8) or amax / 127 (INT8) measured on the calibration text;
     ``"dynamic"`` writes none (the engine computes scales at run time). ``kv_cache_fp8`` adds
     ``k_scale`` / ``v_scale`` = amax / 448 (this runs the calibration text through the model even
-    in dynamic mode). Raises :class:`QuantizeError` on bad input; nothing is left in ``out_dir``
+    in dynamic mode). ``calib_device`` runs that calibration forward on another torch device
+    (e.g. ``"cuda"`` for large models); the weights are always encoded on the CPU. Raises :class:`QuantizeError` on bad input; nothing is left in ``out_dir``
     then.
     """
     from tqdm.auto import tqdm
@@ -785,6 +824,15 @@ def quantize_checkpoint(
             f"unsupported architecture {arch} (model_type {model_type!r}); supported model "
             f"types: {', '.join(sorted(ARCHITECTURES))}"
         )
+    if spec.architectures is not None and arch not in spec.architectures:
+        raise QuantizeError(
+            f"unsupported architecture {arch} (model_type {model_type!r}): for this model type "
+            f"only {', '.join(sorted(spec.architectures))} is supported"
+        )
+    if kv_cache_fp8 and not spec.has_kv_cache:
+        raise QuantizeError(
+            f"--kv-cache-fp8: {arch} is an encoder-only model; vLLM keeps no KV cache for it"
+        )
     weight_files, meta = _read_source_layout(src)
     size = parse_size(shard_size)
     _check_output(out)
@@ -800,7 +848,7 @@ def quantize_checkpoint(
 
     scales: dict = {}
     if texts is not None:
-        amax = calibrate(src, texts, calib_max_length)
+        amax = calibrate(src, texts, calib_max_length, calib_device, auto_class=spec.auto_class)
         scales = _scales_from_amax(plan, amax, activations, static_inputs, kv_cache_fp8, spec)
 
     quant_algo = QUANT_ALGOS[activations]
@@ -887,6 +935,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "built-in text")
     p.add_argument("--calib-max-length", type=int, default=DEFAULT_CALIB_MAX_LENGTH,
                    help="tokens per calibration paragraph (default %(default)s)")
+    p.add_argument("--calib-device", metavar="DEV", default="cpu",
+                   help="torch device for the calibration forward (default cpu; e.g. cuda for "
+                   "large models); weights are encoded on the CPU either way")
     p.add_argument("--exclude", metavar="PATTERN", nargs="+", action="extend", default=[],
                    help="keep modules matching these shell patterns in high precision, e.g. "
                    "'model.layers.0.*' '*.down_proj' (lm_head, embeddings and MoE routers always are)")
@@ -910,6 +961,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shard_size=args.shard_size,
             kv_cache_fp8=args.kv_cache_fp8,
             calib_max_length=args.calib_max_length,
+            calib_device=args.calib_device,
             progress=not args.no_progress,
         )
     except QuantizeError as exc:
