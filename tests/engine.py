@@ -98,7 +98,13 @@ def assert_matches_reference(reference, prompt_ids, tokens, logprobs, max_nats: 
 
 
 def vllm_command() -> list[str]:
-    return [str(Path(sys.executable).with_name("vllm"))]
+    """The `vllm` CLI next to this interpreter, or ``$W4A8_VLLM_COMMAND`` (e.g. the GPU kit's
+    ``python3 -m vllm.entrypoints.cli.main``, which has no `vllm` script)."""
+    import os
+    import shlex
+
+    override = os.environ.get("W4A8_VLLM_COMMAND")
+    return shlex.split(override) if override else [str(Path(sys.executable).with_name("vllm"))]
 
 
 @contextmanager
