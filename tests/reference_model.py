@@ -90,13 +90,16 @@ def build_reference_model(
     act_dtype: ActivationDtype | None = None,
     dynamic_scheme: ActivationScheme | None = None,
     dtype: torch.dtype = torch.float32,
+    auto_class: str = "AutoModelForCausalLM",
 ) -> torch.nn.Module:
     """A transformers model computing the exact W4A8 semantics of ``checkpoint``.
 
     ``act_dtype`` overrides the checkpoint's activation dtype the same way the plugin's
-    ``W4A8_MXFP4_ACTIVATIONS`` does (static scales are converted through amax).
+    ``W4A8_MXFP4_ACTIVATIONS`` does (static scales are converted through amax). ``auto_class``:
+    the transformers class that builds the model (``"AutoModel"`` for a BERT encoder).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import transformers
+    from transformers import AutoConfig
 
     checkpoint = Path(checkpoint)
     raw = json.loads((checkpoint / "config.json").read_text())
@@ -107,7 +110,7 @@ def build_reference_model(
 
     config = AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "architectures"})
     config.architectures = raw.get("architectures")
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = getattr(transformers, auto_class).from_config(config, dtype=dtype)
     model.eval()
     tensors = _load_tensors(checkpoint)
     experts = _collect_experts(tensors)

@@ -108,6 +108,8 @@ class ArchSpec:
     architectures: frozenset | None = None
     # Whether vLLM keeps a KV cache for the model (encoder-only models have none).
     has_kv_cache: bool = True
+    # Whether the model has an lm_head (tied word embeddings then add "lm_head" to the excludes).
+    has_lm_head: bool = True
 
     @property
     def layer_re(self) -> re.Pattern:
@@ -141,6 +143,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         auto_class="AutoModel",
         architectures=frozenset({"BertModel"}),
         has_kv_cache=False,
+        has_lm_head=False,
     ),
 }
 
@@ -837,7 +840,8 @@ def quantize_checkpoint(
     size = parse_size(shard_size)
     _check_output(out)
     static_inputs = calibration == "static"
-    tie = bool(config.get("tie_word_embeddings", False)) and "lm_head.weight" not in meta
+    tie = (spec.has_lm_head and bool(config.get("tie_word_embeddings", False))
+           and "lm_head.weight" not in meta)
     plan = build_plan(meta, spec, list(exclude), static_inputs, kv_cache_fp8, tie)
     excludes = summarize_excludes(plan.excluded_modules, plan.quantized_modules)
     texts = None
