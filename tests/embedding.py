@@ -113,8 +113,10 @@ for run in args["runs"]:
         os.environ.pop(key, None)
     os.environ.update(run.get("env", {}))
     start = time.monotonic()
-    kwargs = dict(runner="pooling", dtype=args["dtype"], enforce_eager=True, max_model_len=256,
-                  max_num_seqs=args["max_num_seqs"], seed=0)
+    kwargs = dict(runner="pooling", dtype=run.get("dtype", args["dtype"]), enforce_eager=True,
+                  max_model_len=256, seed=0)
+    if args["max_num_seqs"]:
+        kwargs["max_num_seqs"] = args["max_num_seqs"]
     if run.get("quantization"):
         kwargs["quantization"] = run["quantization"]
     llm = LLM(run["path"], **kwargs)
@@ -132,8 +134,9 @@ def embed_in_subprocess(runs: list[dict], texts: list[str], dtype: str = "float3
                         max_num_seqs: int = 1, timeout: float = 900) -> list[dict]:
     """Embed ``texts`` with one vLLM pooling engine per run, all in one fresh Python process.
 
-    A run is ``{"path": checkpoint, "quantization": None | "w4a8_mxfp4", "env": {...}}``; the
-    plugin's environment variables are cleared before each engine and ``env`` applied. Returns
+    A run is ``{"path": checkpoint, "quantization": None | "w4a8_mxfp4", "env": {...}}`` (and
+    optionally its own ``"dtype"``); the plugin's environment variables are cleared before each
+    engine and ``env`` applied. ``max_num_seqs=None`` keeps vLLM's default batching. Returns
     ``[{"embeddings": Tensor [len(texts), H], "load_s": ..., "embed_s": ...}]``.
     """
     payload = json.dumps({"runs": runs, "texts": texts, "dtype": dtype,

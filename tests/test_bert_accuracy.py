@@ -39,6 +39,7 @@ FLOORS = {
     "fp8_dynamic": (0.94, 0.925),
     "int8_static": (0.92, 0.90),
     "int8_dynamic": (0.94, 0.925),
+    "fp8_static_mixed": (0.97, 0.96),  # measured 0.9837 / 0.9770
 }
 # The engine against the exact W4A8 forward of the same checkpoint (both float32), as 1 - cosine.
 # Where no activation lands differently on a rounding boundary the two agree to ~1e-14. BERT's
@@ -52,6 +53,7 @@ REFERENCE_TOLERANCE = {
     "fp8_dynamic": (3e-3, 1e-3),
     "int8_static": (3e-2, 1e-2),
     "int8_dynamic": (3e-3, 1e-3),
+    "fp8_static_mixed": (3e-3, 1e-3),
 }
 
 
@@ -79,7 +81,17 @@ def int8_dynamic(minilm, tmp_path_factory):
     return out
 
 
-def _variants(fp8_static, int8_dynamic):
+@pytest.fixture(scope="module")
+def fp8_static_mixed(minilm, tmp_path_factory):
+    """Attention q/k/v and the FFN up-projection kept in high precision (vLLM announces the fused
+    q/k/v layer as ``attention.output.qkv_proj``; the plugin must still find it excluded)."""
+    out = tmp_path_factory.mktemp("minilm_fp8_mixed") / "ckpt"
+    wq.quantize_checkpoint(minilm, out, activations="fp8", calibration="static", progress=False,
+                           exclude=["*.attention.self.*", "*.intermediate.dense"])
+    return out
+
+
+def _variants(fp8_static, int8_dynamic, fp8_static_mixed):
     """variant -> (checkpoint, plugin env, served activations, dynamic scheme for the reference).
 
     Two exports cover both formats and both scale kinds: the FP8 static checkpoint is also served
@@ -92,13 +104,14 @@ def _variants(fp8_static, int8_dynamic):
         "int8_dynamic": (int8_dynamic, {}, ActivationDtype.INT8, ActivationScheme.DYNAMIC_PER_TOKEN),
         "fp8_dynamic": (int8_dynamic, {"W4A8_MXFP4_ACTIVATIONS": "fp8"}, ActivationDtype.FP8_E4M3,
                         ActivationScheme.DYNAMIC_PER_TENSOR),
+        "fp8_static_mixed": (fp8_static_mixed, {}, ActivationDtype.FP8_E4M3, None),
     }
 
 
 @pytest.fixture(scope="module")
-def engine_embeddings(minilm, texts, fp8_static, int8_dynamic):
+def engine_embeddings(minilm, texts, fp8_static, int8_dynamic, fp8_static_mixed):
     """One fresh process, one pooling engine per variant, one sentence per forward (float32)."""
-    variants = _variants(fp8_static, int8_dynamic)
+    variants = _variants(fp8_static, int8_dynamic, fp8_static_mixed)
     runs = [{"path": str(minilm)}] + [
         {"path": str(path), "quantization": "w4a8_mxfp4", "env": env}
         for path, env, _, _ in variants.values()
@@ -131,11 +144,11 @@ def test_unquantized_engine_matches_sentence_transformers(minilm, texts, engine_
 
 
 @pytest.mark.parametrize("variant", list(FLOORS))
-def test_engine_equals_exact_w4a8_reference(variant, minilm, texts, fp8_static, int8_dynamic,
-                                            engine_embeddings):
+def test_engine_equals_exact_w4a8_reference(variant, texts, fp8_static, int8_dynamic,
+                                            fp8_static_mixed, engine_embeddings):
     from transformers import AutoTokenizer
 
-    path, _, act, scheme = _variants(fp8_static, int8_dynamic)[variant]
+    path, _, act, scheme = _variants(fp8_static, int8_dynamic, fp8_static_mixed)[variant]
     model = build_reference_model(path, act_dtype=act, dynamic_scheme=scheme, auto_class="AutoModel")
     tokenizer = AutoTokenizer.from_pretrained(path)
     reference = E.transformers_embeddings(model, tokenizer, texts, E.check_pooling_config(path))
@@ -145,7 +158,10 @@ def test_engine_equals_exact_w4a8_reference(variant, minilm, texts, fp8_static, 
     assert float(distance.max()) < max_tolerance, (variant, distance)
     assert float(distance.mean()) < mean_tolerance, (variant, distance)
     # The same function, not merely a close one: some sentences meet no rounding flip at all.
-    assert int((distance.abs() < 1e-9).sum()) >= 2, (variant, distance)
+    # (Not with layers left unquantized: their float32 GEMMs round differently from transformers'
+    # and feed every later activation quantization slightly different inputs.)
+    if variant != "fp8_static_mixed":
+        assert int((distance.abs() < 1e-9).sum()) >= 2, (variant, distance)
 
 
 @pytest.mark.parametrize("variant", list(FLOORS))

@@ -175,3 +175,18 @@ def test_weight_stats_exact_ranges():
     assert stats["fp8_out_of_range"] == 1 + 8  # row 2's outlier; row 4's zero blocks (e = -127)
     # INT8: row 1 and row 2 one block each, row 4 the 4 and its whole zero tile (8 blocks)
     assert stats["int8_out_of_range"] == 1 + 1 + 1 + 8
+
+
+def test_bert_qkv_prefix_is_mapped_to_where_the_layer_lives():
+    """vLLM 0.32 announces BERT's fused q/k/v as ``attention.output.qkv_proj`` (its BertAttention
+    passes ``.output`` to the self-attention); the plugin matches ``attention.self``."""
+    pytest.importorskip("vllm")
+    from w4a8_backend.config.compat import LinearBase, QKVParallelLinear, layer_module_path
+
+    qkv = QKVParallelLinear.__new__(QKVParallelLinear)  # no TP group needed for isinstance
+    dense = LinearBase.__new__(LinearBase)
+    layer = "model.encoder.layer.3.attention"
+    assert layer_module_path(qkv, f"{layer}.output.qkv_proj") == f"{layer}.self.qkv_proj"
+    assert layer_module_path(dense, f"{layer}.output.dense") == f"{layer}.output.dense"
+    assert layer_module_path(qkv, "model.layers.0.self_attn.qkv_proj") == \
+        "model.layers.0.self_attn.qkv_proj"

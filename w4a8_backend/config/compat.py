@@ -28,6 +28,7 @@ def _first(*candidates: tuple[str, str]) -> Any:
 from vllm.model_executor.layers.linear import (  # noqa: E402
     LinearBase,
     LinearMethodBase,
+    QKVParallelLinear,
     UnquantizedLinearMethod,
     register_weight_loader_v2_supported_method,
 )
@@ -70,6 +71,24 @@ except ImportError:  # versions without a separate MLA layer class
     MLAAttention = Attention
 ATTENTION_LAYERS = (Attention, MLAAttention)
 
+
+_BERT_PREFIX_AS_BUILT = ".attention.output.qkv_proj"
+_BERT_PREFIX_ON_DISK = ".attention.self.qkv_proj"
+
+
+def layer_module_path(layer: Any, prefix: str) -> str:
+    """The module path checkpoint names refer to, for the ``prefix`` vLLM hands a layer.
+
+    vLLM 0.32's BertAttention (the same line is in code derived from older vLLM) builds its
+    BertSelfAttention with ``prefix=f"{prefix}.output"``, so the fused QKV layer that lives (and
+    loads its weights) at
+    ``…attention.self.qkv_proj`` is announced as ``…attention.output.qkv_proj``. Exclusions and
+    error messages must use where the layer really is.
+    """
+    if isinstance(layer, QKVParallelLinear) and prefix.endswith(_BERT_PREFIX_AS_BUILT):
+        return prefix[: -len(_BERT_PREFIX_AS_BUILT)] + _BERT_PREFIX_ON_DISK
+    return prefix
+
 __all__ = [
     "ATTENTION_LAYERS",
     "VLLM_VERSION",
@@ -84,7 +103,9 @@ __all__ = [
     "PerTensorScaleParameter",
     "QuantizationConfig",
     "QuantizeMethodBase",
+    "QKVParallelLinear",
     "UnquantizedLinearMethod",
+    "layer_module_path",
     "register_quantization_config",
     "register_weight_loader_v2_supported_method",
     "set_weight_attrs",

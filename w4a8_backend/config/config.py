@@ -24,6 +24,7 @@ from .compat import (
     QuantizationConfig,
     QuantizeMethodBase,
     UnquantizedLinearMethod,
+    layer_module_path,
 )
 from .integrity import check_safetensors_files
 from .validation import check_attention
@@ -130,6 +131,7 @@ class W4A8Mxfp4Config(QuantizationConfig):
             )
             return Mxfp4KVCacheMethod(self, prefix)
         if isinstance(layer, LinearBase):
+            prefix = layer_module_path(layer, prefix)
             if is_excluded(prefix, self.exclude_modules, self.packed_modules_mapping):
                 return UnquantizedLinearMethod()
             return LINEAR_METHODS[self.act_dtype](self, prefix)
