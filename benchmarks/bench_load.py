@@ -171,6 +171,10 @@ def run_one(model: Path, args, serve_args: list[str], env: dict) -> dict:
         log_text = server.log_text()
         row["access_log_5xx"] = len(ls.access_log_5xx(log_text))
         row["aborted_in_engine"] = ls.aborted_in_log(log_text)
+        # The plugin's per-layer-shape dispatch decisions ("w4a8_mxfp4: N=.. K=.. uses kernel ..").
+        row["kernels"] = sorted({line.split("w4a8_mxfp4: ", 1)[1].split(" (passed over", 1)[0]
+                                 for line in log_text.splitlines()
+                                 if "w4a8_mxfp4: " in line and "uses kernel" in line})
     row.update(ls.summarize(reqs, loaded, wall))
     row["preemptions"] = after.get(ls.PREEMPTIONS, 0) - before.get(ls.PREEMPTIONS, 0)
     row["generated_tokens"] = (after.get("vllm:generation_tokens_total", 0)
@@ -245,6 +249,10 @@ def write_markdown(result: dict, path: Path) -> None:
             f"{r['preemptions']:.0f} | {'yes' if ok_after else 'NO'} | "
             f"{r['identical']} / {r['tie_divergences']} / {len(r['different'])} of "
             f"{r['compared']} | {len(r['leaked_pids'])} |")
+    kernels = sorted({k for r in result["rows"] for k in r.get("kernels", [])})
+    if kernels:
+        lines += ["", "Kernels chosen by the plugin (server logs):", ""]
+        lines += [f"- `{k}`" for k in kernels]
     for r in result["rows"]:
         for reason in (r.get("different") or [])[:5]:
             lines.append(f"\n- {r['model']}: {reason}")
@@ -283,8 +291,8 @@ def plot(result: dict, path: Path) -> str | None:
     ax2.set_ylabel("completed requests / s")
     ax2b.set_ylabel("preemptions during the run")
     ax2.set_title("throughput and preemptions", fontsize=10)
-    ax2.legend(loc="upper left", fontsize=8)
-    ax2b.legend(loc="upper right", fontsize=8)
+    ax2.legend(loc="lower left", fontsize=8, framealpha=0.9)
+    ax2b.legend(loc="lower right", fontsize=8, framealpha=0.9)
     meta = result["meta"]
     fig.suptitle(f"w4a8_mxfp4 under load: {meta['requests']} requests, concurrency "
                  f"{meta['concurrency']}; {meta['device']}; {meta['date']}", fontsize=9)
