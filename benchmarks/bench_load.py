@@ -358,6 +358,7 @@ def main(argv=None) -> int:
         result = {"meta": dict(parts[0]["meta"]), "rows": [r for p in parts for r in p["rows"]]}
         result["meta"]["command"] = "`; `".join(p["meta"]["command"] for p in parts)
         result["meta"]["date"] = ", ".join(sorted({p["meta"]["date"] for p in parts}))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         stem = Path(args.out) / (args.name or "load_combined")
         result["plot_note"] = plot(result, stem.with_suffix(".png"))
         stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
