@@ -455,7 +455,7 @@ def test_error_unsupported_architecture(llama, work, capsys):
     out = work / "err_arch_out"
     _expect_error(capsys, out, [src, out, "--activations", "fp8"],
                   "unsupported architecture GPT2LMHeadModel (model_type 'gpt2'); supported model "
-                  "types: llama, mistral, mixtral, qwen2, qwen3, qwen3_moe")
+                  "types: bert, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe")
     assert not out.exists()
 
 
