@@ -116,3 +116,31 @@ def test_checkpoint_claimed_without_quantization_flag(modelopt_llama_static):
         assert len(tokens) == 4
     finally:
         release(llm)
+
+
+@pytest.mark.slow
+def test_compile_cache_keeps_activation_settings_apart(modelopt_llama_static, tmp_path):
+    """Serving one checkpoint compiled with FP8 and then with INT8 activations (one compile cache,
+    as on a user's machine) must not load the FP8 run's graph for the INT8 run: the plugin's
+    settings are constants in the compiled graph, and vLLM's cache key alone holds only the
+    quantization method's name (seen on an H100: INT8 served garbage after an FP8 run)."""
+    cache = {"VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}
+    for act in ("fp8", "int8"):
+        results = generate_in_subprocess(modelopt_llama_static, enforce_eager=False,
+                                         env={ACTIVATIONS_ENV: act, **cache})
+        reference = build_reference_model(modelopt_llama_static,
+                                          act_dtype=ActivationDtype.from_string(act))
+        for prompt_ids, tokens, logprobs in results:
+            assert_matches_reference(reference, prompt_ids, tokens, logprobs, max_nats=0.1,
+                                     median_nats=median_nats_for(modelopt_llama_static))
+    assert len(compile_cache_keys(tmp_path / "vllm-cache")) == 2
+
+
+def compile_cache_keys(cache_root) -> set[str]:
+    """Hash-named folders of vLLM's compile cache (``torch_compile_cache/<hash>`` or, with AOT
+    compilation, ``torch_compile_cache/torch_aot_compile/<hash>``)."""
+    import re
+
+    root = cache_root / "torch_compile_cache"
+    return {p.name for p in [*root.glob("*"), *root.glob("*/*")]
+            if p.is_dir() and re.fullmatch(r"[0-9a-f]{10,64}", p.name)}

@@ -89,7 +89,29 @@ def layer_module_path(layer: Any, prefix: str) -> str:
         return prefix[: -len(_BERT_PREFIX_AS_BUILT)] + _BERT_PREFIX_ON_DISK
     return prefix
 
+def add_compile_cache_factor(key: str, value: Any) -> bool:
+    """Put ``value`` into vLLM's torch.compile cache key; False where that is not possible.
+
+    The plugin's settings (activation dtype and scheme, forced kernel) are constants of the
+    compiled graph, but vLLM hashes only the quantization method's *name* (``quant_config`` is
+    skipped in ``VllmConfig.compute_hash``, 0.26-0.33): a graph compiled for FP8 activations was
+    loaded from the cache for an INT8 run of the same checkpoint and served garbage. The
+    ``additional_config`` dict is part of that hash in every supported version, and the worker's
+    config is the current one while the model (and so each quant method) is built, before the
+    first compile computes the hash.
+    """
+    from vllm.config import get_current_vllm_config_or_none
+
+    config = get_current_vllm_config_or_none()
+    extra = getattr(config, "additional_config", None)
+    if not isinstance(extra, dict):
+        return False
+    extra[key] = value
+    return True
+
+
 __all__ = [
+    "add_compile_cache_factor",
     "ATTENTION_LAYERS",
     "VLLM_VERSION",
     "BaseKVCacheMethod",

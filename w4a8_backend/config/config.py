@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from .checkpoint import (
     parse_quant_config,
 )
 from .compat import (
+    add_compile_cache_factor,
     ATTENTION_LAYERS,
     BaseKVCacheMethod,
     LinearBase,
@@ -30,6 +32,15 @@ from .integrity import check_safetensors_files
 from .validation import check_attention
 
 SERVED_ALGOS = frozenset(m.name for m in QuantAlgo)
+
+
+def compile_cache_factors(act_dtype) -> dict:
+    """What, besides the checkpoint, decides this plugin's compiled graph: the served activation
+    dtype, every ``W4A8_MXFP4_*`` setting and the package version."""
+    from .. import __version__
+
+    settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith("W4A8_MXFP4_")}
+    return {"version": __version__, "activations": act_dtype.name, "env": settings}
 
 
 class Mxfp4KVCacheMethod(BaseKVCacheMethod):
@@ -60,6 +71,7 @@ class W4A8Mxfp4Config(QuantizationConfig):
     """MXFP4 weights with FP8 or INT8 activations, from ModelOpt-layout checkpoints."""
 
     def __init__(self, spec: CheckpointQuantSpec):
+        self._compile_cache_keyed = False
         super().__init__()
         self.spec = spec
         self.act_dtype, self.forced_dynamic_scheme = activation_choice(spec)
@@ -120,6 +132,10 @@ class W4A8Mxfp4Config(QuantizationConfig):
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         from ..methods.linear import LINEAR_METHODS
         from ..methods.moe import MOE_METHODS
+
+        if not self._compile_cache_keyed:
+            self._compile_cache_keyed = add_compile_cache_factor(
+                QUANTIZATION_NAME, compile_cache_factors(self.act_dtype))
 
         if isinstance(layer, ATTENTION_LAYERS):
             check_attention(
