@@ -15,6 +15,7 @@ Exit status 1 when any check fails; the table and JSON are written either way.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -38,7 +39,7 @@ args = json.loads(sys.argv[1])
 t0 = time.time()
 llm = LLM(args["path"], quantization="w4a8_mxfp4", attention_config={"backend": "TRITON_ATTN"},
           gpu_memory_utilization=0.3, kv_cache_memory_bytes=2 << 30, max_model_len=256,
-          dtype="bfloat16", max_num_seqs=1)
+          max_num_seqs=1, **args["engine"])
 init = time.time() - t0
 rows = []
 for prompt in args["prompts"]:
@@ -51,11 +52,12 @@ print("RESULT" + json.dumps({"vllm": vllm.__version__, "init_s": init, "rows": r
 """
 
 
-def run_engine(path: Path, act: str, prompts: list[str]) -> dict:
+def run_engine(path: Path, act: str, prompts: list[str], engine: dict, log_path: Path) -> dict:
     env = dict(os.environ, W4A8_MXFP4_ACTIVATIONS=act)
     proc = subprocess.run([sys.executable, "-c", ENGINE, json.dumps(
-        {"path": str(path), "prompts": prompts})], env=env, capture_output=True, text=True,
-        timeout=420)
+        {"path": str(path), "prompts": prompts, "engine": engine})], env=env,
+        capture_output=True, text=True, timeout=420)
+    log_path.write_text(proc.stdout + proc.stderr)
     log = proc.stdout + proc.stderr
     kernel_lines = sorted({line.split("w4a8_mxfp4: ", 1)[1][:160] for line in log.splitlines()
                            if "uses kernel" in line})
@@ -75,24 +77,43 @@ def main() -> None:
     from w4a8_backend.formats import ActivationDtype
     from w4a8_backend.tools.quantize import quantize_checkpoint
 
-    out = Path(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--archs", nargs="+", default=["llama", "qwen3_moe"])
+    parser.add_argument("--acts", nargs="+", default=["fp8", "int8"], help="served activations")
+    parser.add_argument("--checkpoint-act", default="fp8", help="the exported checkpoint's format")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--eager", action="store_true", help="enforce_eager (no compile, no graphs)")
+    parser.add_argument("--kernel", default=None, help="force W4A8_MXFP4_KERNEL")
+    parser.add_argument("--no-serve", action="store_true")
+    parser.add_argument("--tp", type=int, nargs="+", default=[1],
+                        help="tensor-parallel sizes; with several, their greedy tokens must agree")
+    args = parser.parse_args()
+    if args.kernel:
+        os.environ["W4A8_MXFP4_KERNEL"] = args.kernel
+    engine = {"dtype": args.dtype, "enforce_eager": args.eager}
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.gettempdir()) / "w4a8_smoke"
     prompts = ["The weather today is", "Once upon a time", "A quantized model runs"]
     report = []
-    for arch, maker in (("llama", tiny_models.make_tiny_llama),
-                        ("qwen3_moe", tiny_models.make_tiny_qwen3_moe)):
-        src = maker(work / arch)
-        ckpt = work / f"{arch}_w4a8"
+    makers = {"llama": tiny_models.make_tiny_llama, "qwen3_moe": tiny_models.make_tiny_qwen3_moe}
+    for arch in args.archs:
+        src = work / arch
+        if not src.exists():
+            makers[arch](src)
+        ckpt = work / f"{arch}_w4a8_{args.checkpoint_act}"
         if not ckpt.exists():
-            quantize_checkpoint(src, ckpt, activations="fp8", calibration="static",
+            quantize_checkpoint(src, ckpt, activations=args.checkpoint_act, calibration="static",
                                 progress=False)
-        for act in ("fp8", "int8"):
+        for act, tp in [(a, t) for a in args.acts for t in args.tp]:
             t0 = time.time()
+            engine["tensor_parallel_size"] = tp
             try:
-                result = run_engine(ckpt, act, prompts)
+                result = run_engine(ckpt, act, prompts, engine,
+                                    out / f"engine_{arch}_{act}_tp{tp}.log")
             except RuntimeError as exc:
-                (out / f"engine_{arch}_{act}.log").write_text(str(exc))
-                entry = {"arch": arch, "act": act, "vllm": "?", "steps": 0,
+                entry = {"arch": arch, "act": act, "tp": tp, "vllm": "?", "steps": 0,
                          "reference_argmax_agree": "-", "max_gap_nats": "-",
                          "mean_abs_logprob_diff": "-", "kernels": [], "ok": False,
                          "error": str(exc)[-2000:]}
@@ -108,35 +129,50 @@ def main() -> None:
                     gaps.append(float(r.max() - r[tok]))
                     diffs.append(abs(lp - float(r[tok])))
             steps = sum(len(row["tokens"]) for row in result["rows"])
-            entry = {"arch": arch, "act": act, "vllm": result["vllm"],
+            entry = {"arch": arch, "act": act, "tp": tp, "checkpoint_act": args.checkpoint_act,
+                     "engine": dict(engine), "tokens": [row["tokens"] for row in result["rows"]], "kernel_env": args.kernel, "vllm": result["vllm"],
                      "engine_init_s": round(result["init_s"], 1), "wall_s": round(time.time() - t0, 1),
                      "steps": steps, "reference_argmax_agree": exact,
                      "max_gap_nats": round(max(gaps), 4),
                      "mean_abs_logprob_diff": round(float(torch.tensor(diffs).mean()), 4),
                      "kernels": result["kernels"]}
-            entry["ok"] = bool(max(gaps) <= TIE_NATS and _sm90_only(entry["kernels"]))
+            wanted = {args.kernel} if args.kernel else {"sm90_triton"}
+            entry["ok"] = bool(max(gaps) <= TIE_NATS and _kinds(entry["kernels"]) == wanted)
             report.append(entry)
             print(json.dumps(entry), flush=True)
-    serve = [serve_check(work / f"{arch}_w4a8", arch, port) for arch, port in
-             (("llama", 18461), ("qwen3_moe", 18462))]
-    (out / "vllm_gpu_smoke.json").write_text(json.dumps({"llm": report, "serve": serve}, indent=1))
-    print("\n| model | act | vLLM | steps | argmax = reference | max gap (nats) | mean |dlogprob| | "
-          "kernels | ok |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    tp_agreement = []
+    for arch in args.archs:
+        for act in args.acts:
+            runs = [e for e in report if e["arch"] == arch and e["act"] == act and "tokens" in e]
+            if len(args.tp) > 1:
+                same = len(runs) == len(args.tp) and all(r["tokens"] == runs[0]["tokens"]
+                                                         for r in runs)
+                tp_agreement.append({"arch": arch, "act": act, "tp": args.tp,
+                                     "same_tokens": same})
+    serve = [] if args.no_serve else [
+        serve_check(work / f"{arch}_w4a8_{args.checkpoint_act}", arch, 18461 + i)
+        for i, arch in enumerate(args.archs)]
+    (out / "vllm_gpu_smoke.json").write_text(json.dumps(
+        {"llm": report, "tp_agreement": tp_agreement, "serve": serve}, indent=1))
+    print("\n| model | act | TP | vLLM | steps | argmax = reference | max gap (nats) | "
+          "mean |dlogprob| | kernels | ok |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for e in report:
-        kinds = sorted({k.split("uses kernel ")[1].split()[0] for k in e["kernels"]}) or ["-"]
-        print(f"| {e['arch']} | {e['act']} | {e['vllm']} | {e['steps']} | "
+        kinds = sorted(_kinds(e["kernels"])) or ["-"]
+        print(f"| {e['arch']} | {e['act']} | {e['tp']} | {e['vllm']} | {e['steps']} | "
               f"{e['reference_argmax_agree']} | {e['max_gap_nats']} | {e['mean_abs_logprob_diff']} | "
               f"{', '.join(kinds)} | {e['ok']} |")
     print("\n| vllm serve | openai checks | kernels | ok |\n|---|---|---|---|")
     for e in serve:
         print(f"| {e['arch']} | {e['checks']} | {', '.join(e['kernel_kinds'])} | {e['ok']} |")
-    sys.exit(0 if all(e["ok"] for e in report + serve) else 1)
+    for e in tp_agreement:
+        print(f"TP {e['tp']} same greedy tokens, {e['arch']} {e['act']}: {e['same_tokens']}")
+    sys.exit(0 if all(e["ok"] for e in report + serve)
+             and all(e["same_tokens"] for e in tp_agreement) else 1)
 
 
-def _sm90_only(kernel_lines: list[str]) -> bool:
-    kinds = {k.split("uses kernel ")[1].split()[0] for k in kernel_lines}
-    return kinds == {"sm90_triton"}
+def _kinds(kernel_lines: list[str]) -> set[str]:
+    return {k.split("uses kernel ")[1].split()[0] for k in kernel_lines if "uses kernel " in k}
 
 
 def serve_check(ckpt: Path, arch: str, port: int) -> dict:
@@ -156,8 +192,8 @@ def serve_check(ckpt: Path, arch: str, port: int) -> dict:
         text = log.read_text(errors="replace")
         lines = sorted({ln.split("w4a8_mxfp4: ", 1)[1][:160] for ln in text.splitlines()
                         if "uses kernel" in ln})
-        entry["kernel_kinds"] = sorted({k.split("uses kernel ")[1].split()[0] for k in lines})
-        entry["ok"] = _sm90_only(lines) and "quantization=w4a8_mxfp4" in text
+        entry["kernel_kinds"] = sorted(_kinds(lines))
+        entry["ok"] = _kinds(lines) == {"sm90_triton"} and "quantization=w4a8_mxfp4" in text
     except Exception as exc:  # recorded and reported; the run goes on to the other checks
         entry.update(checks=f"FAILED: {type(exc).__name__}: {str(exc)[-3000:]}", kernel_kinds=[],
                      ok=False)
