@@ -157,14 +157,16 @@ def make_model(shape: str, out: Path, layers: int | None, device: str, shard_byt
 # ---------------------------------------------------------------------------------------------
 
 def _weight_bytes(worker) -> dict:
-    """Runs inside the vLLM worker (collective_rpc): bytes of every tensor the model holds."""
+    """Runs inside the vLLM worker (collective_rpc): bytes of the model's parameters, buffers and
+    the plugin's repacked tensors (``w4a8_*`` attributes); the KV cache is not counted."""
     import torch
 
     model = worker.model_runner.model
     seen, total = set(), 0
     for module in model.modules():
-        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)) + [
-                v for v in vars(module).values() if isinstance(v, torch.Tensor)]:
+        extra = [v for k, v in vars(module).items()
+                 if k.startswith("w4a8_") and isinstance(v, torch.Tensor)]
+        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)) + extra:
             if t.device.type != "meta" and t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.untyped_storage().nbytes()
