@@ -51,22 +51,30 @@ def log(msg: str) -> None:
 
 def make_checkpoint(spec: str, work: Path) -> Path:
     """``ARCH:ACT`` (e.g. ``qwen3_moe:int8``): a tiny random model from tests/tiny_models.py,
-    quantized by w4a8-quantize with calibrated static activation scales (built once per dir)."""
+    quantized by w4a8-quantize with calibrated static activation scales (built once per dir);
+    ``ARCH:bf16`` is that model unquantized (served without the plugin: the baseline)."""
     arch, _, act = spec.partition(":")
-    if arch not in ARCHS or act not in ("fp8", "int8"):
+    if arch not in ARCHS or act not in ("fp8", "int8", "bf16"):
         raise SystemExit(f"--make {spec!r}: expected ARCH:ACT with ARCH in {ARCHS}, "
-                         "ACT fp8 or int8")
-    out = work / f"{arch}_{act}_static"
-    if (out / "config.json").exists():
-        return out
+                         "ACT fp8, int8 or bf16")
     import tiny_models
-    from w4a8_backend.tools.quantize import quantize_checkpoint
 
-    src = work / arch
+    src = work / f"{arch}_bf16"
     if not (src / "config.json").exists():
         getattr(tiny_models, f"make_tiny_{arch}")(src)
-    quantize_checkpoint(src, out, activations=act, calibration="static", progress=False)
+    if act == "bf16":
+        return src
+    out = work / f"{arch}_{act}_static"
+    if not (out / "config.json").exists():
+        from w4a8_backend.tools.quantize import quantize_checkpoint
+
+        quantize_checkpoint(src, out, activations=act, calibration="static", progress=False)
     return out
+
+
+def is_quantized(model: Path) -> bool:
+    config = json.loads((model / "config.json").read_text())
+    return "quantization_config" in config or (model / "hf_quant_config.json").exists()
 
 
 def device_description(kind: str) -> str:
@@ -137,6 +145,10 @@ def run_one(model: Path, args, serve_args: list[str], env: dict) -> dict:
     logfile = Path(args.work) / f"serve_{name}.log"
     row: dict = {"model": name, "path": str(model), "server_log": str(logfile)}
     t0 = time.monotonic()
+    if is_quantized(model):
+        serve_args = ["--quantization", "w4a8_mxfp4", *serve_args]
+    else:
+        row["model"] = f"{name} (unquantized, no plugin)"
     with ls.serve(model, serve_args, log=logfile, serve_cmd=args.serve_cmd, env=env,
                   start_timeout=args.start_timeout) as server:
         row["startup_s"] = time.monotonic() - t0
@@ -183,6 +195,8 @@ def run_one(model: Path, args, serve_args: list[str], env: dict) -> dict:
     row["identical"] = sum(c.identical for c in comparisons)
     row["tie_divergences"] = sum(not c.identical and c.ok for c in comparisons)
     row["different"] = [c.reason for c in comparisons if not c.ok]
+    # top-2 gap (nats) of the alone run where each non-identical pair parted
+    row["divergence_gaps"] = sorted(round(c.tie_gap, 5) for c in comparisons if not c.identical)
     row["max_logprob_diff"] = max((c.max_logprob_diff for c in comparisons), default=None)
     row["latencies_s"] = sorted(o.latency_s for o in loaded if o.status == "ok")
     row["server_exit_code"] = server.exit_code
@@ -249,6 +263,12 @@ def write_markdown(result: dict, path: Path) -> None:
             f"{r['preemptions']:.0f} | {'yes' if ok_after else 'NO'} | "
             f"{r['identical']} / {r['tie_divergences']} / {len(r['different'])} of "
             f"{r['compared']} | {len(r['leaked_pids'])} |")
+    for r in result["rows"]:
+        gaps = r.get("divergence_gaps")
+        if gaps:
+            lines.append(f"\n- {r['model']}: the {len(gaps)} non-identical requests parted where "
+                         f"the alone run's top-2 gap was {', '.join(f'{g:.4f}' for g in gaps)} "
+                         "nats")
     kernels = sorted({k for r in result["rows"] for k in r.get("kernels", [])})
     if kernels:
         lines += ["", "Kernels chosen by the plugin (server logs):", ""]
@@ -388,7 +408,8 @@ def main(argv=None) -> int:
     models = [Path(m) for m in args.model] + [make_checkpoint(s, work) for s in args.make]
     if not models:
         ap.error("give at least one --model or --make")
-    serve_args = ["--quantization", "w4a8_mxfp4", "--max-model-len", str(args.max_model_len),
+    # "--quantization w4a8_mxfp4" is added per quantized checkpoint (run_one).
+    serve_args = ["--max-model-len", str(args.max_model_len),
                   "--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes),
                   "--block-size", str(args.block_size)]
     if args.attention_backend:
