@@ -440,16 +440,19 @@ def main(argv=None) -> int:
         "serve_args": serve_args,
     }
     rows = []
+    result = {"meta": meta, "rows": rows}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / (args.name or f"load_{kind}")
     for model in models:
         try:
             rows.append(run_one(model, args, serve_args, env))
         except Exception as e:  # one failing server must not lose the others' results
             log(f"{model.name}: FAILED: {type(e).__name__}: {e}")
             rows.append({"model": model.name, "error": f"{type(e).__name__}: {e}"[-2000:]})
-    result = {"meta": meta, "rows": rows}
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / (args.name or f"load_{kind}")
+        # after each checkpoint, so that a run cut short (a time limit) keeps what it measured
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        write_markdown(result, stem.with_suffix(".md"))
     result["plot_note"] = plot(result, stem.with_suffix(".png"))
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     write_markdown(result, stem.with_suffix(".md"))
