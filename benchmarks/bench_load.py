@@ -215,13 +215,14 @@ def _fmt(v, spec=".2f"):
 
 def write_markdown(result: dict, path: Path) -> None:
     meta = result["meta"]
+    server_cmd = next((r["server_command"] for r in result["rows"] if "server_command" in r), "-")
     lines = [
         f"# `vllm serve --quantization w4a8_mxfp4` under load ({meta['kind'].upper()})", "",
         f"- device: {meta['device']}",
         f"- vLLM: {', '.join(sorted({r.get('vllm', '?') for r in result['rows']}))}",
         f"- date: {meta['date']}",
         f"- command: `{meta['command']}`",
-        f"- server: `{result['rows'][0]['server_command'] if result['rows'] else '-'}` "
+        f"- server: `{server_cmd}` "
         "(port and model vary per row)",
         f"- scenario: {meta['requests']} requests, at most {meta['concurrency']} in flight; "
         "completions and chat, streaming and not, in turn; prompts of "
