@@ -12,8 +12,11 @@ Three steps (each its own subcommand, so the slow ones can run once and be reuse
   report       turn the JSONs of one session into a markdown table and a PNG plot with the
                ratios against the BF16 run.
 
-The quantized checkpoint is made by this project's exporter between the steps:
-``w4a8-quantize SRC OUT --activations fp8 --calibration static --calib-device cuda``.
+The quantized checkpoint is made by this project's exporter between the steps, e.g.
+``w4a8-quantize SRC OUT --activations fp8 --calibration static --calib-max-length 64`` (the
+H100 run in benchmarks/results; ``--calib-device cuda`` puts the calibration forward on a GPU).
+``sweep`` runs several engines one after another and reports; with a vLLM older than this
+project's compile-cache fix, give each run its own ``VLLM_CACHE_ROOT``.
 
 Decode speed is measured as the difference of two timed ``generate`` calls with the same
 prompts, ``1 + S`` and ``1`` output tokens (``ignore_eos``), so prompt processing and the first
