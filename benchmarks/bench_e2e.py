@@ -15,8 +15,7 @@ Three steps (each its own subcommand, so the slow ones can run once and be reuse
 The quantized checkpoint is made by this project's exporter between the steps, e.g.
 ``w4a8-quantize SRC OUT --activations fp8 --calibration static --calib-max-length 64`` (the
 H100 run in benchmarks/results; ``--calib-device cuda`` puts the calibration forward on a GPU).
-``sweep`` runs several engines one after another and reports; with a vLLM older than this
-project's compile-cache fix, give each run its own ``VLLM_CACHE_ROOT``.
+``sweep`` runs several engines one after another (one process each) and reports.
 
 Decode speed is measured as the difference of two timed ``generate`` calls with the same
 prompts, ``1 + S`` and ``1`` output tokens (``ignore_eos``), so prompt processing and the first
