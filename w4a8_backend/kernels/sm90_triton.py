@@ -159,7 +159,7 @@ class Sm90TritonLinearKernel(Mxfp4LinearKernel):
         rp = repack_mxfp4(weight, weight_scale, act_int8)
         frac = rp.num_out_of_range / max(rp.num_blocks, 1)
         limit = float(os.environ.get(MAX_CORRECTION_ENV, DEFAULT_MAX_CORRECTION))
-        window = "4 binades per 256-wide K tile" if act_int8 else "15 binades per row"
+        window = "4 binades per 256-wide K tile" if act_int8 else "12 binades per row"
         msg = (
             f"w4a8_mxfp4 sm90_triton: {cfg.describe()}: {rp.num_out_of_range} of {rp.num_blocks} "
             f"MXFP4 blocks ({100 * frac:.3f}%) lie outside the exact {window} "
