@@ -368,6 +368,44 @@ def sweep(timer, log):
             log(json.dumps(res))
 
 
+def sweep_cuda(timer, log):
+    """The CUDA decode kernel's launch configs vs the Triton decode GEMM, M <= 16, all shapes
+    (GEMM alone on pre-quantized activations, then the whole op with static scales)."""
+    from w4a8_backend.kernels import sm90_triton
+    from w4a8_backend.kernels import triton_w4a8 as tk
+
+    for n, k in SHAPES_8192 + SHAPES_LLAMA8B:
+        packed, scale = make_weight(n, k, seed=n + k)
+        w_bf16 = dequantize_mxfp4(packed, scale, torch.bfloat16)
+        x_cal = torch.randn(64, k, device="cuda").to(torch.bfloat16)
+        for act in (FP8, INT8):
+            i8 = act == INT8
+            kern, layer = our_kernel(packed, scale, act, S_STATIC, x_cal)
+            for m in (1, 4, 16):
+                x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+                q, xs = tk.quantize_activation_gpu(x, i8, 1, layer.input_scale)
+                res = {"N": n, "K": k, "M": m, "act": act.name}
+                res["cublas_bf16"] = round(timer.time_us(lambda: torch.mm(x, w_bf16.t())), 2)
+                res["triton_gemm"] = round(timer.time_us(lambda: tk.w4a8_gemm(
+                    q, xs, layer.weight, layer.weight_scale, layer.w4a8_row_scale,
+                    layer.w4a8_counters, layer.w4a8_lut, n, i8, False, None, torch.bfloat16)), 2)
+                from w4a8_backend.kernels import _cuda_ext
+
+                lib = _cuda_ext.load(90)
+                y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+                for warps, stages in ((4, 4), (4, 8), (4, 12), (8, 4), (8, 8)):
+                    res[f"cuda_gemm({warps},{stages})"] = round(timer.time_us(
+                        lambda warps=warps, stages=stages: lib.gemm(
+                            q, xs, layer.weight, layer.weight_scale, layer.w4a8_row_scale,
+                            None, y, i8, False, warps, stages, False)), 2)
+                for mode in ("triton", "cuda"):
+                    kern.decode_cuda = mode == "cuda"
+                    res[f"op_{mode}"] = round(timer.time_us(lambda: kern.apply(layer, x, None)), 2)
+                res["default_config"] = list(sm90_triton.decode_config(
+                    layer.weight.shape[0], layer.weight.shape[1] * 2, m, tk.num_sms(0)))
+                log(json.dumps(res))
+
+
 def make_logger(path):
     """``log(line)``: print, and append to ``path`` too when given."""
     log_f = open(path, "a") if path else None
@@ -403,6 +441,8 @@ def main(argv=None):
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--no-humming", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time our kernel configs only")
+    ap.add_argument("--sweep-cuda", action="store_true",
+                    help="time the CUDA decode kernel's configs against the Triton decode GEMM")
     ap.add_argument("--log", default=None, help="also append log lines to this file")
     args = ap.parse_args(argv)
     log = make_logger(args.log)
@@ -411,6 +451,9 @@ def main(argv=None):
     timer = Timer()
     if args.sweep:
         sweep(timer, log)
+        return
+    if args.sweep_cuda:
+        sweep_cuda(timer, log)
         return
     meta = run_metadata()
     log(json.dumps(meta))

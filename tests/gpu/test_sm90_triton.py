@@ -333,7 +333,7 @@ def test_custom_op_opcheck_and_compile():
         x, layer.weight, layer.weight_scale, layer.w4a8_row_scale, layer.w4a8_counters,
         layer.w4a8_lut, layer.w4a8_corr_rows, layer.w4a8_corr_ptr, layer.w4a8_corr_blocks,
         layer.w4a8_corr_values, None, None, n, False, int(ActivationScheme.DYNAMIC_PER_TOKEN),
-        0, kern.prefill_m,
+        0, kern.prefill_m, kern.decode_cuda,
     )
     triton_w4a8.POISON_OUTPUTS = False  # opcheck compares repeated runs
     torch.library.opcheck(torch.ops.w4a8_backend.mxfp4_w4a8_linear.default, args)

@@ -8,7 +8,11 @@
   logged at load and added back exactly by a correction kernel; above
   ``W4A8_MXFP4_MAX_CORRECTION`` (fraction of blocks, default 0.01) the layer uses the dequantize
   fallback instead, with the reason logged.
-- Small M (decode): weight as the wide MMA operand, split-K with an in-kernel reduction.
+- Small M (decode, M <= 16): the CUDA kernel of ``csrc/w4a8_decode_gemm.cu`` (mma.sync, weight
+  as the wide MMA operand, split-K inside the CTA), built just in time with nvcc
+  (``_cuda_ext``); where it cannot be built the Triton kernel below takes its place (logged).
+- Medium M: the Triton kernel, weight as the wide MMA operand, split-K with an in-kernel
+  reduction.
   Large M (prefill): the weight is decoded once per call into a dense E4M3/int8 matrix that the
   same Triton GEMM then reads (no per-tile decode).
 
@@ -44,9 +48,97 @@ DEFAULT_MAX_CORRECTION = 0.01
 # M from which the prefill path (decode the weight once, then a dense GEMM) is used.
 PREFILL_M_ENV = "W4A8_SM90_PREFILL_M"
 DEFAULT_PREFILL_M = {False: 384, True: 384}  # keyed by act_int8; from benchmarks/results
+# Which kernel runs M <= CUDA_DECODE_MAX_M: "auto" (the CUDA kernel when it builds, else Triton,
+# logged), "cuda" (an error when it cannot be built), "triton".
+DECODE_KERNEL_ENV = "W4A8_SM90_DECODE"
+DECODE_KERNEL_CHOICES = ("auto", "cuda", "triton")
+CUDA_DECODE_MAX_M = 16
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
+
+
+def _decode_kernel_choice() -> str:
+    v = os.environ.get(DECODE_KERNEL_ENV, "auto").strip().lower()
+    if v not in DECODE_KERNEL_CHOICES:
+        raise ValueError(f"{DECODE_KERNEL_ENV}={v!r} is not one of {DECODE_KERNEL_CHOICES}")
+    return v
+
+
+_LOGGED_DECODE: set = set()
+
+
+def _use_cuda_decode(device: torch.device) -> bool:
+    """Whether this process runs M <= 16 on the CUDA decode kernel (builds it on first use)."""
+    choice = _decode_kernel_choice()
+    if choice == "triton":
+        return False
+    from . import _cuda_ext
+
+    major, minor = torch.cuda.get_device_capability(device)
+    try:
+        lib = _cuda_ext.load(major * 10 + minor)
+    except _cuda_ext.CudaExtUnavailable as exc:
+        if choice == "cuda":
+            raise RuntimeError(f"{DECODE_KERNEL_ENV}=cuda but {exc}") from exc
+        if "unavailable" not in _LOGGED_DECODE:
+            _LOGGED_DECODE.add("unavailable")
+            logger.warning("w4a8_mxfp4 sm90_triton: the CUDA decode kernel is not used (%s); "
+                           "M <= %d runs on the Triton kernel", exc, CUDA_DECODE_MAX_M)
+        return False
+    if "loaded" not in _LOGGED_DECODE:
+        _LOGGED_DECODE.add("loaded")
+        logger.info("w4a8_mxfp4 sm90_triton: M <= %d runs on the CUDA decode kernel (%s)",
+                    CUDA_DECODE_MAX_M, lib.path.name)
+    return True
+
+
+def decode_config(n_pad: int, kp: int, m: int, sms: int) -> tuple[int, int]:
+    """(warps per CTA, cp.async stages per warp) of the CUDA decode kernel; one CTA per 16
+    rows, its warps split K."""
+    ctas = n_pad // 16
+    warps = 8 if ctas < 4 * sms else 4
+    return warps, 8 if warps == 4 else 4
+
+
+def cuda_decode(x2: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
+                row_scale: torch.Tensor, input_scale: torch.Tensor | None,
+                bias: torch.Tensor | None, n: int, act_int8: bool, scheme: int,
+                out_dtype: torch.dtype, config: tuple[int, int] | None = None):
+    """Quantize ``x2`` [M <= 16, K] and run the CUDA decode GEMM; returns (y, q, x_scale)."""
+    from . import _cuda_ext
+    from . import triton_w4a8 as tk
+
+    dev = x2.device
+    major, minor = torch.cuda.get_device_capability(dev)
+    lib = _cuda_ext.load(major * 10 + minor)
+    if x2.data_ptr() % 16 or (x2.stride(0) * x2.element_size()) % 16:
+        x2 = x2.contiguous() if not x2.is_contiguous() else x2.clone()  # 16-byte row loads
+    m, k = x2.shape
+    q = torch.empty((m, k), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn, device=dev)
+    if scheme == int(ActivationScheme.STATIC_PER_TENSOR):
+        s_in = input_scale if input_scale.dtype == torch.float32 else input_scale.float()
+        s_out = s_in
+    elif scheme == int(ActivationScheme.DYNAMIC_PER_TENSOR):
+        s_in = torch.linalg.vector_norm(x2, float("inf"), dtype=torch.float32).reshape(1)
+        s_out = torch.empty(1, dtype=torch.float32, device=dev)
+    else:
+        s_out = torch.empty(m, dtype=torch.float32, device=dev)
+        s_in = s_out
+    y = torch.empty((m, n), dtype=out_dtype, device=dev)
+    if tk.POISON_OUTPUTS:
+        q.view(torch.uint8).fill_(0x80 if act_int8 else 0x7F)
+        y.fill_(float("nan"))
+        if scheme != int(ActivationScheme.STATIC_PER_TENSOR):
+            s_out.fill_(float("nan"))
+    lib.quant_act(x2, q, s_in, s_out, act_int8, scheme)
+    if config is None:
+        config = decode_config(packed.shape[0], packed.shape[1] * 2, m, tk.num_sms(dev.index or 0))
+    warps, stages = config
+    per_token = scheme == int(ActivationScheme.DYNAMIC_PER_TOKEN)
+    lib.gemm(q, s_out, packed, codes, row_scale, bias, y, act_int8, per_token, warps, stages,
+             pdl=major >= 9)
+    return y, q, s_out
 
 
 def _prefill_m(act_int8: bool) -> int:
@@ -81,6 +173,7 @@ def mxfp4_w4a8_linear(
     scheme: int,
     out_dtype_code: int,
     prefill_m: int,
+    decode_cuda: bool,
 ) -> torch.Tensor:
     """``y [M, N] = W4A8(x [M, K]) (+ bias)``. ``counters`` is split-K scratch that every launch
     leaves all-zero again (so it is not declared mutated)."""
@@ -89,9 +182,15 @@ def mxfp4_w4a8_linear(
     out_dtype = _CODE_DTYPE[out_dtype_code]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    q, xs = tk.quantize_activation_gpu(x, act_int8, scheme, input_scale)
-    per_token = scheme == int(ActivationScheme.DYNAMIC_PER_TOKEN)
     m = x.shape[0]
+    per_token = scheme == int(ActivationScheme.DYNAMIC_PER_TOKEN)
+    if (decode_cuda and 0 < m <= CUDA_DECODE_MAX_M
+            and (bias is None or (bias.dtype == out_dtype and bias.is_contiguous()))):
+        y, q, xs = cuda_decode(x, packed, codes, row_scale, input_scale, bias, n, act_int8,
+                               scheme, out_dtype)
+        tk.correction(y, q, xs, per_token, corr_rows, corr_ptr, corr_blocks, corr_values)
+        return y
+    q, xs = tk.quantize_activation_gpu(x, act_int8, scheme, input_scale)
     if m >= prefill_m:
         # (the Triton dense GEMM beat torch._scaled_mm row-wise on H100: 399 vs 426 us at
         # M=4096, N=K=8192; benchmarks/results/sweep_v3.jsonl)
@@ -107,7 +206,7 @@ def mxfp4_w4a8_linear(
 
 @mxfp4_w4a8_linear.register_fake
 def _(x, packed, codes, row_scale, counters, lut, corr_rows, corr_ptr, corr_blocks, corr_values,
-      input_scale, bias, n, act_int8, scheme, out_dtype_code, prefill_m):
+      input_scale, bias, n, act_int8, scheme, out_dtype_code, prefill_m, decode_cuda):
     return x.new_empty((x.shape[0], n), dtype=_CODE_DTYPE[out_dtype_code])
 
 
@@ -195,6 +294,7 @@ class Sm90TritonLinearKernel(Mxfp4LinearKernel):
         layer.w4a8_corr_blocks = rp.corr_blocks
         layer.w4a8_corr_values = rp.corr_values
         self.prefill_m = _prefill_m(act_int8)
+        self.decode_cuda = _use_cuda_decode(dev)
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
@@ -228,5 +328,6 @@ class Sm90TritonLinearKernel(Mxfp4LinearKernel):
             int(cfg.act_scheme),
             _DTYPE_CODE[cfg.out_dtype],
             self.prefill_m,
+            self.decode_cuda,
         )
         return y.reshape(*x.shape[:-1], cfg.out_features)

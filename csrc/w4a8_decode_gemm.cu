@@ -1,0 +1,556 @@
+// W4A8 MXFP4 decode GEMM for SM89/SM90 (FP8) and SM80+ (INT8): y[M, N] = x[M, K] @ W[N, K]^T
+// for small M (1..16 tokens), plus the activation quantization that feeds it.
+//
+// Built just in time by w4a8_backend/kernels/_cuda_ext.py (nvcc, cached per source hash and
+// GPU architecture) and called through ctypes: no torch headers, so it builds in seconds, and the
+// package imports without it. Design and measurements: docs/kernels.md ("CUDA decode kernel").
+//
+// Inputs are the load-time repacked tensors of w4a8_backend/kernels/_sm90_repack.py:
+//   packed [NP, KP/2]  in each 64-wide K group, byte j = element j (low nibble) | element 32+j
+//   codes  [NP, KP/32] one byte per MX block: FP8 d+21 (d in [-5, 6]), INT8 d+22 (d in [0, 3]),
+//                      0 = skip (out-of-range block, added back by the correction kernel)
+//   row_scale          FP8: float32 [NP] = 2**r[n];  INT8: uint8 [KP/256, NP] biased exponent
+//
+// Work split: one CTA per 16 weight rows, its warps take the 256-wide K steps in turn (split-K
+// inside the CTA, reduced through shared memory, so no workspace and one launch). A warp
+// computes 16 rows x 8*NT tokens with mma.sync m16n8k32: the weight is the 16-row "A" operand
+// (the wide one, so M = 1 wastes only the unused token columns of "B"). Each lane loads 32
+// contiguous packed bytes per row per step (two 16-byte loads) = one whole 64-wide K group, and
+// the 64 activation bytes of the same group: the MMA's k slots are a permutation of K that is
+// the same for A and B within a lane, which is all a dot product needs. Every value in one step
+// belongs to one INT8 reference tile, so the INT8 int32 sum of a step is exact and is scaled
+// once per step.
+//
+// Decode (per 32-bit word = 4 low + 4 high nibbles): an 8-entry byte table per block, built
+// from its code byte by integer arithmetic, looked up with one `prmt` per 4 weights; FP8 ORs in
+// the sign bits, INT8 picks between the positive and negated tables with a sign mask.
+//
+// PDL: on SM90 the GEMM is launched with programmatic stream serialization and the quantization
+// kernel releases it at its start, so the GEMM's weight loads overlap the quantization; the GEMM
+// waits (griddepcontrol.wait) before it reads the quantized activations.
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include "quant_modes.h"
+
+namespace {
+
+constexpr int kStepK = 256;  // K per warp step = one INT8 reference tile = 4 groups of 64
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_release() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// ----------------------------------------------------------------------------------------------
+// decode tables
+// ----------------------------------------------------------------------------------------------
+struct Lut {
+  uint32_t lo, hi;    // FP8: E4M3 bits of E2M1[idx] * 2**d; INT8: (2 * E2M1[idx]) << d
+  uint32_t nlo, nhi;  // INT8 only: the negated table
+};
+
+template <bool kInt8>
+__device__ __forceinline__ Lut make_lut(uint32_t code) {
+  Lut t;
+  const bool live = code != 0;
+  if constexpr (kInt8) {
+    const uint32_t d = code - 22u;  // 0..3 for live codes
+    t.lo = live ? (0x03020100u << d) : 0u;
+    t.hi = live ? (0x0C080604u << d) : 0u;
+    t.nlo = __vneg4(t.lo);
+    t.nhi = __vneg4(t.hi);
+  } else {
+    // E4M3 exponent field of 0.5 * 2**d, in place: (d + 6) << 3, with d = code - 21
+    const uint32_t e = (code - 15u) * 8u;
+    t.lo = live ? e * 0x01010100u + 0x0C080000u : 0u;
+    t.hi = live ? e * 0x01010101u + 0x1C181410u : 0u;
+    t.nlo = t.nhi = 0u;
+  }
+  return t;
+}
+
+// 4 weights from the low (kHigh = false) or high nibbles of the packed word p.
+template <bool kInt8, bool kHigh>
+__device__ __forceinline__ uint32_t decode4(uint32_t p, const Lut& t) {
+  const uint32_t idx = (kHigh ? (p >> 4) : p) & 0x07070707u;
+  const uint32_t sel = __byte_perm(idx | (idx >> 4), 0u, 0x0020u);  // 4 selector nibbles
+  const uint32_t sgn = kHigh ? p : (p << 4);                         // sign at bit 7 per byte
+  if constexpr (kInt8) {
+    const uint32_t pos = __byte_perm(t.lo, t.hi, sel);
+    const uint32_t neg = __byte_perm(t.nlo, t.nhi, sel);
+    uint32_t mask;  // prmt's sign-replicate mode (selector bit 3): 0x00 / 0xFF per byte. Not
+                    // __byte_perm, which uses only 3 selector bits.
+    asm("prmt.b32 %0, %1, 0, 0xBA98;" : "=r"(mask) : "r"(sgn));
+    return (pos & ~mask) | (neg & mask);
+  } else {
+    return __byte_perm(t.lo, t.hi, sel) | (sgn & 0x80808080u);
+  }
+}
+
+template <bool kInt8>
+__device__ __forceinline__ void mma_16x8x32(float (&c)[4], int32_t (&ci)[4], uint32_t a0,
+                                            uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                            uint32_t b1) {
+  if constexpr (kInt8) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(ci[0]), "+r"(ci[1]), "+r"(ci[2]), "+r"(ci[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    __trap();  // the host never launches FP8 below sm_89
+#endif
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// cp.async staging: each warp owns a ring of kStages stages in shared memory; a stage holds one
+// K step of its 16 rows: the packed weights (lane-interleaved so that both the copies and the
+// reads are conflict-free 16-byte accesses), the 16 rows' 8 code bytes, and (INT8) the 16 rows'
+// tile exponents. Deep rings keep many bytes in flight per SM without costing registers.
+// ----------------------------------------------------------------------------------------------
+constexpr int kStageWeights = 2048;  // 32 lanes x 64 bytes
+constexpr int kStageCodes = 16 * 8;
+constexpr int kStageTiles = 16;
+constexpr int kStageBytes = kStageWeights + kStageCodes + kStageTiles;
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp_async8(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// 32-bit word i (0..7) of the 32 bytes lo:hi
+__device__ __forceinline__ uint32_t word(const uint4& lo, const uint4& hi, int i) {
+  const uint4& q = i < 4 ? lo : hi;
+  switch (i & 3) {
+    case 0: return q.x;
+    case 1: return q.y;
+    case 2: return q.z;
+    default: return q.w;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  return static_cast<float>(v);
+}
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) {
+  return __half2float(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+
+// ----------------------------------------------------------------------------------------------
+// GEMM
+// ----------------------------------------------------------------------------------------------
+template <bool kInt8, int kNT, int kWarps, int kStages, typename OutT>
+__global__ void __launch_bounds__(kWarps * 32)
+    decode_gemm_kernel(const uint8_t* __restrict__ xq, const float* __restrict__ xs,
+                       const uint8_t* __restrict__ packed, const uint8_t* __restrict__ codes,
+                       const void* __restrict__ row_scale, const OutT* __restrict__ bias,
+                       OutT* __restrict__ y, int M, int N, int K, int KP, int NP, int ldy,
+                       int per_token) {
+  constexpr int kCols = 8 * kNT;
+  extern __shared__ __align__(16) uint8_t ring_all[];
+  __shared__ float partial[kWarps][16][kCols + 1];
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;  // MMA group: weight rows g and g + 8, token column g
+  const int t = lane & 3;   // thread in group: which 64-wide K group of a step
+  const int n0 = blockIdx.x * 16;
+  const int m0 = blockIdx.y * kCols;
+  const int steps = KP / kStepK;
+  const size_t kp2 = size_t(KP) / 2, kp32 = size_t(KP) / 32;
+  uint8_t* ring = ring_all + warp * (kStages * kStageBytes);
+
+  // copy sources: this lane's 32 bytes of rows g and g + 8; lanes 0-15 one row's code bytes;
+  // lane 16 the 16 tile exponents (INT8)
+  const uint8_t* w_src = packed + size_t(n0 + g) * kp2 + t * 32;
+  const uint8_t* c_src = codes + size_t(n0 + (lane & 15)) * kp32;
+  const uint8_t* t_src = static_cast<const uint8_t*>(row_scale) + n0;
+  auto issue = [&](int s, int stage) {
+    uint8_t* st = ring + stage * kStageBytes;
+    const uint8_t* wa = w_src + s * (kStepK / 2);
+    const uint8_t* wb = wa + 8 * kp2;
+    cp_async16(st + (0 * 32 + lane) * 16, wa);
+    cp_async16(st + (1 * 32 + lane) * 16, wa + 16);
+    cp_async16(st + (2 * 32 + lane) * 16, wb);
+    cp_async16(st + (3 * 32 + lane) * 16, wb + 16);
+    if (lane < 16) cp_async8(st + kStageWeights + lane * 8, c_src + s * (kStepK / 32));
+    if (kInt8 && lane == 16) cp_async16(st + kStageWeights + kStageCodes, t_src + size_t(s) * NP);
+  };
+
+  float acc[kNT][4];
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+
+  // The weights do not depend on the previous kernel: start their copies before waiting.
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    const int s = warp + i * kWarps;
+    if (s < steps) issue(s, i);
+    cp_async_commit();
+  }
+  pdl_wait();
+
+  int stage = 0;
+  for (int s = warp; s < steps; s += kWarps) {
+    // activations: token m0 + 8j + g, the 64 bytes of this lane's K group (L2-resident)
+    uint4 xv[kNT][4];
+    const int kx = s * kStepK + t * 64;
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+      const int m = m0 + 8 * j + g;
+      const uint4* px = reinterpret_cast<const uint4*>(xq + size_t(m) * K + kx);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        xv[j][q] = (m < M && kx + 16 * q < K) ? __ldg(px + q) : make_uint4(0, 0, 0, 0);
+      }
+    }
+    __syncwarp();  // every lane is done reading the stage that the next copy overwrites
+    const int s_next = s + (kStages - 1) * kWarps;
+    if (s_next < steps) issue(s_next, stage == 0 ? kStages - 1 : stage - 1);
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();
+    __syncwarp();  // make the other lanes' copies (codes, tile exponents) visible
+
+    const uint8_t* st = ring + stage * kStageBytes;
+    stage = stage + 1 == kStages ? 0 : stage + 1;
+    const uint4 wa0 = *reinterpret_cast<const uint4*>(st + (0 * 32 + lane) * 16);
+    const uint4 wa1 = *reinterpret_cast<const uint4*>(st + (1 * 32 + lane) * 16);
+    const uint4 wb0 = *reinterpret_cast<const uint4*>(st + (2 * 32 + lane) * 16);
+    const uint4 wb1 = *reinterpret_cast<const uint4*>(st + (3 * 32 + lane) * 16);
+    const uint32_t ca = *reinterpret_cast<const uint16_t*>(st + kStageWeights + g * 8 + t * 2);
+    const uint32_t cb =
+        *reinterpret_cast<const uint16_t*>(st + kStageWeights + (g + 8) * 8 + t * 2);
+    const Lut la_lo = make_lut<kInt8>(ca & 0xFF);
+    const Lut la_hi = make_lut<kInt8>(ca >> 8);
+    const Lut lb_lo = make_lut<kInt8>(cb & 0xFF);
+    const Lut lb_hi = make_lut<kInt8>(cb >> 8);
+
+    int32_t iacc[kNT][4];
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) iacc[j][0] = iacc[j][1] = iacc[j][2] = iacc[j][3] = 0;
+
+#pragma unroll
+    for (int i8 = 0; i8 < 8; ++i8) {
+      const uint32_t pa = word(wa0, wa1, i8), pb = word(wb0, wb1, i8);
+      const uint32_t a0 = decode4<kInt8, false>(pa, la_lo);  // row g, K 64G + 4*i8 ..
+      const uint32_t a1 = decode4<kInt8, false>(pb, lb_lo);  // row g + 8, same K
+      const uint32_t a2 = decode4<kInt8, true>(pa, la_hi);   // row g, K 64G + 32 + 4*i8 ..
+      const uint32_t a3 = decode4<kInt8, true>(pb, lb_hi);
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        const uint32_t b0 = word(xv[j][0], xv[j][1], i8);
+        const uint32_t b1 = word(xv[j][2], xv[j][3], i8);
+        mma_16x8x32<kInt8>(acc[j], iacc[j], a0, a1, a2, a3, b0, b1);
+      }
+    }
+    if constexpr (kInt8) {
+      // exact: |tile sum| < 256 * 96 * 127 < 2**24
+      const uint8_t* tiles = st + kStageWeights + kStageCodes;
+      const float sa = __int_as_float(int(tiles[g]) << 23);
+      const float sb = __int_as_float(int(tiles[g + 8]) << 23);
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        acc[j][0] = fmaf(float(iacc[j][0]), sa, acc[j][0]);
+        acc[j][1] = fmaf(float(iacc[j][1]), sa, acc[j][1]);
+        acc[j][2] = fmaf(float(iacc[j][2]), sb, acc[j][2]);
+        acc[j][3] = fmaf(float(iacc[j][3]), sb, acc[j][3]);
+      }
+    }
+  }
+  cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
+
+  // split-K reduction across the CTA's warps, then the epilogue
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) {
+    partial[warp][g][8 * j + 2 * t] = acc[j][0];
+    partial[warp][g][8 * j + 2 * t + 1] = acc[j][1];
+    partial[warp][g + 8][8 * j + 2 * t] = acc[j][2];
+    partial[warp][g + 8][8 * j + 2 * t + 1] = acc[j][3];
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < 16 * kCols; idx += kWarps * 32) {
+    const int r = idx & 15, col = idx >> 4;
+    const int n = n0 + r, m = m0 + col;
+    if (n >= N || m >= M) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += partial[w][r][col];
+    v *= per_token ? xs[m] : xs[0];
+    if constexpr (!kInt8) v *= static_cast<const float*>(row_scale)[n];
+    if (bias != nullptr) v += to_float(bias[n]);
+    y[size_t(m) * ldy + n] = from_float<OutT>(v);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// activation quantization (bit-exact with w4a8_backend.formats.quantize_activation)
+// ----------------------------------------------------------------------------------------------
+__device__ __forceinline__ float nan_max(float a, float b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// One CTA per row; 16-byte loads, kUnroll of them in flight per thread.
+template <typename InT>
+struct Vec16 {
+  static constexpr int kN = 16 / sizeof(InT);
+  InT v[kN];
+};
+
+template <bool kInt8, typename InT>
+__global__ void __launch_bounds__(256)
+    quant_act_kernel(const InT* __restrict__ x, int ldx, uint8_t* __restrict__ q,
+                     const float* __restrict__ s_in, float* __restrict__ s_out, int K, int mode) {
+  pdl_release();  // the GEMM may start copying weights now
+  using V = Vec16<InT>;
+  constexpr int kN = V::kN;
+  constexpr int kUnroll = 8;
+  constexpr float kQmax = kInt8 ? 127.f : 448.f;
+  // torch divides a CUDA tensor by a Python scalar as a multiplication by the float32 reciprocal
+  constexpr float kInvQmax = kInt8 ? float(1.0 / 127.0) : float(1.0 / 448.0);
+  const int row = blockIdx.x;
+  const V* xr = reinterpret_cast<const V*>(x + size_t(row) * ldx);
+  uint8_t* qr = q + size_t(row) * K;
+  const int nvec = K / kN;
+  const int stride = blockDim.x * kUnroll;
+  float scale;
+  if (mode == int(w4a8::ActivationScheme::STATIC_PER_TENSOR)) {
+    scale = s_in[0];
+  } else if (mode == int(w4a8::ActivationScheme::DYNAMIC_PER_TENSOR)) {
+    scale = fmaxf(s_in[0], 1e-12f) * kInvQmax;
+    if (row == 0 && threadIdx.x == 0) s_out[0] = scale;
+  } else {
+    __shared__ float red[8];
+    float amax = 0.f;
+    for (int base = threadIdx.x; base < nvec; base += stride) {
+      V v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (base + u * int(blockDim.x) < nvec) v[u] = xr[base + u * blockDim.x];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (base + u * int(blockDim.x) < nvec)
+#pragma unroll
+          for (int e = 0; e < kN; ++e) amax = nan_max(amax, fabsf(to_float(v[u].v[e])));
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = amax;
+    __syncthreads();
+    amax = red[0];
+    for (int w = 1; w < int(blockDim.x >> 5); ++w) amax = nan_max(amax, red[w]);
+    scale = (amax != amax ? amax : fmaxf(amax, 1e-12f)) * kInvQmax;
+    if (threadIdx.x == 0) s_out[row] = scale;
+  }
+  for (int base = threadIdx.x; base < nvec; base += stride) {
+    V v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * int(blockDim.x) < nvec) v[u] = xr[base + u * blockDim.x];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * blockDim.x;
+      if (i >= nvec) continue;
+      uint8_t out[kN];
+#pragma unroll
+      for (int e = 0; e < kN; ++e) {
+        float f = __fdiv_rn(to_float(v[u].v[e]), scale);
+        if (f == f) f = fminf(fmaxf(f, -kQmax), kQmax);
+        if constexpr (kInt8) {
+          out[e] = (f == f) ? uint8_t(int8_t(rintf(f))) : uint8_t(0);
+        } else {
+          out[e] = __nv_cvt_float_to_fp8(f, __NV_SATFINITE, __NV_E4M3);
+        }
+      }
+      if constexpr (kN == 8) {
+        uint2 o;
+        o.x = out[0] | (out[1] << 8) | (out[2] << 16) | (uint32_t(out[3]) << 24);
+        o.y = out[4] | (out[5] << 8) | (out[6] << 16) | (uint32_t(out[7]) << 24);
+        reinterpret_cast<uint2*>(qr)[i] = o;
+      } else {
+        reinterpret_cast<uint32_t*>(qr)[i] =
+            out[0] | (out[1] << 8) | (out[2] << 16) | (uint32_t(out[3]) << 24);
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// host side
+// ----------------------------------------------------------------------------------------------
+template <bool kInt8, int kNT, int kWarps, int kStages, typename OutT>
+cudaError_t launch_gemm(const uint8_t* xq, const float* xs, const uint8_t* packed,
+                        const uint8_t* codes, const void* row_scale, const void* bias, void* y,
+                        int M, int N, int K, int KP, int NP, int ldy, int per_token, bool pdl,
+                        cudaStream_t stream) {
+  auto kernel = decode_gemm_kernel<kInt8, kNT, kWarps, kStages, OutT>;
+  constexpr int kSmem = kWarps * kStages * kStageBytes;
+  static const cudaError_t attr_status =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (attr_status != cudaSuccess) return attr_status;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(NP / 16, (M + 8 * kNT - 1) / (8 * kNT), 1);
+  cfg.blockDim = dim3(kWarps * 32, 1, 1);
+  cfg.dynamicSmemBytes = kSmem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, xq, xs, packed, codes, row_scale,
+                            static_cast<const OutT*>(bias), static_cast<OutT*>(y), M, N, K, KP, NP,
+                            ldy, per_token);
+}
+
+template <bool kInt8, int kNT, typename OutT>
+cudaError_t pick_warps(int warps, int stages, const uint8_t* xq, const float* xs,
+                       const uint8_t* packed, const uint8_t* codes, const void* row_scale,
+                       const void* bias, void* y, int M, int N, int K, int KP, int NP, int ldy,
+                       int per_token, bool pdl, cudaStream_t stream) {
+#define W4A8_LAUNCH(W, D)                                                                       \
+  if (warps == W && stages == D)                                                                 \
+    return launch_gemm<kInt8, kNT, W, D, OutT>(xq, xs, packed, codes, row_scale, bias, y, M, N, \
+                                               K, KP, NP, ldy, per_token, pdl, stream);
+  W4A8_LAUNCH(4, 4)
+  W4A8_LAUNCH(4, 8)
+  W4A8_LAUNCH(4, 12)
+  W4A8_LAUNCH(8, 4)
+  W4A8_LAUNCH(8, 8)
+#undef W4A8_LAUNCH
+  return cudaErrorInvalidConfiguration;
+}
+
+template <bool kInt8, typename OutT>
+cudaError_t pick_tiles(int warps, int stages, const uint8_t* xq, const float* xs,
+                       const uint8_t* packed, const uint8_t* codes, const void* row_scale,
+                       const void* bias, void* y, int M, int N, int K, int KP, int NP, int ldy,
+                       int per_token, bool pdl, cudaStream_t stream) {
+  if (M <= 8)
+    return pick_warps<kInt8, 1, OutT>(warps, stages, xq, xs, packed, codes, row_scale, bias, y, M,
+                                      N, K, KP, NP, ldy, per_token, pdl, stream);
+  return pick_warps<kInt8, 2, OutT>(warps, stages, xq, xs, packed, codes, row_scale, bias, y, M, N,
+                                    K, KP, NP, ldy, per_token, pdl, stream);
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* w4a8_error_string(int code) { return cudaGetErrorString(cudaError_t(code)); }
+
+// Returns a cudaError_t code (0 = launched). out_dtype: 0 bf16, 1 fp16, 2 fp32.
+// (warps, stages) is one of the instantiated launch configs (w4a8_backend: decode_config).
+int w4a8_decode_gemm(const void* xq, const void* xs, const void* packed, const void* codes,
+                     const void* row_scale, const void* bias, void* y, int M, int N, int K, int KP,
+                     int NP, int ldy, int act_int8, int per_token, int out_dtype, int warps,
+                     int stages, int pdl, void* stream) {
+  if (M <= 0 || M > 16 || NP % 16 || KP % (2 * kStepK) || K % 32 || K > KP || N > NP)
+    return int(cudaErrorInvalidValue);
+  auto xq8 = static_cast<const uint8_t*>(xq);
+  auto xsf = static_cast<const float*>(xs);
+  auto w = static_cast<const uint8_t*>(packed);
+  auto c = static_cast<const uint8_t*>(codes);
+  auto st = static_cast<cudaStream_t>(stream);
+  const bool use_pdl = pdl != 0;
+#define W4A8_DTYPE(INT8)                                                                         \
+  switch (out_dtype) {                                                                           \
+    case 0:                                                                                      \
+      return int(pick_tiles<INT8, __nv_bfloat16>(warps, stages, xq8, xsf, w, c, row_scale, bias, \
+                                                 y, M, N, K, KP, NP, ldy, per_token, use_pdl,    \
+                                                 st));                                           \
+    case 1:                                                                                      \
+      return int(pick_tiles<INT8, __half>(warps, stages, xq8, xsf, w, c, row_scale, bias, y, M,  \
+                                          N, K, KP, NP, ldy, per_token, use_pdl, st));           \
+    case 2:                                                                                      \
+      return int(pick_tiles<INT8, float>(warps, stages, xq8, xsf, w, c, row_scale, bias, y, M,   \
+                                         N, K, KP, NP, ldy, per_token, use_pdl, st));            \
+    default:                                                                                     \
+      return int(cudaErrorInvalidValue);                                                         \
+  }
+  if (act_int8) {
+    W4A8_DTYPE(true)
+  } else {
+    W4A8_DTYPE(false)
+  }
+#undef W4A8_DTYPE
+}
+
+// in_dtype: 0 bf16, 1 fp16, 2 fp32. mode: w4a8::ActivationScheme. x rows and q must be 16-byte
+// aligned and K a multiple of 8 (the caller checks).
+int w4a8_quant_act(const void* x, int ldx, void* q, const void* s_in, void* s_out, int M, int K,
+                   int act_int8, int mode, int in_dtype, void* stream) {
+  if (M <= 0 || K <= 0 || K % 8) return int(cudaErrorInvalidValue);
+  auto st = static_cast<cudaStream_t>(stream);
+  auto qq = static_cast<uint8_t*>(q);
+  auto si = static_cast<const float*>(s_in);
+  auto so = static_cast<float*>(s_out);
+#define W4A8_QUANT(INT8, T)                                                                 \
+  quant_act_kernel<INT8, T><<<M, 256, 0, st>>>(static_cast<const T*>(x), ldx, qq, si, so, K, \
+                                               mode);                                        \
+  return int(cudaGetLastError());
+  if (act_int8) {
+    if (in_dtype == 0) { W4A8_QUANT(true, __nv_bfloat16) }
+    if (in_dtype == 1) { W4A8_QUANT(true, __half) }
+    if (in_dtype == 2) { W4A8_QUANT(true, float) }
+  } else {
+    if (in_dtype == 0) { W4A8_QUANT(false, __nv_bfloat16) }
+    if (in_dtype == 1) { W4A8_QUANT(false, __half) }
+    if (in_dtype == 2) { W4A8_QUANT(false, float) }
+  }
+#undef W4A8_QUANT
+  return int(cudaErrorInvalidValue);
+}
+
+}  // extern "C"

@@ -1,0 +1,186 @@
+"""Just-in-time build and ctypes binding of ``csrc/w4a8_decode_gemm.cu`` (the CUDA decode GEMM).
+
+The package never needs this to import: the first GPU layer that wants the kernel calls
+:func:`load`, which compiles the source with ``nvcc`` for the current GPU (about 30 s, logged),
+caches the shared library under ``$W4A8_MXFP4_CACHE_DIR`` (default
+``~/.cache/w4a8_backend``) keyed by the source hash and architecture, and loads it with ctypes.
+No torch headers are involved, so the build does not depend on torch's C++ ABI. Processes that
+start together (tensor-parallel workers) share one build through a file lock.
+
+When anything is missing (no source next to the package, no nvcc, a failed build) :func:`load`
+raises :class:`CudaExtUnavailable` with the reason; the caller then keeps the Triton kernel and
+logs why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("w4a8_backend")
+
+SOURCE_NAME = "w4a8_decode_gemm.cu"
+HEADER_NAMES = ("quant_modes.h",)
+CACHE_ENV = "W4A8_MXFP4_CACHE_DIR"
+NVCC_ENV = "W4A8_MXFP4_NVCC"
+# Supported by the source: FP8 needs sm_89+, INT8 sm_80+; sm_90 gets the 90a target (PDL).
+SUPPORTED_CAPABILITIES = (80, 86, 87, 89, 90)
+_DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+
+class CudaExtUnavailable(RuntimeError):
+    """The CUDA decode kernel cannot be built or loaded here (the message says why)."""
+
+
+def source_dir() -> Path:
+    """``csrc/`` of the source tree this package lives in."""
+    return Path(__file__).resolve().parents[2] / "csrc"
+
+
+def _find_nvcc() -> str:
+    cands = [os.environ.get(NVCC_ENV)]
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home:
+        cands.append(str(Path(cuda_home) / "bin" / "nvcc"))
+    cands += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+    for c in cands:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return c
+    raise CudaExtUnavailable(
+        f"nvcc not found (set {NVCC_ENV} or CUDA_HOME, or put nvcc on PATH)"
+    )
+
+
+def _gencode(capability: int) -> list[str]:
+    if capability == 90:
+        return ["-gencode", "arch=compute_90a,code=sm_90a"]
+    return ["-gencode", f"arch=compute_{capability},code=sm_{capability}"]
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "w4a8_backend"
+
+
+def build(capability: int) -> Path:
+    """Compile the library for ``sm_<capability>`` unless it is cached; return its path."""
+    if capability not in SUPPORTED_CAPABILITIES:
+        raise CudaExtUnavailable(
+            f"the CUDA decode kernel is built for sm_{SUPPORTED_CAPABILITIES}, "
+            f"not sm_{capability}"
+        )
+    src = source_dir()
+    files = [src / SOURCE_NAME] + [src / h for h in HEADER_NAMES]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise CudaExtUnavailable(
+            f"CUDA source not found ({', '.join(missing)}): install from a source checkout "
+            "(pip install -e .) to use the CUDA decode kernel"
+        )
+    flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo",
+             *_gencode(capability)]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.read_bytes())
+    digest.update(" ".join(flags).encode())
+    out_dir = _cache_dir()
+    lib = out_dir / f"w4a8_decode_gemm-{digest.hexdigest()[:16]}-sm{capability}.so"
+    if lib.is_file():
+        return lib
+    nvcc = _find_nvcc()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same library
+        if lib.is_file():
+            return lib
+        logger.info(
+            "w4a8_mxfp4: building the CUDA decode kernel for sm_%d with %s (about 30 s, once; "
+            "cached in %s)", capability, nvcc, out_dir,
+        )
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            tmp_lib = Path(tmp) / lib.name
+            cmd = [nvcc, *flags, "-o", str(tmp_lib), str(src / SOURCE_NAME)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise CudaExtUnavailable(
+                    f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}"
+                )
+            os.replace(tmp_lib, lib)
+        logger.info("w4a8_mxfp4: CUDA decode kernel built in %.0f s", time.perf_counter() - t0)
+    return lib
+
+
+class DecodeGemmLib:
+    """The loaded library: launches on the current torch CUDA stream, raises on launch errors."""
+
+    def __init__(self, path: Path, capability: int):
+        self.path = path
+        self.capability = capability
+        self._lib = ctypes.CDLL(str(path))
+        p, i = ctypes.c_void_p, ctypes.c_int
+        self._lib.w4a8_decode_gemm.argtypes = [p, p, p, p, p, p, p] + [i] * 12 + [p]
+        self._lib.w4a8_decode_gemm.restype = i
+        self._lib.w4a8_quant_act.argtypes = [p, i, p, p, p, i, i, i, i, i, p]
+        self._lib.w4a8_quant_act.restype = i
+        self._lib.w4a8_error_string.argtypes = [i]
+        self._lib.w4a8_error_string.restype = ctypes.c_char_p
+
+    def _check(self, code: int, what: str) -> None:
+        if code != 0:
+            name = self._lib.w4a8_error_string(code).decode()
+            raise RuntimeError(
+                f"w4a8_mxfp4 CUDA decode kernel: {what} failed: cudaError {code} ({name})"
+            )
+
+    def quant_act(self, x2: torch.Tensor, q: torch.Tensor, s_in: torch.Tensor,
+                  s_out: torch.Tensor, act_int8: bool, mode: int) -> None:
+        m, k = x2.shape
+        stream = torch.cuda.current_stream(x2.device).cuda_stream
+        self._check(self._lib.w4a8_quant_act(
+            x2.data_ptr(), x2.stride(0), q.data_ptr(), s_in.data_ptr(), s_out.data_ptr(), m, k,
+            int(act_int8), mode, _DTYPE_CODE[x2.dtype], stream), "activation quantization")
+
+    def gemm(self, q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
+             row_scale: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, act_int8: bool,
+             per_token: bool, warps: int, stages: int, pdl: bool) -> None:
+        m, k = q.shape
+        n = y.shape[1]
+        n_pad, kp = packed.shape[0], packed.shape[1] * 2
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        self._check(self._lib.w4a8_decode_gemm(
+            q.data_ptr(), xs.data_ptr(), packed.data_ptr(), codes.data_ptr(),
+            row_scale.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
+            m, n, k, kp, n_pad, y.stride(0), int(act_int8), int(per_token),
+            _DTYPE_CODE[y.dtype], warps, stages, int(pdl), stream), "GEMM launch")
+
+
+_LOADED: dict[int, DecodeGemmLib | CudaExtUnavailable] = {}
+
+
+def load(capability: int) -> DecodeGemmLib:
+    """Build (or find cached) and load the library once per process; raises
+    :class:`CudaExtUnavailable` (also on later calls, without retrying the build)."""
+    if capability not in _LOADED:
+        try:
+            path = build(capability)
+            try:
+                _LOADED[capability] = DecodeGemmLib(path, capability)
+            except OSError as exc:
+                raise CudaExtUnavailable(f"cannot load {path}: {exc}") from exc
+        except CudaExtUnavailable as exc:
+            _LOADED[capability] = exc
+    got = _LOADED[capability]
+    if isinstance(got, CudaExtUnavailable):
+        raise got
+    return got
