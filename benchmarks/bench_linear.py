@@ -368,6 +368,9 @@ def sweep(timer, log):
             log(json.dumps(res))
 
 
+CUDA_DECODE_CONFIGS = ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3), (8, 4), (16, 2))
+
+
 def sweep_cuda(timer, log):
     """The CUDA decode kernel's launch configs vs the Triton decode GEMM, M <= 16, all shapes
     (GEMM alone on pre-quantized activations, then the whole op with static scales)."""
@@ -393,7 +396,7 @@ def sweep_cuda(timer, log):
 
                 lib = _cuda_ext.load(90)
                 y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-                for warps, stages in ((4, 4), (4, 8), (4, 12), (8, 4), (8, 8)):
+                for warps, stages in CUDA_DECODE_CONFIGS:
                     res[f"cuda_gemm({warps},{stages})"] = round(timer.time_us(
                         lambda warps=warps, stages=stages: lib.gemm(
                             q, xs, layer.weight, layer.weight_scale, layer.w4a8_row_scale,

@@ -17,7 +17,9 @@
 // (the wide one, so M = 1 wastes only the unused token columns of "B"). Each lane loads 32
 // contiguous packed bytes per row per step (two 16-byte loads) = one whole 64-wide K group, and
 // the 64 activation bytes of the same group: the MMA's k slots are a permutation of K that is
-// the same for A and B within a lane, which is all a dot product needs. Every value in one step
+// the same for A and B within a lane, which is all a dot product needs.
+// The weights reach shared memory through a per-warp cp.async ring (below), copied as whole
+// 128-byte row segments. Every value in one step
 // belongs to one INT8 reference tile, so the INT8 int32 sum of a step is exact and is scaled
 // once per step.
 //
@@ -125,11 +127,13 @@ __device__ __forceinline__ void mma_16x8x32(float (&c)[4], int32_t (&ci)[4], uin
 
 // ----------------------------------------------------------------------------------------------
 // cp.async staging: each warp owns a ring of kStages stages in shared memory; a stage holds one
-// K step of its 16 rows: the packed weights (lane-interleaved so that both the copies and the
-// reads are conflict-free 16-byte accesses), the 16 rows' 8 code bytes, and (INT8) the 16 rows'
-// tile exponents. Deep rings keep many bytes in flight per SM without costing registers.
+// K step of its 16 rows: the packed weights (row-major, rows padded to 144 bytes so that the
+// lanes' 16-byte reads are conflict-free; each copy instruction moves 4 whole 128-byte row
+// segments, i.e. full cache lines), the 16 rows' 8 code bytes, and (INT8) the 16 rows' tile
+// exponents. Deep rings keep many bytes in flight per SM without costing registers.
 // ----------------------------------------------------------------------------------------------
-constexpr int kStageWeights = 2048;  // 32 lanes x 64 bytes
+constexpr int kRowStride = kStepK / 2 + 16;
+constexpr int kStageWeights = 16 * kRowStride;
 constexpr int kStageCodes = 16 * 8;
 constexpr int kStageTiles = 16;
 constexpr int kStageBytes = kStageWeights + kStageCodes + kStageTiles;
@@ -212,21 +216,20 @@ __global__ void __launch_bounds__(kWarps * 32)
   const size_t kp2 = size_t(KP) / 2, kp32 = size_t(KP) / 32;
   uint8_t* ring = ring_all + warp * (kStages * kStageBytes);
 
-  // copy sources: this lane's 32 bytes of rows g and g + 8; lanes 0-15 one row's code bytes;
-  // lane 16 the 16 tile exponents (INT8)
-  const uint8_t* w_src = packed + size_t(n0 + g) * kp2 + t * 32;
+  // copies: instruction i moves rows 4i .. 4i+3 (lane: row 4i + lane/8, 16-byte chunk lane%8);
+  // lanes 0-15 one row's code bytes; lane 16 the 16 tile exponents (INT8)
+  const int copy_row = lane >> 3, copy_chunk = (lane & 7) * 16;
+  const uint8_t* w_src = packed + size_t(n0 + copy_row) * kp2 + copy_chunk;
   const uint8_t* c_src = codes + size_t(n0 + (lane & 15)) * kp32;
   const uint8_t* t_src = static_cast<const uint8_t*>(row_scale) + n0;
   auto issue = [&](int s, int stage) {
-    uint8_t* st = ring + stage * kStageBytes;
-    const uint8_t* wa = w_src + s * (kStepK / 2);
-    const uint8_t* wb = wa + 8 * kp2;
-    cp_async16(st + (0 * 32 + lane) * 16, wa);
-    cp_async16(st + (1 * 32 + lane) * 16, wa + 16);
-    cp_async16(st + (2 * 32 + lane) * 16, wb);
-    cp_async16(st + (3 * 32 + lane) * 16, wb + 16);
-    if (lane < 16) cp_async8(st + kStageWeights + lane * 8, c_src + s * (kStepK / 32));
-    if (kInt8 && lane == 16) cp_async16(st + kStageWeights + kStageCodes, t_src + size_t(s) * NP);
+    uint8_t* st = ring + stage * kStageBytes + copy_row * kRowStride + copy_chunk;
+    const uint8_t* src = w_src + s * (kStepK / 2);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) cp_async16(st + 4 * i * kRowStride, src + 4 * i * kp2);
+    uint8_t* sc = ring + stage * kStageBytes + kStageWeights;
+    if (lane < 16) cp_async8(sc + lane * 8, c_src + s * (kStepK / 32));
+    if (kInt8 && lane == 16) cp_async16(sc + kStageCodes, t_src + size_t(s) * NP);
   };
 
   float acc[kNT][4];
@@ -265,10 +268,11 @@ __global__ void __launch_bounds__(kWarps * 32)
 
     const uint8_t* st = ring + stage * kStageBytes;
     stage = stage + 1 == kStages ? 0 : stage + 1;
-    const uint4 wa0 = *reinterpret_cast<const uint4*>(st + (0 * 32 + lane) * 16);
-    const uint4 wa1 = *reinterpret_cast<const uint4*>(st + (1 * 32 + lane) * 16);
-    const uint4 wb0 = *reinterpret_cast<const uint4*>(st + (2 * 32 + lane) * 16);
-    const uint4 wb1 = *reinterpret_cast<const uint4*>(st + (3 * 32 + lane) * 16);
+    // this lane's K group: bytes 32t .. 32t + 31 of rows g and g + 8
+    const uint4 wa0 = *reinterpret_cast<const uint4*>(st + g * kRowStride + 32 * t);
+    const uint4 wa1 = *reinterpret_cast<const uint4*>(st + g * kRowStride + 32 * t + 16);
+    const uint4 wb0 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowStride + 32 * t);
+    const uint4 wb1 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowStride + 32 * t + 16);
     const uint32_t ca = *reinterpret_cast<const uint16_t*>(st + kStageWeights + g * 8 + t * 2);
     const uint32_t cb =
         *reinterpret_cast<const uint16_t*>(st + kStageWeights + (g + 8) * 8 + t * 2);
@@ -463,11 +467,13 @@ cudaError_t pick_warps(int warps, int stages, const uint8_t* xq, const float* xs
   if (warps == W && stages == D)                                                                 \
     return launch_gemm<kInt8, kNT, W, D, OutT>(xq, xs, packed, codes, row_scale, bias, y, M, N, \
                                                K, KP, NP, ldy, per_token, pdl, stream);
+  W4A8_LAUNCH(4, 2)
+  W4A8_LAUNCH(4, 3)
   W4A8_LAUNCH(4, 4)
-  W4A8_LAUNCH(4, 8)
-  W4A8_LAUNCH(4, 12)
+  W4A8_LAUNCH(8, 2)
+  W4A8_LAUNCH(8, 3)
   W4A8_LAUNCH(8, 4)
-  W4A8_LAUNCH(8, 8)
+  W4A8_LAUNCH(16, 2)
 #undef W4A8_LAUNCH
   return cudaErrorInvalidConfiguration;
 }

@@ -49,7 +49,7 @@ def _cuda_skip_reason() -> str | None:
 _REASON = _cuda_skip_reason() if torch.cuda.is_available() else "no CUDA GPU on this machine"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=str(_REASON))]
 
-CONFIGS = [(4, 4), (4, 8), (4, 12), (8, 4), (8, 8)]
+CONFIGS = [(4, 2), (4, 3), (4, 4), (8, 2), (8, 3), (8, 4), (16, 2)]
 
 
 @pytest.fixture(autouse=True)
