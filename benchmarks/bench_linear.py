@@ -368,7 +368,7 @@ def sweep(timer, log):
             log(json.dumps(res))
 
 
-CUDA_DECODE_CONFIGS = ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3), (8, 4), (16, 2))
+CUDA_DECODE_CONFIGS = ((4, 2), (4, 3), (8, 2), (8, 4))
 
 
 def sweep_cuda(timer, log):

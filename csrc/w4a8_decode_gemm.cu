@@ -469,11 +469,8 @@ cudaError_t pick_warps(int warps, int stages, const uint8_t* xq, const float* xs
                                                K, KP, NP, ldy, per_token, pdl, stream);
   W4A8_LAUNCH(4, 2)
   W4A8_LAUNCH(4, 3)
-  W4A8_LAUNCH(4, 4)
   W4A8_LAUNCH(8, 2)
-  W4A8_LAUNCH(8, 3)
   W4A8_LAUNCH(8, 4)
-  W4A8_LAUNCH(16, 2)
 #undef W4A8_LAUNCH
   return cudaErrorInvalidConfiguration;
 }

@@ -49,7 +49,7 @@ def _cuda_skip_reason() -> str | None:
 _REASON = _cuda_skip_reason() if torch.cuda.is_available() else "no CUDA GPU on this machine"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=str(_REASON))]
 
-CONFIGS = [(4, 2), (4, 3), (4, 4), (8, 2), (8, 3), (8, 4), (16, 2)]
+CONFIGS = [(4, 2), (4, 3), (8, 2), (8, 4)]
 
 
 @pytest.fixture(autouse=True)
@@ -63,6 +63,9 @@ def _force_cuda(monkeypatch, _poison):
 @pytest.mark.parametrize("n,k", ODD + LLAMA8B + LLAMA70B[:1], ids=lambda v: str(v))
 def test_decode_matches_reference(act, scheme, n, k):
     seed = hash((int(act), int(scheme), n, k)) % 10_000
+    from w4a8_backend.kernels.sm90_triton import cuda_decode_max_m
+
+    assert cuda_decode_max_m(act == INT8) in (8, 16)
     for i, m in enumerate((1, 2, 7, 8, 9, 16)):
         _, kern = check(act, scheme, m, n, k, seed + i, bias=(i % 2 == 0))
         assert kern.decode_cuda

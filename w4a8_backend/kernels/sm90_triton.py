@@ -52,7 +52,14 @@ DEFAULT_PREFILL_M = {False: 384, True: 384}  # keyed by act_int8; from benchmark
 # logged), "cuda" (an error when it cannot be built), "triton".
 DECODE_KERNEL_ENV = "W4A8_SM90_DECODE"
 DECODE_KERNEL_CHOICES = ("auto", "cuda", "triton")
-CUDA_DECODE_MAX_M = 16
+# Largest M the CUDA decode kernel takes (keyed by act_int8): H100 sweep (bench_linear
+# --sweep-cuda, 2026-11-22): FP8 at M = 16 is up to 8% slower than the Triton kernel, INT8 faster
+# at every M <= 16.
+CUDA_DECODE_MAX_M = {False: 8, True: 16}
+
+
+def cuda_decode_max_m(act_int8: bool) -> int:
+    return CUDA_DECODE_MAX_M[act_int8]
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
@@ -84,28 +91,30 @@ def _use_cuda_decode(device: torch.device) -> bool:
         if "unavailable" not in _LOGGED_DECODE:
             _LOGGED_DECODE.add("unavailable")
             logger.warning("w4a8_mxfp4 sm90_triton: the CUDA decode kernel is not used (%s); "
-                           "M <= %d runs on the Triton kernel", exc, CUDA_DECODE_MAX_M)
+                           "small M runs on the Triton kernel", exc)
         return False
     if "loaded" not in _LOGGED_DECODE:
         _LOGGED_DECODE.add("loaded")
-        logger.info("w4a8_mxfp4 sm90_triton: M <= %d runs on the CUDA decode kernel (%s)",
-                    CUDA_DECODE_MAX_M, lib.path.name)
+        logger.info("w4a8_mxfp4 sm90_triton: M <= %d (FP8) / %d (INT8) runs on the CUDA decode "
+                    "kernel (%s)", CUDA_DECODE_MAX_M[False], CUDA_DECODE_MAX_M[True],
+                    lib.path.name)
     return True
 
 
 def decode_config(n_pad: int, kp: int, m: int, sms: int) -> tuple[int, int]:
     """(warps per CTA, cp.async stages per warp) of the CUDA decode kernel; one CTA per 16
-    rows, its warps split K."""
-    ctas = n_pad // 16
-    warps = 8 if ctas < 4 * sms else 4
-    return warps, 8 if warps == 4 else 4
+    rows, its warps split K. (4, 2) was the fastest or within 6% of it at every measured shape
+    and M (H100, bench_linear --sweep-cuda): the kernel is bound by latency at low occupancy,
+    so more warps beat deeper copy rings."""
+    return 4, 2
 
 
 def cuda_decode(x2: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
                 row_scale: torch.Tensor, input_scale: torch.Tensor | None,
                 bias: torch.Tensor | None, n: int, act_int8: bool, scheme: int,
                 out_dtype: torch.dtype, config: tuple[int, int] | None = None):
-    """Quantize ``x2`` [M <= 16, K] and run the CUDA decode GEMM; returns (y, q, x_scale)."""
+    """Quantize ``x2`` [M <= 16, K] and run the CUDA decode GEMM; returns (y, q, x_scale).
+    (Callers pick M <= cuda_decode_max_m; the kernel itself takes any M <= 16.)"""
     from . import _cuda_ext
     from . import triton_w4a8 as tk
 
@@ -184,7 +193,7 @@ def mxfp4_w4a8_linear(
         x = x.contiguous()
     m = x.shape[0]
     per_token = scheme == int(ActivationScheme.DYNAMIC_PER_TOKEN)
-    if (decode_cuda and 0 < m <= CUDA_DECODE_MAX_M
+    if (decode_cuda and 0 < m <= CUDA_DECODE_MAX_M[act_int8]
             and (bias is None or (bias.dtype == out_dtype and bias.is_contiguous()))):
         y, q, xs = cuda_decode(x, packed, codes, row_scale, input_scale, bias, n, act_int8,
                                scheme, out_dtype)
