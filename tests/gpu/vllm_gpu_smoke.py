@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="enforce_eager (no compile, no graphs)")
     parser.add_argument("--kernel", default=None, help="force W4A8_MXFP4_KERNEL")
     parser.add_argument("--no-serve", action="store_true")
+    parser.add_argument("--serve-only", action="store_true",
+                        help="only the vllm serve + openai check (no LLM(...) runs)")
     parser.add_argument("--tp", type=int, nargs="+", default=[1],
                         help="tensor-parallel sizes; with several, their greedy tokens must agree")
     args = parser.parse_args()
@@ -106,7 +108,8 @@ def main() -> None:
         if not ckpt.exists():
             quantize_checkpoint(src, ckpt, activations=args.checkpoint_act, calibration="static",
                                 progress=False)
-        for act, tp in [(a, t) for a in args.acts for t in args.tp]:
+        runs = [] if args.serve_only else [(a, t) for a in args.acts for t in args.tp]
+        for act, tp in runs:
             t0 = time.time()
             engine["tensor_parallel_size"] = tp
             try:
