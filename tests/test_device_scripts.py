@@ -107,3 +107,19 @@ def test_split_export_is_byte_identical(tmp_path):
     # An amax measured with other calibration settings is refused.
     other = ["--calibration", "static", "--calib-max-length", "16", "--no-progress"]
     assert helper.encode(str(src), str(tmp_path / "bad"), str(amax), ["--activations", "fp8", *other]) == 1
+
+
+def test_smoke_kernel_names_survive_long_moe_log_lines():
+    """vllm_gpu_smoke parses the dispatcher's log; a long MoE line must keep its kernel name."""
+    path = Path(__file__).resolve().parent / "gpu" / "vllm_gpu_smoke.py"
+    spec = importlib.util.spec_from_file_location("vllm_gpu_smoke", path)
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    moe = ("(EngineCore pid=7) INFO w4a8_mxfp4: MoE W4A8_MXFP4_FP8 static_per_tensor experts=128 "
+           "top_k=8 hidden=2048 intermediate=768 out=torch.bfloat16 activation=silu on "
+           "cuda sm_90 (NVIDIA H200) uses kernel sm90_triton (passed over: sm100_flashinfer: "
+           "needs sm_100)")
+    dense = "INFO w4a8_mxfp4: linear FP8 4096x4096 on cuda sm_90 uses kernel sm90_triton"
+    lines = smoke.kernel_log_lines("\n".join([moe, dense, "unrelated line"]))
+    assert len(lines) == 2 and len(moe.split("w4a8_mxfp4: ", 1)[1]) > 160
+    assert smoke._kinds(lines) == {"sm90_triton"}

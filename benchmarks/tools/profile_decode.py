@@ -24,7 +24,7 @@ def main():
     ap.add_argument("--k", type=int, default=8192)
     ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--int8", action="store_true")
-    ap.add_argument("--configs", default="4x4,8x4")
+    ap.add_argument("--configs", default="4x2,8x2")
     args = ap.parse_args()
     act = INT8 if args.int8 else FP8
     packed, scale = make_weight(args.n, args.k)

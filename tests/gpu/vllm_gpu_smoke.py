@@ -59,8 +59,7 @@ def run_engine(path: Path, act: str, prompts: list[str], engine: dict, log_path:
         capture_output=True, text=True, timeout=420)
     log_path.write_text(proc.stdout + proc.stderr)
     log = proc.stdout + proc.stderr
-    kernel_lines = sorted({line.split("w4a8_mxfp4: ", 1)[1][:160] for line in log.splitlines()
-                           if "uses kernel" in line})
+    kernel_lines = kernel_log_lines(log)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
     if proc.returncode or not lines:
         raise RuntimeError(log[-8000:])
@@ -174,6 +173,14 @@ def main() -> None:
              and all(e["same_tokens"] for e in tp_agreement) else 1)
 
 
+def kernel_log_lines(log: str) -> list[str]:
+    """The dispatcher's "<layer config> on <device> uses kernel <name>" lines, whole: MoE
+    configs are long, and cutting them (as an earlier version did, at 160 characters) cut the
+    kernel name too ("sm90_tr") and failed a serve check whose answers were all right."""
+    return sorted({line.split("w4a8_mxfp4: ", 1)[1] for line in log.splitlines()
+                   if "uses kernel " in line and "w4a8_mxfp4: " in line})
+
+
 def _kinds(kernel_lines: list[str]) -> set[str]:
     return {k.split("uses kernel ")[1].split()[0] for k in kernel_lines if "uses kernel " in k}
 
@@ -193,8 +200,7 @@ def serve_check(ckpt: Path, arch: str, port: int) -> dict:
             entry["model"] = _exercise(url)
         entry["checks"] = "completions, chat, streamed completion = plain, streamed chat = plain"
         text = log.read_text(errors="replace")
-        lines = sorted({ln.split("w4a8_mxfp4: ", 1)[1][:160] for ln in text.splitlines()
-                        if "uses kernel" in ln})
+        lines = kernel_log_lines(text)
         entry["kernel_kinds"] = sorted(_kinds(lines))
         entry["ok"] = _kinds(lines) == {"sm90_triton"} and "quantization=w4a8_mxfp4" in text
     except Exception as exc:  # recorded and reported; the run goes on to the other checks

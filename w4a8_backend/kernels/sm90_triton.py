@@ -103,7 +103,7 @@ def _use_cuda_decode(device: torch.device) -> bool:
 
 def decode_config(n_pad: int, kp: int, m: int, sms: int) -> tuple[int, int]:
     """(warps per CTA, cp.async stages per warp) of the CUDA decode kernel; one CTA per 16
-    rows, its warps split K. (4, 2) was the fastest or within 6% of it at every measured shape
+    rows, its warps split K. (4, 2) was the fastest or within 10% of it at every measured shape
     and M (H100, bench_linear --sweep-cuda): the kernel is bound by latency at low occupancy,
     so more warps beat deeper copy rings."""
     return 4, 2
