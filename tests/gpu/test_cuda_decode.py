@@ -25,6 +25,7 @@ from test_sm90_triton import (
     _poison,  # noqa: F401  (fixture used by _force_cuda)
     _skip_reason,
     check,
+    check_graph_replay,
     make_kernel,
     make_layer,
     make_weight,
@@ -150,22 +151,8 @@ def test_cuda_graph_replay_with_pdl(act):
     layer = make_layer(packed, scale, s_in)
     kern.process_weights_after_loading(layer)
     for m in (1, 16):
-        x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            kern.apply(layer, x, None)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y_graph = kern.apply(layer, x, None)
-        for _ in range(3):
-            x.copy_(torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16))
-            y_graph.fill_(float("nan"))
-            graph.replay()
-            torch.cuda.synchronize()
-            ref = reference_linear(x, packed, scale, act, ActivationScheme.STATIC_PER_TENSOR, s_in)
-            assert rel_err(y_graph, ref) <= REL_TOL
+        check_graph_replay(kern, layer, m, k, g, lambda x: reference_linear(
+            x, packed, scale, act, ActivationScheme.STATIC_PER_TENSOR, s_in))
 
 
 def test_triton_decode_still_selectable(monkeypatch, caplog):

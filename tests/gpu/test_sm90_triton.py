@@ -300,23 +300,30 @@ def test_cuda_graph_replay_matches_eager(act):
     layer = make_layer(packed, scale)
     kern.process_weights_after_loading(layer)
     for m in (1, 16, 64):  # split-K paths (in-kernel counters must return to zero)
-        x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            kern.apply(layer, x, None)  # warm-up / compile outside capture
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y_graph = kern.apply(layer, x, None)
-        for _ in range(3):
-            x.copy_(torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16))
-            y_graph.fill_(float("nan"))
-            graph.replay()
-            torch.cuda.synchronize()
-            ref = reference_linear(x, packed, scale, act, ActivationScheme.DYNAMIC_PER_TENSOR)
-            assert rel_err(y_graph, ref) <= REL_TOL
+        check_graph_replay(kern, layer, m, k, g, lambda x: reference_linear(
+            x, packed, scale, act, ActivationScheme.DYNAMIC_PER_TENSOR))
         assert int(layer.w4a8_counters.abs().sum()) == 0
+
+
+def check_graph_replay(kern, layer, m, k, g, reference):
+    """Capture ``kern.apply`` on an [m, k] input in a CUDA graph (after a warm-up outside the
+    capture), then replay it on fresh inputs written in place: each output must match
+    ``reference(x)``."""
+    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        kern.apply(layer, x, None)  # warm-up / compile / JIT build outside capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = kern.apply(layer, x, None)
+    for _ in range(3):
+        x.copy_(torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16))
+        y_graph.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(y_graph, reference(x)) <= REL_TOL
 
 
 def test_custom_op_opcheck_and_compile():
