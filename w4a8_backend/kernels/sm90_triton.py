@@ -22,6 +22,7 @@ Design and measurements: docs/kernels.md, docs/int8_kernel.md.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Optional
@@ -101,6 +102,12 @@ def _use_cuda_decode(device: torch.device) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return major * 10 + minor
+
+
 def decode_config(n_pad: int, kp: int, m: int, sms: int) -> tuple[int, int]:
     """(warps per CTA, cp.async stages per warp) of the CUDA decode kernel; one CTA per 16
     rows, its warps split K. (4, 2) was the fastest or within 10% of it at every measured shape
@@ -119,8 +126,8 @@ def cuda_decode(x2: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
     from . import triton_w4a8 as tk
 
     dev = x2.device
-    major, minor = torch.cuda.get_device_capability(dev)
-    lib = _cuda_ext.load(major * 10 + minor)
+    capability = _capability(dev.index or 0)
+    lib = _cuda_ext.load(capability)
     if x2.data_ptr() % 16 or (x2.stride(0) * x2.element_size()) % 16:
         x2 = x2.contiguous() if not x2.is_contiguous() else x2.clone()  # 16-byte row loads
     m, k = x2.shape
@@ -146,7 +153,7 @@ def cuda_decode(x2: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
     warps, stages = config
     per_token = scheme == int(ActivationScheme.DYNAMIC_PER_TOKEN)
     lib.gemm(q, s_out, packed, codes, row_scale, bias, y, act_int8, per_token, warps, stages,
-             pdl=major >= 9)
+             pdl=capability >= 90)
     return y, q, s_out
 
 
