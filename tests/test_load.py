@@ -21,7 +21,10 @@ process of its group is left.
 Dropped streams under load are not required to be aborted in the engine: on 2 busy cores the API
 server and the client lag behind the engine, so a short request may already be generated to its
 end when the hang-up reaches the server (seen: 0 to 8 of the 8 aborted per run). The test reports
-the count; what it requires is that the hang-ups break nothing.
+the count; what it requires is that the hang-ups break nothing. The same lag once hit the idle
+probe in CI (Qwen3-MoE INT8: the client saw its 2nd token only after all 200 were generated, and
+no dropped stream of that run was aborted either), so the probe gets up to PROBE_ATTEMPTS tries:
+the abort path must show at least once; a server that never aborts still fails every try.
 
 Why static scales: a dynamic per-tensor activation scale is the amax over every token of a
 forward pass, so a request's numbers depend on its batch by design (README). Static scales (and
@@ -71,6 +74,7 @@ SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": None}
 TIE_NATS = 2 / 64
 GENERATED = "vllm:generation_tokens_total"
 PROBE_TOKENS = 200
+PROBE_ATTEMPTS = 3
 
 
 def _wait_idle(url: str, timeout: float = 30.0) -> dict:
@@ -115,9 +119,13 @@ def test_concurrent_load_preemption_cancellation(checkpoint, request, tmp_path):
         # still answers correctly after the hang-ups).
         alone = ls.run_alone(server.api, ls.alone_counterparts(reqs, loaded), request_timeout=60)
         # The abort path itself: a long stream dropped while nothing else runs.
-        before_probe = _wait_idle(server.url)
-        probe = ls.drop_stream(server.api, max_tokens=PROBE_TOKENS, after=2)
-        after_probe = _wait_idle(server.url)
+        for probe_attempts in range(1, PROBE_ATTEMPTS + 1):
+            before_probe = _wait_idle(server.url)
+            probe = ls.drop_stream(server.api, max_tokens=PROBE_TOKENS, after=2)
+            after_probe = _wait_idle(server.url)
+            probe_generated = after_probe.get(GENERATED, 0) - before_probe.get(GENERATED, 0)
+            if probe_generated < PROBE_TOKENS / 2:
+                break
         healthy_at_end = ls.health(server.url)
         log_text = server.log_text()
     t_total = time.monotonic() - t0
@@ -127,9 +135,9 @@ def test_concurrent_load_preemption_cancellation(checkpoint, request, tmp_path):
                    if o.status != "error" and a.status == "ok"]
     preempted = after.get(ls.PREEMPTIONS, 0) - before.get(ls.PREEMPTIONS, 0)
     generated = after.get(GENERATED, 0) - before.get(GENERATED, 0)
-    probe_generated = after_probe.get(GENERATED, 0) - before_probe.get(GENERATED, 0)
     report = dict(summary, preemptions=preempted, generated_tokens=generated,
                   aborted_under_load=aborted_under_load, probe_generated=probe_generated,
+                  probe_attempts=probe_attempts,
                   startup_s=t_up, total_s=t_total,
                   identical=sum(c.identical for c in comparisons),
                   tie_divergences=sum(not c.identical and c.ok for c in comparisons),
@@ -156,8 +164,9 @@ def test_concurrent_load_preemption_cancellation(checkpoint, request, tmp_path):
     assert all(a.status == "ok" for a in alone), [a.error for a in alone if a.status != "ok"][:3]
     # A dropped stream is aborted in the engine: not generated to its end, logged as aborted.
     assert probe.status == "cancelled" and len(probe.tokens) >= 2
-    assert probe_generated < PROBE_TOKENS / 2, probe_generated
-    assert ls.aborted_in_log(log_text) == aborted_under_load + 1
+    assert probe_generated < PROBE_TOKENS / 2, (probe_generated, probe_attempts)
+    # the successful try is aborted in the engine; a failed try may have been too (late)
+    assert 1 <= ls.aborted_in_log(log_text) - aborted_under_load <= probe_attempts
     assert after_probe.get("vllm:num_requests_running") == 0
     # Batch invariance: under load each request got what it gets alone (tie rule in the docstring).
     assert len(comparisons) == N_REQUESTS
