@@ -404,8 +404,7 @@ def sweep_cuda(timer, log):
                 for mode in ("triton", "cuda"):
                     kern.decode_cuda = mode == "cuda"
                     res[f"op_{mode}"] = round(timer.time_us(lambda: kern.apply(layer, x, None)), 2)
-                res["default_config"] = list(sm90_triton.decode_config(
-                    layer.weight.shape[0], layer.weight.shape[1] * 2, m, tk.num_sms(0)))
+                res["default_config"] = list(sm90_triton.CUDA_DECODE_CONFIG)
                 log(json.dumps(res))
 
 

@@ -30,7 +30,8 @@ def test_check_reports_missing_names(tmp_path):
 
 def test_compile_cache_factor_changes_vllms_cache_key(monkeypatch):
     """The plugin's settings reach VllmConfig.compute_hash (the compile cache key): FP8 and INT8
-    activations, or another W4A8_MXFP4_* setting, give different keys; the same settings the same."""
+    activations, or another W4A8_MXFP4_* / W4A8_SM90_* setting, give different keys; the same
+    settings the same."""
     from vllm.config import VllmConfig, set_current_vllm_config
 
     from w4a8_backend import QUANTIZATION_NAME
@@ -39,7 +40,7 @@ def test_compile_cache_factor_changes_vllms_cache_key(monkeypatch):
     from w4a8_backend.formats import ActivationDtype
 
     def key(act, **env):
-        for name in ("W4A8_MXFP4_KERNEL", "W4A8_MXFP4_DYNAMIC_SCHEME"):
+        for name in ("W4A8_MXFP4_KERNEL", "W4A8_MXFP4_DYNAMIC_SCHEME", "W4A8_SM90_DECODE"):
             monkeypatch.delenv(name, raising=False)
         for name, value in env.items():
             monkeypatch.setenv(name, value)
@@ -53,6 +54,7 @@ def test_compile_cache_factor_changes_vllms_cache_key(monkeypatch):
     assert key(ActivationDtype.FP8_E4M3) == fp8
     assert key(ActivationDtype.FP8_E4M3, W4A8_MXFP4_KERNEL="fallback") != fp8
     assert key(ActivationDtype.INT8, W4A8_MXFP4_DYNAMIC_SCHEME="per_token") != int8
+    assert key(ActivationDtype.INT8, W4A8_SM90_DECODE="triton") != int8
 
 
 def test_compile_cache_factor_without_a_current_config():

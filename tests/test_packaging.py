@@ -44,11 +44,20 @@ def test_cpu_extra_adds_no_vllm_and_no_cuda_torch():
 def test_wheel_carries_the_cuda_source(tmp_path):
     """The CUDA decode kernel is built on the user's GPU machine from source: the wheel must
     carry csrc/ (as w4a8_backend/_csrc), byte for byte, and the loader must look there."""
+    import shutil
     import zipfile
 
+    # build from a copy: setuptools writes build/ and *.egg-info next to the sources
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "setup.cfg", "MANIFEST.in", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for tree in ("csrc", "w4a8_backend"):
+        shutil.copytree(ROOT / tree, src / tree,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-         "-w", str(tmp_path), str(ROOT)],
+         "-w", str(tmp_path), str(src)],
         check=True, timeout=600,
     )
     (wheel,) = tmp_path.glob("w4a8_backend-*.whl")

@@ -177,3 +177,25 @@ def test_unbuildable_kernel_auto_falls_back_forced_raises(monkeypatch, caplog, t
     monkeypatch.setenv("W4A8_SM90_DECODE", "cuda")
     with pytest.raises(RuntimeError, match="W4A8_SM90_DECODE=cuda but nvcc not found"):
         check(FP8, ActivationScheme.DYNAMIC_PER_TOKEN, 2, 512, 1024, 1)
+
+
+def test_op_uses_triton_when_the_library_is_not_loaded(monkeypatch):
+    """``decode_cuda`` is an argument baked into compiled graphs; a process in which the library
+    is not loaded (e.g. a replay of a cached graph where nvcc is missing) must still compute
+    right, on the Triton kernel."""
+    from w4a8_backend.kernels import _cuda_ext
+
+    g = _gen(8)
+    n, k = 1056, 4096
+    packed, scale = make_weight(n, k, g)
+    kern = make_kernel(INT8, ActivationScheme.DYNAMIC_PER_TOKEN, n, k)
+    layer = make_layer(packed, scale)
+    kern.process_weights_after_loading(layer)
+    assert kern.decode_cuda
+    major, minor = torch.cuda.get_device_capability()
+    monkeypatch.setitem(_cuda_ext._LOADED, major * 10 + minor,
+                        _cuda_ext.CudaExtUnavailable("simulated: not built in this process"))
+    assert not _cuda_ext.is_loaded(major * 10 + minor)
+    x = torch.randn(4, k, device="cuda", generator=g).to(torch.bfloat16)
+    ref = reference_linear(x, packed, scale, INT8, ActivationScheme.DYNAMIC_PER_TOKEN)
+    assert rel_err(kern.apply(layer, x, None), ref) <= REL_TOL

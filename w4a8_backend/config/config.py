@@ -34,12 +34,17 @@ from .validation import check_attention
 SERVED_ALGOS = frozenset(m.name for m in QuantAlgo)
 
 
+COMPILE_CACHE_ENV_PREFIXES = ("W4A8_MXFP4_", "W4A8_SM90_")
+
+
 def compile_cache_factors(act_dtype) -> dict:
     """What, besides the checkpoint, decides this plugin's compiled graph: the served activation
-    dtype, every ``W4A8_MXFP4_*`` setting and the package version."""
+    dtype, every ``W4A8_MXFP4_*`` and ``W4A8_SM90_*`` setting (kernel choices baked into the
+    graph's op arguments) and the package version."""
     from .. import __version__
 
-    settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith("W4A8_MXFP4_")}
+    settings = {k: v for k, v in sorted(os.environ.items())
+                if k.startswith(COMPILE_CACHE_ENV_PREFIXES)}
     return {"version": __version__, "activations": act_dtype.name, "env": settings}
 
 

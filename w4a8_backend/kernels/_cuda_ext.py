@@ -173,6 +173,11 @@ class DecodeGemmLib:
 _LOADED: dict[int, DecodeGemmLib | CudaExtUnavailable] = {}
 
 
+def is_loaded(capability: int) -> bool:
+    """True once :func:`load` has succeeded for ``capability`` in this process (no build)."""
+    return isinstance(_LOADED.get(capability), DecodeGemmLib)
+
+
 def load(capability: int) -> DecodeGemmLib:
     """Build (or find cached) and load the library once per process; raises
     :class:`CudaExtUnavailable` (also on later calls, without retrying the build)."""

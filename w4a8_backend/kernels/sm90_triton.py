@@ -57,10 +57,11 @@ DECODE_KERNEL_CHOICES = ("auto", "cuda", "triton")
 # --sweep-cuda, 2026-11-22): FP8 at M = 16 is up to 8% slower than the Triton kernel, INT8 faster
 # at every M <= 16.
 CUDA_DECODE_MAX_M = {False: 8, True: 16}
-
-
-def cuda_decode_max_m(act_int8: bool) -> int:
-    return CUDA_DECODE_MAX_M[act_int8]
+# (warps per CTA, cp.async stages per warp) of the CUDA decode kernel; one CTA per 16 rows, its
+# warps split K. (4, 2) was the fastest or within 10% of it at every measured shape and M (H100,
+# bench_linear --sweep-cuda): the kernel is bound by latency at low occupancy, so more warps beat
+# deeper copy rings.
+CUDA_DECODE_CONFIG = (4, 2)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
@@ -102,18 +103,22 @@ def _use_cuda_decode(device: torch.device) -> bool:
     return True
 
 
+def _cuda_decode_loaded(device: torch.device) -> bool:
+    """Whether the library is loaded in this process (``decode_cuda`` is baked into a compiled
+    graph, which a later process may replay where the library cannot be built: then Triton)."""
+    from . import _cuda_ext
+
+    return _cuda_ext.is_loaded(_capability(device.index or 0))
+
+
 @functools.lru_cache(maxsize=None)
 def _capability(device_index: int) -> int:
     major, minor = torch.cuda.get_device_capability(device_index)
     return major * 10 + minor
 
 
-def decode_config(n_pad: int, kp: int, m: int, sms: int) -> tuple[int, int]:
-    """(warps per CTA, cp.async stages per warp) of the CUDA decode kernel; one CTA per 16
-    rows, its warps split K. (4, 2) was the fastest or within 10% of it at every measured shape
-    and M (H100, bench_linear --sweep-cuda): the kernel is bound by latency at low occupancy,
-    so more warps beat deeper copy rings."""
-    return 4, 2
+def cuda_decode_max_m(act_int8: bool) -> int:
+    return CUDA_DECODE_MAX_M[act_int8]
 
 
 def cuda_decode(x2: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
@@ -148,9 +153,7 @@ def cuda_decode(x2: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
         if scheme != int(ActivationScheme.STATIC_PER_TENSOR):
             s_out.fill_(float("nan"))
     lib.quant_act(x2, q, s_in, s_out, act_int8, scheme)
-    if config is None:
-        config = decode_config(packed.shape[0], packed.shape[1] * 2, m, tk.num_sms(dev.index or 0))
-    warps, stages = config
+    warps, stages = config or CUDA_DECODE_CONFIG
     per_token = scheme == int(ActivationScheme.DYNAMIC_PER_TOKEN)
     lib.gemm(q, s_out, packed, codes, row_scale, bias, y, act_int8, per_token, warps, stages,
              pdl=capability >= 90)
@@ -201,7 +204,8 @@ def mxfp4_w4a8_linear(
     m = x.shape[0]
     per_token = scheme == int(ActivationScheme.DYNAMIC_PER_TOKEN)
     if (decode_cuda and 0 < m <= CUDA_DECODE_MAX_M[act_int8]
-            and (bias is None or (bias.dtype == out_dtype and bias.is_contiguous()))):
+            and (bias is None or (bias.dtype == out_dtype and bias.is_contiguous()))
+            and _cuda_decode_loaded(x.device)):
         y, q, xs = cuda_decode(x, packed, codes, row_scale, input_scale, bias, n, act_int8,
                                scheme, out_dtype)
         tk.correction(y, q, xs, per_token, corr_rows, corr_ptr, corr_blocks, corr_values)
