@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine_info import cpu_model
+
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -79,14 +81,7 @@ def log(msg: str) -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model(platform.processor() or platform.machine())
     import vllm
 
     return (f"{cpu}, {os.cpu_count()} logical CPUs; {platform.system()} {platform.release()}; "
