@@ -50,6 +50,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import torch  # noqa: E402
 
 import embedding as E  # noqa: E402
+from reference_model import load_tensors  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 TARGET_MEAN, TARGET_MIN = 0.99, 0.97
@@ -136,7 +137,7 @@ def modelopt_check(src: Path, ours: Path, work: Path) -> dict:
     ref = work / "modelopt_fp8_static"
     with torch.no_grad():
         export_hf_checkpoint(model, export_dir=str(ref))
-    a, b = _tensors(ours), _tensors(ref)
+    a, b = load_tensors(ours), load_tensors(ref)
     differ = [k for k in set(a) & set(b) if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape
               or a[k].reshape(-1).view(torch.uint8).tolist() != b[k].reshape(-1).view(torch.uint8).tolist()]
     exclude_ref = json.loads((ref / "hf_quant_config.json").read_text())["quantization"]
@@ -145,17 +146,6 @@ def modelopt_check(src: Path, ours: Path, work: Path) -> dict:
             "only_modelopt": sorted(set(b) - set(a)), "differ": sorted(differ),
             "exclude_modules_equal": exclude_ref["exclude_modules"] == exclude_ours["exclude_modules"],
             "exclude_modules": exclude_ref["exclude_modules"]}
-
-
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    out = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            for key in f.keys():
-                out[key] = f.get_tensor(key)
-    return out
 
 
 def decomposition(src: Path, ckpt_fp8: Path, ckpt_int8: Path, texts: list[str]) -> dict:
@@ -173,7 +163,7 @@ def decomposition(src: Path, ckpt_fp8: Path, ckpt_int8: Path, texts: list[str]) 
     tokenizer = AutoTokenizer.from_pretrained(src)
     max_len = E.check_pooling_config(src)
     weights = E.quantized_weights(ckpt_fp8)
-    scales = {"fp8": _tensors(ckpt_fp8), "int8": _tensors(ckpt_int8)}
+    scales = {"fp8": load_tensors(ckpt_fp8), "int8": load_tensors(ckpt_int8)}
 
     def run(quant_weights: bool, act=None, scheme=None, key=None, kind=None):
         model = AutoModel.from_pretrained(src, dtype=torch.float32).eval()

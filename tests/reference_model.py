@@ -27,7 +27,7 @@ from w4a8_backend.formats import (
 from w4a8_backend.formats.activations import QMAX
 
 
-def _load_tensors(directory: Path) -> dict[str, torch.Tensor]:
+def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for path in sorted(directory.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
@@ -112,7 +112,7 @@ def build_reference_model(
     config.architectures = raw.get("architectures")
     model = getattr(transformers, auto_class).from_config(config, dtype=dtype)
     model.eval()
-    tensors = _load_tensors(checkpoint)
+    tensors = load_tensors(checkpoint)
     experts = _collect_experts(tensors)
 
     quantized = sorted(k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale"))
