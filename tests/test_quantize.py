@@ -512,6 +512,25 @@ def test_error_calib_device_unavailable(llama, work, capsys):
     assert not out.exists() and not leftovers(work)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_error_encode_device_unavailable(llama, work, capsys):
+    out = work / "err_encode_dev_out"
+    code, _, err = run_cli(llama, out, "--activations", "int8", "--encode-device", "cuda",
+                           capsys=capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("w4a8-quantize: error: --encode-device 'cuda' is not usable here: ")
+    assert not out.exists() and not leftovers(work)
+
+
+def test_error_encode_device_unknown(llama, work, capsys):
+    out = work / "err_encode_dev_bad"
+    code, _, err = run_cli(llama, out, "--activations", "fp8", "--encode-device", "gpu0",
+                           capsys=capsys)
+    assert code == 1 and err.startswith("w4a8-quantize: error: --encode-device 'gpu0' is not "
+                                        "usable here: "), err
+    assert not out.exists() and not leftovers(work)
+
+
 def test_error_existing_nonempty_output(llama, work, capsys):
     out = work / "err_exists_out"
     out.mkdir()

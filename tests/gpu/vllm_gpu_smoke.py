@@ -123,16 +123,19 @@ def main() -> None:
                 print(json.dumps(entry), flush=True)
                 continue
             reference = build_reference_model(ckpt, act_dtype=ActivationDtype.from_string(act))
-            exact, gaps, diffs = 0, [], []
+            exact, gaps, diffs, row_gaps = 0, [], [], []
             for row in result["rows"]:
                 ref = reference_logprobs(reference, row["prompt_ids"], row["tokens"])
+                row_gaps.append([])
                 for tok, lp, r in zip(row["tokens"], row["logprobs"], ref):
                     exact += int(int(r.argmax()) == tok)
                     gaps.append(float(r.max() - r[tok]))
+                    row_gaps[-1].append(round(gaps[-1], 4))
                     diffs.append(abs(lp - float(r[tok])))
             steps = sum(len(row["tokens"]) for row in result["rows"])
             entry = {"arch": arch, "act": act, "tp": tp, "checkpoint_act": args.checkpoint_act,
-                     "engine": dict(engine), "tokens": [row["tokens"] for row in result["rows"]], "kernel_env": args.kernel, "vllm": result["vllm"],
+                     "engine": dict(engine), "tokens": [row["tokens"] for row in result["rows"]],
+                     "reference_gaps": row_gaps, "kernel_env": args.kernel, "vllm": result["vllm"],
                      "engine_init_s": round(result["init_s"], 1), "wall_s": round(time.time() - t0, 1),
                      "steps": steps, "reference_argmax_agree": exact,
                      "max_gap_nats": round(max(gaps), 4),
@@ -147,10 +150,8 @@ def main() -> None:
         for act in args.acts:
             runs = [e for e in report if e["arch"] == arch and e["act"] == act and "tokens" in e]
             if len(args.tp) > 1:
-                same = len(runs) == len(args.tp) and all(r["tokens"] == runs[0]["tokens"]
-                                                         for r in runs)
                 tp_agreement.append({"arch": arch, "act": act, "tp": args.tp,
-                                     "same_tokens": same})
+                                     **tp_agreement_of(runs, len(args.tp))})
     serve = [] if args.no_serve else [
         serve_check(work / f"{arch}_w4a8_{args.checkpoint_act}", arch, 18461 + i)
         for i, arch in enumerate(args.archs)]
@@ -168,9 +169,43 @@ def main() -> None:
     for e in serve:
         print(f"| {e['arch']} | {e['checks']} | {', '.join(e['kernel_kinds'])} | {e['ok']} |")
     for e in tp_agreement:
-        print(f"TP {e['tp']} same greedy tokens, {e['arch']} {e['act']}: {e['same_tokens']}")
-    sys.exit(0 if all(e["ok"] for e in report + serve)
-             and all(e["same_tokens"] for e in tp_agreement) else 1)
+        print(f"TP {e['tp']}, {e['arch']} {e['act']}: identical greedy tokens {e['same_tokens']}; "
+              f"{e['steps_before_divergence']} steps equal before the first divergence of each "
+              f"prompt; divergences {e['divergences']}; ok {e['ok']}")
+    sys.exit(0 if all(e["ok"] for e in report + serve + tp_agreement) else 1)
+
+
+def tp_agreement_of(runs: list[dict], n_tp: int) -> dict:
+    """Greedy tokens of the TP sizes against the first one, prompt by prompt.
+
+    Identical is what a correct sharding gives, up to one thing: TP changes the order of float
+    sums, and on a random tiny model some steps are near-ties. So a prompt may part at one step
+    where *both* tokens are within TIE_NATS of the fp32 reference's top-1 (the gaps are taken
+    along the common prefix, so they are the same distribution); after that the sequences differ
+    legitimately. A part at any other step, or a missing run, fails.
+    """
+    if len(runs) != n_tp:
+        return {"same_tokens": False, "steps_before_divergence": 0, "divergences": [],
+                "ok": False}
+    base = runs[0]
+    equal_steps, divergences, ok = 0, [], True
+    for other in runs[1:]:
+        for p, (a, b) in enumerate(zip(base["tokens"], other["tokens"])):
+            i = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+            if i is None:
+                ok &= len(a) == len(b)
+                equal_steps += len(a)
+                continue
+            equal_steps += i
+            gaps = (base["reference_gaps"][p][i], other["reference_gaps"][p][i])
+            near_tie = max(gaps) <= TIE_NATS
+            ok &= near_tie
+            divergences.append({"tp": other["tp"], "prompt": p, "step": i,
+                                "tokens": (a[i], b[i]), "reference_gaps": gaps,
+                                "near_tie": near_tie})
+    same = all(r["tokens"] == base["tokens"] for r in runs)
+    return {"same_tokens": same, "steps_before_divergence": equal_steps,
+            "divergences": divergences, "ok": ok}
 
 
 def kernel_log_lines(log: str) -> list[str]:

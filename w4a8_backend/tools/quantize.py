@@ -169,15 +169,17 @@ class OutSpec:
 
 
 # Rows are read and encoded in chunks of about this many elements, so the working set of a job
-# does not grow with the tensor (row-wise encoding gives the same bytes as one call).
+# does not grow with the tensor (row-wise encoding gives the same bytes as one call). An
+# accelerator gets larger chunks: per-chunk launch and transfer overheads dominate otherwise.
 CHUNK_ELEMENTS = 1 << 18
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass
 class Job:
     """One unit of streaming work: read a source tensor (or one expert of it), emit ``outputs``.
 
-    ``pieces(reader, scales)`` yields ``(output_index, tensor)`` in file order: all pieces of
+    ``pieces(reader, scales, device)`` yields ``(output_index, tensor)`` in file order: all pieces of
     output 0 (row chunks, concatenated in the file), then output 1, and so on.
     """
 
@@ -304,6 +306,14 @@ def _memory_name(spec: ArchSpec, disk_module: str) -> str:
     return disk_module
 
 
+def _encode_chunk(chunk: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_mxfp4` on ``device``; the bytes come back to the CPU."""
+    if device.type == "cpu":
+        return quantize_mxfp4(chunk)
+    packed, scale = quantize_mxfp4(chunk.to(device, non_blocking=True))
+    return packed.cpu(), scale.cpu()
+
+
 def _quantize_job(src_name: str, module: str, dtype: str, shape: tuple, with_input_scale: bool,
                   input_key, index: int | None = None, rows: tuple | None = None) -> Job:
     """Job emitting ``module.weight`` / ``.weight_scale`` (/ ``.input_scale``) from one 2-D weight.
@@ -319,14 +329,15 @@ def _quantize_job(src_name: str, module: str, dtype: str, shape: tuple, with_inp
         outputs.append(OutSpec(f"{module}.input_scale", "F32", ()))
     start, stop = rows if rows is not None else (0, out_rows)
 
-    def pieces(reader: _SourceReader, scales: dict):
+    def pieces(reader: _SourceReader, scales: dict, device: torch.device):
         # One allocation for all scales (many small pieces interleaved with the encoder's large
         # temporaries would fragment the heap and keep it from shrinking).
         block_scales = torch.empty((out_rows, k // BLOCK_SIZE), dtype=torch.uint8)
         row = 0
-        for chunk in reader.rows(src_name, index, start, stop, CHUNK_ELEMENTS):
+        step = CHUNK_ELEMENTS if device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+        for chunk in reader.rows(src_name, index, start, stop, step):
             try:
-                packed, scale = quantize_mxfp4(chunk)
+                packed, scale = _encode_chunk(chunk, device)
             except ValueError as exc:
                 where = f"{src_name}" + (f" (expert {index})" if index is not None else "")
                 raise QuantizeError(f"{where}, rows {start + row}..{start + row + chunk.shape[0] - 1}: "
@@ -346,7 +357,7 @@ def _quantize_job(src_name: str, module: str, dtype: str, shape: tuple, with_inp
 def _copy_job(name: str, dtype: str, shape: tuple) -> Job:
     spec = OutSpec(name, dtype, shape)
 
-    def pieces(reader: _SourceReader, scales: dict):
+    def pieces(reader: _SourceReader, scales: dict, device: torch.device):
         for chunk in reader.rows(name, None, 0, shape[0] if shape else 1, CHUNK_ELEMENTS):
             yield 0, chunk
 
@@ -354,7 +365,7 @@ def _copy_job(name: str, dtype: str, shape: tuple) -> Job:
 
 
 def _scalar_job(name: str, key) -> Job:
-    def pieces(reader: _SourceReader, scales: dict):
+    def pieces(reader: _SourceReader, scales: dict, device: torch.device):
         yield 0, scales[key].reshape(())
 
     return Job([OutSpec(name, "F32", ())], pieces)
@@ -522,6 +533,15 @@ def _force_eager_experts(config) -> None:
             stack.append(getattr(cfg, sub, None))
 
 
+def _usable_device(device: str, option: str) -> torch.device:
+    try:
+        torch_device = torch.device(device)
+        torch.empty(0, device=torch_device)
+    except (RuntimeError, AssertionError) as exc:
+        raise QuantizeError(f"{option} {device!r} is not usable here: {exc}") from None
+    return torch_device
+
+
 def calibrate(src: Path, texts: Sequence[str], max_length: int, device: str = "cpu",
               auto_class: str = "AutoModelForCausalLM") -> dict:
     """Run the model on ``texts``; return amax per calibration key.
@@ -539,11 +559,7 @@ def calibrate(src: Path, texts: Sequence[str], max_length: int, device: str = "c
         tokenizer = AutoTokenizer.from_pretrained(src)
     except Exception as exc:
         raise QuantizeError(f"static calibration needs the tokenizer in {src}: {exc}") from None
-    try:
-        torch_device = torch.device(device)
-        torch.empty(0, device=torch_device)
-    except (RuntimeError, AssertionError) as exc:
-        raise QuantizeError(f"--calib-device {device!r} is not usable here: {exc}") from None
+    torch_device = _usable_device(device, "--calib-device")
     model = getattr(transformers, auto_class).from_pretrained(src, dtype="auto").to(torch_device)
     model.eval()
     _force_eager_experts(model.config)
@@ -696,7 +712,7 @@ def _piece_bytes(t: torch.Tensor, spec: OutSpec) -> memoryview:
 
 
 def _write_shards(shards: list[list[Job]], out: Path, reader: _SourceReader, scales: dict,
-                  progress) -> tuple[dict, int]:
+                  device: torch.device, progress) -> tuple[dict, int]:
     n = len(shards)
     weight_map: dict[str, str] = {}
     total = 0
@@ -708,7 +724,7 @@ def _write_shards(shards: list[list[Job]], out: Path, reader: _SourceReader, sca
             for job in jobs:
                 written = [0] * len(job.outputs)
                 current = 0
-                for idx, piece in job.pieces(reader, scales):
+                for idx, piece in job.pieces(reader, scales, device):
                     if idx < current or any(written[j] != job.outputs[j].nbytes
                                             for j in range(current, idx)):
                         raise RuntimeError(f"internal error: {job.outputs[idx].name} out of order")
@@ -795,6 +811,7 @@ def quantize_checkpoint(
     kv_cache_fp8: bool = False,
     calib_max_length: int = DEFAULT_CALIB_MAX_LENGTH,
     calib_device: str = "cpu",
+    encode_device: str = "cpu",
     progress: bool = True,
 ) -> dict:
     """Export ``src_dir`` (HF safetensors model) to W4A8 MXFP4 in ``out_dir``; return a summary.
@@ -805,8 +822,9 @@ def quantize_checkpoint(
     ``"dynamic"`` writes none (the engine computes scales at run time). ``kv_cache_fp8`` adds
     ``k_scale`` / ``v_scale`` = amax / 448 (this runs the calibration text through the model even
     in dynamic mode). ``calib_device`` runs that calibration forward on another torch device
-    (e.g. ``"cuda"`` for large models); the weights are always encoded on the CPU. Raises :class:`QuantizeError` on bad input; nothing is left in ``out_dir``
-    then.
+    (e.g. ``"cuda"`` for large models). ``encode_device`` runs the MXFP4 encoding there (much
+    faster for large models); the bytes equal the CPU's for BF16 and FP16 weights (every possible block maximum is compared in ``tests/gpu/test_encode_device.py``).
+    Raises :class:`QuantizeError` on bad input; nothing is left in ``out_dir`` then.
     """
     from tqdm.auto import tqdm
 
@@ -838,6 +856,7 @@ def quantize_checkpoint(
         )
     weight_files, meta = _read_source_layout(src)
     size = parse_size(shard_size)
+    device = _usable_device(encode_device, "--encode-device")
     _check_output(out)
     static_inputs = calibration == "static"
     tie = (spec.has_lm_head and bool(config.get("tie_word_embeddings", False))
@@ -863,7 +882,7 @@ def quantize_checkpoint(
         total_src = sum(j.src_bytes or j.out_bytes for j in plan.jobs)
         with tqdm(total=total_src, unit="B", unit_scale=True, desc=TOOL_NAME,
                   disable=not progress, file=sys.stderr) as bar:
-            weight_map, total_out = _write_shards(shards, tmp, reader, scales, bar)
+            weight_map, total_out = _write_shards(shards, tmp, reader, scales, device, bar)
         index = {"metadata": {"total_size": total_out},
                  "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -941,7 +960,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per calibration paragraph (default %(default)s)")
     p.add_argument("--calib-device", metavar="DEV", default="cpu",
                    help="torch device for the calibration forward (default cpu; e.g. cuda for "
-                   "large models); weights are encoded on the CPU either way")
+                   "large models)")
+    p.add_argument("--encode-device", metavar="DEV", default="cpu",
+                   help="torch device for the MXFP4 encoding (default cpu; e.g. cuda for large "
+                   "models: the same bytes for BF16/FP16 weights)")
     p.add_argument("--exclude", metavar="PATTERN", nargs="+", action="extend", default=[],
                    help="keep modules matching these shell patterns in high precision, e.g. "
                    "'model.layers.0.*' '*.down_proj' (lm_head, embeddings and MoE routers always are)")
@@ -966,6 +988,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             kv_cache_fp8=args.kv_cache_fp8,
             calib_max_length=args.calib_max_length,
             calib_device=args.calib_device,
+            encode_device=args.encode_device,
             progress=not args.no_progress,
         )
     except QuantizeError as exc:
