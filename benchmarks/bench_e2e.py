@@ -219,7 +219,8 @@ def run_engine(args) -> None:
     except Exception as exc:  # reported, not fatal: the log line below still gives the size
         sizes = [{"error": f"{type(exc).__name__}: {exc}"}]
 
-    vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    vocab = config["vocab_size"]
     gen = torch.Generator().manual_seed(1)
 
     def prompts(n: int, length: int):
@@ -245,6 +246,7 @@ def run_engine(args) -> None:
           flush=True)
     result = {
         "label": args.label, "model": str(args.model), "quantization": args.quantization,
+        "model_shape": _shape_name(config),
         "env": {k: v for k, v in os.environ.items() if k.startswith("W4A8_MXFP4_")},
         "vllm": vllm.__version__, "torch": torch.__version__, "tp": args.tp,
         "device": (torch.cuda.get_device_name(0) if torch.cuda.is_available()
@@ -256,6 +258,12 @@ def run_engine(args) -> None:
         "decode_steps": args.decode_steps, "decode_prompt_len": args.decode_prompt_len,
     }
     Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+def _shape_name(config: dict) -> str:
+    """``LlamaForCausalLM, 32 layers, hidden 4096`` (what the random checkpoint is shaped like)."""
+    arch = (config.get("architectures") or ["?"])[0]
+    return f"{arch}, {config.get('num_hidden_layers')} layers, hidden {config.get('hidden_size')}"
 
 
 def run_in_subprocess(argv: list[str], log_path: Path, timeout: float) -> None:
@@ -292,7 +300,8 @@ def report(jsons: list[Path], out_stem: Path, command: str) -> None:
     if base is None:
         raise SystemExit("report needs a BF16 run (no quantization) among the inputs")
     batches = [d["batch"] for d in base["decode"]]
-    lines = [f"# End-to-end vLLM: {Path(base['model']).name}",
+    title = base.get("model_shape") or Path(base["model"]).name
+    lines = [f"# End-to-end vLLM: {title}, W4A8 MXFP4 against BF16",
              "",
              f"- device: {base['device']}; vLLM {base['vllm']}; torch {base['torch']}; "
              f"TP={base['tp']}",
@@ -339,7 +348,7 @@ def report(jsons: list[Path], out_stem: Path, command: str) -> None:
     axes[0].legend(fontsize=8)
     axes[1].set_xticks(range(len(runs)), [r["label"] for r in runs], rotation=20, fontsize=8)
     axes[1].set_ylabel(f"prefill tokens/s ({base['prefill']['prompt_len']}-token prompts)")
-    fig.suptitle(f"{Path(base['model']).name} on {base['device']} (vLLM {base['vllm']})")
+    fig.suptitle(f"{title} on {base['device']} (vLLM {base['vllm']})")
     fig.tight_layout()
     fig.savefig(out_stem.with_suffix(".png"), dpi=110)
     print(out_stem.with_suffix(".md").read_text())
