@@ -306,7 +306,21 @@ def write_report(rows, out_dir: Path, meta):
     return "\n".join(lines)
 
 
-def sweep(timer, log):
+SWEEP_MS = (1, 16, 64, 128, 512, 4096)
+
+
+def _mid_m_configs(m: int, fp8: bool) -> list:
+    """Fused configs for 64 <= M < 512 beyond the defaults: narrower tiles, deeper split-K."""
+    bm = 64 if m <= 64 else 128
+    cfgs = [(64, bm, 256, 1, 4, 3), (64, bm, 256, 2, 4, 3), (64, bm, 256, 4, 4, 3),
+            (128, bm, 256, 2, 8, 3), (128, bm, 256, 2, 8, 4), (128, bm, 256, 4, 8, 3),
+            (128, 64, 256, 2, 4, 4), (128, 64, 256, 4, 4, 3), (256, 64, 256, 1, 8, 3)]
+    if fp8:
+        cfgs += [(128, bm, 128, 2, 8, 4), (128, bm, 128, 4, 8, 5), (64, bm, 128, 4, 4, 5)]
+    return cfgs
+
+
+def sweep(timer, log, ms=SWEEP_MS):
     """Time our GEMM configs (not the activation quantization) at N=K=8192."""
     from w4a8_backend.kernels import triton_w4a8 as tk
 
@@ -319,7 +333,7 @@ def sweep(timer, log):
         lut = layer.w4a8_lut
         bk = 256
         dbk = 256 if i8 else 128
-        for m in (1, 16, 64, 128, 512, 4096):
+        for m in ms:
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
             q, xs = tk.quantize_activation_gpu(x, i8, 3, None)
             res = {"act": act.name, "M": m}
@@ -337,7 +351,9 @@ def sweep(timer, log):
                     cands.append(("fused", (64, bm, 512, 2, 4, 3)))
                     cands.append(("fused", (64, bm, 128, 4, 4, 6)))
                     cands.append(("fused", (64, bm, 128, 8, 4, 6)))
-            else:
+            if 64 <= m < 512:
+                cands += [("fused", cfg) for cfg in _mid_m_configs(m, not i8)]
+            if m > 64:
                 for cfg in ((128, 128, bk, 1, 8, 3), (128, 64, bk, 1, 4, 4)):
                     cands.append(("fused", cfg))
                 for cfg in ((128, 256, dbk, 1, 8, 3), (128, 128, dbk, 1, 8, 4),
@@ -440,19 +456,22 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--shapes", default="all", choices=["8192", "llama8b", "all"])
-    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--ms", default=None, help="comma-separated M values (default: "
+                    f"{','.join(map(str, MS))}; with --sweep {','.join(map(str, SWEEP_MS))})")
     ap.add_argument("--no-humming", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time our kernel configs only")
     ap.add_argument("--sweep-cuda", action="store_true",
                     help="time the CUDA decode kernel's configs against the Triton decode GEMM")
     ap.add_argument("--log", default=None, help="also append log lines to this file")
     args = ap.parse_args(argv)
+    args.ms_given = args.ms is not None
+    args.ms = args.ms or ",".join(map(str, MS))
     log = make_logger(args.log)
 
     torch.backends.cuda.matmul.allow_tf32 = False
     timer = Timer()
     if args.sweep:
-        sweep(timer, log)
+        sweep(timer, log, [int(v) for v in args.ms.split(",")] if args.ms_given else SWEEP_MS)
         return
     if args.sweep_cuda:
         sweep_cuda(timer, log)
