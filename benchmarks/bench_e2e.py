@@ -232,10 +232,12 @@ def run_engine(args) -> None:
     for b in args.batches:
         ps = prompts(b, args.decode_prompt_len)
         _timed_generate(llm, ps, 2)
-        t1 = min(_timed_generate(llm, ps, 1) for _ in range(args.repeats))
-        tn = min(_timed_generate(llm, ps, 1 + args.decode_steps) for _ in range(args.repeats))
-        step = (tn - t1) / args.decode_steps
-        decode.append({"batch": b, "step_ms": step * 1e3, "tokens_per_s": b / step})
+        t1s = [_timed_generate(llm, ps, 1) for _ in range(args.repeats)]
+        tns = [_timed_generate(llm, ps, 1 + args.decode_steps) for _ in range(args.repeats)]
+        step = (min(tns) - min(t1s)) / args.decode_steps
+        # The spread of the long calls says how far to trust the step time (min is reported).
+        decode.append({"batch": b, "step_ms": step * 1e3, "tokens_per_s": b / step,
+                       "t1_s": t1s, "tn_s": tns, "tn_spread": max(tns) / min(tns)})
         print(f"decode batch {b}: {step * 1e3:.2f} ms/step, {b / step:.0f} tok/s", flush=True)
     ps = prompts(args.prefill_batch, args.prefill_len)
     _timed_generate(llm, ps, 1)
@@ -326,6 +328,11 @@ def report(jsons: list[Path], out_stem: Path, command: str) -> None:
         pf, pfb = r["prefill"]["tokens_per_s"], base["prefill"]["tokens_per_s"]
         cells.append(f"{pf:.0f} ({pf / pfb:.2f}x)")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Run-to-run spread of the timed decode calls (max / min over the repeats of "
+              "`generate` with 1 + S tokens; the table uses the minimum):", ""]
+    for r in runs:
+        spreads = [f"b={d['batch']}: {d['tn_spread']:.2f}" for d in r["decode"] if "tn_spread" in d]
+        lines.append(f"- {r['label']}: " + (", ".join(spreads) or "not recorded"))
     lines += ["", "Kernel choice logged by the plugin (per layer shape):", ""]
     for r in runs:
         for k in r.get("kernel_lines", []):
@@ -376,7 +383,7 @@ def main() -> None:
     r.add_argument("--decode-prompt-len", type=int, default=128)
     r.add_argument("--prefill-len", type=int, default=2048)
     r.add_argument("--prefill-batch", type=int, default=8)
-    r.add_argument("--repeats", type=int, default=2)
+    r.add_argument("--repeats", type=int, default=3)
     r.add_argument("--max-model-len", type=int, default=4096)
     r.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     r.add_argument("--tp", type=int, default=1)
