@@ -20,7 +20,8 @@ row chunks of about 256K elements (the source file is opened per chunk, so no me
 lingers), encoded and appended to the shard as it comes; only a tensor's E8M0 scales (1/16 of
 its bf16 size) wait until its packed data is written. Peak memory is therefore bounded by a
 small fraction of the largest tensor plus a constant working set, whatever the model size and
-shard size (``benchmarks/bench_export_memory.py`` measures it). This bound holds for
+shard size (``benchmarks/bench_export_memory.py`` measures it; with ``--encode-device cuda``
+the chunks are 16M elements, 32 MB of bf16, on both sides). This bound holds for
 ``--calibration dynamic`` (the default) without ``--kv-cache-fp8``.
 Static calibration (and FP8 KV-cache scales) must run the model: the BF16 model is loaded once
 with transformers on the CPU, run over the calibration text, and freed before the weights are
@@ -310,7 +311,7 @@ def _encode_chunk(chunk: torch.Tensor, device: torch.device) -> tuple[torch.Tens
     """:func:`quantize_mxfp4` on ``device``; the bytes come back to the CPU."""
     if device.type == "cpu":
         return quantize_mxfp4(chunk)
-    packed, scale = quantize_mxfp4(chunk.to(device, non_blocking=True))
+    packed, scale = quantize_mxfp4(chunk.to(device))
     return packed.cpu(), scale.cpu()
 
 
