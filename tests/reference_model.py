@@ -183,3 +183,25 @@ def reference_logprobs(
         logprobs.append(torch.log_softmax(result.logits[0, -1].float(), dim=-1))
         inputs = torch.tensor([[token]])
     return logprobs
+
+
+@torch.no_grad()
+def bf16_greedy_gaps(checkpoint: str | Path, act_dtype: ActivationDtype,
+                     prompts_ids: list[list[int]], steps: int) -> list[float]:
+    """How far an exact bf16 computation's greedy tokens land from the fp32 reference's top-1.
+
+    The same reference model in bf16 generates greedily; the fp32 one scores each token. The
+    gaps ``max(logprob) - logprob[token]`` are the floor a bf16 engine's tokens can be held to.
+    """
+    exact = build_reference_model(checkpoint, act_dtype=act_dtype)
+    half = build_reference_model(checkpoint, act_dtype=act_dtype, dtype=torch.bfloat16)
+    gaps = []
+    for ids in prompts_ids:
+        tokens, inputs, past = [], torch.tensor([ids]), None
+        for _ in range(steps):
+            result = half(input_ids=inputs, past_key_values=past, use_cache=True)
+            past = result.past_key_values
+            tokens.append(int(result.logits[0, -1].float().argmax()))
+            inputs = torch.tensor([[tokens[-1]]])
+        gaps += [float(r.max() - r[t]) for t, r in zip(tokens, reference_logprobs(exact, ids, tokens))]
+    return gaps
