@@ -25,6 +25,10 @@ the count; what it requires is that the hang-ups break nothing. The same lag onc
 probe in CI (Qwen3-MoE INT8: the client saw its 2nd token only after all 200 were generated, and
 no dropped stream of that run was aborted either), so the probe gets up to PROBE_ATTEMPTS tries:
 the abort path must show at least once; a server that never aborts still fails every try.
+"Not generated to its end" is exactly that: fewer than PROBE_TOKENS tokens plus the abort in the
+log. (It once asked for fewer than half; a clean CI run on 2 cores then saw 119 of 200 generated
+before the abort on all three tries, Mixtral FP8, 2026-11-23: how early the hang-up lands is the
+machine's latency, not the abort path.)
 
 Why static scales: a dynamic per-tensor activation scale is the amax over every token of a
 forward pass, so a request's numbers depend on its batch by design (README). Static scales (and
@@ -124,7 +128,7 @@ def test_concurrent_load_preemption_cancellation(checkpoint, request, tmp_path):
             probe = ls.drop_stream(server.api, max_tokens=PROBE_TOKENS, after=2)
             after_probe = _wait_idle(server.url)
             probe_generated = after_probe.get(GENERATED, 0) - before_probe.get(GENERATED, 0)
-            if probe_generated < PROBE_TOKENS / 2:
+            if probe_generated < PROBE_TOKENS:
                 break
         healthy_at_end = ls.health(server.url)
         log_text = server.log_text()
@@ -164,7 +168,7 @@ def test_concurrent_load_preemption_cancellation(checkpoint, request, tmp_path):
     assert all(a.status == "ok" for a in alone), [a.error for a in alone if a.status != "ok"][:3]
     # A dropped stream is aborted in the engine: not generated to its end, logged as aborted.
     assert probe.status == "cancelled" and len(probe.tokens) >= 2
-    assert probe_generated < PROBE_TOKENS / 2, (probe_generated, probe_attempts)
+    assert probe_generated < PROBE_TOKENS, (probe_generated, probe_attempts)
     # the successful try is aborted in the engine; a failed try may have been too (late)
     assert 1 <= ls.aborted_in_log(log_text) - aborted_under_load <= probe_attempts
     assert after_probe.get("vllm:num_requests_running") == 0
