@@ -46,8 +46,8 @@ def _run(tp, tokens, gaps):
 
 
 def test_tp_agreement_rule():
-    agree = _smoke().tp_agreement_of
-    tie = _smoke().TIE_NATS
+    smoke = _smoke()
+    agree, tie = smoke.tp_agreement_of, smoke.TIE_NATS
     one = _run(1, [[5, 6, 7], [1, 2]], [[0, 0, 0], [0, 0]])
     same = agree([one, _run(2, [[5, 6, 7], [1, 2]], [[0, 0, 0], [0, 0]])], 2)
     assert same == {"same_tokens": True, "steps_before_divergence": 5, "divergences": [],
