@@ -78,6 +78,13 @@ def exported_llama_fp8_static(tiny_llama, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def exported_llama_vocab_fp8_static(tiny_llama, tmp_path_factory) -> Path:
+    """FP8 static, with lm_head and embed_tokens stored as MXFP4 (--quantize-vocab)."""
+    return _export(tiny_llama, tmp_path_factory, "ex_llama_vocab_fp8", activations="fp8",
+                   calibration="static", quantize_vocab=("lm_head", "embed_tokens"))
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen3_moe(tmp_path_factory) -> Path:
     return tiny_models.make_tiny_qwen3_moe(tmp_path_factory.mktemp("qwen3_moe"))
 

@@ -1,8 +1,8 @@
 """An independent reference forward for W4A8 MXFP4 checkpoints, built on transformers.
 
 The model is instantiated from the checkpoint's ``config.json`` (its quantization_config removed),
-unquantized tensors are loaded as they are, every quantized linear gets its exactly dequantized
-MXFP4 weight, and a forward pre-hook quantizes and dequantizes its input exactly as the W4A8 format
+unquantized tensors are loaded as they are, every quantized linear (and an MXFP4 lm_head or input
+embedding) gets its exactly dequantized MXFP4 weight, and a forward pre-hook quantizes and dequantizes its input exactly as the W4A8 format
 defines (static ``input_scale`` or dynamic scales). Nothing from vLLM or from the plugin's kernels
 is used: only ``w4a8_backend.formats``.
 """
@@ -134,6 +134,8 @@ def build_reference_model(
     modules = dict(model.named_modules())
     for prefix in quantized:
         module = modules[prefix]
+        if isinstance(module, torch.nn.Embedding):
+            continue  # an MXFP4 embedding (quantized_vocab_layers) has no input activation
         stored = tensors.get(f"{prefix}.input_scale")
         if stored is not None:
             static = stored.float().reshape(1) * QMAX[ckpt_act] / QMAX[act]

@@ -31,6 +31,9 @@ CASES = [
     ("exported_llama_fp8_static", "fp8", None),
     ("exported_llama_int8_static", "int8", None),
     ("exported_llama_int8_dynamic", "int8", None),
+    # lm_head through the W4A8 linear path, embed_tokens decoded row by row (--quantize-vocab).
+    ("exported_llama_vocab_fp8_static", "fp8", None),
+    ("exported_llama_vocab_fp8_static", "int8", None),
 ]
 
 

@@ -16,7 +16,14 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..formats import BLOCK_SIZE, ActivationDtype, ActivationScheme, QuantAlgo
+from ..formats import (
+    BLOCK_SIZE,
+    VOCAB_LAYERS,
+    VOCAB_LAYERS_KEY,
+    ActivationDtype,
+    ActivationScheme,
+    QuantAlgo,
+)
 
 ACTIVATIONS_ENV = "W4A8_MXFP4_ACTIVATIONS"  # fp8 | int8: override the checkpoint's activations
 DYNAMIC_SCHEME_ENV = "W4A8_MXFP4_DYNAMIC_SCHEME"  # per_tensor | per_token
@@ -28,6 +35,7 @@ class CheckpointQuantSpec:
     exclude_modules: tuple[str, ...] = ()
     kv_cache_quant_algo: str | None = None  # None or "FP8"
     group_size: int = BLOCK_SIZE
+    vocab_layers: frozenset = frozenset()  # subset of VOCAB_LAYERS
 
     @property
     def checkpoint_activation(self) -> ActivationDtype:
@@ -103,11 +111,17 @@ def parse_quant_config(config: Any) -> CheckpointQuantSpec:
         kv_algo is None or (isinstance(kv_algo, str) and kv_algo.upper() == "FP8"),
         f"'kv_cache_quant_algo' must be null or 'FP8', got {kv_algo!r}",
     )
+    vocab = _string_list(section.get(VOCAB_LAYERS_KEY), VOCAB_LAYERS_KEY)
+    _expect(
+        set(vocab) <= set(VOCAB_LAYERS),
+        f"{VOCAB_LAYERS_KEY!r} may name {list(VOCAB_LAYERS)}, got {list(vocab)!r}",
+    )
     return CheckpointQuantSpec(
         quant_algo=quant_algo,
         exclude_modules=tuple(dict.fromkeys(excludes)),
         kv_cache_quant_algo=kv_algo.upper() if kv_algo else None,
         group_size=BLOCK_SIZE,
+        vocab_layers=frozenset(vocab),
     )
 
 

@@ -48,6 +48,10 @@ from vllm.model_executor.layers.fused_moe import (  # noqa: E402
     FusedMoEMethodBase,
     FusedMoeWeightScaleSupported,
 )
+from vllm.model_executor.layers.vocab_parallel_embedding import (  # noqa: E402
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
 from vllm.model_executor.utils import set_weight_attrs  # noqa: E402
 
 # The MoE layer that owns expert weights: RoutedExperts since 0.26's MoE refactor, FusedMoE before.
@@ -122,11 +126,13 @@ __all__ = [
     "LinearMethodBase",
     "MoELayer",
     "ModelWeightParameter",
+    "ParallelLMHead",
     "PerTensorScaleParameter",
     "QuantizationConfig",
     "QuantizeMethodBase",
     "QKVParallelLinear",
     "UnquantizedLinearMethod",
+    "VocabParallelEmbedding",
     "layer_module_path",
     "register_quantization_config",
     "register_weight_loader_v2_supported_method",

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .. import QUANTIZATION_NAME
-from ..formats import QuantAlgo
+from ..formats import VOCAB_LAYERS_KEY, QuantAlgo
 from .checkpoint import (
     CheckpointQuantSpec,
     activation_choice,
@@ -23,9 +23,11 @@ from .compat import (
     BaseKVCacheMethod,
     LinearBase,
     MoELayer,
+    ParallelLMHead,
     QuantizationConfig,
     QuantizeMethodBase,
     UnquantizedLinearMethod,
+    VocabParallelEmbedding,
     layer_module_path,
 )
 from .integrity import check_safetensors_files
@@ -81,12 +83,13 @@ class W4A8Mxfp4Config(QuantizationConfig):
         self.spec = spec
         self.act_dtype, self.forced_dynamic_scheme = activation_choice(spec)
         self.exclude_modules: list[str] = list(spec.exclude_modules)
+        self._embedding_built = False
 
     def __repr__(self) -> str:
         return (
             f"W4A8Mxfp4Config(quant_algo={self.spec.quant_algo.name}, "
             f"activations={self.act_dtype.name}, kv_cache={self.spec.kv_cache_quant_algo}, "
-            f"exclude={self.exclude_modules})"
+            f"exclude={self.exclude_modules}, vocab_layers={sorted(self.spec.vocab_layers)})"
         )
 
     def get_name(self) -> str:
@@ -129,12 +132,21 @@ class W4A8Mxfp4Config(QuantizationConfig):
     def maybe_update_config(self, model_name: str, hf_config: Any = None,
                             revision: str | None = None) -> None:
         check_safetensors_files(model_name)
+        text_config = hf_config.get_text_config() if hf_config is not None else None
+        if self.spec.vocab_layers and getattr(text_config, "tie_word_embeddings", False):
+            raise ValueError(
+                f"w4a8_mxfp4: the checkpoint stores {sorted(self.spec.vocab_layers)} as MXFP4 "
+                f"({VOCAB_LAYERS_KEY}), but the model ties its output head to its input "
+                "embedding (tie_word_embeddings); quantized vocabulary layers need untied ones. "
+                "Re-export without --quantize-vocab."
+            )
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
         if self.exclude_modules:
             self.exclude_modules = list(hf_to_vllm_mapper.apply_list(self.exclude_modules))
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        from ..methods.embedding import Mxfp4EmbeddingMethod
         from ..methods.linear import LINEAR_METHODS
         from ..methods.moe import MOE_METHODS
 
@@ -156,8 +168,31 @@ class W4A8Mxfp4Config(QuantizationConfig):
             if is_excluded(prefix, self.exclude_modules, self.packed_modules_mapping):
                 return UnquantizedLinearMethod()
             return LINEAR_METHODS[self.act_dtype](self, prefix)
+        if isinstance(layer, ParallelLMHead):
+            return self._lm_head_method(prefix)
+        if isinstance(layer, VocabParallelEmbedding):
+            self._embedding_built = True
+            if "embed_tokens" in self.spec.vocab_layers:
+                return Mxfp4EmbeddingMethod(self, prefix or "embed_tokens")
+            return None
         if isinstance(layer, MoELayer):
             if is_excluded(prefix, self.exclude_modules, self.packed_modules_mapping):
                 return None  # vLLM then uses its unquantized MoE method
             return MOE_METHODS[self.act_dtype](self, layer.moe_config, prefix)
         return None
+
+    def _lm_head_method(self, prefix: str) -> QuantizeMethodBase | None:
+        from ..methods.linear import LINEAR_METHODS
+
+        if "embed_tokens" in self.spec.vocab_layers and not self._embedding_built:
+            # Models build their input embedding before the head; this one built it without
+            # the quantization config, so vLLM would load the MXFP4 bytes as numbers.
+            raise ValueError(
+                f"w4a8_mxfp4: the checkpoint stores embed_tokens as MXFP4 ({VOCAB_LAYERS_KEY}), "
+                "but this model's vLLM implementation builds its input embedding without the "
+                "quantization config, so it cannot load it. Re-export with --quantize-vocab "
+                "lm_head only."
+            )
+        if "lm_head" not in self.spec.vocab_layers:
+            return None
+        return LINEAR_METHODS[self.act_dtype](self, prefix)

@@ -12,6 +12,8 @@ from .activations import (
 from .modes import (
     DEFAULT_ACTIVATION,
     DEFAULT_DYNAMIC_SCHEME,
+    VOCAB_LAYERS,
+    VOCAB_LAYERS_KEY,
     ActivationDtype,
     ActivationScheme,
     QuantAlgo,
@@ -40,6 +42,8 @@ __all__ = [
     "E8M0_NAN",
     "FP8_E4M3_MAX",
     "INT8_MAX",
+    "VOCAB_LAYERS",
+    "VOCAB_LAYERS_KEY",
     "ActivationDtype",
     "ActivationScheme",
     "QuantAlgo",

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import enum
 
+# This project's checkpoint key (ModelOpt always keeps the vocabulary layers in high precision):
+# which of the output head and the input embedding a checkpoint stores as MXFP4.
+VOCAB_LAYERS_KEY = "quantized_vocab_layers"
+VOCAB_LAYERS = ("embed_tokens", "lm_head")
+
 
 class QuantAlgo(enum.IntEnum):
     """``quant_algo`` values a checkpoint may carry (the enum name is the string in the config)."""

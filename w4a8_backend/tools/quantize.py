@@ -9,6 +9,7 @@ Usage::
 
     w4a8-quantize SRC_DIR OUT_DIR --activations fp8|int8 [--calibration static|dynamic]
                   [--calib-file F] [--exclude PATTERN ...] [--shard-size 5GB] [--kv-cache-fp8]
+                  [--quantize-vocab lm_head embed_tokens]
 
 or from Python: :func:`quantize_checkpoint`.
 
@@ -49,7 +50,14 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from w4a8_backend import __version__
-from w4a8_backend.formats import BLOCK_SIZE, FP8_E4M3_MAX, INT8_MAX, quantize_mxfp4
+from w4a8_backend.formats import (
+    BLOCK_SIZE,
+    FP8_E4M3_MAX,
+    INT8_MAX,
+    VOCAB_LAYERS,
+    VOCAB_LAYERS_KEY,
+    quantize_mxfp4,
+)
 
 TOOL_NAME = "w4a8-quantize"
 DEFAULT_SHARD_SIZE = "5GB"
@@ -372,13 +380,24 @@ def _scalar_job(name: str, key) -> Job:
     return Job([OutSpec(name, "F32", ())], pieces)
 
 
+def _vocab_layer(module: str, spec: ArchSpec) -> str | None:
+    """Which of VOCAB_LAYERS a module outside the numbered blocks is, if any."""
+    if module == "lm_head" and spec.has_lm_head:
+        return "lm_head"
+    if module.rsplit(".", 1)[-1] == "embed_tokens":
+        return "embed_tokens"
+    return None
+
+
 def build_plan(meta: dict, spec: ArchSpec, excludes: Sequence[str], static_inputs: bool,
-               kv_cache_fp8: bool, tie_word_embeddings: bool) -> Plan:
+               kv_cache_fp8: bool, tie_word_embeddings: bool,
+               quantize_vocab: Sequence[str] = ()) -> Plan:
     jobs: list[Job] = []
     quantized: list[str] = []
     excluded: list[str] = []
     input_keys: dict = {}
     attention: list[str] = []
+    vocab_found: list[str] = []
     src_bytes = 0
     layer_re = spec.layer_re
 
@@ -425,6 +444,18 @@ def build_plan(meta: dict, spec: ArchSpec, excludes: Sequence[str], static_input
             continue
 
         module = name[: -len(".weight")]
+        vocab = _vocab_layer(module, spec) if layer is None else None
+        if vocab in quantize_vocab:
+            # Opt-in (--quantize-vocab): the head is a linear like any other (its input gets a
+            # scale), the embedding has no input activation.
+            _check_linear(name, dtype, shape)
+            quantized.append(module)
+            vocab_found.append(vocab)
+            with_scale = static_inputs and vocab == "lm_head"
+            if with_scale:
+                input_keys[module] = (module, "linear")
+            jobs.append(_quantize_job(name, module, dtype, shape, with_scale, (module, "linear")))
+            continue
         if layer is None and module not in spec.extra_linears:
             # lm_head, embeddings and anything else outside the decoder layers stay as they are.
             excluded.append(module)
@@ -463,6 +494,10 @@ def build_plan(meta: dict, spec: ArchSpec, excludes: Sequence[str], static_input
             jobs.append(_scalar_job(f"{attn}.k_proj.k_scale", (mem, "k")))
             jobs.append(_scalar_job(f"{attn}.v_proj.v_scale", (mem, "v")))
 
+    missing = sorted(set(quantize_vocab) - set(vocab_found))
+    if missing:
+        raise QuantizeError(f"--quantize-vocab {' '.join(missing)}: the checkpoint has no such "
+                            "2-D weight outside the decoder layers")
     if tie_word_embeddings and "lm_head" not in excluded:
         excluded.append("lm_head")
     if not quantized:
@@ -757,7 +792,8 @@ def _copy_side_files(src: Path, out: Path) -> list[str]:
     return copied
 
 
-def _quant_configs(quant_algo: str, excludes: list[str], kv_cache_fp8: bool) -> tuple[dict, dict]:
+def _quant_configs(quant_algo: str, excludes: list[str], kv_cache_fp8: bool,
+                   vocab_layers: Sequence[str] = ()) -> tuple[dict, dict]:
     producer = {"name": TOOL_NAME, "version": __version__}
     hf_quant = {
         "producer": producer,
@@ -769,6 +805,9 @@ def _quant_configs(quant_algo: str, excludes: list[str], kv_cache_fp8: bool) -> 
         },
     }
     flat: dict = {"ignore": excludes, "quant_algo": quant_algo}
+    if vocab_layers:
+        hf_quant["quantization"][VOCAB_LAYERS_KEY] = sorted(vocab_layers)
+        flat[VOCAB_LAYERS_KEY] = sorted(vocab_layers)
     if kv_cache_fp8:
         flat["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
     flat["producer"] = producer
@@ -814,6 +853,7 @@ def quantize_checkpoint(
     calib_device: str = "cpu",
     encode_device: str = "cpu",
     progress: bool = True,
+    quantize_vocab: Sequence[str] = (),
 ) -> dict:
     """Export ``src_dir`` (HF safetensors model) to W4A8 MXFP4 in ``out_dir``; return a summary.
 
@@ -862,7 +902,16 @@ def quantize_checkpoint(
     static_inputs = calibration == "static"
     tie = (spec.has_lm_head and bool(config.get("tie_word_embeddings", False))
            and "lm_head.weight" not in meta)
-    plan = build_plan(meta, spec, list(exclude), static_inputs, kv_cache_fp8, tie)
+    unknown = sorted(set(quantize_vocab) - set(VOCAB_LAYERS))
+    if unknown:
+        raise QuantizeError(f"--quantize-vocab takes {' / '.join(VOCAB_LAYERS)}, got {unknown}")
+    if quantize_vocab and (not spec.has_lm_head or config.get("tie_word_embeddings", False)):
+        raise QuantizeError(
+            f"--quantize-vocab: {arch} " + ("has no output head" if not spec.has_lm_head else
+                                            "ties its output head to its input embedding")
+            + "; quantized vocabulary layers are supported for untied decoder models only")
+    plan = build_plan(meta, spec, list(exclude), static_inputs, kv_cache_fp8, tie,
+                      quantize_vocab)
     excludes = summarize_excludes(plan.excluded_modules, plan.quantized_modules)
     texts = None
     if static_inputs or kv_cache_fp8:
@@ -887,7 +936,7 @@ def quantize_checkpoint(
         index = {"metadata": {"total_size": total_out},
                  "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        hf_quant, flat = _quant_configs(quant_algo, excludes, kv_cache_fp8)
+        hf_quant, flat = _quant_configs(quant_algo, excludes, kv_cache_fp8, quantize_vocab)
         (tmp / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=4) + "\n")
         config["quantization_config"] = flat
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -905,6 +954,7 @@ def quantize_checkpoint(
         "architecture": arch,
         "calibration": calibration,
         "kv_cache_fp8": kv_cache_fp8,
+        "quantized_vocab_layers": sorted(quantize_vocab),
         "layers_quantized": len(plan.quantized_modules),
         "layers_excluded": len(plan.excluded_modules),
         "exclude_modules": excludes,
@@ -933,6 +983,7 @@ def format_summary(s: dict) -> str:
         f"{TOOL_NAME}: wrote {s['out_dir']} ({s['quant_algo']}, {s['architecture']})",
         f"  layers quantized: {s['layers_quantized']}   excluded (kept high precision): "
         f"{s['layers_excluded']}  -> exclude_modules {s['exclude_modules']}",
+        f"  vocabulary layers as MXFP4: {s['quantized_vocab_layers'] or 'none'}",
         f"  calibration: {s['calibration']}   input_scale tensors: {s['input_scales']}   "
         f"FP8 KV-cache scales: {s['kv_scales']}",
         f"  tensors: {s['tensors_written']} in {s['shards']} shard(s)   bytes: "
@@ -967,7 +1018,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "models: the same bytes for BF16/FP16 weights)")
     p.add_argument("--exclude", metavar="PATTERN", nargs="+", action="extend", default=[],
                    help="keep modules matching these shell patterns in high precision, e.g. "
-                   "'model.layers.0.*' '*.down_proj' (lm_head, embeddings and MoE routers always are)")
+                   "'model.layers.0.*' '*.down_proj' (lm_head, embeddings and MoE routers are, "
+                   "unless --quantize-vocab; routers always)")
+    p.add_argument("--quantize-vocab", nargs="+", choices=VOCAB_LAYERS, default=[],
+                   metavar="LAYER",
+                   help="also store these vocabulary layers as MXFP4: lm_head (served by the W4A8 "
+                   "kernels; with --calibration static it gets an input_scale) and/or "
+                   "embed_tokens (exact row decode). This project's extension of the ModelOpt "
+                   "layout (quantized_vocab_layers in the config); untied models only")
     p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE,
                    help="maximum shard size (default %(default)s)")
     p.add_argument("--kv-cache-fp8", action="store_true",
@@ -991,6 +1049,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             calib_device=args.calib_device,
             encode_device=args.encode_device,
             progress=not args.no_progress,
+            quantize_vocab=args.quantize_vocab,
         )
     except QuantizeError as exc:
         print(f"{TOOL_NAME}: error: {exc}", file=sys.stderr)
