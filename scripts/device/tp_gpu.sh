@@ -3,10 +3,11 @@
 # after the vLLM kit prefix (vllm_gpu.md) and the multicast variables of the device README.
 #
 #   scripts/device/tp_gpu.sh tiny OUT
-#       tests/gpu/vllm_gpu_smoke.py for the tiny Llama and the tiny Qwen3-MoE at the same time
-#       (two processes; each runs FP8 and INT8 activations at TP=1 and TP=2, greedy tokens
-#       against the reference and TP=2 against TP=1), then `vllm serve` + openai on the MoE.
-#       Results: OUT/{llama,qwen3_moe,serve}/vllm_gpu_smoke.json and .log.
+#       tests/gpu/vllm_gpu_smoke.py for the tiny Llama, the tiny Llama with MXFP4 lm_head and
+#       embed_tokens (--quantize-vocab) and the tiny Qwen3-MoE at the same time (three
+#       processes; each runs FP8 and INT8 activations at TP=1 and TP=2, greedy tokens against the
+#       reference and TP=2 against TP=1), then `vllm serve` + openai on the MoE.
+#       Results: OUT/{llama,llama_vocab,qwen3_moe,serve}/vllm_gpu_smoke.json and .log.
 #   scripts/device/tp_gpu.sh 8b WORK OUT_STEM
 #       the Llama-3-8B shape at TP=2: random BF16 checkpoint, W4A8 FP8 export (calibration and
 #       encoding on GPU 0), then the BF16 and W4A8 engines at TP=2 (bench_e2e.py sweep).
@@ -17,9 +18,11 @@ tiny)
   out=$2
   mkdir -p "$out"
   pids=()
-  for arch in llama qwen3_moe; do
-    python3 tests/gpu/vllm_gpu_smoke.py "$out/$arch" --archs "$arch" --acts fp8 int8 --tp 1 2 \
-      --no-serve > "$out/$arch.log" 2>&1 &
+  for run in llama qwen3_moe llama_vocab; do
+    extra=()
+    [ "$run" = llama_vocab ] && extra=(--quantize-vocab lm_head embed_tokens)
+    python3 tests/gpu/vllm_gpu_smoke.py "$out/$run" --archs "${run%_vocab}" --acts fp8 int8 \
+      --tp 1 2 --no-serve "${extra[@]}" > "$out/$run.log" 2>&1 &
     pids+=($!)
   done
   rc=0

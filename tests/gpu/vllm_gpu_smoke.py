@@ -112,6 +112,8 @@ def main() -> None:
     parser.add_argument("--no-serve", action="store_true")
     parser.add_argument("--serve-only", action="store_true",
                         help="only the vllm serve + openai check (no LLM(...) runs)")
+    parser.add_argument("--quantize-vocab", nargs="+", default=[], metavar="LAYER",
+                        help="export with these vocabulary layers as MXFP4 (lm_head embed_tokens)")
     parser.add_argument("--tp", type=int, nargs="+", default=[1],
                         help="tensor-parallel sizes; with several, their greedy tokens must agree")
     args = parser.parse_args()
@@ -121,6 +123,7 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.gettempdir()) / "w4a8_smoke"
+    vocab_tag = "".join(f"_{layer}" for layer in sorted(args.quantize_vocab))
     prompts = ["The weather today is", "Once upon a time", "A quantized model runs"]
     report = []
     floors: dict = {}
@@ -129,10 +132,10 @@ def main() -> None:
         src = work / arch
         if not src.exists():
             makers[arch](src)
-        ckpt = work / f"{arch}_w4a8_{args.checkpoint_act}"
+        ckpt = work / f"{arch}_w4a8_{args.checkpoint_act}{vocab_tag}"
         if not ckpt.exists():
             quantize_checkpoint(src, ckpt, activations=args.checkpoint_act, calibration="static",
-                                progress=False)
+                                progress=False, quantize_vocab=args.quantize_vocab)
         runs = [] if args.serve_only else [(a, t) for a in args.acts for t in args.tp]
         for act, tp in runs:
             t0 = time.time()
@@ -163,6 +166,7 @@ def main() -> None:
                     diffs.append(abs(lp - float(r[tok])))
             steps = sum(len(row["tokens"]) for row in result["rows"])
             entry = {"arch": arch, "act": act, "tp": tp, "checkpoint_act": args.checkpoint_act,
+                     "quantized_vocab_layers": sorted(args.quantize_vocab),
                      "engine": dict(engine), "tokens": [row["tokens"] for row in result["rows"]],
                      "reference_gaps": row_gaps, "kernel_env": args.kernel, "vllm": result["vllm"],
                      "engine_init_s": round(result["init_s"], 1), "wall_s": round(time.time() - t0, 1),
@@ -184,7 +188,7 @@ def main() -> None:
                 tp_agreement.append({"arch": arch, "act": act, "tp": args.tp,
                                      **tp_agreement_of(runs, len(args.tp))})
     serve = [] if args.no_serve else [
-        serve_check(work / f"{arch}_w4a8_{args.checkpoint_act}", arch, 18461 + i)
+        serve_check(work / f"{arch}_w4a8_{args.checkpoint_act}{vocab_tag}", arch, 18461 + i)
         for i, arch in enumerate(args.archs)]
     (out / "vllm_gpu_smoke.json").write_text(json.dumps(
         {"llm": report, "tp_agreement": tp_agreement, "serve": serve}, indent=1))

@@ -93,6 +93,14 @@ def layer_module_path(layer: Any, prefix: str) -> str:
         return prefix[: -len(_BERT_PREFIX_AS_BUILT)] + _BERT_PREFIX_ON_DISK
     return prefix
 
+def is_first_pipeline_rank() -> bool:
+    """Whether this process holds the model's first pipeline stage (the input embedding); True
+    when no pipeline group exists (a model built outside an engine)."""
+    from vllm.distributed.parallel_state import get_pp_group, model_parallel_is_initialized
+
+    return not model_parallel_is_initialized() or get_pp_group().is_first_rank
+
+
 def add_compile_cache_factor(key: str, value: Any) -> bool:
     """Put ``value`` into vLLM's torch.compile cache key; False where that is not possible.
 
@@ -116,6 +124,7 @@ def add_compile_cache_factor(key: str, value: Any) -> bool:
 
 __all__ = [
     "add_compile_cache_factor",
+    "is_first_pipeline_rank",
     "ATTENTION_LAYERS",
     "VLLM_VERSION",
     "BaseKVCacheMethod",

@@ -19,6 +19,7 @@ from .checkpoint import (
 )
 from .compat import (
     add_compile_cache_factor,
+    is_first_pipeline_rank,
     ATTENTION_LAYERS,
     BaseKVCacheMethod,
     LinearBase,
@@ -184,9 +185,11 @@ class W4A8Mxfp4Config(QuantizationConfig):
     def _lm_head_method(self, prefix: str) -> QuantizeMethodBase | None:
         from ..methods.linear import LINEAR_METHODS
 
-        if "embed_tokens" in self.spec.vocab_layers and not self._embedding_built:
-            # Models build their input embedding before the head; this one built it without
-            # the quantization config, so vLLM would load the MXFP4 bytes as numbers.
+        if ("embed_tokens" in self.spec.vocab_layers and not self._embedding_built
+                and is_first_pipeline_rank()):
+            # Models build their input embedding before the head (on the first pipeline stage);
+            # this one built it without the quantization config, so vLLM would load the MXFP4
+            # bytes as numbers.
             raise ValueError(
                 f"w4a8_mxfp4: the checkpoint stores embed_tokens as MXFP4 ({VOCAB_LAYERS_KEY}), "
                 "but this model's vLLM implementation builds its input embedding without the "

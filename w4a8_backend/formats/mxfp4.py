@@ -19,8 +19,6 @@ E8M0_BIAS = 127
 E8M0_NAN = 0xFF
 ZERO_CODE = 0x8  # ModelOpt stores an exact zero as -0
 
-_E2M1_SIGNED = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32)
-
 
 def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
     """Pack 4-bit codes ``[..., K]`` (uint8, values < 16, K even) into bytes ``[..., K/2]``."""
@@ -41,8 +39,17 @@ def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
 
 
 def e2m1_to_float(codes: torch.Tensor) -> torch.Tensor:
-    """Decode 4-bit E2M1 codes to float32 (exact)."""
-    return _E2M1_SIGNED.to(codes.device)[codes.long()]
+    """Decode 4-bit E2M1 codes to float32 (exact; code 0x8 is -0.0).
+
+    Computed from the bit fields rather than looked up in a table: a table would be a constant
+    tensor, copied host to device inside a CUDA graph capture when this runs in a model.
+    """
+    c = codes.to(torch.int32)
+    exponent = ((c >> 1) & 3).float()
+    mantissa = (c & 1).float()
+    magnitude = torch.where(exponent == 0, 0.5 * mantissa,
+                            (1.0 + 0.5 * mantissa) * torch.exp2(exponent - 1.0))
+    return torch.where((c & 8) != 0, -magnitude, magnitude)
 
 
 def float_to_e2m1(x: torch.Tensor) -> torch.Tensor:
