@@ -16,8 +16,10 @@ outside a CUDA graph.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -121,6 +123,8 @@ def profile(args) -> dict:
     for name, (_, us) in per_step.items():
         groups[group_of(name)] += us
     return {
+        "command": " ".join(["python3", *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "model": str(args.model), "quantization": args.quantization, "batch": args.batch,
         "steps": args.steps, "device": torch.cuda.get_device_name(0),
         "wall_step_us": (wn - w1) / args.steps * 1e6,
