@@ -27,7 +27,11 @@ from pathlib import Path
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 GROUPS = (  # first match wins; lower-case substrings of kernel names
-    ("w4a8 (ours)", ("w4a8", "_moe_", "_quant_act", "mxfp4", "decode_gemm")),
+    # Inductor names its fused kernels after the ops around them ("..._mxfp4_w4a8_linear_1" is a
+    # norm fused next to our op), so they are matched first, by their prefix.
+    ("inductor-fused elementwise/norms", ("triton_poi_", "triton_red_", "triton_per_")),
+    ("w4a8 (ours)", ("w4a8", "_moe_gemm", "_moe_route", "_moe_reduce", "_moe_corr", "_moe_silu",
+                     "_quant_act", "::quant_act_kernel", "decode_gemm")),
     ("attention", ("attn", "attention", "flash", "paged", "reshape_and_cache", "rotary")),
     ("gemm (cuBLAS/CUTLASS/Triton)", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "fused_moe")),
 )
@@ -36,7 +40,7 @@ GROUPS = (  # first match wins; lower-case substrings of kernel names
 def group_of(kernel: str) -> str:
     low = kernel.lower()
     for group, needles in GROUPS:
-        if any(n in low for n in needles):
+        if any(low.startswith(n) if n.startswith("triton_") else n in low for n in needles):
             return group
     return "other"
 
