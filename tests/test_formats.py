@@ -513,3 +513,17 @@ def test_mode_defaults():
     assert DEFAULT_DYNAMIC_SCHEME[FP8] is ActivationScheme.DYNAMIC_PER_TENSOR
     assert DEFAULT_DYNAMIC_SCHEME[INT8] is ActivationScheme.DYNAMIC_PER_TOKEN
     assert BLOCK_SIZE == 32
+
+
+def test_e2m1_decode_with_a_precomputed_table():
+    """The table argument (for code inside CUDA-graph capture) changes nothing but where the
+    table comes from."""
+    from w4a8_backend.formats import e2m1_table
+
+    codes = torch.randint(0, 16, (64, 96), dtype=torch.uint8)
+    packed = pack_e2m1(codes)
+    scales = torch.randint(100, 140, (64, 3), dtype=torch.uint8)
+    table = e2m1_table("cpu")
+    assert torch.equal(e2m1_to_float(codes, table), e2m1_to_float(codes))
+    assert torch.equal(dequantize_mxfp4(packed, scales, torch.float32, table),
+                       dequantize_mxfp4(packed, scales))

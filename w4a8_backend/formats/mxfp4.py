@@ -19,6 +19,8 @@ E8M0_BIAS = 127
 E8M0_NAN = 0xFF
 ZERO_CODE = 0x8  # ModelOpt stores an exact zero as -0
 
+_E2M1_SIGNED = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32)
+
 
 def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
     """Pack 4-bit codes ``[..., K]`` (uint8, values < 16, K even) into bytes ``[..., K/2]``."""
@@ -38,18 +40,18 @@ def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2)
 
 
-def e2m1_to_float(codes: torch.Tensor) -> torch.Tensor:
-    """Decode 4-bit E2M1 codes to float32 (exact; code 0x8 is -0.0).
+def e2m1_table(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16 E2M1 code values (float32, code 0x8 is -0.0) on ``device``."""
+    return _E2M1_SIGNED.to(device)
 
-    Computed from the bit fields rather than looked up in a table: a table would be a constant
-    tensor, copied host to device inside a CUDA graph capture when this runs in a model.
+
+def e2m1_to_float(codes: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode 4-bit E2M1 codes to float32 (exact).
+
+    ``table``: :func:`e2m1_table` already on ``codes``' device. Code that runs inside a CUDA-graph
+    capture must pass one made beforehand: building it here would copy from the host then.
     """
-    c = codes.to(torch.int32)
-    exponent = ((c >> 1) & 3).float()
-    mantissa = (c & 1).float()
-    magnitude = torch.where(exponent == 0, 0.5 * mantissa,
-                            (1.0 + 0.5 * mantissa) * torch.exp2(exponent - 1.0))
-    return torch.where((c & 8) != 0, -magnitude, magnitude)
+    return (e2m1_table(codes.device) if table is None else table)[codes.long()]
 
 
 def float_to_e2m1(x: torch.Tensor) -> torch.Tensor:
@@ -114,12 +116,14 @@ def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_mxfp4(
-    packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32
+    packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32,
+    table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact decode of packed MXFP4 ``[..., K/2]`` with E8M0 ``[..., K/32]`` into ``dtype``.
 
     The product is formed in float32, where every E2M1 value times every finite E8M0 scale is
-    exact; casting to a narrower ``dtype`` is the caller's choice.
+    exact; casting to a narrower ``dtype`` is the caller's choice. ``table``: see
+    :func:`e2m1_to_float`.
     """
     codes = unpack_e2m1(packed)
     k = codes.shape[-1]
@@ -128,6 +132,6 @@ def dequantize_mxfp4(
             f"MXFP4 scales of shape {tuple(scales.shape)} do not match packed data of shape "
             f"{tuple(packed.shape)}: expected {(*codes.shape[:-1], k // BLOCK_SIZE)}"
         )
-    values = e2m1_to_float(codes).reshape(*codes.shape[:-1], -1, BLOCK_SIZE)
+    values = e2m1_to_float(codes, table).reshape(*codes.shape[:-1], -1, BLOCK_SIZE)
     out = values * e8m0_to_float(scales).unsqueeze(-1)
     return out.reshape(codes.shape).to(dtype)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config.compat import GroupQuantScaleParameter, ModelWeightParameter, QuantizeMethodBase
-from ..formats import BLOCK_SIZE, dequantize_mxfp4
+from ..formats import BLOCK_SIZE, dequantize_mxfp4, e2m1_table
 from .linear import check_in_features, check_scales_not_nan
 from .loading import checked_loader, require_loaded, track_loading
 
@@ -59,10 +59,12 @@ class Mxfp4EmbeddingMethod(QuantizeMethodBase):
         for name in ("weight", "weight_scale"):
             require_loaded(getattr(layer, name), lambda _shard, n=name: f"{self.prefix}.{n}", 1)
         check_scales_not_nan(layer.weight_scale.data, f"{self.prefix}.weight_scale")
+        # Made here, on the weight's device: inside a CUDA-graph capture it could not be copied.
+        layer.w4a8_e2m1_table = e2m1_table(layer.weight.device)
 
     def embedding(self, layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
         return dequantize_mxfp4(layer.weight[input_], layer.weight_scale[input_],
-                                layer.w4a8_out_dtype)
+                                layer.w4a8_out_dtype, layer.w4a8_e2m1_table)
 
     def apply(self, layer: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError(
