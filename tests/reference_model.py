@@ -2,8 +2,9 @@
 
 The model is instantiated from the checkpoint's ``config.json`` (its quantization_config removed),
 unquantized tensors are loaded as they are, every quantized linear (and an MXFP4 lm_head or input
-embedding) gets its exactly dequantized MXFP4 weight, and a forward pre-hook quantizes and dequantizes its input exactly as the W4A8 format
-defines (static ``input_scale`` or dynamic scales). Nothing from vLLM or from the plugin's kernels
+embedding) gets its exactly dequantized MXFP4 weight, and a forward pre-hook on each linear
+quantizes and dequantizes its input exactly as the W4A8 format defines (static ``input_scale`` or
+dynamic scales). Nothing from vLLM or from the plugin's kernels
 is used: only ``w4a8_backend.formats``.
 """
 

@@ -93,6 +93,7 @@ def layer_module_path(layer: Any, prefix: str) -> str:
         return prefix[: -len(_BERT_PREFIX_AS_BUILT)] + _BERT_PREFIX_ON_DISK
     return prefix
 
+
 def is_first_pipeline_rank() -> bool:
     """Whether this process holds the model's first pipeline stage (the input embedding); True
     when no pipeline group exists (a model built outside an engine)."""
