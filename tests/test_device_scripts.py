@@ -71,6 +71,42 @@ def test_tp_agreement_rule():
     assert not agree([one, _run(2, [[5, 6], [1, 2]], [[0, 0], [0, 0]])], 2)["ok"]
 
 
+def _scored(tp, positions):
+    """A run's teacher-forced scores: per position (forced logprob, [(token, logprob), ...])."""
+    return {"tp": tp, "scored": [[{"forced": f, "top": [list(t) for t in top]}
+                                  for f, top in seq] for seq in positions]}
+
+
+def test_teacher_forced_tp_rule():
+    smoke = _smoke()
+    agree, tie = smoke.forced_agreement_of, smoke.TIE_NATS
+    one = _scored(1, [[(-1.0, [(5, -1.0), (6, -2.0)]), (-0.5, [(7, -0.5), (8, -3.0)])]])
+    close = _scored(2, [[(-1.0 - tie / 2, [(5, -1.0 - tie / 2), (6, -2.0)]),
+                         (-0.5, [(7, -0.5), (8, -3.0)])]])
+    got = agree([one, close], 2)
+    assert got["ok"] and got["positions"] == 2 and got["argmax_equal"] == 2
+    assert got["max_abs_logprob_diff"] == round(tie / 2, 4) and got["argmax_differences"] == []
+    # Argmax flipped where the first run had it within the tolerance: accepted, reported.
+    tied = _scored(1, [[(-1.0, [(5, -1.0), (6, -1.0 - tie / 4)])]])
+    flip = _scored(2, [[(-1.0 - tie / 8, [(6, -1.0 - tie / 16), (5, -1.0 - tie / 8)])]])
+    got = agree([tied, flip], 2)
+    assert got["ok"] and got["argmax_differences"][0]["near_tie"]
+    assert got["argmax_differences"][0]["argmax"] == (5, 6)
+    # Argmax flipped to a token the first run ranked far lower (or not in its top-2): fails.
+    far = _scored(2, [[(-1.0, [(9, -0.9), (5, -1.0)])]])
+    assert not agree([tied, far], 2)["ok"]
+    # Same argmax but the forced token's logprob moved by more than the tolerance: fails.
+    moved = _scored(2, [[(-1.0 - 2 * tie, [(5, -1.0 - 2 * tie), (6, -2.0)]),
+                         (-0.5, [(7, -0.5), (8, -3.0)])]])
+    assert not agree([one, moved], 2)["ok"]
+    # ... unless the runs' own tolerance (the bf16 floor) is larger.
+    assert agree([dict(one, tolerance_nats=4 * tie), dict(moved, tolerance_nats=4 * tie)], 2)["ok"]
+    # A missing run, or a run with fewer scored positions: fails.
+    assert not agree([one], 2)["ok"]
+    short = _scored(2, [[(-1.0, [(5, -1.0), (6, -2.0)])]])
+    assert not agree([one, short], 2)["ok"]
+
+
 def test_bf16_floor_of_a_tiny_model(tmp_path):
     """The smoke check's tolerance: an exact bf16 computation mostly picks the fp32 reference's
     top-1, and where it does not, the gap is measured (never negative)."""

@@ -6,7 +6,8 @@
 #       tests/gpu/vllm_gpu_smoke.py for the tiny Llama, the tiny Llama with MXFP4 lm_head and
 #       embed_tokens (--quantize-vocab) and the tiny Qwen3-MoE at the same time (three
 #       processes; each runs FP8 and INT8 activations at TP=1 and TP=2, greedy tokens against the
-#       reference and TP=2 against TP=1), then `vllm serve` + openai on the MoE.
+#       reference, TP=2 against TP=1 along the greedy sequences and teacher-forced on TP=1's),
+#       then `vllm serve` + openai on the MoE.
 #       Results: OUT/{llama,llama_vocab,qwen3_moe,serve}/vllm_gpu_smoke.json and .log.
 #   scripts/device/tp_gpu.sh 8b WORK OUT_STEM
 #       the Llama-3-8B shape at TP=2: random BF16 checkpoint, W4A8 FP8 export (calibration and

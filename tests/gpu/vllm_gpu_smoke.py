@@ -5,7 +5,10 @@
    16 greedy tokens per prompt checked step by step against the transformers reference forward
    (exact dequantized weights, exact activation quantization, fp32). A bf16 engine's token may
    be another than the reference's top-1 only as far from it as an exact bf16 computation of
-   the same model gets (``bf16_floor``), and at least ``TIE_NATS``.
+   the same model gets (``bf16_floor``), and at least ``TIE_NATS``. With several ``--tp``
+   sizes, each engine also scores the first size's sequences teacher-forced
+   (``prompt_logprobs``), and the sizes must agree on those identical inputs
+   (``forced_agreement_of``) besides along their own greedy sequences (``tp_agreement_of``).
 2. ``vllm serve ... --quantization w4a8_mxfp4`` (the kit's CLI) answering the ``openai`` client:
    completions, chat, streaming of both (the checks of tests/test_serve.py).
 
@@ -73,14 +76,27 @@ for prompt in args["prompts"]:
     toks = list(out.outputs[0].token_ids)
     rows.append({"prompt_ids": list(out.prompt_token_ids), "tokens": toks,
                  "logprobs": [out.outputs[0].logprobs[i][t].logprob for i, t in enumerate(toks)]})
-print("RESULT" + json.dumps({"vllm": vllm.__version__, "init_s": init, "rows": rows}))
+# Teacher-forced scoring (prefill with prompt_logprobs) of given sequences, by default this
+# run's own outputs: every position's top-2 and the logprob of the token that follows, so that
+# TP sizes are compared on identical inputs instead of along sequences that may have parted.
+scored = []
+for ids in args["score"] or [r["prompt_ids"] + r["tokens"] for r in rows]:
+    out = llm.generate([{"prompt_token_ids": ids}],
+                       SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2),
+                       use_tqdm=False)[0]
+    scored.append([{"forced": d[t].logprob,
+                    "top": sorted(([k, v.logprob] for k, v in d.items()), key=lambda x: -x[1])}
+                   for t, d in zip(ids[1:], out.prompt_logprobs[1:])])
+print("RESULT" + json.dumps({"vllm": vllm.__version__, "init_s": init, "rows": rows,
+                             "scored": scored}))
 """
 
 
-def run_engine(path: Path, act: str, prompts: list[str], engine: dict, log_path: Path) -> dict:
+def run_engine(path: Path, act: str, prompts: list[str], engine: dict, log_path: Path,
+               score: list[list[int]] = ()) -> dict:
     env = dict(os.environ, W4A8_MXFP4_ACTIVATIONS=act)
     proc = subprocess.run([sys.executable, "-c", ENGINE, json.dumps(
-        {"path": str(path), "prompts": prompts, "engine": engine})], env=env,
+        {"path": str(path), "prompts": prompts, "engine": engine, "score": list(score)})], env=env,
         capture_output=True, text=True, timeout=420)
     log_path.write_text(proc.stdout + proc.stderr)
     log = proc.stdout + proc.stderr
@@ -140,9 +156,12 @@ def main() -> None:
         for act, tp in runs:
             t0 = time.time()
             engine["tensor_parallel_size"] = tp
+            first = next((e for e in report if e["arch"] == arch and e["act"] == act
+                          and "scored" in e), None)
+            score = first["scored_sequences"] if first else []
             try:
                 result = run_engine(ckpt, act, prompts, engine,
-                                    out / f"engine_{arch}_{act}_tp{tp}.log")
+                                    out / f"engine_{arch}_{act}_tp{tp}.log", score)
             except RuntimeError as exc:
                 entry = {"arch": arch, "act": act, "tp": tp, "vllm": "?", "steps": 0,
                          "reference_argmax_agree": "-", "max_gap_nats": "-",
@@ -173,7 +192,9 @@ def main() -> None:
                      "steps": steps, "reference_argmax_agree": exact,
                      "max_gap_nats": round(max(gaps), 4),
                      "mean_abs_logprob_diff": round(float(torch.tensor(diffs).mean()), 4),
-                     "kernels": result["kernels"]}
+                     "kernels": result["kernels"], "scored": result["scored"],
+                     "scored_sequences": score or [row["prompt_ids"] + row["tokens"]
+                                                   for row in result["rows"]]}
             wanted = {args.kernel} if args.kernel else {"sm90_triton"}
             entry["bf16_floor_nats"] = round(floors[arch, act], 4)
             entry["tolerance_nats"] = round(tolerance, 4)
@@ -186,7 +207,8 @@ def main() -> None:
             runs = [e for e in report if e["arch"] == arch and e["act"] == act and "tokens" in e]
             if len(args.tp) > 1:
                 tp_agreement.append({"arch": arch, "act": act, "tp": args.tp,
-                                     **tp_agreement_of(runs, len(args.tp))})
+                                     **tp_agreement_of(runs, len(args.tp)),
+                                     "forced": forced_agreement_of(runs, len(args.tp))})
     serve = [] if args.no_serve else [
         serve_check(work / f"{arch}_w4a8_{args.checkpoint_act}{vocab_tag}", arch, 18461 + i)
         for i, arch in enumerate(args.archs)]
@@ -207,7 +229,14 @@ def main() -> None:
         print(f"TP {e['tp']}, {e['arch']} {e['act']}: identical greedy tokens {e['same_tokens']}; "
               f"{e['steps_before_divergence']} steps equal before the first divergence of each "
               f"prompt; divergences {e['divergences']}; ok {e['ok']}")
-    sys.exit(0 if all(e["ok"] for e in report + serve + tp_agreement) else 1)
+        f = e["forced"]
+        print(f"TP {e['tp']}, {e['arch']} {e['act']}, teacher-forced on the TP={e['tp'][0]} "
+              f"sequences: {f['positions']} positions, argmax equal at {f['argmax_equal']}, "
+              f"max |dlogprob| {f['max_abs_logprob_diff']} (mean {f['mean_abs_logprob_diff']}, "
+              f"bound {f['tolerance_nats']}); argmax differences {f['argmax_differences']}; "
+              f"ok {f['ok']}")
+    checks = report + serve + tp_agreement + [e["forced"] for e in tp_agreement]
+    sys.exit(0 if all(e["ok"] for e in checks) else 1)
 
 
 def tp_agreement_of(runs: list[dict], n_tp: int) -> dict:
@@ -243,6 +272,45 @@ def tp_agreement_of(runs: list[dict], n_tp: int) -> dict:
     same = all(r["tokens"] == base["tokens"] for r in runs)
     return {"same_tokens": same, "steps_before_divergence": equal_steps,
             "divergences": divergences, "ok": ok}
+
+
+def forced_agreement_of(runs: list[dict], n_tp: int) -> dict:
+    """The TP sizes on identical inputs: each run scored the first run's sequences teacher-forced
+    (prompt_logprobs). A correct sharding only reorders float sums, so at every position the
+    logprob of the following token may move by no more than the runs' tolerance (TIE_NATS or
+    the bf16 floor, the larger), and the argmax may differ only where the first run had the
+    other's argmax within that tolerance of its own. A sharding bug moves logprobs by nats.
+    """
+    if len(runs) != n_tp or any("scored" not in r for r in runs):
+        return {"positions": 0, "argmax_equal": 0, "max_abs_logprob_diff": None,
+                "mean_abs_logprob_diff": None, "tolerance_nats": None,
+                "argmax_differences": [], "ok": False}
+    base = runs[0]
+    tol = min(r.get("tolerance_nats", TIE_NATS) for r in runs)
+    diffs, differences, equal, ok = [], [], 0, True
+    for other in runs[1:]:
+        ok &= len(other["scored"]) == len(base["scored"])
+        for s, (a_seq, b_seq) in enumerate(zip(base["scored"], other["scored"])):
+            ok &= len(a_seq) == len(b_seq)
+            for i, (a, b) in enumerate(zip(a_seq, b_seq)):
+                diffs.append(abs(a["forced"] - b["forced"]))
+                a_top, b_top = a["top"][0][0], b["top"][0][0]
+                if a_top == b_top:
+                    equal += 1
+                    continue
+                a_lp = dict((int(k), v) for k, v in a["top"])
+                gap = a["top"][0][1] - a_lp[b_top] if b_top in a_lp else None
+                near_tie = gap is not None and gap <= tol
+                ok &= near_tie
+                differences.append({"tp": other["tp"], "sequence": s, "position": i,
+                                    "argmax": (a_top, b_top), "gap_in_first": gap,
+                                    "near_tie": near_tie})
+    max_diff = max(diffs, default=None)
+    ok &= bool(diffs) and max_diff <= tol
+    return {"positions": len(diffs), "argmax_equal": equal,
+            "max_abs_logprob_diff": None if max_diff is None else round(max_diff, 4),
+            "mean_abs_logprob_diff": round(sum(diffs) / len(diffs), 4) if diffs else None,
+            "tolerance_nats": round(tol, 4), "argmax_differences": differences, "ok": ok}
 
 
 def kernel_log_lines(log: str) -> list[str]:
