@@ -50,6 +50,13 @@ OURS = {
     "ours INT8 per-token": (INT8, P),
     "ours INT8 static": (INT8, S),
 }
+# The same kernels with the decode fusions off (_sm90_moe_triton.FUSE_DECODE = False):
+# separate quantize and routing launches, the float32 intermediate through memory.
+SEPARATE = {
+    "ours FP8 dyn-tensor, separate launches": "ours FP8 dyn-tensor",
+    "ours FP8 static, separate launches": "ours FP8 static",
+    "ours INT8 per-token, separate launches": "ours INT8 per-token",
+}
 VLLM = "vLLM BF16 fused_experts"
 TRITON_BF16 = "Triton BF16 grouped"
 
@@ -94,10 +101,12 @@ def our_layer(weights, m, act, scheme, x_cal, routing_cal):
             return orig(hbuf, act_int8, sch, s, amax)
 
         mk.quantize_h = spy
+        mk.FUSE_DECODE = False  # the fused path applies the static scale inside GEMM1
         try:
             kern.apply(layer, x_cal, *routing_cal, None, False)
         finally:
             mk.quantize_h = orig
+            mk.FUSE_DECODE = True
         layer.w2_input_scale = torch.tensor([seen["amax"] / qmax], device="cuda")
     return kern, layer
 
@@ -179,15 +188,31 @@ def bench_model(timer, name, m, tokens, fused_experts, log):
         tm(TRITON_BF16, lambda: triton_bf16_moe(x, tw, ti, w13s, w2s, m, ip, hp))
         for label, (kern, layer) in ours.items():
             tm(label, lambda kern=kern, layer=layer: kern.apply(layer, x, tw, ti, None, False))
+        for label, variant in SEPARATE.items():
+            tm(label, lambda k_l=ours[variant]: separate_launches(*k_l, x, tw, ti))
         # sanity: every output close to the BF16 baseline (quantization error only)
         if outs:
             ref = outs.get(VLLM, outs.get(TRITON_BF16, next(iter(outs.values())))).float()
             res["rel_diff_vs_bf16"] = {
                 k: round(((v.float() - ref).norm() / ref.norm()).item(), 4)
                 for k, v in outs.items()}
+            res["separate_bit_identical"] = {
+                k: bool(torch.equal(outs[k], outs[v])) for k, v in SEPARATE.items()
+                if k in outs and v in outs}
         log(json.dumps(res))
         rows.append(res)
     return rows
+
+
+def separate_launches(kern, layer, x, tw, ti):
+    """One call with the decode fusions off (read at graph capture, so the graph keeps them)."""
+    from w4a8_backend.kernels import _sm90_moe_triton as mk
+
+    mk.FUSE_DECODE = False
+    try:
+        return kern.apply(layer, x, tw, ti, None, False)
+    finally:
+        mk.FUSE_DECODE = True
 
 
 def fmt(v, ref):
@@ -200,7 +225,8 @@ def write_report(rows, out_dir: Path, meta):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "moe_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     base = VLLM if any(r.get(VLLM) for r in rows) else TRITON_BF16
-    cols = [c for c in [VLLM, TRITON_BF16, *OURS] if any(r.get(c) is not None for r in rows)]
+    cols = [c for c in [VLLM, TRITON_BF16, *OURS, *SEPARATE]
+            if any(r.get(c) is not None for r in rows)]
     lines = [
         "# W4A8 MXFP4 MoE layer: time (us) and speed-up vs " + base,
         "",
@@ -212,6 +238,8 @@ def write_report(rows, out_dir: Path, meta):
         "- each entry: one whole MoE layer call (activation quantization, routing, gate-up GEMM "
         "+ SiLU, down GEMM, top-k reduction) under CUDA-graph replay, L2 flushed before each "
         "call; uniform random top-k routing; speed-up in parentheses vs " + base + ".",
+        "- `separate launches`: the same kernels with the decode fusions off (activation "
+        "quantization and routing as their own launches; bit-identical outputs).",
         "- `floor` = MXFP4 weight bytes of the experts the routing touches / copy bandwidth "
         "(BF16 floor in brackets).",
         "",

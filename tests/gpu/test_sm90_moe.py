@@ -57,17 +57,20 @@ def _gen(seed: int, dev: str | None = None) -> torch.Generator:
     return g
 
 
-def make_expert_weights(e, n, k, g, dev=None, extreme=False):
+def make_expert_weights(e, n, k, g, dev=None, extreme=False, narrow=False):
     """MXFP4 ``[e, n, k/2]`` / ``[e, n, k/32]`` with a real-weight-like spread of block scales
     (per-block log-normal magnitudes, a few large input channels, per-expert level);
-    ``extreme`` also plants blocks far outside their row's exact window (corrections)."""
+    ``extreme`` also plants blocks far outside their row's exact window (corrections);
+    ``narrow``: a smaller spread and no large channels, so that even INT8 needs no corrections."""
     dev = dev or DEV
     w = torch.randn(e, n, k, device=dev, generator=g) * 0.02
-    w *= torch.exp2(torch.randn(e, n, k // 32, device=dev, generator=g) * 0.6).repeat_interleave(
-        32, dim=2)
+    spread = 0.15 if narrow else 0.6
+    w *= torch.exp2(torch.randn(e, n, k // 32, device=dev, generator=g) * spread
+                    ).repeat_interleave(32, dim=2)
     w *= torch.exp2(torch.randn(e, 1, 1, device=dev, generator=g))
-    cols = torch.randint(0, k, (max(1, k // 256),), device=dev, generator=g)
-    w[:, :, cols] *= 8.0
+    if not narrow:
+        cols = torch.randint(0, k, (max(1, k // 256),), device=dev, generator=g)
+        w[:, :, cols] *= 8.0
     packed, scale = quantize_mxfp4(w)
     if extreme:
         s = scale.to(torch.int32)
@@ -83,12 +86,12 @@ class Layer(torch.nn.Module):
     pass
 
 
-def make_layer(e, h, i, g, dev=None, extreme=False):
+def make_layer(e, h, i, g, dev=None, extreme=False, narrow=False):
     dev = dev or DEV
     layer = Layer()
     dense = {}
     for name, (n, k) in (("w13", (2 * i, h)), ("w2", (h, i))):
-        packed, scale = make_expert_weights(e, n, k, g, dev, extreme)
+        packed, scale = make_expert_weights(e, n, k, g, dev, extreme, narrow)
         layer.register_parameter(f"{name}_weight", torch.nn.Parameter(packed, requires_grad=False))
         layer.register_parameter(f"{name}_weight_scale",
                                  torch.nn.Parameter(scale, requires_grad=False))
@@ -208,9 +211,10 @@ def make_kernel(act, scheme1, scheme2, e, h, i, k, out_dtype=torch.bfloat16):
     return Sm90TritonMoEKernel(cfg)
 
 
-def build(act, scheme1, scheme2, e, h, i, k, seed, extreme=False, out_dtype=torch.bfloat16):
+def build(act, scheme1, scheme2, e, h, i, k, seed, extreme=False, out_dtype=torch.bfloat16,
+          narrow=False):
     g = _gen(seed)
-    layer, dense = make_layer(e, h, i, g, DEV, extreme)
+    layer, dense = make_layer(e, h, i, g, DEV, extreme, narrow)
     kern = make_kernel(act, scheme1, scheme2, e, h, i, k, out_dtype)
     return kern, layer, dense, g
 
@@ -284,6 +288,44 @@ def test_activation_schemes(act, schemes):
     kern.process_weights_after_loading(layer)
     for t in (5, 200):
         run_case(kern, layer, dense, g, t, act, *schemes, used=12)
+
+
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("schemes", SCHEME_PAIRS, ids=lambda p: f"{p[0].name}-{p[1].name}")
+def test_decode_fusions_bit_identical(act, schemes, monkeypatch):
+    """In-GEMM quantization and routing (FUSE_DECODE) give the very bytes of the separate
+    launches, with and without an expert map, at sizes on both sides of the fusion limits."""
+    from w4a8_backend.kernels import _sm90_moe_triton as mk
+
+    _need_fp8(act)
+    e, k, h, i = 64, 8, 512, 256
+    kern, layer, dense, g = build(act, *schemes, e, h, i, k, seed=41 + int(act), narrow=True)
+    kern.process_weights_after_loading(layer)
+    assert layer.w4a8_w13_corr[0].numel() == 0 and layer.w4a8_w2_corr[0].numel() == 0
+    expert_map = torch.full((2 * e,), -1, dtype=torch.int32, device=DEV)
+    expert_map[e // 2:e // 2 + e] = torch.randperm(e, device=DEV, generator=g).to(torch.int32)
+    engaged = set()
+    for t in (1, 3, 16, 64, 65, 300):
+        for emap in (None, expert_map):
+            x = make_x(t, h, g)
+            w, ids = make_routing(t, e if emap is None else 2 * e, k, g)
+            local = ids if emap is None else emap[ids.long()]
+            s1, s2 = static_scales(x, w, local.clamp(min=0), dense, act, *schemes)
+            layer.w13_input_scale = s1 if schemes[0] == S else None
+            layer.w2_input_scale = s2 if schemes[1] == S else None
+            plan = mk.fusion_plan(t, t * k, e, int(schemes[0]), int(schemes[1]), True, False,
+                                  False)
+            engaged |= {n for n, on in zip(("x", "h_out", "h", "route"), plan) if on}
+            monkeypatch.setattr(mk, "FUSE_DECODE", True)
+            y_fused = kern.apply(layer, x, w, ids, emap, False)
+            monkeypatch.setattr(mk, "FUSE_DECODE", False)
+            y_plain = kern.apply(layer, x, w, ids, emap, False)
+            assert torch.equal(y_fused, y_plain), (t, emap is not None, plan)
+            ref = reference_moe(x, w, ids, dense, act, *schemes, s1, s2, emap)
+            assert rel_err(y_fused, ref) <= REL_TOL
+    want = {"x"} | ({"h_out"} if schemes[1] == S else {"h"}) | (
+        set() if schemes[1] == D else {"route"})
+    assert engaged == want, engaged
 
 
 @pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])

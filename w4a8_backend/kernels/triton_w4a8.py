@@ -52,6 +52,31 @@ DECODE_LUT = True
 # activation quantization
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def quantize_values(v, scale, ACT_INT8: tl.constexpr):
+    """float32 ``v`` -> E4M3 or int8 codes of ``v / scale``, bit-exact with
+    ``formats.quantize_activation`` (IEEE division, saturation, RNE; int8 NaN -> 0). Shared with
+    the MoE kernels, which quantize their inputs in place of a separate launch."""
+    QMAX: tl.constexpr = 127.0 if ACT_INT8 else 448.0
+    v = tl.div_rn(v, scale)
+    v = tl.clamp(v, -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL)
+    if ACT_INT8:
+        v = libdevice.rint(v)
+        v = tl.where(v != v, 0.0, v)
+        return v.to(tl.int8)
+    else:
+        return v.to(tl.float8e4nv)
+
+
+@triton.jit
+def dynamic_scale(amax, ACT_INT8: tl.constexpr):
+    """The dynamic scale of an amax, as the reference computes it: torch (CUDA) divides a tensor
+    by a Python scalar as a multiplication by the float32 reciprocal, and the reference scale is
+    ``amax.clamp(min) / qmax``."""
+    INV_QMAX: tl.constexpr = 1.0 / 127.0 if ACT_INT8 else 1.0 / 448.0
+    return tl.maximum(amax, 1e-12) * INV_QMAX
+
+
+@triton.jit
 def _quant_act(
     x_ptr,
     q_ptr,
@@ -67,16 +92,12 @@ def _quant_act(
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     q_row = q_ptr + row.to(tl.int64) * K
-    QMAX: tl.constexpr = 127.0 if ACT_INT8 else 448.0
-    # torch (CUDA) divides a tensor by a Python scalar as a multiplication by the float32
-    # reciprocal; the reference scale is amax.clamp(min) / qmax, so do exactly that here.
-    INV_QMAX: tl.constexpr = 1.0 / 127.0 if ACT_INT8 else 1.0 / 448.0
     offs = tl.arange(0, BLOCK)
     if MODE == 1:
         scale = tl.load(s_in_ptr).to(tl.float32)
     elif MODE == 2:
         amax = tl.load(s_in_ptr).to(tl.float32)
-        scale = tl.maximum(amax, 1e-12) * INV_QMAX
+        scale = dynamic_scale(amax, ACT_INT8)
         if row == 0:
             tl.store(s_out_ptr, scale)
     else:
@@ -89,20 +110,12 @@ def _quant_act(
                 xv = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
                 amax_v = tl.maximum(amax_v, tl.abs(xv))
             amax = tl.max(amax_v, axis=0)
-        scale = tl.maximum(amax, 1e-12) * INV_QMAX
+        scale = dynamic_scale(amax, ACT_INT8)
         tl.store(s_out_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         if not ONE_PASS or MODE != 3:
             xv = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        v = tl.div_rn(xv, scale)
-        v = tl.clamp(v, -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL)
-        if ACT_INT8:
-            v = libdevice.rint(v)
-            v = tl.where(v != v, 0.0, v)
-            q = v.to(tl.int8)
-        else:
-            q = v.to(tl.float8e4nv)
-        tl.store(q_row + k0 + offs, q, mask=k0 + offs < K)
+        tl.store(q_row + k0 + offs, quantize_values(xv, scale, ACT_INT8), mask=k0 + offs < K)
 
 
 # --------------------------------------------------------------------------------------------
