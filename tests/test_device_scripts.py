@@ -92,9 +92,16 @@ def test_teacher_forced_tp_rule():
     got = agree([tied, flip], 2)
     assert got["ok"] and got["argmax_differences"][0]["near_tie"]
     assert got["argmax_differences"][0]["argmax"] == (5, 6)
-    # Argmax flipped to a token the first run ranked far lower (or not in its top-2): fails.
-    far = _scored(2, [[(-1.0, [(9, -0.9), (5, -1.0)])]])
+    # ... or where the second run has the first's argmax that close (the first's list lacks
+    # the second's argmax): accepted.
+    other_side = _scored(2, [[(-1.0, [(9, -1.0 + tie / 4), (5, -1.0)])]])
+    assert agree([tied, other_side], 2)["ok"]
+    # Argmax flipped to a token ranked far lower on both sides, or unknown on both: fails.
+    far = _scored(2, [[(-1.0, [(9, -0.5), (5, -1.0)])]])
     assert not agree([tied, far], 2)["ok"]
+    unknown = _scored(2, [[(-1.0, [(9, -0.9), (8, -1.0)])]])
+    assert agree([tied, unknown], 2)["argmax_differences"][0]["gaps"] == (None, None)
+    assert not agree([tied, unknown], 2)["ok"]
     # Same argmax but the forced token's logprob moved by more than the tolerance: fails.
     moved = _scored(2, [[(-1.0 - 2 * tie, [(5, -1.0 - 2 * tie), (6, -2.0)]),
                          (-0.5, [(7, -0.5), (8, -3.0)])]])

@@ -82,7 +82,7 @@ for prompt in args["prompts"]:
 scored = []
 for ids in args["score"] or [r["prompt_ids"] + r["tokens"] for r in rows]:
     out = llm.generate([{"prompt_token_ids": ids}],
-                       SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2),
+                       SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=5),
                        use_tqdm=False)[0]
     scored.append([{"forced": d[t].logprob,
                     "top": sorted(([k, v.logprob] for k, v in d.items()), key=lambda x: -x[1])}
@@ -283,8 +283,9 @@ def forced_agreement_of(runs: list[dict], n_tp: int) -> dict:
     """The TP sizes on identical inputs: each run scored the first run's sequences teacher-forced
     (prompt_logprobs). A correct sharding only reorders float sums, so at every position the
     logprob of the following token may move by no more than the runs' tolerance (TIE_NATS or
-    the bf16 floor, the larger), and the argmax may differ only where the first run had the
-    other's argmax within that tolerance of its own. A sharding bug moves logprobs by nats.
+    the bf16 floor, the larger), and the argmax may differ only at a near-tie: where either
+    run has the other's argmax within that tolerance of its own (a run whose top-k list lacks
+    the other's argmax cannot tell, and the check fails). A sharding bug moves logprobs by nats.
     """
     if len(runs) != n_tp or any("scored" not in r for r in runs):
         return {"positions": 0, "argmax_equal": 0, "max_abs_logprob_diff": None,
@@ -303,12 +304,11 @@ def forced_agreement_of(runs: list[dict], n_tp: int) -> dict:
                 if a_top == b_top:
                     equal += 1
                     continue
-                a_lp = dict((int(k), v) for k, v in a["top"])
-                gap = a["top"][0][1] - a_lp[b_top] if b_top in a_lp else None
-                near_tie = gap is not None and gap <= tol
+                gaps = (_gap_to(a, b_top), _gap_to(b, a_top))
+                near_tie = any(g is not None and g <= tol for g in gaps)
                 ok &= near_tie
                 differences.append({"tp": other["tp"], "sequence": s, "position": i,
-                                    "argmax": (a_top, b_top), "gap_in_first": gap,
+                                    "argmax": (a_top, b_top), "gaps": gaps,
                                     "near_tie": near_tie})
     max_diff = max(diffs, default=None)
     ok &= bool(diffs) and max_diff <= tol
@@ -316,6 +316,12 @@ def forced_agreement_of(runs: list[dict], n_tp: int) -> dict:
             "max_abs_logprob_diff": None if max_diff is None else round(max_diff, 4),
             "mean_abs_logprob_diff": round(sum(diffs) / len(diffs), 4) if diffs else None,
             "tolerance_nats": round(tol, 4), "argmax_differences": differences, "ok": ok}
+
+
+def _gap_to(scored: dict, token: int):
+    """How far below its argmax a scored position puts ``token`` (None: not in its top-k)."""
+    lp = {int(k): v for k, v in scored["top"]}
+    return scored["top"][0][1] - lp[token] if token in lp else None
 
 
 def kernel_log_lines(log: str) -> list[str]:
