@@ -48,15 +48,14 @@ if list(getattr(_load_decoded, "arg_names", [])) != _EXPECTED_DECODE_ARGS:  # pr
     )
 
 BK_MOE = INT8_TILE  # one INT8 reference tile per K step; FP8 uses the same depth
-# Decode-size fusions (see moe_forward): activation quantization inside the GEMMs and routing
+# Fusions (fusion_plan): a static intermediate scale applied in GEMM1's epilogue and routing
 # inside the GEMMs, instead of separate launches. False keeps the separate launches; the results
 # are bit-identical either way (tests compare them), the benchmark measures both.
 FUSE_DECODE = True
-# Up to this many tokens the layer input (and a dynamic GEMM2 input) is quantized inside the
-# GEMM: every N tile's program quantizes its rows again, cheap only for few rows.
-FUSED_QUANT_MAX_TOKENS = 64
-# Routing inside the GEMMs while (local experts, padded) x (pairs, padded) stays this small.
-ROUTE_INLINE_MAX = 16384
+# Routing inside the GEMMs while (local experts, padded) x (pairs, padded) stays this small:
+# every program scans all pairs, which paid at 1 token (H100: Qwen3-30B-A3B 32.0 -> 30.1 us,
+# gpt-oss-20b 55.6 -> 52.7) but cost 50 % at Qwen3's 16 tokens (E x P = 128 x 128).
+ROUTE_INLINE_MAX = 1024
 # Tests set this to fill every intermediate and output with NaN before the kernels run.
 POISON_OUTPUTS = False
 
@@ -157,67 +156,18 @@ def _scale_out(acc, rs_ptr, rows, a_scale, ACT_INT8: tl.constexpr, W_BF16: tl.co
 
 
 @triton.jit
-def _a_scale_of(a_ptr, as_ptr, amax_ptr, a_rows, m_mask, A_ROWS, K,
-                A_QUANT: tl.constexpr, AMAX_IN: tl.constexpr, ACT_INT8: tl.constexpr,
-                BM: tl.constexpr, BK: tl.constexpr):
-    """The scale an unquantized A is quantized with in the GEMM (A_QUANT = the scheme): static
-    from ``as_ptr``; per tensor from the amax in ``amax_ptr`` (AMAX_IN, float bits) or over all
-    ``A_ROWS`` rows; per row [BM] over the block's rows."""
-    if A_QUANT == 1:
-        return tl.load(as_ptr).to(tl.float32)
-    elif A_QUANT == 2:
-        if AMAX_IN:
-            amax = tl.load(amax_ptr).to(tl.float32, bitcast=True)
-        else:
-            am = tl.zeros([BK, BM], dtype=tl.float32)
-            for r0 in range(0, A_ROWS, BM):
-                rr = r0 + tl.arange(0, BM)
-                for k0 in range(0, K, BK):
-                    kk = k0 + tl.arange(0, BK)
-                    v = tl.load(a_ptr + rr.to(tl.int64)[None, :] * K + kk[:, None],
-                                mask=(rr < A_ROWS)[None, :] & (kk < K)[:, None], other=0.0)
-                    am = tl.maximum(am, tl.abs(v.to(tl.float32)))
-            amax = tl.max(tl.max(am, axis=1), axis=0)
-        return tk.dynamic_scale(amax, ACT_INT8)
-    else:
-        am = tl.zeros([BM], dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            kk = k0 + tl.arange(0, BK)
-            v = tl.load(a_rows + kk[:, None], mask=m_mask[None, :] & (kk < K)[:, None],
-                        other=0.0)
-            am = tl.maximum(am, tl.max(tl.abs(v.to(tl.float32)), axis=0))
-        return tk.dynamic_scale(am, ACT_INT8)
-
-
-@triton.jit
-def _load_a(a_rows, kk, m_mask, K, a_sc, A_QUANT: tl.constexpr, ACT_INT8: tl.constexpr):
-    """A^T tile [len(kk), BM]: codes as stored, or quantized here with ``a_sc``."""
-    v = tl.load(a_rows + kk[:, None], mask=m_mask[None, :] & (kk < K)[:, None], other=0.0)
-    if A_QUANT == 0:
-        return v
-    elif A_QUANT == 3:
-        return tk.quantize_values(v.to(tl.float32), a_sc[None, :], ACT_INT8)
-    else:
-        return tk.quantize_values(v.to(tl.float32), a_sc, ACT_INT8)
-
-
-@triton.jit
 def _moe_gemm(
     a_ptr, as_ptr, w_ptr, c_ptr, rs_ptr, out_ptr, amax_ptr, tab_ptr, cnt_ptr, ids_ptr, map_ptr,
-    qs_ptr, E, N, K, KP2, KP32, NPT, WR, UP_OFF, UP_COL, CAP, TOPK, stride_out, P, A_ROWS,
+    qs_ptr, E, N, K, KP2, KP32, NPT, WR, UP_OFF, UP_COL, CAP, TOPK, stride_out, P,
     ACT_INT8: tl.constexpr, PER_ROW: tl.constexpr, A_BY_TOKEN: tl.constexpr,
     GATED: tl.constexpr, FUSE_SILU: tl.constexpr, AMAX: tl.constexpr,
     W_BF16: tl.constexpr, DECODE_LUT: tl.constexpr, FP8_PROMOTE: tl.constexpr,
-    A_QUANT: tl.constexpr, AMAX_IN: tl.constexpr, OUT_QUANT: tl.constexpr,
-    ROUTE_INLINE: tl.constexpr, HAS_MAP: tl.constexpr, PP2: tl.constexpr,
+    OUT_QUANT: tl.constexpr, ROUTE_INLINE: tl.constexpr, HAS_MAP: tl.constexpr, PP2: tl.constexpr,
     EP2: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
     """out^T tile [BN, BM] = W_e[rows] @ A[rows of the block]^T, see the module docstring.
 
-    a: [rows, K] (token rows for GEMM1, pair rows for GEMM2), quantized (A_QUANT = 0; scales
-    in ``as_ptr``, PER_ROW or one) or float and quantized here with scheme A_QUANT (1 static
-    scale in ``as_ptr``, 2 per tensor, 3 per row; bit-exact with the separate quantizer);
-    W_BF16: float rows, cast to the dense weights' dtype (bf16 for the baseline).
+    a: quantized [rows, K] (token rows for GEMM1, pair rows for GEMM2); W_BF16: float rows, cast to the dense weights' dtype (bf16 for the baseline).
     w/c/rs: the repacked stack, expert e's rows at [e * WR, (e + 1) * WR); gated: gate rows
     [0, UP_OFF) and up rows [UP_OFF, 2 * UP_OFF) of each expert.
     out: one row per pair (stride_out); unfused gated: gate at columns [0, N), up at UP_COL + n;
@@ -250,11 +200,6 @@ def _moe_gemm(
     else:
         src = pair
     a_rows = a_ptr + src.to(tl.int64)[None, :] * K
-    if A_QUANT != 0:
-        a_sc = _a_scale_of(a_ptr, as_ptr, amax_ptr, a_rows, m_mask, A_ROWS, K, A_QUANT, AMAX_IN,
-                           ACT_INT8, BM, BK)
-    else:
-        a_sc = 0.0
     offs_n = pid_n * BN + tl.arange(0, BN)
     rows_g = e * WR + offs_n
     rows_u = rows_g + UP_OFF
@@ -273,8 +218,10 @@ def _moe_gemm(
             x_hi = xt
         else:
             xk = k0 + kx
-            x_lo = _load_a(a_rows, xk, m_mask, K, a_sc, A_QUANT, ACT_INT8)
-            x_hi = _load_a(a_rows, xk + 32, m_mask, K, a_sc, A_QUANT, ACT_INT8)
+            x_lo = tl.load(a_rows + xk[:, None], mask=m_mask[None, :] & (xk < K)[:, None],
+                           other=0.0)
+            x_hi = tl.load(a_rows + (xk + 32)[:, None],
+                           mask=m_mask[None, :] & (xk + 32 < K)[:, None], other=0.0)
             xt = x_lo
         acc = _mma_step(acc, w_ptr, c_ptr, rs_ptr, rows_g, it, k0, x_lo, x_hi, xt, K, KP2, KP32,
                         NPT, ACT_INT8, W_BF16, DECODE_LUT, FP8_PROMOTE, BN, BK)
@@ -282,11 +229,7 @@ def _moe_gemm(
             acc_u = _mma_step(acc_u, w_ptr, c_ptr, rs_ptr, rows_u, it, k0, x_lo, x_hi, xt, K,
                               KP2, KP32, NPT, ACT_INT8, W_BF16, DECODE_LUT, FP8_PROMOTE, BN, BK)
 
-    if A_QUANT == 3:
-        a_scale = a_sc[None, :]
-    elif A_QUANT != 0:
-        a_scale = a_sc
-    elif PER_ROW:
+    if PER_ROW:
         a_scale = tl.load(as_ptr + src, mask=m_mask, other=0.0)[None, :]
     else:
         a_scale = tl.load(as_ptr)
@@ -462,32 +405,28 @@ def pick_config(num_tokens: int, num_pairs: int, num_experts: int, n_tiles_64: i
     return 64, bm, 4, 3
 
 
-def fusion_plan(t: int, p: int, e: int, scheme1: int, scheme2: int, fuse_silu: bool,
-                corr1: bool, corr2: bool) -> tuple[int, bool, int, bool]:
-    """Which launches one call saves, all bit-identical to the separate ones:
-    ``(x_quant, h_out_quant, h_quant, route_inline)``.
+def fusion_plan(p: int, e: int, scheme2: int, fuse_silu: bool, corr1: bool,
+                corr2: bool) -> tuple[bool, bool]:
+    """Which launches one call saves, both bit-identical to the separate ones:
+    ``(h_out_quant, route_inline)``.
 
-    - x_quant: the scheme GEMM1 quantizes the layer input with (0: the separate quantizer ran);
-      up to FUSED_QUANT_MAX_TOKENS tokens, and not with corrected w13 blocks (``_moe_corr``
-      reads the quantized input).
-    - h_out_quant: a static GEMM2 input scale applied in GEMM1's epilogue (any size: the
-      intermediate never goes through memory in float32); needs SiLU fused.
-    - h_quant: the dynamic scheme GEMM2 quantizes its input with (0: separate); few tokens and
-      no corrected w2 blocks, as for x.
+    - h_out_quant: a static GEMM2 input scale applied in GEMM1's epilogue: no float32
+      intermediate through memory, no quantize launch; needs SiLU fused.
     - route_inline: both GEMMs find their pairs from the ids, no routing launch; not when the
       correction kernels need the table or the GEMM2 amax needs zeroing (the routing launch
       does that), and only while (experts x pairs, padded) <= ROUTE_INLINE_MAX.
+
+    Quantizing the layer input inside GEMM1 instead (every N tile's program dividing its rows
+    again, IEEE division for bit-exactness) was tried and measured 2x slower at 1-64 tokens on
+    an H100 (2026-11-23, docs/moe_kernels.md), so the quantizer stays a launch of its own.
     """
     if not FUSE_DECODE:
-        return 0, False, 0, False
-    small = t <= FUSED_QUANT_MAX_TOKENS
-    x_quant = scheme1 if small and not corr1 else 0
+        return False, False
     h_out_quant = fuse_silu and scheme2 == 1
-    h_quant = scheme2 if small and not corr2 and scheme2 != 1 else 0
     ep2 = max(16, triton.next_power_of_2(e))
     pp2 = max(16, triton.next_power_of_2(p))
     route_inline = ep2 * pp2 <= ROUTE_INLINE_MAX and not (corr1 or corr2) and scheme2 != 2
-    return x_quant, h_out_quant, h_quant, route_inline
+    return h_out_quant, route_inline
 
 
 def moe_forward(
@@ -542,16 +481,14 @@ def moe_forward(
     ep2 = max(16, triton.next_power_of_2(e))
     pp2 = max(16, triton.next_power_of_2(p))
     if bf16_weights:
-        x_quant, h_out_quant, h_quant, route_inline = 0, False, 0, False
+        h_out_quant, route_inline = False, False
     else:
-        x_quant, h_out_quant, h_quant, route_inline = fusion_plan(
-            t, p, e, scheme1, scheme2, fuse_silu, w13[3].numel() > 0, w2[3].numel() > 0)
+        h_out_quant, route_inline = fusion_plan(p, e, scheme2, fuse_silu, w13[3].numel() > 0,
+                                                w2[3].numel() > 0)
 
     # GEMM1 input
     if bf16_weights:
         a1, s1, per_row1 = x, x, False
-    elif x_quant:
-        a1, s1, per_row1 = x, w13_input_scale if scheme1 == 1 else x, False
     else:
         a1, s1 = quantize_x(x, act_int8, scheme1, w13_input_scale)
         per_row1 = scheme1 == 3
@@ -611,10 +548,10 @@ def moe_forward(
     _moe_gemm[(triton.cdiv(inter, bn1), grid_m(bm1))](
         a1, s1, wst1, codes1, rs1, out1, amax.view(torch.int32), tab, cnt, topk_ids, emap,
         w2_input_scale if h_out_quant else s1,
-        e, inter, k1, kp2_1, kp32_1, npt1, 2 * ip, ip, inter, cap, top_k, stride1, p, t,
+        e, inter, k1, kp2_1, kp32_1, npt1, 2 * ip, ip, inter, cap, top_k, stride1, p,
         ACT_INT8=act_int8, PER_ROW=per_row1, A_BY_TOKEN=True, GATED=True, FUSE_SILU=fused,
         AMAX=amax_needed and fused, W_BF16=bf16_weights, DECODE_LUT=lut,
-        FP8_PROMOTE=promote(bm1), A_QUANT=x_quant, AMAX_IN=False, OUT_QUANT=h_out_quant,
+        FP8_PROMOTE=promote(bm1), OUT_QUANT=h_out_quant,
         ROUTE_INLINE=route_inline, HAS_MAP=has_map, PP2=pp2, EP2=ep2, BN=bn1, BM=bm1, BK=bk,
         num_warps=w1_, num_stages=st1,
     )
@@ -634,8 +571,6 @@ def moe_forward(
         a2, s2, per_row2 = hbuf, hbuf, False
     elif h_out_quant:
         a2, s2, per_row2 = hbuf, w2_input_scale, False
-    elif h_quant:
-        a2, s2, per_row2 = hbuf, hbuf, False
     else:
         a2, s2 = quantize_h(hbuf, act_int8, scheme2, w2_input_scale, amax)
         per_row2 = scheme2 == 3
@@ -656,10 +591,10 @@ def moe_forward(
         kp2_2, kp32_2, npt2 = wst2.shape[1], codes2.shape[1], wst2.shape[0]
     _moe_gemm[(triton.cdiv(hidden, bn2), grid_m(bm2))](
         a2, s2, wst2, codes2, rs2, y, amax.view(torch.int32), tab, cnt, topk_ids, emap, s2,
-        e, hidden, k2, kp2_2, kp32_2, npt2, hp, 0, 0, cap, top_k, hidden, p, p,
+        e, hidden, k2, kp2_2, kp32_2, npt2, hp, 0, 0, cap, top_k, hidden, p,
         ACT_INT8=act_int8, PER_ROW=per_row2, A_BY_TOKEN=False, GATED=False, FUSE_SILU=False,
         AMAX=False, W_BF16=bf16_weights, DECODE_LUT=lut, FP8_PROMOTE=promote(bm2),
-        A_QUANT=h_quant, AMAX_IN=True, OUT_QUANT=False, ROUTE_INLINE=route_inline,
+        OUT_QUANT=False, ROUTE_INLINE=route_inline,
         HAS_MAP=has_map, PP2=pp2, EP2=ep2, BN=bn2, BM=bm2, BK=bk, num_warps=w2_,
         num_stages=st2,
     )
