@@ -61,11 +61,11 @@ def release(llm) -> None:
     gc.collect()
 
 
-def greedy_with_logprobs(llm, prompt: str, steps: int = STEPS):
+def greedy_with_logprobs(llm, prompt: str, steps: int = STEPS, ignore_eos: bool = False):
     from vllm import SamplingParams
 
-    out = llm.generate([prompt], SamplingParams(max_tokens=steps, temperature=0, logprobs=1),
-                       use_tqdm=False)[0]
+    params = SamplingParams(max_tokens=steps, temperature=0, logprobs=1, ignore_eos=ignore_eos)
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
     tokens = list(out.outputs[0].token_ids)
     logprobs = [out.outputs[0].logprobs[i][t].logprob for i, t in enumerate(tokens)]
     return list(out.prompt_token_ids), tokens, logprobs

@@ -148,12 +148,14 @@ def _common_config(tokenizer) -> dict:
     )
 
 
-def make_tiny_llama(directory: str | os.PathLike, seed: int = 0) -> Path:
-    """Random 2-layer Llama (hidden 128, intermediate 256, GQA 4/2 heads) in bf16 safetensors."""
+def make_tiny_llama(directory: str | os.PathLike, seed: int = 0,
+                    vocab_size: int = VOCAB_SIZE) -> Path:
+    """Random 2-layer Llama (hidden 128, intermediate 256, GQA 4/2 heads) in bf16 safetensors.
+    ``vocab_size``: the tokenizer's (and so the model's) vocabulary size."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     directory = Path(directory)
-    tokenizer = build_tokenizer(directory)
+    tokenizer = build_tokenizer(directory, vocab_size)
     config = LlamaConfig(intermediate_size=256, **_common_config(tokenizer))
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
