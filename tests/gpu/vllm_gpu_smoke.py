@@ -77,7 +77,7 @@ for prompt in args["prompts"]:
     rows.append({"prompt_ids": list(out.prompt_token_ids), "tokens": toks,
                  "logprobs": [out.outputs[0].logprobs[i][t].logprob for i, t in enumerate(toks)]})
 # Teacher-forced scoring (prefill with prompt_logprobs) of given sequences, by default this
-# run's own outputs: every position's top-2 and the logprob of the token that follows, so that
+# run's own outputs: every position's top-5 and the logprob of the token that follows, so that
 # TP sizes are compared on identical inputs instead of along sequences that may have parted.
 scored = []
 for ids in args["score"] or [r["prompt_ids"] + r["tokens"] for r in rows]:

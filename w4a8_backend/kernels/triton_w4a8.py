@@ -54,8 +54,8 @@ DECODE_LUT = True
 @triton.jit
 def quantize_values(v, scale, ACT_INT8: tl.constexpr):
     """float32 ``v`` -> E4M3 or int8 codes of ``v / scale``, bit-exact with
-    ``formats.quantize_activation`` (IEEE division, saturation, RNE; int8 NaN -> 0). Shared with
-    the MoE kernels, which quantize their inputs in place of a separate launch."""
+    ``formats.quantize_activation`` (IEEE division, saturation, RNE; int8 NaN -> 0). Also used by
+    the MoE's GEMM1 epilogue to quantize its output with a static scale."""
     QMAX: tl.constexpr = 127.0 if ACT_INT8 else 448.0
     v = tl.div_rn(v, scale)
     v = tl.clamp(v, -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL)
