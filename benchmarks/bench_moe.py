@@ -14,7 +14,8 @@ Baselines, in the same run:
 Humming's MoE kernels are not used: humming-kernels 0.1.19 exposes dense layers only.
 
     python benchmarks/bench_moe.py --out benchmarks/results          # table, json, png
-    python benchmarks/bench_moe.py --sweep                            # decode tile configs
+    python benchmarks/bench_moe.py --sweep                            # Triton tile configs
+    python benchmarks/bench_moe.py --cuda-sweep                       # CUDA decode path
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_linear import Timer, make_logger, make_weight, run_metadata  # noqa: E402
 
 from w4a8_backend.formats import ActivationDtype, ActivationScheme, dequantize_mxfp4  # noqa: E402
+from w4a8_backend.kernels import _sm90_moe_cuda as mc  # noqa: E402
 from w4a8_backend.kernels.moe_base import MoEKernelConfig  # noqa: E402
 
 MODELS = {
@@ -50,12 +52,12 @@ OURS = {
     "ours INT8 per-token": (INT8, P),
     "ours INT8 static": (INT8, S),
 }
-# The same kernels with the decode fusions off (_sm90_moe_triton.FUSE_DECODE = False):
-# separate quantize and routing launches, the float32 intermediate through memory.
-SEPARATE = {
-    "ours FP8 dyn-tensor, separate launches": "ours FP8 dyn-tensor",
-    "ours FP8 static, separate launches": "ours FP8 static",
-    "ours INT8 per-token, separate launches": "ours INT8 per-token",
+# The same layers on the Triton grouped kernels, at the token counts where the default is the
+# CUDA decode path (_sm90_moe_cuda.MAX_TOKENS).
+TRITON_PATH = {
+    "ours FP8 dyn-tensor, Triton kernels": "ours FP8 dyn-tensor",
+    "ours FP8 static, Triton kernels": "ours FP8 static",
+    "ours INT8 per-token, Triton kernels": "ours INT8 per-token",
 }
 VLLM = "vLLM BF16 fused_experts"
 TRITON_BF16 = "Triton BF16 grouped"
@@ -188,31 +190,28 @@ def bench_model(timer, name, m, tokens, fused_experts, log):
         tm(TRITON_BF16, lambda: triton_bf16_moe(x, tw, ti, w13s, w2s, m, ip, hp))
         for label, (kern, layer) in ours.items():
             tm(label, lambda kern=kern, layer=layer: kern.apply(layer, x, tw, ti, None, False))
-        for label, variant in SEPARATE.items():
-            tm(label, lambda k_l=ours[variant]: separate_launches(*k_l, x, tw, ti))
+        if t <= mc.MAX_TOKENS:
+            for label, variant in TRITON_PATH.items():
+                tm(label, lambda k_l=ours[variant]: triton_path(*k_l, x, tw, ti))
         # sanity: every output close to the BF16 baseline (quantization error only)
         if outs:
             ref = outs.get(VLLM, outs.get(TRITON_BF16, next(iter(outs.values())))).float()
             res["rel_diff_vs_bf16"] = {
                 k: round(((v.float() - ref).norm() / ref.norm()).item(), 4)
                 for k, v in outs.items()}
-            res["separate_bit_identical"] = {
-                k: bool(torch.equal(outs[k], outs[v])) for k, v in SEPARATE.items()
-                if k in outs and v in outs}
         log(json.dumps(res))
         rows.append(res)
     return rows
 
 
-def separate_launches(kern, layer, x, tw, ti):
-    """One call with the decode fusions off (read at graph capture, so the graph keeps them)."""
-    from w4a8_backend.kernels import _sm90_moe_triton as mk
-
-    mk.FUSE_DECODE = False
+def triton_path(kern, layer, x, tw, ti):
+    """One call on the Triton kernels (the flag is read at graph capture)."""
+    cuda = kern.decode_cuda
+    kern.decode_cuda = False
     try:
         return kern.apply(layer, x, tw, ti, None, False)
     finally:
-        mk.FUSE_DECODE = True
+        kern.decode_cuda = cuda
 
 
 def fmt(v, ref):
@@ -225,7 +224,7 @@ def write_report(rows, out_dir: Path, meta):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "moe_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     base = VLLM if any(r.get(VLLM) for r in rows) else TRITON_BF16
-    cols = [c for c in [VLLM, TRITON_BF16, *OURS, *SEPARATE]
+    cols = [c for c in [VLLM, TRITON_BF16, *OURS, *TRITON_PATH]
             if any(r.get(c) is not None for r in rows)]
     lines = [
         "# W4A8 MXFP4 MoE layer: time (us) and speed-up vs " + base,
@@ -238,8 +237,8 @@ def write_report(rows, out_dir: Path, meta):
         "- each entry: one whole MoE layer call (activation quantization, routing, gate-up GEMM "
         "+ SiLU, down GEMM, top-k reduction) under CUDA-graph replay, L2 flushed before each "
         "call; uniform random top-k routing; speed-up in parentheses vs " + base + ".",
-        "- `separate launches`: the same kernels with the decode fusions off (activation "
-        "quantization and routing as their own launches; bit-identical outputs).",
+        f"- `ours`: the CUDA decode kernels up to {mc.MAX_TOKENS} tokens, the Triton grouped "
+        "kernels above; `Triton kernels`: the same layers forced onto Triton at those sizes.",
         "- `floor` = MXFP4 weight bytes of the experts the routing touches / copy bandwidth "
         "(BF16 floor in brackets).",
         "",
@@ -315,13 +314,50 @@ def sweep(timer, log, tokens=(1, 16, 64, 512, 4096)):
                 log(json.dumps(res))
 
 
+def cuda_sweep(timer, log, tokens=(1, 2, 4, 8, 16)):
+    """The CUDA decode path's (GEMM1, GEMM2) launch configs and token counts against the Triton
+    kernels on the same layer (the data for MAX_TOKENS and the default configs)."""
+    configs1, configs2 = ((4, 2), (8, 2)), ((4, 2), (8, 2), (16, 2))
+    saved = mc.MAX_TOKENS, mc.GEMM1_CONFIG, mc.GEMM2_CONFIG
+    mc.MAX_TOKENS = max(tokens)
+    try:
+        for name, m in MODELS.items():
+            weights = make_moe_weights(m, seed=len(name))
+            x_cal = torch.randn(64, m["hidden"], device="cuda").to(torch.bfloat16)
+            for label in ("ours FP8 static", "ours INT8 per-token"):
+                kern, layer = our_layer(weights, m, *OURS[label], x_cal, routing(64, m, 1))
+                for t in tokens:
+                    x = torch.randn(t, m["hidden"], device="cuda").to(torch.bfloat16)
+                    tw, ti = routing(t, m, 100 + t)
+                    res = {"model": name, "variant": label, "T": t,
+                           "triton": round(timer.time_us(
+                               lambda: triton_path(kern, layer, x, tw, ti)), 2)}
+                    ref = triton_path(kern, layer, x, tw, ti).float()
+                    for c1 in configs1:
+                        for c2 in configs2:
+                            mc.GEMM1_CONFIG, mc.GEMM2_CONFIG = c1, c2
+                            try:
+                                y = kern.apply(layer, x, tw, ti, None, False).float()
+                                res[f"cuda {c1} {c2}"] = round(timer.time_us(
+                                    lambda: kern.apply(layer, x, tw, ti, None, False)), 2)
+                                res[f"diff {c1} {c2}"] = round(
+                                    ((y - ref).norm() / ref.norm()).item(), 5)
+                            except Exception as exc:
+                                res[f"cuda {c1} {c2}"] = f"ERR {type(exc).__name__}: {exc}"
+                    log(json.dumps(res))
+    finally:
+        mc.MAX_TOKENS, mc.GEMM1_CONFIG, mc.GEMM2_CONFIG = saved
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--no-vllm", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="time decode tile configs only")
+    ap.add_argument("--sweep", action="store_true", help="time Triton tile configs only")
+    ap.add_argument("--cuda-sweep", action="store_true",
+                    help="time the CUDA decode path's launch configs against Triton only")
     ap.add_argument("--log", default=None, help="also append log lines to this file")
     args = ap.parse_args(argv)
     log = make_logger(args.log)
@@ -330,6 +366,9 @@ def main(argv=None):
     timer = Timer()
     if args.sweep:
         sweep(timer, log)
+        return
+    if args.cuda_sweep:
+        cuda_sweep(timer, log)
         return
     meta = run_metadata()
     fused_experts = None

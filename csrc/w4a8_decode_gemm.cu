@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int t = lane & 3;   // thread in group: which 64-wide K group of a step
   const int n0 = blockIdx.x * 16;
   const int m0 = blockIdx.y * kCols;
-  const int steps = KP / kStepK;
+  const int steps = (K + kStepK - 1) / kStepK;  // steps past K would read only padding
   const size_t kp2 = size_t(KP) / 2, kp32 = size_t(KP) / 32;
   uint8_t* ring = ring_all + warp * (kStages * kStageBytes);
 
@@ -345,6 +345,20 @@ __device__ __forceinline__ float nan_max(float a, float b) {
   return (a > b || a != a) ? a : b;
 }
 
+// v / scale (IEEE division), clamped to the format's range, rounded: an E4M3 byte or an int8
+// (NaN -> 0 for INT8, as formats.quantize_activation does)
+template <bool kInt8>
+__device__ __forceinline__ uint8_t quantize_value(float v, float scale) {
+  constexpr float kQmax = kInt8 ? 127.f : 448.f;
+  float f = __fdiv_rn(v, scale);
+  if (f == f) f = fminf(fmaxf(f, -kQmax), kQmax);
+  if constexpr (kInt8) {
+    return (f == f) ? uint8_t(int8_t(rintf(f))) : uint8_t(0);
+  } else {
+    return __nv_cvt_float_to_fp8(f, __NV_SATFINITE, __NV_E4M3);
+  }
+}
+
 // One CTA per row; 16-byte loads, kUnroll of them in flight per thread.
 template <typename InT>
 struct Vec16 {
@@ -360,7 +374,6 @@ __global__ void __launch_bounds__(256)
   using V = Vec16<InT>;
   constexpr int kN = V::kN;
   constexpr int kUnroll = 8;
-  constexpr float kQmax = kInt8 ? 127.f : 448.f;
   // torch divides a CUDA tensor by a Python scalar as a multiplication by the float32 reciprocal
   constexpr float kInvQmax = kInt8 ? float(1.0 / 127.0) : float(1.0 / 448.0);
   const int row = blockIdx.x;
@@ -408,15 +421,7 @@ __global__ void __launch_bounds__(256)
       if (i >= nvec) continue;
       uint8_t out[kN];
 #pragma unroll
-      for (int e = 0; e < kN; ++e) {
-        float f = __fdiv_rn(to_float(v[u].v[e]), scale);
-        if (f == f) f = fminf(fmaxf(f, -kQmax), kQmax);
-        if constexpr (kInt8) {
-          out[e] = (f == f) ? uint8_t(int8_t(rintf(f))) : uint8_t(0);
-        } else {
-          out[e] = __nv_cvt_float_to_fp8(f, __NV_SATFINITE, __NV_E4M3);
-        }
-      }
+      for (int e = 0; e < kN; ++e) out[e] = quantize_value<kInt8>(to_float(v[u].v[e]), scale);
       if constexpr (kN == 8) {
         uint2 o;
         o.x = out[0] | (out[1] << 8) | (out[2] << 16) | (uint32_t(out[3]) << 24);
@@ -427,6 +432,266 @@ __global__ void __launch_bounds__(256)
             out[0] | (out[1] << 8) | (out[2] << 16) | (uint32_t(out[3]) << 24);
       }
     }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// MoE decode GEMMs (a few tokens): the dense kernel's copies, decode and MMA, with one routed
+// expert's rows per work item. Stacked expert matrices (sm90_triton_moe.py): expert e owns rows
+// [e * rows_per_expert, (e + 1) * rows_per_expert); in w13 its gate rows start at 0 and its up
+// rows at up_offset.
+//
+// GEMM1 (kGated): one CTA per (8 intermediate columns, routed pair). Its 16 MMA rows are the
+//   expert's 8 gate rows (MMA rows 0-7) and the 8 matching up rows (8-15), so the epilogue has
+//   gate and up of each column at hand: SiLU-and-mul, and with a static intermediate scale the
+//   quantization, happen there. Output h [pairs, I]: float32, or quantized bytes.
+// GEMM2: one CTA per (16 output rows, token); its work items are (the token's j-th expert,
+//   K step), so the router-weighted sum over the top-k experts happens inside the CTA: no
+//   per-pair output and no reduction launch.
+// Only MMA column 0 carries a token; the B operand's other 7 columns are zeros.
+// FP8 sums are moved to float32 after every MMA (32 products): the MoE re-quantizes h, and the
+// tensor cores' longer FP8 accumulation perturbs h enough to flip its FP8 roundings
+// (docs/moe_kernels.md). Out-of-range blocks (code 0, zeros in the main pass) are added back
+// exactly in the epilogue from a per-row CSR over the repacking's side table.
+// ----------------------------------------------------------------------------------------------
+constexpr int kMoeMaxGroups = 16;  // largest top-k that GEMM2 takes
+
+struct MoeArgs {
+  const uint8_t* a;             // quantized activations: GEMM1 x [T, K], GEMM2 h [pairs, K]
+  const float* a_scale;         // [1], or one per activation row (a_per_row)
+  const uint8_t* packed;        // stacked experts [rows, KP/2]
+  const uint8_t* codes;         // [rows, KP/32]
+  const void* row_scale;        // FP8: float [rows]; INT8: uint8 [KP/256, rows]
+  const int32_t* corr_row_ptr;  // [rows + 1] CSR into corr_blocks / corr_values, or null
+  const int32_t* corr_blocks;   // MX block index (along K) of each out-of-range block
+  const float* corr_values;     // [blocks, 32] their exact values
+  const void* ids;              // topk_ids [T, top_k], int32 or int64 (ids64)
+  const int32_t* expert_map;    // global id -> local id or -1; null: the identity
+  const float* topk_w;          // [T, top_k] router weights (GEMM2), or null: unweighted
+  const float* h_scale;         // GEMM1: static scale to quantize h with, or null: float32 h
+  void* out;                    // GEMM1: h [pairs, ldo]; GEMM2: y [T, ldo] of out_dtype
+  int ids64, top_k, E, K, KP, rows, rows_per_expert, up_offset, n_out, lda, ldo, a_per_row,
+      out_dtype;
+};
+
+template <bool kInt8>
+__device__ __forceinline__ float act_value(uint8_t q) {
+  if constexpr (kInt8) {
+    return float(int8_t(q));
+  } else {
+    return __half2float(__half(__nv_cvt_fp8_to_halfraw(q, __NV_E4M3)));
+  }
+}
+
+__device__ __forceinline__ void store_out(void* out, int dtype, size_t i, float v) {
+  if (dtype == 0) {
+    static_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16_rn(v);
+  } else if (dtype == 1) {
+    static_cast<__half*>(out)[i] = __float2half_rn(v);
+  } else {
+    static_cast<float*>(out)[i] = v;
+  }
+}
+
+template <bool kInt8, bool kGated, int kWarps, int kStages>
+__global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs args) {
+  extern __shared__ __align__(16) uint8_t ring_all[];
+  __shared__ float partial[kWarps][16];
+  __shared__ int s_row[kMoeMaxGroups];   // first stacked row of the group's expert
+  __shared__ int s_arow[kMoeMaxGroups];  // the group's activation row
+  __shared__ float s_w[kMoeMaxGroups];   // the group's router weight
+  __shared__ int s_groups;
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;  // MMA rows g and g + 8; token column g (only g == 0 is real)
+  const int t = lane & 3;   // which 64-wide K group of a step
+  const int col0 = blockIdx.x * (kGated ? 8 : 16);  // first h column / first output row
+  const int steps = (args.K + kStepK - 1) / kStepK;
+  const size_t kp2 = size_t(args.KP) / 2, kp32 = size_t(args.KP) / 32;
+
+  // the routing was finished before the previous kernel started, so it may be read before
+  // griddepcontrol.wait; pairs routed to no local expert are dropped here
+  if (threadIdx.x == 0) {
+    const int first = kGated ? blockIdx.y : blockIdx.y * args.top_k;
+    const int count = kGated ? 1 : args.top_k;
+    int n = 0;
+    for (int j = 0; j < count; ++j) {
+      const int p = first + j;
+      int id = args.ids64 ? int(static_cast<const int64_t*>(args.ids)[p])
+                          : static_cast<const int32_t*>(args.ids)[p];
+      if (args.expert_map != nullptr) id = id >= 0 ? args.expert_map[id] : -1;
+      if (id < 0 || id >= args.E) continue;
+      s_row[n] = id * args.rows_per_expert;
+      s_arow[n] = kGated ? p / args.top_k : p;
+      s_w[n] = args.topk_w != nullptr ? args.topk_w[p] : 1.f;
+      ++n;
+    }
+    s_groups = n;
+  }
+  __syncthreads();
+  const int groups = s_groups;
+  const int items = groups * steps;
+
+  // MMA row r (0..15) -> row within the expert
+  auto expert_row = [&](int r) {
+    if constexpr (kGated) {
+      return r < 8 ? col0 + r : args.up_offset + col0 + r - 8;
+    } else {
+      return col0 + r;
+    }
+  };
+
+  uint8_t* ring = ring_all + warp * (kStages * kStageBytes);
+  const int copy_row = lane >> 3, copy_chunk = (lane & 7) * 16;
+  auto issue = [&](int it, int stage) {
+    const int grp = it / steps, s = it - grp * steps;
+    const int base = s_row[grp];
+    uint8_t* st = ring + stage * kStageBytes;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = 4 * i + copy_row;
+      cp_async16(st + r * kRowStride + copy_chunk,
+                 args.packed + size_t(base + expert_row(r)) * kp2 + s * (kStepK / 2) +
+                     copy_chunk);
+    }
+    uint8_t* sc = st + kStageWeights;
+    if (lane < 16)
+      cp_async8(sc + lane * 8,
+                args.codes + size_t(base + expert_row(lane)) * kp32 + s * (kStepK / 32));
+    if constexpr (kInt8) {
+      const uint8_t* tiles =
+          static_cast<const uint8_t*>(args.row_scale) + size_t(s) * args.rows + base;
+      if constexpr (kGated) {  // two runs of 8 rows (gate, up)
+        if (lane == 16 || lane == 17)
+          cp_async8(sc + kStageCodes + 8 * (lane - 16), tiles + expert_row(8 * (lane - 16)));
+      } else {
+        if (lane == 16) cp_async16(sc + kStageCodes, tiles + col0);
+      }
+    }
+  };
+
+  // The weights do not depend on the previous kernel: start their copies before waiting.
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    const int it = warp + i * kWarps;
+    if (it < items) issue(it, i);
+    cp_async_commit();
+  }
+  if constexpr (kGated) pdl_release();  // GEMM2 may start copying its weights
+  pdl_wait();
+
+  float acc_lo = 0.f, acc_hi = 0.f;  // MMA rows g and g + 8, token column 0 (lanes t == 0)
+  int stage = 0;
+  for (int it = warp; it < items; it += kWarps) {
+    const int grp = it / steps, s = it - grp * steps;
+    const int arow = s_arow[grp];
+    uint4 xv[4];
+    const int kx = s * kStepK + t * 64;
+    const uint4* px = reinterpret_cast<const uint4*>(args.a + size_t(arow) * args.lda + kx);
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      xv[q] = (g == 0 && kx + 16 * q < args.K) ? __ldg(px + q) : make_uint4(0, 0, 0, 0);
+    __syncwarp();  // every lane is done reading the stage that the next copy overwrites
+    const int it_next = it + (kStages - 1) * kWarps;
+    if (it_next < items) issue(it_next, stage == 0 ? kStages - 1 : stage - 1);
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();
+    __syncwarp();
+
+    const uint8_t* st = ring + stage * kStageBytes;
+    stage = stage + 1 == kStages ? 0 : stage + 1;
+    const uint4 wa0 = *reinterpret_cast<const uint4*>(st + g * kRowStride + 32 * t);
+    const uint4 wa1 = *reinterpret_cast<const uint4*>(st + g * kRowStride + 32 * t + 16);
+    const uint4 wb0 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowStride + 32 * t);
+    const uint4 wb1 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowStride + 32 * t + 16);
+    const uint32_t ca = *reinterpret_cast<const uint16_t*>(st + kStageWeights + g * 8 + t * 2);
+    const uint32_t cb =
+        *reinterpret_cast<const uint16_t*>(st + kStageWeights + (g + 8) * 8 + t * 2);
+    const Lut la_lo = make_lut<kInt8>(ca & 0xFF);
+    const Lut la_hi = make_lut<kInt8>(ca >> 8);
+    const Lut lb_lo = make_lut<kInt8>(cb & 0xFF);
+    const Lut lb_hi = make_lut<kInt8>(cb >> 8);
+
+    // this item's factor per MMA row: activation scale x router weight x weight exponent
+    const float xs = args.a_scale[args.a_per_row ? arow : 0] * s_w[grp];
+    float f_lo, f_hi;
+    if constexpr (kInt8) {
+      const uint8_t* tiles = st + kStageWeights + kStageCodes;
+      f_lo = xs * __int_as_float(int(tiles[g]) << 23);
+      f_hi = xs * __int_as_float(int(tiles[g + 8]) << 23);
+    } else {
+      const float* rs = static_cast<const float*>(args.row_scale) + s_row[grp];
+      f_lo = xs * rs[expert_row(g)];
+      f_hi = xs * rs[expert_row(g + 8)];
+    }
+
+    float c[4];
+    int32_t ci[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int i8 = 0; i8 < 8; ++i8) {
+      const uint32_t pa = word(wa0, wa1, i8), pb = word(wb0, wb1, i8);
+      const uint32_t a0 = decode4<kInt8, false>(pa, la_lo);
+      const uint32_t a1 = decode4<kInt8, false>(pb, lb_lo);
+      const uint32_t a2 = decode4<kInt8, true>(pa, la_hi);
+      const uint32_t a3 = decode4<kInt8, true>(pb, lb_hi);
+      const uint32_t b0 = word(xv[0], xv[1], i8), b1 = word(xv[2], xv[3], i8);
+      c[0] = c[1] = c[2] = c[3] = 0.f;
+      mma_16x8x32<kInt8>(c, ci, a0, a1, a2, a3, b0, b1);
+      if constexpr (!kInt8) {
+        acc_lo = fmaf(c[0], f_lo, acc_lo);
+        acc_hi = fmaf(c[2], f_hi, acc_hi);
+      }
+    }
+    if constexpr (kInt8) {  // exact: |step sum| < 256 * 96 * 127 < 2**24
+      acc_lo = fmaf(float(ci[0]), f_lo, acc_lo);
+      acc_hi = fmaf(float(ci[2]), f_hi, acc_hi);
+    }
+  }
+  cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
+
+  if (t == 0) {
+    partial[warp][g] = acc_lo;
+    partial[warp][g + 8] = acc_hi;
+  }
+  __syncthreads();
+  if (warp != 0) return;
+  const int r = lane & 15;  // lanes 16-31 repeat lanes 0-15 (for the shuffle below)
+  float v = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) v += partial[w][r];
+  if (args.corr_row_ptr != nullptr) {
+    for (int grp = 0; grp < groups; ++grp) {
+      const int row = s_row[grp] + expert_row(r);
+      const int b_end = args.corr_row_ptr[row + 1];
+      int b = args.corr_row_ptr[row];
+      if (b == b_end) continue;
+      const uint8_t* arow = args.a + size_t(s_arow[grp]) * args.lda;
+      float dot = 0.f;
+      for (; b < b_end; ++b) {
+        const uint8_t* xa = arow + 32 * args.corr_blocks[b];
+        const float* val = args.corr_values + size_t(b) * 32;
+        for (int j = 0; j < 32; ++j) dot = fmaf(val[j], act_value<kInt8>(xa[j]), dot);
+      }
+      v = fmaf(dot, args.a_scale[args.a_per_row ? s_arow[grp] : 0] * s_w[grp], v);
+    }
+  }
+  if constexpr (kGated) {
+    const float up = __shfl_down_sync(0xffffffffu, v, 8);
+    const int col = col0 + lane;
+    if (lane < 8 && col < args.n_out) {
+      const float h = v / (1.f + expf(-v)) * up;  // silu(gate) * up; 0 for an unrouted pair
+      const size_t o = size_t(blockIdx.y) * args.ldo + col;
+      if (args.h_scale != nullptr) {
+        static_cast<uint8_t*>(args.out)[o] = quantize_value<kInt8>(h, args.h_scale[0]);
+      } else {
+        static_cast<float*>(args.out)[o] = h;
+      }
+    }
+  } else {
+    const int n = col0 + lane;
+    if (lane < 16 && n < args.n_out)
+      store_out(args.out, args.out_dtype, size_t(blockIdx.y) * args.ldo + n, v);
   }
 }
 
@@ -485,6 +750,39 @@ cudaError_t pick_tiles(int warps, int stages, const uint8_t* xq, const float* xs
                                       N, K, KP, NP, ldy, per_token, pdl, stream);
   return pick_warps<kInt8, 2, OutT>(warps, stages, xq, xs, packed, codes, row_scale, bias, y, M, N,
                                     K, KP, NP, ldy, per_token, pdl, stream);
+}
+
+template <bool kInt8, bool kGated, int kWarps, int kStages>
+cudaError_t launch_moe(const MoeArgs& args, dim3 grid, bool pdl, cudaStream_t stream) {
+  auto kernel = moe_decode_kernel<kInt8, kGated, kWarps, kStages>;
+  constexpr int kSmem = kWarps * kStages * kStageBytes;
+  static const cudaError_t attr_status =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (attr_status != cudaSuccess) return attr_status;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(kWarps * 32, 1, 1);
+  cfg.dynamicSmemBytes = kSmem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, args);
+}
+
+template <bool kInt8, bool kGated>
+cudaError_t pick_moe_config(int warps, int stages, const MoeArgs& args, dim3 grid, bool pdl,
+                            cudaStream_t stream) {
+#define W4A8_MOE_LAUNCH(W, D) \
+  if (warps == W && stages == D) return launch_moe<kInt8, kGated, W, D>(args, grid, pdl, stream);
+  W4A8_MOE_LAUNCH(4, 2)
+  W4A8_MOE_LAUNCH(4, 3)
+  W4A8_MOE_LAUNCH(8, 2)
+  W4A8_MOE_LAUNCH(16, 2)
+#undef W4A8_MOE_LAUNCH
+  return cudaErrorInvalidConfiguration;
 }
 
 }  // namespace
@@ -554,6 +852,61 @@ int w4a8_quant_act(const void* x, int ldx, void* q, const void* s_in, void* s_ou
   }
 #undef W4A8_QUANT
   return int(cudaErrorInvalidValue);
+}
+
+// One MoE decode GEMM (see moe_decode_kernel). gated = 1: GEMM1 over tokens * top_k pairs,
+// writing h (float32, or quantized with h_scale); gated = 0: GEMM2 over tokens, writing the
+// router-weighted sum of the top-k experts' outputs in out_dtype (0 bf16, 1 fp16, 2 fp32).
+// Returns a cudaError_t code (0 = launched).
+int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
+                         const void* codes, const void* row_scale, const void* corr_row_ptr,
+                         const void* corr_blocks, const void* corr_values, const void* ids,
+                         const void* expert_map, const void* topk_w, const void* h_scale,
+                         void* out, int ids64, int tokens, int top_k, int E, int K, int KP,
+                         int rows, int rows_per_expert, int up_offset, int n_out, int lda,
+                         int ldo, int a_per_row, int out_dtype, int act_int8, int gated,
+                         int warps, int stages, int pdl, void* stream) {
+  if (tokens <= 0 || top_k <= 0 || (!gated && top_k > kMoeMaxGroups) || K % 32 || K > KP ||
+      KP % (2 * kStepK) || rows % 16 || rows_per_expert % 16 || up_offset % 8 || lda % 16 ||
+      out_dtype < 0 || out_dtype > 2)
+    return int(cudaErrorInvalidValue);
+  MoeArgs args;
+  args.a = static_cast<const uint8_t*>(a);
+  args.a_scale = static_cast<const float*>(a_scale);
+  args.packed = static_cast<const uint8_t*>(packed);
+  args.codes = static_cast<const uint8_t*>(codes);
+  args.row_scale = row_scale;
+  args.corr_row_ptr = static_cast<const int32_t*>(corr_row_ptr);
+  args.corr_blocks = static_cast<const int32_t*>(corr_blocks);
+  args.corr_values = static_cast<const float*>(corr_values);
+  args.ids = ids;
+  args.expert_map = static_cast<const int32_t*>(expert_map);
+  args.topk_w = static_cast<const float*>(topk_w);
+  args.h_scale = static_cast<const float*>(h_scale);
+  args.out = out;
+  args.ids64 = ids64;
+  args.top_k = top_k;
+  args.E = E;
+  args.K = K;
+  args.KP = KP;
+  args.rows = rows;
+  args.rows_per_expert = rows_per_expert;
+  args.up_offset = up_offset;
+  args.n_out = n_out;
+  args.lda = lda;
+  args.ldo = ldo;
+  args.a_per_row = a_per_row;
+  args.out_dtype = out_dtype;
+  const dim3 grid = gated ? dim3((n_out + 7) / 8, tokens * top_k, 1)
+                          : dim3((n_out + 15) / 16, tokens, 1);
+  auto st = static_cast<cudaStream_t>(stream);
+  const bool use_pdl = pdl != 0;
+  if (act_int8) {
+    return int(gated ? pick_moe_config<true, true>(warps, stages, args, grid, use_pdl, st)
+                     : pick_moe_config<true, false>(warps, stages, args, grid, use_pdl, st));
+  }
+  return int(gated ? pick_moe_config<false, true>(warps, stages, args, grid, use_pdl, st)
+                   : pick_moe_config<false, false>(warps, stages, args, grid, use_pdl, st));
 }
 
 }  // extern "C"

@@ -188,11 +188,13 @@ def rel_err(y, ref):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
+    from w4a8_backend.kernels import _sm90_moe_cuda as mc
     from w4a8_backend.kernels import _sm90_moe_triton as mk
     from w4a8_backend.kernels import triton_w4a8 as tk
 
     monkeypatch.setattr(tk, "POISON_OUTPUTS", True)
     monkeypatch.setattr(mk, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(mc, "POISON_OUTPUTS", True)
     # the synthetic "extreme" weights are far harsher than real ones: keep the kernel path
     monkeypatch.setenv("W4A8_MXFP4_MAX_CORRECTION", "0.5")
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -302,6 +304,7 @@ def test_decode_fusions_bit_identical(act, schemes, monkeypatch):
     e, k, h, i = 64, 8, 512, 256
     kern, layer, dense, g = build(act, *schemes, e, h, i, k, seed=41 + int(act), narrow=True)
     kern.process_weights_after_loading(layer)
+    kern.decode_cuda = False  # the Triton kernels' fusions at every size (CUDA: its own tests)
     assert layer.w4a8_w13_corr[0].numel() == 0 and layer.w4a8_w2_corr[0].numel() == 0
     expert_map = torch.full((2 * e,), -1, dtype=torch.int32, device=DEV)
     expert_map[e // 2:e // 2 + e] = torch.randperm(e, device=DEV, generator=g).to(torch.int32)
@@ -488,7 +491,7 @@ def test_custom_op_opcheck_and_compile():
     x = make_x(6, h, g)
     w, ids = make_routing(6, e, k, g)
     args = (x, w, ids, None, kern._weights(layer, "w13"), kern._weights(layer, "w2"), None, None,
-            kern.dims, False, int(P), int(D), 0, False, kern.fuse_silu)
+            kern.dims, False, int(P), int(D), 0, False, kern.fuse_silu, kern.decode_cuda)
     mk.POISON_OUTPUTS = False  # opcheck compares repeated runs (restored by the fixture)
     torch.library.opcheck(torch.ops.w4a8_backend.mxfp4_w4a8_moe.default, args)
 

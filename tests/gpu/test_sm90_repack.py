@@ -57,6 +57,31 @@ def test_fp8_window_keeps_the_majority():
     assert rp.num_out_of_range == 1 and rp.corr_rows.tolist() == [2]
 
 
+@pytest.mark.parametrize("act_int8", [False, True], ids=["fp8", "int8"])
+def test_row_offsets_list_each_rows_side_table_blocks(act_int8):
+    """The MoE CUDA kernels' per-row CSR (every row, empty ones included) points at exactly the
+    blocks the side table lists for that row, and the dense values there equal the weights."""
+    from w4a8_backend.kernels._sm90_moe_cuda import row_offsets
+
+    packed, scale = _weights(96, 512, 14, 9)
+    rp = repack_mxfp4(packed, scale, act_int8)
+    assert rp.num_out_of_range > 0
+    rows = rp.packed.shape[0]
+    off = row_offsets(rp.corr_rows, rp.corr_ptr, rows)
+    assert off.dtype == torch.int32 and off.shape == (rows + 1,)
+    assert int(off[-1]) == rp.num_out_of_range
+    listed = dict(zip(rp.corr_rows.tolist(), zip(rp.corr_ptr[:-1].tolist(),
+                                                 rp.corr_ptr[1:].tolist())))
+    dense = dequantize_mxfp4(packed, scale).reshape(96, 16, 32)
+    for r in range(rows):
+        a, b = int(off[r]), int(off[r + 1])
+        assert (a, b) == listed.get(r, (a, a)), r
+        for j in range(a, b):
+            assert _same(rp.corr_values[j], dense[r, int(rp.corr_blocks[j])])
+    empty = row_offsets(rp.corr_rows[:0], rp.corr_ptr[:1], 8)
+    assert empty.tolist() == [0] * 9
+
+
 def test_bad_tensors_are_named():
     with pytest.raises(ValueError, match="layer.weight"):
         validate_checkpoint_tensors(torch.zeros(4, 16), torch.zeros(4, 1, dtype=torch.uint8))

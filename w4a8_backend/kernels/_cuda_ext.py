@@ -1,4 +1,5 @@
-"""Just-in-time build and ctypes binding of ``csrc/w4a8_decode_gemm.cu`` (the CUDA decode GEMM).
+"""Just-in-time build and ctypes binding of ``csrc/w4a8_decode_gemm.cu`` (the CUDA decode GEMMs:
+dense, and the MoE expert GEMMs for a few tokens).
 
 The package never needs this to import: the first GPU layer that wants the kernel calls
 :func:`load`, which compiles the source with ``nvcc`` for the current GPU (about 30 s, logged),
@@ -24,6 +25,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -126,6 +128,17 @@ def build(capability: int) -> Path:
     return lib
 
 
+class MoeWeights(NamedTuple):
+    """One stacked, repacked expert matrix as the MoE decode GEMM reads it."""
+
+    packed: torch.Tensor  # uint8 [rows, KP/2]
+    codes: torch.Tensor  # uint8 [rows, KP/32]
+    row_scale: torch.Tensor  # FP8: float32 [rows]; INT8: uint8 [KP/256, rows]
+    corr_row_ptr: torch.Tensor  # int32 [rows + 1]: each row's out-of-range blocks
+    corr_blocks: torch.Tensor  # int32 [B]
+    corr_values: torch.Tensor  # float32 [B, 32]
+
+
 class DecodeGemmLib:
     """The loaded library: launches on the current torch CUDA stream, raises on launch errors."""
 
@@ -138,6 +151,8 @@ class DecodeGemmLib:
         self._lib.w4a8_decode_gemm.restype = i
         self._lib.w4a8_quant_act.argtypes = [p, i, p, p, p, i, i, i, i, i, p]
         self._lib.w4a8_quant_act.restype = i
+        self._lib.w4a8_moe_decode_gemm.argtypes = [p] * 13 + [i] * 19 + [p]
+        self._lib.w4a8_moe_decode_gemm.restype = i
         self._lib.w4a8_error_string.argtypes = [i]
         self._lib.w4a8_error_string.restype = ctypes.c_char_p
 
@@ -168,6 +183,31 @@ class DecodeGemmLib:
             row_scale.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
             m, n, k, kp, n_pad, y.stride(0), int(act_int8), int(per_token),
             _DTYPE_CODE[y.dtype], warps, stages, int(pdl), stream), "GEMM launch")
+
+
+    def moe_gemm(self, a: torch.Tensor, a_scale: torch.Tensor, weights: MoeWeights,
+                 topk_ids: torch.Tensor, expert_map: torch.Tensor | None,
+                 topk_w: torch.Tensor | None, h_scale: torch.Tensor | None, out: torch.Tensor,
+                 *, gated: bool, num_experts: int, k: int, rows_per_expert: int,
+                 up_offset: int, n_out: int, act_int8: bool, a_per_row: bool,
+                 warps: int, stages: int, pdl: bool) -> None:
+        """One MoE decode GEMM (``moe_decode_kernel`` in the source): ``gated`` = GEMM1 over
+        the routed pairs into ``out`` = h, else GEMM2 over the tokens into ``out`` = y."""
+        tokens, top_k = topk_ids.shape
+        stream = torch.cuda.current_stream(a.device).cuda_stream
+        ptr = (lambda t: t.data_ptr() if t is not None else None)
+        corr = weights.corr_row_ptr if weights.corr_blocks.numel() else None
+        self._check(self._lib.w4a8_moe_decode_gemm(
+            a.data_ptr(), a_scale.data_ptr(), weights.packed.data_ptr(),
+            weights.codes.data_ptr(), weights.row_scale.data_ptr(), ptr(corr),
+            ptr(weights.corr_blocks) if corr is not None else None,
+            ptr(weights.corr_values) if corr is not None else None,
+            topk_ids.data_ptr(), ptr(expert_map), ptr(topk_w), ptr(h_scale), out.data_ptr(),
+            int(topk_ids.dtype == torch.int64), tokens, top_k, num_experts, k,
+            weights.packed.shape[1] * 2, weights.packed.shape[0], rows_per_expert, up_offset,
+            n_out, a.stride(0), out.stride(0), int(a_per_row),
+            _DTYPE_CODE.get(out.dtype, 2), int(act_int8), int(gated), warps, stages, int(pdl),
+            stream), "MoE GEMM launch")
 
 
 _LOADED: dict[int, DecodeGemmLib | CudaExtUnavailable] = {}

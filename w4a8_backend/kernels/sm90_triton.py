@@ -121,6 +121,39 @@ def cuda_decode_max_m(act_int8: bool) -> int:
     return CUDA_DECODE_MAX_M[act_int8]
 
 
+def cuda_quantize(lib, x2: torch.Tensor, act_int8: bool, scheme: int,
+                  input_scale: torch.Tensor | None, poison: bool = False):
+    """``x2`` [M, K] -> (q, scale) with the CUDA library's bit-exact quantization kernel (which
+    releases a following PDL launch at its start); a dynamic per-tensor amax comes from torch
+    first. Rows must start 16-byte aligned (callers copy otherwise)."""
+    dev = x2.device
+    m, k = x2.shape
+    q = torch.empty((m, k), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn, device=dev)
+    if scheme == int(ActivationScheme.STATIC_PER_TENSOR):
+        s_in = input_scale if input_scale.dtype == torch.float32 else input_scale.float()
+        s_out = s_in
+    elif scheme == int(ActivationScheme.DYNAMIC_PER_TENSOR):
+        s_in = torch.linalg.vector_norm(x2, float("inf"), dtype=torch.float32).reshape(1)
+        s_out = torch.empty(1, dtype=torch.float32, device=dev)
+    else:
+        s_out = torch.empty(m, dtype=torch.float32, device=dev)
+        s_in = s_out
+    if poison:
+        q.view(torch.uint8).fill_(0x80 if act_int8 else 0x7F)
+        if scheme != int(ActivationScheme.STATIC_PER_TENSOR):
+            s_out.fill_(float("nan"))
+    lib.quant_act(x2, q, s_in, s_out, act_int8, scheme)
+    return q, s_out
+
+
+def aligned_rows(x2: torch.Tensor) -> torch.Tensor:
+    """``x2`` itself when its rows start 16-byte aligned (the CUDA kernels' row loads), else a
+    contiguous copy."""
+    if x2.data_ptr() % 16 or (x2.stride(0) * x2.element_size()) % 16 or x2.stride(-1) != 1:
+        return x2.contiguous() if not x2.is_contiguous() else x2.clone()
+    return x2
+
+
 def cuda_decode(x2: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
                 row_scale: torch.Tensor, input_scale: torch.Tensor | None,
                 bias: torch.Tensor | None, n: int, act_int8: bool, scheme: int,
@@ -133,26 +166,12 @@ def cuda_decode(x2: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
     dev = x2.device
     capability = _capability(dev.index or 0)
     lib = _cuda_ext.load(capability)
-    if x2.data_ptr() % 16 or (x2.stride(0) * x2.element_size()) % 16:
-        x2 = x2.contiguous() if not x2.is_contiguous() else x2.clone()  # 16-byte row loads
-    m, k = x2.shape
-    q = torch.empty((m, k), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn, device=dev)
-    if scheme == int(ActivationScheme.STATIC_PER_TENSOR):
-        s_in = input_scale if input_scale.dtype == torch.float32 else input_scale.float()
-        s_out = s_in
-    elif scheme == int(ActivationScheme.DYNAMIC_PER_TENSOR):
-        s_in = torch.linalg.vector_norm(x2, float("inf"), dtype=torch.float32).reshape(1)
-        s_out = torch.empty(1, dtype=torch.float32, device=dev)
-    else:
-        s_out = torch.empty(m, dtype=torch.float32, device=dev)
-        s_in = s_out
+    x2 = aligned_rows(x2)
+    m = x2.shape[0]
+    q, s_out = cuda_quantize(lib, x2, act_int8, scheme, input_scale, tk.POISON_OUTPUTS)
     y = torch.empty((m, n), dtype=out_dtype, device=dev)
     if tk.POISON_OUTPUTS:
-        q.view(torch.uint8).fill_(0x80 if act_int8 else 0x7F)
         y.fill_(float("nan"))
-        if scheme != int(ActivationScheme.STATIC_PER_TENSOR):
-            s_out.fill_(float("nan"))
-    lib.quant_act(x2, q, s_in, s_out, act_int8, scheme)
     warps, stages = config or CUDA_DECODE_CONFIG
     per_token = scheme == int(ActivationScheme.DYNAMIC_PER_TOKEN)
     lib.gemm(q, s_out, packed, codes, row_scale, bias, y, act_int8, per_token, warps, stages,

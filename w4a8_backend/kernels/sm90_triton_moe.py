@@ -30,10 +30,16 @@ from typing import Optional
 import torch
 
 from ..formats import ActivationDtype, ActivationScheme
+from . import _sm90_moe_cuda as mc
 from ._sm90_repack import N_ALIGN, repack_mxfp4
 from .base import DeviceInfo, Verdict
 from .moe_base import MoEKernelConfig, Mxfp4MoEKernel
-from .sm90_triton import DEFAULT_MAX_CORRECTION, MAX_CORRECTION_ENV
+from .sm90_triton import (
+    DEFAULT_MAX_CORRECTION,
+    MAX_CORRECTION_ENV,
+    _cuda_decode_loaded,
+    _use_cuda_decode,
+)
 
 logger = logging.getLogger("w4a8_backend")
 
@@ -68,6 +74,13 @@ def stack_expert_rows(packed: torch.Tensor, scale: torch.Tensor, rows: int):
             scale.reshape(-1, scale.shape[-1]).contiguous())
 
 
+def _cuda_weights(w: list[torch.Tensor]):
+    from ._cuda_ext import MoeWeights
+
+    packed, codes, row_scale, _rows, _ptr, blocks, values, row_ptr = w
+    return MoeWeights(packed, codes, row_scale, row_ptr, blocks, values)
+
+
 # --------------------------------------------------------------------------------------------
 # custom op (registered on import; CPU-safe: the implementation imports triton lazily)
 # --------------------------------------------------------------------------------------------
@@ -88,13 +101,22 @@ def mxfp4_w4a8_moe(
     out_dtype_code: int,
     apply_router_weight_on_input: bool,
     fuse_silu: bool,
+    decode_cuda: bool,
 ) -> torch.Tensor:
     """``[T, H]`` routed-expert output. ``w13``/``w2``: (packed, codes, row_scale, corr_rows,
-    corr_ptr, corr_blocks, corr_values) of the stacked repacked experts; ``dims``: (E, H, I,
-    IP, HP)."""
+    corr_ptr, corr_blocks, corr_values, corr_row_ptr) of the stacked repacked experts; ``dims``:
+    (E, H, I, IP, HP). ``decode_cuda``: a few tokens run on the CUDA decode kernels
+    (``_sm90_moe_cuda``) when the library is loaded in this process."""
+    e, h, i, ip, hp = dims
+    if (decode_cuda and mc.usable(x.shape[0], topk_ids.shape[1])
+            and _cuda_decode_loaded(x.device)):
+        return mc.moe_forward(
+            x, topk_weights, topk_ids, expert_map, _cuda_weights(w13), _cuda_weights(w2),
+            w13_input_scale, w2_input_scale, e, h, i, ip, hp, act_int8, scheme1, scheme2,
+            _CODE_DTYPE[out_dtype_code], apply_router_weight_on_input,
+        )
     from . import _sm90_moe_triton as mk
 
-    e, h, i, ip, hp = dims
     return mk.moe_forward(
         x, topk_weights, topk_ids, expert_map, tuple(w13), tuple(w2), w13_input_scale,
         w2_input_scale, e, h, i, ip, hp, act_int8, scheme1, scheme2, _CODE_DTYPE[out_dtype_code],
@@ -104,7 +126,8 @@ def mxfp4_w4a8_moe(
 
 @mxfp4_w4a8_moe.register_fake
 def _(x, topk_weights, topk_ids, expert_map, w13, w2, w13_input_scale, w2_input_scale, dims,
-      act_int8, scheme1, scheme2, out_dtype_code, apply_router_weight_on_input, fuse_silu):
+      act_int8, scheme1, scheme2, out_dtype_code, apply_router_weight_on_input, fuse_silu,
+      decode_cuda):
     return x.new_empty((x.shape[0], dims[1]), dtype=_CODE_DTYPE[out_dtype_code])
 
 
@@ -207,7 +230,11 @@ class Sm90TritonMoEKernel(Mxfp4MoEKernel):
                     torch.nn.Parameter(rp.codes, requires_grad=False))
             setattr(layer, f"w4a8_{name}_row_scale", rp.row_scale)
             setattr(layer, f"w4a8_{name}_corr", [rp.corr_rows, rp.corr_ptr, rp.corr_blocks,
-                                                  rp.corr_values])
+                                                  rp.corr_values,
+                                                  mc.row_offsets(rp.corr_rows, rp.corr_ptr,
+                                                                 rp.packed.shape[0])])
+        # a few tokens: the CUDA decode kernels (built here on first use), else Triton (logged)
+        self.decode_cuda = w13.is_cuda and _use_cuda_decode(w13.device)
 
     def _weights(self, layer, name):
         return [getattr(layer, f"{name}_weight"), getattr(layer, f"{name}_weight_scale"),
@@ -238,5 +265,5 @@ class Sm90TritonMoEKernel(Mxfp4MoEKernel):
             None if s2 is None else s2.float().reshape(1),
             self.dims, cfg.act_dtype == ActivationDtype.INT8, int(cfg.w13_scheme),
             int(cfg.w2_scheme), _DTYPE_CODE[cfg.out_dtype], bool(apply_router_weight_on_input),
-            self.fuse_silu,
+            self.fuse_silu, self.decode_cuda,
         )

@@ -1,0 +1,210 @@
+"""The MoE layer for a few tokens on the CUDA decode kernels (``_sm90_moe_cuda``) against the exact
+per-expert reference, and against the Triton path on the same inputs.
+
+Needs a CUDA GPU and nvcc. Same rules as test_sm90_moe: fresh random weights, routing and inputs,
+intermediates and outputs poisoned first, rel. error <= 1e-2 vs ``reference_moe``. Every case
+also checks that the CUDA path really ran (a spy counts its calls).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_sm90_moe import (
+    DEV,
+    FP8,
+    INT8,
+    REL_TOL,
+    SCHEME_PAIRS,
+    D,
+    P,
+    S,
+    _need_fp8,
+    _poison,  # noqa: F401  (fixture used by _cuda_path)
+    _skip_reason,
+    build,
+    make_routing,
+    make_x,
+    reference_moe,
+    rel_err,
+    static_scales,
+)
+
+
+def _cuda_skip_reason() -> str | None:
+    reason = _skip_reason()
+    if reason is not None:
+        return reason
+    from w4a8_backend.kernels import _cuda_ext
+
+    major, minor = torch.cuda.get_device_capability()
+    try:
+        _cuda_ext.load(major * 10 + minor)
+    except _cuda_ext.CudaExtUnavailable as exc:
+        return f"the CUDA decode kernels cannot be built here: {exc}"
+    return None
+
+
+_REASON = _cuda_skip_reason() if torch.cuda.is_available() else "no CUDA GPU on this machine"
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=str(_REASON))]
+
+CONFIGS = [(4, 2), (4, 3), (8, 2), (16, 2)]
+
+
+@pytest.fixture(autouse=True)
+def _cuda_path(monkeypatch, _poison):
+    """Poisoned intermediates, and a spy that records every CUDA-path call's token count."""
+    from w4a8_backend.kernels import _sm90_moe_cuda as mc
+
+    monkeypatch.setenv("W4A8_SM90_DECODE", "cuda")
+    monkeypatch.setattr(mc, "POISON_OUTPUTS", True)
+    calls = []
+    orig = mc.moe_forward
+
+    def spy(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return orig(x, *args, **kwargs)
+
+    monkeypatch.setattr(mc, "moe_forward", spy)
+    yield calls
+
+
+def run_both(kern, layer, dense, g, t, act, schemes, calls, expert_map=None, num_global=None,
+             ids_dtype=torch.int32, on_input=False, x_dtype=torch.bfloat16):
+    """One call on each path (same inputs); both against the reference. Returns the errors."""
+    cfg = kern.config
+    e, h, k = cfg.num_local_experts, cfg.hidden_size, cfg.top_k
+    x = make_x(t, h, g, DEV, x_dtype)
+    w, ids = make_routing(t, num_global or e, k, g, DEV, ids_dtype=ids_dtype)
+    local = ids if expert_map is None else expert_map[ids.long()]
+    s1, s2 = static_scales(x, w, local.clamp(min=0), dense, act, *schemes)
+    layer.w13_input_scale = s1 if schemes[0] == S else None
+    layer.w2_input_scale = s2 if schemes[1] == S else None
+    ref = reference_moe(x, w, ids, dense, act, *schemes, s1, s2, expert_map, on_input)
+    n = len(calls)
+    kern.decode_cuda = True
+    y_cuda = kern.apply(layer, x, w, ids, expert_map, on_input)
+    assert len(calls) == n + 1, "the CUDA decode path did not run"
+    kern.decode_cuda = False
+    y_triton = kern.apply(layer, x, w, ids, expert_map, on_input)
+    kern.decode_cuda = True
+    assert len(calls) == n + 1, "decode_cuda=False still ran the CUDA path"
+    assert y_cuda.dtype == y_triton.dtype == cfg.out_dtype and y_cuda.shape == (t, h)
+    err_cuda, err_triton = rel_err(y_cuda, ref), rel_err(y_triton, ref)
+    assert err_cuda <= REL_TOL, f"T={t}: CUDA path rel err {err_cuda:.3e}"
+    assert err_triton <= REL_TOL, f"T={t}: Triton path rel err {err_triton:.3e}"
+    return err_cuda, err_triton
+
+
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("schemes", SCHEME_PAIRS, ids=lambda p: f"{p[0].name}-{p[1].name}")
+def test_matches_reference_every_scheme(act, schemes, _cuda_path):
+    """Every scheme pair, 1..MAX_TOKENS tokens, int32/int64 ids, with and without an expert
+    map (entries -1: pairs routed off this rank, some tokens with no local expert)."""
+    from w4a8_backend.kernels import _sm90_moe_cuda as mc
+
+    _need_fp8(act)
+    e, k, h, i = 64, 8, 512, 256
+    kern, layer, dense, g = build(act, *schemes, e, h, i, k, seed=61 + int(act))
+    kern.process_weights_after_loading(layer)
+    assert kern.decode_cuda
+    expert_map = torch.full((2 * e,), -1, dtype=torch.int32, device=DEV)
+    expert_map[e // 2:e // 2 + e] = torch.randperm(e, device=DEV, generator=g).to(torch.int32)
+    for t in range(1, mc.MAX_TOKENS + 1):
+        for emap in (None, expert_map):
+            run_both(kern, layer, dense, g, t, act, schemes, _cuda_path, expert_map=emap,
+                     num_global=None if emap is None else 2 * e,
+                     ids_dtype=torch.int64 if t % 2 else torch.int32)
+
+
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("schemes", [(D, D), (P, P), (S, S)], ids=lambda p: p[0].name)
+def test_out_of_range_blocks_added_back(act, schemes, _cuda_path):
+    """Planted out-of-range blocks in both matrices: the epilogues add them back exactly."""
+    _need_fp8(act)
+    kern, layer, dense, g = build(act, *schemes, 8, 512, 192, 2, seed=33 + int(act),
+                                  extreme=True)
+    kern.process_weights_after_loading(layer)
+    n13, n2 = kern.num_out_of_range
+    assert kern.delegate is None and n13 > 0 and n2 > 0
+    for t in (1, 4):
+        run_both(kern, layer, dense, g, t, act, schemes, _cuda_path)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+def test_every_launch_config(act, config, monkeypatch, _cuda_path):
+    from w4a8_backend.kernels import _sm90_moe_cuda as mc
+
+    _need_fp8(act)
+    monkeypatch.setattr(mc, "GEMM1_CONFIG", config)
+    monkeypatch.setattr(mc, "GEMM2_CONFIG", config)
+    kern, layer, dense, g = build(act, P, D, 16, 768, 320, 4, seed=config[0] + config[1])
+    kern.process_weights_after_loading(layer)
+    for t in (1, 3):
+        run_both(kern, layer, dense, g, t, act, (P, D), _cuda_path)
+
+
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("name,dims", [("qwen3-30b-a3b", (128, 8, 2048, 768)),
+                                       ("gpt-oss-20b", (32, 4, 2880, 2880))])
+def test_model_shapes(act, name, dims, _cuda_path):
+    _need_fp8(act)
+    e, k, h, i = dims
+    schemes = (S, S) if act == FP8 else (P, P)
+    kern, layer, dense, g = build(act, *schemes, e, h, i, k, seed=e + k + 1)
+    kern.process_weights_after_loading(layer)
+    for t in (1, 4):
+        run_both(kern, layer, dense, g, t, act, schemes, _cuda_path)
+
+
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+def test_router_weight_on_input_and_dtypes(act, _cuda_path):
+    _need_fp8(act)
+    kern, layer, dense, g = build(act, D, P, 8, 256, 128, 1, seed=78)
+    kern.process_weights_after_loading(layer)
+    for t in (1, 2):
+        run_both(kern, layer, dense, g, t, act, (D, P), _cuda_path, on_input=True)
+    for out_dtype, x_dtype in ((torch.float16, torch.float16), (torch.float32, torch.float32)):
+        kern, layer, dense, g = build(act, P, S, 8, 256, 128, 2, seed=12, out_dtype=out_dtype)
+        kern.process_weights_after_loading(layer)
+        run_both(kern, layer, dense, g, 3, act, (P, S), _cuda_path, x_dtype=x_dtype)
+
+
+def test_larger_calls_take_triton(_cuda_path):
+    from w4a8_backend.kernels import _sm90_moe_cuda as mc
+
+    kern, layer, dense, g = build(FP8, D, D, 8, 256, 128, 2, seed=5)
+    kern.process_weights_after_loading(layer)
+    x = make_x(mc.MAX_TOKENS + 1, 256, g)
+    w, ids = make_routing(mc.MAX_TOKENS + 1, 8, 2, g)
+    y = kern.apply(layer, x, w, ids, None, False)
+    assert _cuda_path == []
+    assert rel_err(y, reference_moe(x, w, ids, dense, FP8, D, D)) <= REL_TOL
+
+
+def test_cuda_graph_replay_with_pdl(_cuda_path):
+    """Captured once, replayed with new inputs and routing (PDL edges inside the graph)."""
+    e, k, h, i = 64, 8, 512, 256
+    kern, layer, dense, g = build(FP8, S, S, e, h, i, k, seed=22)
+    kern.process_weights_after_loading(layer)
+    x = make_x(1, h, g)
+    w, ids = make_routing(1, e, k, g)
+    s1, s2 = static_scales(x, w, ids, dense, FP8, S, S)
+    layer.w13_input_scale, layer.w2_input_scale = s1, s2
+    kern.apply(layer, x, w, ids, None, False)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = kern.apply(layer, x, w, ids, None, False)
+    assert _cuda_path == [1, 1]
+    for _ in range(3):
+        w2_, ids2 = make_routing(1, e, k, g)
+        x.copy_(make_x(1, h, g))
+        w.copy_(w2_)
+        ids.copy_(ids2)
+        y_graph.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = reference_moe(x, w, ids, dense, FP8, S, S, s1, s2)
+        assert rel_err(y_graph, ref) <= REL_TOL

@@ -1,0 +1,133 @@
+"""The MoE layer for a few tokens on the CUDA decode kernels (``csrc/w4a8_decode_gemm.cu``).
+
+At decode sizes the Triton grouped GEMMs pay for generality: a routing pass, tiles of 16+ token
+rows for one token, a per-pair float32 output and a reduction launch. Here one token's layer is
+three launches (static scales), with the same semantics as ``_sm90_moe_triton.moe_forward``:
+
+1. the layer input's quantization (the dense decode path's kernel; it releases the next launch
+   at its start, so GEMM1 copies weights while it runs: PDL);
+2. GEMM1: one CTA per (8 intermediate columns, routed pair) reads the pair's expert straight
+   from ``topk_ids`` (no routing pass), fuses SiLU-and-mul and, with a static intermediate
+   scale, the intermediate's quantization;
+3. GEMM2: one CTA per (16 output rows, token) sums the token's top-k experts, router-weighted,
+   inside the CTA (no per-pair output, no reduction launch).
+
+A dynamic intermediate scale adds its quantization launch between 2 and 3 (per tensor: and a
+torch amax first). Out-of-range blocks are added back inside the GEMMs' epilogues.
+
+Each pair reads its expert's weights, so pairs that share an expert read them again (mostly
+from L2): this path is for ``tokens <= MAX_TOKENS``; larger calls take the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats import ActivationScheme
+from . import _cuda_ext
+from .sm90_triton import _capability, aligned_rows, cuda_quantize
+
+# Largest token count that takes this path (H100, bench_moe.py: see docs/moe_kernels.md).
+MAX_TOKENS = 4
+# (warps per CTA, cp.async stages per warp) of GEMM1 / GEMM2.
+GEMM1_CONFIG = (4, 2)
+GEMM2_CONFIG = (8, 2)
+MAX_TOP_K = 16  # GEMM2's per-CTA table of the token's experts
+POISON_OUTPUTS = False  # tests: fill intermediates with NaN / 0x7F first
+
+
+def row_offsets(corr_rows: torch.Tensor, corr_ptr: torch.Tensor, rows: int) -> torch.Tensor:
+    """The repacking's side table (listed rows + CSR over them) as a CSR over every row:
+    ``int32 [rows + 1]``; row r's out-of-range blocks are ``[out[r], out[r + 1])``."""
+    counts = torch.zeros(rows, dtype=torch.int32, device=corr_rows.device)
+    if corr_rows.numel():
+        counts[corr_rows.long()] = (corr_ptr[1:] - corr_ptr[:-1]).to(torch.int32)
+    out = torch.zeros(rows + 1, dtype=torch.int32, device=corr_rows.device)
+    out[1:] = counts.cumsum(0)
+    return out
+
+
+def usable(num_tokens: int, top_k: int) -> bool:
+    return 0 < num_tokens <= MAX_TOKENS and top_k <= MAX_TOP_K
+
+
+def moe_forward(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None,
+    w13: _cuda_ext.MoeWeights,
+    w2: _cuda_ext.MoeWeights,
+    w13_input_scale: torch.Tensor | None,
+    w2_input_scale: torch.Tensor | None,
+    num_experts: int,
+    hidden: int,
+    inter: int,
+    ip: int,
+    hp: int,
+    act_int8: bool,
+    scheme1: int,
+    scheme2: int,
+    out_dtype: torch.dtype,
+    apply_router_weight_on_input: bool,
+    configs: tuple[tuple[int, int], tuple[int, int]] | None = None,
+) -> torch.Tensor:
+    """``[T, H]`` routed-expert output for ``T <= MAX_TOKENS`` (callers check ``usable``)."""
+    dev = x.device
+    capability = _capability(dev.index or 0)
+    lib = _cuda_ext.load(capability)
+    pdl = capability >= 90
+    t = x.shape[0]
+    top_k = topk_ids.shape[1]
+    (w1, s1), (w2_, s2_) = configs or (GEMM1_CONFIG, GEMM2_CONFIG)
+
+    weights = topk_weights
+    if apply_router_weight_on_input:  # vLLM allows it for top-1 only
+        x = x * topk_weights.to(x.dtype)
+        weights = None
+    elif weights.dtype != torch.float32 or not weights.is_contiguous():
+        weights = weights.float().contiguous()
+    ids = topk_ids if topk_ids.dtype in (torch.int32, torch.int64) else topk_ids.long()
+    ids = ids.contiguous()
+    emap = None
+    if expert_map is not None:
+        emap = expert_map if expert_map.dtype == torch.int32 else expert_map.to(torch.int32)
+        emap = emap.contiguous()
+
+    q1, xs1 = cuda_quantize(lib, aligned_rows(x), act_int8, scheme1, w13_input_scale,
+                            POISON_OUTPUTS)
+
+    static2 = scheme2 == int(ActivationScheme.STATIC_PER_TENSOR)
+    p = t * top_k
+    if static2:
+        h = torch.empty((p, inter), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn,
+                        device=dev)
+    else:
+        h = torch.empty((p, inter), dtype=torch.float32, device=dev)
+    if POISON_OUTPUTS:
+        (h.view(torch.uint8).fill_(0x7F) if static2 else h.fill_(float("nan")))
+    h_scale = None
+    if static2:
+        h_scale = (w2_input_scale if w2_input_scale.dtype == torch.float32
+                   else w2_input_scale.float())
+    lib.moe_gemm(q1, xs1, w13, ids, emap, None, h_scale, h, gated=True,
+                 num_experts=num_experts, k=hidden, rows_per_expert=2 * ip, up_offset=ip,
+                 n_out=inter, act_int8=act_int8,
+                 a_per_row=scheme1 == int(ActivationScheme.DYNAMIC_PER_TOKEN),
+                 warps=w1, stages=s1, pdl=pdl)
+
+    if static2:
+        q2, xs2 = h, h_scale
+    else:
+        # unrouted pairs' rows are zeros: they leave a per-tensor amax unchanged
+        q2, xs2 = cuda_quantize(lib, h, act_int8, scheme2, None, POISON_OUTPUTS)
+
+    out = torch.empty((t, hidden), dtype=out_dtype, device=dev)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    lib.moe_gemm(q2, xs2, w2, ids, emap, weights, None, out, gated=False,
+                 num_experts=num_experts, k=inter, rows_per_expert=hp, up_offset=0,
+                 n_out=hidden, act_int8=act_int8,
+                 a_per_row=scheme2 == int(ActivationScheme.DYNAMIC_PER_TOKEN),
+                 warps=w2_, stages=s2_, pdl=pdl)
+    return out
