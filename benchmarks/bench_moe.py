@@ -314,11 +314,57 @@ def sweep(timer, log, tokens=(1, 16, 64, 512, 4096)):
                 log(json.dumps(res))
 
 
-def cuda_sweep(timer, log, tokens=(1, 2, 4, 8, 16)):
-    """The CUDA decode path's (GEMM1, GEMM2) launch configs and token counts against the Triton
-    kernels on the same layer (the data for MAX_TOKENS and the default configs)."""
-    configs1, configs2 = ((4, 2), (8, 2)), ((4, 2), (8, 2), (16, 2))
-    saved = mc.MAX_TOKENS, mc.GEMM1_CONFIG, mc.GEMM2_CONFIG
+def cuda_parts(timer, kern, layer, x, tw, ti):
+    """Each launch of the CUDA decode path alone (quantize x, GEMM1, GEMM2; static or per-token
+    schemes), in us, at the default plan."""
+    from w4a8_backend.kernels import _cuda_ext
+    from w4a8_backend.kernels.sm90_triton import cuda_quantize
+    from w4a8_backend.kernels.sm90_triton_moe import _cuda_weights
+
+    cfg = kern.config
+    lib = _cuda_ext.load(90)
+    act_int8 = cfg.act_dtype == INT8
+    e, h, i, ip, hp = kern.dims
+    t, top_k = ti.shape
+    static = cfg.w13_scheme == S
+    s1 = layer.w13_input_scale.float().reshape(1) if static else None
+    w13, w2 = _cuda_weights(kern._weights(layer, "w13")), _cuda_weights(kern._weights(layer, "w2"))
+    q1, xs1 = cuda_quantize(lib, x, act_int8, int(cfg.w13_scheme), s1)
+    hq = torch.empty((t * top_k, i), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn,
+                     device="cuda")
+    h_scale = layer.w2_input_scale.float().reshape(1) if static else None
+    xs2 = h_scale if static else torch.ones(t * top_k, device="cuda")
+    out = torch.empty((t, h), dtype=torch.bfloat16, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    splits, (w2_, st2) = mc.gemm2_plan(h, t, top_k, sms)
+    ws = torch.empty((splits, t, h), dtype=torch.float32, device="cuda")
+    per_row = not static
+    common = dict(num_experts=e, act_int8=act_int8, pdl=True)
+    g1 = lambda: lib.moe_gemm(q1, xs1, w13, ti, None, None, h_scale, hq, gated=True, k=h,  # noqa
+                              rows_per_expert=2 * ip, up_offset=ip, n_out=i, a_per_row=per_row,
+                              warps=mc.GEMM1_CONFIG[0], stages=mc.GEMM1_CONFIG[1], **common)
+    if not static:  # GEMM1's float32 output variant, timed into a float buffer
+        hf = torch.empty((t * top_k, i), dtype=torch.float32, device="cuda")
+        g1 = lambda: lib.moe_gemm(q1, xs1, w13, ti, None, None, None, hf, gated=True,  # noqa
+                                  k=h, rows_per_expert=2 * ip, up_offset=ip, n_out=i,
+                                  a_per_row=per_row, warps=mc.GEMM1_CONFIG[0],
+                                  stages=mc.GEMM1_CONFIG[1], **common)
+    g2 = lambda: lib.moe_gemm(hq, xs2, w2, ti, None, tw, None, out, gated=False, k=i,  # noqa
+                              rows_per_expert=hp, up_offset=0, n_out=h, a_per_row=per_row,
+                              warps=w2_, stages=st2, splits=splits, split_ws=ws,
+                              split_counters=layer.w4a8_moe_counters, **common)
+    return {"quant_x": round(timer.time_us(
+                lambda: cuda_quantize(lib, x, act_int8, int(cfg.w13_scheme), s1)), 2),
+            "gemm1": round(timer.time_us(g1), 2), "gemm2": round(timer.time_us(g2), 2),
+            "gemm2_plan": [splits, w2_, st2]}
+
+
+def cuda_sweep(timer, log, tokens=(1, 2, 4, 8)):
+    """The CUDA decode path against the Triton kernels on the same layer: GEMM2's configs and
+    splits, each launch alone, and the weight bytes each GEMM reads (the data for MAX_TOKENS,
+    gemm2_plan and GEMM1_CONFIG)."""
+    configs2, splits_all = ((8, 2), (16, 2)), (1, 2, 4, 8)
+    saved = mc.MAX_TOKENS, mc.GEMM2_CONFIG, mc.GEMM2_SPLITS
     mc.MAX_TOKENS = max(tokens)
     try:
         for name, m in MODELS.items():
@@ -329,24 +375,34 @@ def cuda_sweep(timer, log, tokens=(1, 2, 4, 8, 16)):
                 for t in tokens:
                     x = torch.randn(t, m["hidden"], device="cuda").to(torch.bfloat16)
                     tw, ti = routing(t, m, 100 + t)
+                    fp4_b, _ = bytes_touched(ti, m)
                     res = {"model": name, "variant": label, "T": t,
+                           "weights_MB": round(fp4_b / 1e6, 2),
                            "triton": round(timer.time_us(
                                lambda: triton_path(kern, layer, x, tw, ti)), 2)}
                     ref = triton_path(kern, layer, x, tw, ti).float()
-                    for c1 in configs1:
-                        for c2 in configs2:
-                            mc.GEMM1_CONFIG, mc.GEMM2_CONFIG = c1, c2
+                    res["cuda default"] = round(timer.time_us(
+                        lambda: kern.apply(layer, x, tw, ti, None, False)), 2)
+                    res.update(cuda_parts(timer, kern, layer, x, tw, ti))
+                    for c2 in configs2:
+                        for sp in splits_all:
+                            if sp > m["top_k"]:
+                                continue
+                            mc.GEMM2_CONFIG, mc.GEMM2_SPLITS = c2, sp
+                            key = f"{c2[0]}w x{sp}"
                             try:
                                 y = kern.apply(layer, x, tw, ti, None, False).float()
-                                res[f"cuda {c1} {c2}"] = round(timer.time_us(
+                                res[key] = round(timer.time_us(
                                     lambda: kern.apply(layer, x, tw, ti, None, False)), 2)
-                                res[f"diff {c1} {c2}"] = round(
+                                res["diff " + key] = round(
                                     ((y - ref).norm() / ref.norm()).item(), 5)
                             except Exception as exc:
-                                res[f"cuda {c1} {c2}"] = f"ERR {type(exc).__name__}: {exc}"
+                                res[key] = f"ERR {type(exc).__name__}: {exc}"
+                            finally:
+                                mc.GEMM2_CONFIG, mc.GEMM2_SPLITS = saved[1:]
                     log(json.dumps(res))
     finally:
-        mc.MAX_TOKENS, mc.GEMM1_CONFIG, mc.GEMM2_CONFIG = saved
+        mc.MAX_TOKENS, mc.GEMM2_CONFIG, mc.GEMM2_SPLITS = saved
 
 
 def main(argv=None):

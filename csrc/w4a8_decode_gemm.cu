@@ -445,9 +445,13 @@ __global__ void __launch_bounds__(256)
 //   expert's 8 gate rows (MMA rows 0-7) and the 8 matching up rows (8-15), so the epilogue has
 //   gate and up of each column at hand: SiLU-and-mul, and with a static intermediate scale the
 //   quantization, happen there. Output h [pairs, I]: float32, or quantized bytes.
-// GEMM2: one CTA per (16 output rows, token); its work items are (the token's j-th expert,
-//   K step), so the router-weighted sum over the top-k experts happens inside the CTA: no
-//   per-pair output and no reduction launch.
+// GEMM2: one CTA per (16 output rows, token, split); its work items are (one of the split's
+//   share of the token's top-k experts, K step), so the router-weighted sum over those experts
+//   happens inside the CTA. With one split that is the whole sum: no per-pair output and no
+//   reduction launch. With S splits (more CTAs when rows x tokens would leave SMs idle) each CTA
+//   writes its float32 partial to a workspace, and the last of the S to finish (an atomic
+//   counter per (rows, token), reset by that CTA) adds the S partials in split order, so the
+//   result does not depend on which CTA finishes last.
 // Only MMA column 0 carries a token; the B operand's other 7 columns are zeros.
 // FP8 sums are moved to float32 after every MMA (32 products): the MoE re-quantizes h, and the
 // tensor cores' longer FP8 accumulation perturbs h enough to flip its FP8 roundings
@@ -470,6 +474,8 @@ struct MoeArgs {
   const float* topk_w;          // [T, top_k] router weights (GEMM2), or null: unweighted
   const float* h_scale;         // GEMM1: static scale to quantize h with, or null: float32 h
   void* out;                    // GEMM1: h [pairs, ldo]; GEMM2: y [T, ldo] of out_dtype
+  float* split_ws;              // GEMM2 with splits: float32 partials [splits, T, n_out]
+  int32_t* split_counters;      // GEMM2 with splits: [T, gridDim.x], all zero between launches
   int ids64, top_k, E, K, KP, rows, rows_per_expert, up_offset, n_out, lda, ldo, a_per_row,
       out_dtype;
 };
@@ -513,8 +519,10 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
   // the routing was finished before the previous kernel started, so it may be read before
   // griddepcontrol.wait; pairs routed to no local expert are dropped here
   if (threadIdx.x == 0) {
-    const int first = kGated ? blockIdx.y : blockIdx.y * args.top_k;
-    const int count = kGated ? 1 : args.top_k;
+    // GEMM1: the CTA's pair; GEMM2: split z of the token's top-k pairs
+    const int z = blockIdx.z, splits = gridDim.z;
+    const int first = kGated ? blockIdx.y : blockIdx.y * args.top_k + z * args.top_k / splits;
+    const int count = kGated ? 1 : (z + 1) * args.top_k / splits - z * args.top_k / splits;
     int n = 0;
     for (int j = 0; j < count; ++j) {
       const int p = first + j;
@@ -690,8 +698,28 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
     }
   } else {
     const int n = col0 + lane;
-    if (lane < 16 && n < args.n_out)
-      store_out(args.out, args.out_dtype, size_t(blockIdx.y) * args.ldo + n, v);
+    const bool mine = lane < 16 && n < args.n_out;
+    if (gridDim.z == 1) {
+      if (mine) store_out(args.out, args.out_dtype, size_t(blockIdx.y) * args.ldo + n, v);
+      return;
+    }
+    const size_t split_stride = size_t(gridDim.y) * args.n_out;
+    const size_t at = size_t(blockIdx.y) * args.n_out + n;
+    if (mine) args.split_ws[blockIdx.z * split_stride + at] = v;
+    __threadfence();  // the partial is visible before the counter says so
+    __syncwarp();
+    int32_t* counter = args.split_counters + blockIdx.y * gridDim.x + blockIdx.x;
+    int arrived = 0;
+    if (lane == 0) arrived = atomicAdd(counter, 1);
+    arrived = __shfl_sync(0xffffffffu, arrived, 0);
+    if (arrived != int(gridDim.z) - 1) return;
+    __threadfence();  // the last CTA: every other partial is visible now
+    if (mine) {
+      float sum = 0.f;
+      for (int z = 0; z < int(gridDim.z); ++z) sum += __ldcg(args.split_ws + z * split_stride + at);
+      store_out(args.out, args.out_dtype, size_t(blockIdx.y) * args.ldo + n, sum);
+    }
+    if (lane == 0) *counter = 0;  // ready for the next launch
   }
 }
 
@@ -856,19 +884,23 @@ int w4a8_quant_act(const void* x, int ldx, void* q, const void* s_in, void* s_ou
 
 // One MoE decode GEMM (see moe_decode_kernel). gated = 1: GEMM1 over tokens * top_k pairs,
 // writing h (float32, or quantized with h_scale); gated = 0: GEMM2 over tokens, writing the
-// router-weighted sum of the top-k experts' outputs in out_dtype (0 bf16, 1 fp16, 2 fp32).
+// router-weighted sum of the top-k experts' outputs in out_dtype (0 bf16, 1 fp16, 2 fp32),
+// in `splits` CTAs per (16 rows, token) with splits > 1 (then split_ws holds
+// splits * tokens * n_out floats and split_counters tokens * ceil(n_out / 16) zeroed ints).
 // Returns a cudaError_t code (0 = launched).
 int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
                          const void* codes, const void* row_scale, const void* corr_row_ptr,
                          const void* corr_blocks, const void* corr_values, const void* ids,
                          const void* expert_map, const void* topk_w, const void* h_scale,
-                         void* out, int ids64, int tokens, int top_k, int E, int K, int KP,
-                         int rows, int rows_per_expert, int up_offset, int n_out, int lda,
-                         int ldo, int a_per_row, int out_dtype, int act_int8, int gated,
-                         int warps, int stages, int pdl, void* stream) {
+                         void* out, void* split_ws, void* split_counters, int ids64, int tokens,
+                         int top_k, int E, int K, int KP, int rows, int rows_per_expert,
+                         int up_offset, int n_out, int lda, int ldo, int a_per_row,
+                         int out_dtype, int act_int8, int gated, int splits, int warps,
+                         int stages, int pdl, void* stream) {
   if (tokens <= 0 || top_k <= 0 || (!gated && top_k > kMoeMaxGroups) || K % 32 || K > KP ||
       KP % (2 * kStepK) || rows % 16 || rows_per_expert % 16 || up_offset % 8 || lda % 16 ||
-      out_dtype < 0 || out_dtype > 2)
+      out_dtype < 0 || out_dtype > 2 || splits < 1 || splits > top_k || (gated && splits != 1) ||
+      (splits > 1 && (split_ws == nullptr || split_counters == nullptr)))
     return int(cudaErrorInvalidValue);
   MoeArgs args;
   args.a = static_cast<const uint8_t*>(a);
@@ -884,6 +916,8 @@ int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
   args.topk_w = static_cast<const float*>(topk_w);
   args.h_scale = static_cast<const float*>(h_scale);
   args.out = out;
+  args.split_ws = static_cast<float*>(split_ws);
+  args.split_counters = static_cast<int32_t*>(split_counters);
   args.ids64 = ids64;
   args.top_k = top_k;
   args.E = E;
@@ -898,7 +932,7 @@ int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
   args.a_per_row = a_per_row;
   args.out_dtype = out_dtype;
   const dim3 grid = gated ? dim3((n_out + 7) / 8, tokens * top_k, 1)
-                          : dim3((n_out + 15) / 16, tokens, 1);
+                          : dim3((n_out + 15) / 16, tokens, splits);
   auto st = static_cast<cudaStream_t>(stream);
   const bool use_pdl = pdl != 0;
   if (act_int8) {

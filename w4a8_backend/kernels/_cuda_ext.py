@@ -151,7 +151,7 @@ class DecodeGemmLib:
         self._lib.w4a8_decode_gemm.restype = i
         self._lib.w4a8_quant_act.argtypes = [p, i, p, p, p, i, i, i, i, i, p]
         self._lib.w4a8_quant_act.restype = i
-        self._lib.w4a8_moe_decode_gemm.argtypes = [p] * 13 + [i] * 19 + [p]
+        self._lib.w4a8_moe_decode_gemm.argtypes = [p] * 15 + [i] * 20 + [p]
         self._lib.w4a8_moe_decode_gemm.restype = i
         self._lib.w4a8_error_string.argtypes = [i]
         self._lib.w4a8_error_string.restype = ctypes.c_char_p
@@ -190,9 +190,13 @@ class DecodeGemmLib:
                  topk_w: torch.Tensor | None, h_scale: torch.Tensor | None, out: torch.Tensor,
                  *, gated: bool, num_experts: int, k: int, rows_per_expert: int,
                  up_offset: int, n_out: int, act_int8: bool, a_per_row: bool,
-                 warps: int, stages: int, pdl: bool) -> None:
+                 warps: int, stages: int, pdl: bool, splits: int = 1,
+                 split_ws: torch.Tensor | None = None,
+                 split_counters: torch.Tensor | None = None) -> None:
         """One MoE decode GEMM (``moe_decode_kernel`` in the source): ``gated`` = GEMM1 over
-        the routed pairs into ``out`` = h, else GEMM2 over the tokens into ``out`` = y."""
+        the routed pairs into ``out`` = h, else GEMM2 over the tokens into ``out`` = y, in
+        ``splits`` CTAs per (16 rows, token) (``split_ws``: float32 ``[splits, T, n_out]``,
+        ``split_counters``: int32, at least ``T * ceil(n_out / 16)``, all zero)."""
         tokens, top_k = topk_ids.shape
         stream = torch.cuda.current_stream(a.device).cuda_stream
         ptr = (lambda t: t.data_ptr() if t is not None else None)
@@ -203,11 +207,11 @@ class DecodeGemmLib:
             ptr(weights.corr_blocks) if corr is not None else None,
             ptr(weights.corr_values) if corr is not None else None,
             topk_ids.data_ptr(), ptr(expert_map), ptr(topk_w), ptr(h_scale), out.data_ptr(),
-            int(topk_ids.dtype == torch.int64), tokens, top_k, num_experts, k,
-            weights.packed.shape[1] * 2, weights.packed.shape[0], rows_per_expert, up_offset,
-            n_out, a.stride(0), out.stride(0), int(a_per_row),
-            _DTYPE_CODE.get(out.dtype, 2), int(act_int8), int(gated), warps, stages, int(pdl),
-            stream), "MoE GEMM launch")
+            ptr(split_ws), ptr(split_counters), int(topk_ids.dtype == torch.int64), tokens,
+            top_k, num_experts, k, weights.packed.shape[1] * 2, weights.packed.shape[0],
+            rows_per_expert, up_offset, n_out, a.stride(0), out.stride(0), int(a_per_row),
+            _DTYPE_CODE.get(out.dtype, 2), int(act_int8), int(gated), splits, warps, stages,
+            int(pdl), stream), "MoE GEMM launch")
 
 
 _LOADED: dict[int, DecodeGemmLib | CudaExtUnavailable] = {}
