@@ -384,7 +384,9 @@ def sweep(timer, log, ms=SWEEP_MS):
             log(json.dumps(res))
 
 
-CUDA_DECODE_CONFIGS = ((4, 2), (4, 3), (8, 2), (8, 4))
+# (warps, stages / register depth, registers)
+CUDA_DECODE_CONFIGS = ((4, 2, False), (8, 2, False), (4, 2, True), (4, 3, True), (4, 4, True),
+                       (8, 2, True))
 
 
 def sweep_cuda(timer, log):
@@ -412,14 +414,21 @@ def sweep_cuda(timer, log):
 
                 lib = _cuda_ext.load(90)
                 y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-                for warps, stages in CUDA_DECODE_CONFIGS:
-                    res[f"cuda_gemm({warps},{stages})"] = round(timer.time_us(
-                        lambda warps=warps, stages=stages: lib.gemm(
+                for cfg in CUDA_DECODE_CONFIGS:
+                    res[f"cuda_gemm{cfg}"] = round(timer.time_us(
+                        lambda cfg=cfg: lib.gemm(
                             q, xs, layer.weight, layer.weight_scale, layer.w4a8_row_scale,
-                            None, y, i8, False, warps, stages, False)), 2)
+                            None, y, i8, False, *cfg, False)), 2)
                 for mode in ("triton", "cuda"):
                     kern.decode_cuda = mode == "cuda"
                     res[f"op_{mode}"] = round(timer.time_us(lambda: kern.apply(layer, x, None)), 2)
+                kern.decode_cuda = True
+                saved = sm90_triton.CUDA_DECODE_CONFIG
+                for cfg in CUDA_DECODE_CONFIGS[2:]:
+                    sm90_triton.CUDA_DECODE_CONFIG = cfg
+                    res[f"op_cuda{cfg}"] = round(timer.time_us(
+                        lambda: kern.apply(layer, x, None)), 2)
+                sm90_triton.CUDA_DECODE_CONFIG = saved
                 res["default_config"] = list(sm90_triton.CUDA_DECODE_CONFIG)
                 log(json.dumps(res))
 

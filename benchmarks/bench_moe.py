@@ -336,8 +336,7 @@ def cuda_parts(timer, kern, layer, x, tw, ti):
     xs2 = h_scale if static else torch.ones(t * top_k, device="cuda")
     out = torch.empty((t, h), dtype=torch.bfloat16, device="cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    splits, (w2_, st2) = mc.gemm2_plan(h, t, top_k, sms)
-    ws = torch.empty((splits, t, h), dtype=torch.float32, device="cuda")
+    w2_, st2 = mc.gemm2_config(h, t, sms)
     per_row = not static
     common = dict(num_experts=e, act_int8=act_int8, pdl=True)
     g1 = lambda: lib.moe_gemm(q1, xs1, w13, ti, None, None, h_scale, hq, gated=True, k=h,  # noqa
@@ -351,20 +350,19 @@ def cuda_parts(timer, kern, layer, x, tw, ti):
                                   stages=mc.GEMM1_CONFIG[1], **common)
     g2 = lambda: lib.moe_gemm(hq, xs2, w2, ti, None, tw, None, out, gated=False, k=i,  # noqa
                               rows_per_expert=hp, up_offset=0, n_out=h, a_per_row=per_row,
-                              warps=w2_, stages=st2, splits=splits, split_ws=ws,
-                              split_counters=layer.w4a8_moe_counters, **common)
+                              warps=w2_, stages=st2, **common)
     return {"quant_x": round(timer.time_us(
                 lambda: cuda_quantize(lib, x, act_int8, int(cfg.w13_scheme), s1)), 2),
             "gemm1": round(timer.time_us(g1), 2), "gemm2": round(timer.time_us(g2), 2),
-            "gemm2_plan": [splits, w2_, st2]}
+            "gemm2_config": [w2_, st2]}
 
 
 def cuda_sweep(timer, log, tokens=(1, 2, 4, 8)):
-    """The CUDA decode path against the Triton kernels on the same layer: GEMM2's configs and
-    splits, each launch alone, and the weight bytes each GEMM reads (the data for MAX_TOKENS,
-    gemm2_plan and GEMM1_CONFIG)."""
-    configs2, splits_all = ((8, 2), (16, 2)), (1, 2, 4, 8)
-    saved = mc.MAX_TOKENS, mc.GEMM2_CONFIG, mc.GEMM2_SPLITS
+    """The CUDA decode path against the Triton kernels on the same layer: GEMM2's configs, each
+    launch alone, and the weight bytes the layer reads (the data for MAX_TOKENS and
+    gemm2_config)."""
+    configs2 = ((8, 2), (16, 2))
+    saved = mc.MAX_TOKENS, mc.GEMM2_CONFIG
     mc.MAX_TOKENS = max(tokens)
     try:
         for name, m in MODELS.items():
@@ -385,24 +383,20 @@ def cuda_sweep(timer, log, tokens=(1, 2, 4, 8)):
                         lambda: kern.apply(layer, x, tw, ti, None, False)), 2)
                     res.update(cuda_parts(timer, kern, layer, x, tw, ti))
                     for c2 in configs2:
-                        for sp in splits_all:
-                            if sp > m["top_k"]:
-                                continue
-                            mc.GEMM2_CONFIG, mc.GEMM2_SPLITS = c2, sp
-                            key = f"{c2[0]}w x{sp}"
-                            try:
-                                y = kern.apply(layer, x, tw, ti, None, False).float()
-                                res[key] = round(timer.time_us(
-                                    lambda: kern.apply(layer, x, tw, ti, None, False)), 2)
-                                res["diff " + key] = round(
-                                    ((y - ref).norm() / ref.norm()).item(), 5)
-                            except Exception as exc:
-                                res[key] = f"ERR {type(exc).__name__}: {exc}"
-                            finally:
-                                mc.GEMM2_CONFIG, mc.GEMM2_SPLITS = saved[1:]
+                        mc.GEMM2_CONFIG = c2
+                        key = f"gemm2 {c2}"
+                        try:
+                            y = kern.apply(layer, x, tw, ti, None, False).float()
+                            res[key] = round(timer.time_us(
+                                lambda: kern.apply(layer, x, tw, ti, None, False)), 2)
+                            res["diff " + key] = round(((y - ref).norm() / ref.norm()).item(), 5)
+                        except Exception as exc:
+                            res[key] = f"ERR {type(exc).__name__}: {exc}"
+                        finally:
+                            mc.GEMM2_CONFIG = saved[1]
                     log(json.dumps(res))
     finally:
-        mc.MAX_TOKENS, mc.GEMM2_CONFIG, mc.GEMM2_SPLITS = saved
+        mc.MAX_TOKENS, mc.GEMM2_CONFIG = saved
 
 
 def main(argv=None):

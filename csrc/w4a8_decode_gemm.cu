@@ -195,7 +195,59 @@ __device__ __forceinline__ __half from_float<__half>(float v) {
 // ----------------------------------------------------------------------------------------------
 // GEMM
 // ----------------------------------------------------------------------------------------------
-template <bool kInt8, int kNT, int kWarps, int kStages, typename OutT>
+// One warp's share of a 256-wide K step, as the MMAs take it: this lane's K group (bytes
+// 32t .. 32t + 31) of weight rows g and g + 8, their code bytes, (INT8) their tile exponents,
+// and the activation bytes of the same K group for each token tile.
+template <int kNT>
+struct StepRegs {
+  uint4 wa0, wa1, wb0, wb1;
+  uint32_t ca, cb, ta, tb;
+  uint4 x[kNT][4];
+};
+
+// The decode and MMAs of one step. acc (FP8) accumulates across steps; INT8 sums a step exactly
+// in int32 and adds it to acc once, scaled by the rows' tile exponents.
+template <bool kInt8, int kNT>
+__device__ __forceinline__ void step_mma(const StepRegs<kNT>& r, float (&acc)[kNT][4]) {
+  const Lut la_lo = make_lut<kInt8>(r.ca & 0xFF);
+  const Lut la_hi = make_lut<kInt8>(r.ca >> 8);
+  const Lut lb_lo = make_lut<kInt8>(r.cb & 0xFF);
+  const Lut lb_hi = make_lut<kInt8>(r.cb >> 8);
+  int32_t iacc[kNT][4];
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) iacc[j][0] = iacc[j][1] = iacc[j][2] = iacc[j][3] = 0;
+#pragma unroll
+  for (int i8 = 0; i8 < 8; ++i8) {
+    const uint32_t pa = word(r.wa0, r.wa1, i8), pb = word(r.wb0, r.wb1, i8);
+    const uint32_t a0 = decode4<kInt8, false>(pa, la_lo);  // row g, K 64G + 4*i8 ..
+    const uint32_t a1 = decode4<kInt8, false>(pb, lb_lo);  // row g + 8, same K
+    const uint32_t a2 = decode4<kInt8, true>(pa, la_hi);   // row g, K 64G + 32 + 4*i8 ..
+    const uint32_t a3 = decode4<kInt8, true>(pb, lb_hi);
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+      const uint32_t b0 = word(r.x[j][0], r.x[j][1], i8);
+      const uint32_t b1 = word(r.x[j][2], r.x[j][3], i8);
+      mma_16x8x32<kInt8>(acc[j], iacc[j], a0, a1, a2, a3, b0, b1);
+    }
+  }
+  if constexpr (kInt8) {
+    // exact: |tile sum| < 256 * 96 * 127 < 2**24
+    const float sa = __int_as_float(int(r.ta) << 23);
+    const float sb = __int_as_float(int(r.tb) << 23);
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+      acc[j][0] = fmaf(float(iacc[j][0]), sa, acc[j][0]);
+      acc[j][1] = fmaf(float(iacc[j][1]), sa, acc[j][1]);
+      acc[j][2] = fmaf(float(iacc[j][2]), sb, acc[j][2]);
+      acc[j][3] = fmaf(float(iacc[j][3]), sb, acc[j][3]);
+    }
+  }
+}
+
+// kRegs = false: the weights go through the per-warp cp.async ring of kDepth stages (above).
+// kRegs = true: every lane loads its own step operands straight into registers, kDepth steps
+// ahead (rotating StepRegs buffers), with no shared memory until the split-K reduction.
+template <bool kInt8, int kNT, int kWarps, int kDepth, bool kRegs, typename OutT>
 __global__ void __launch_bounds__(kWarps * 32)
     decode_gemm_kernel(const uint8_t* __restrict__ xq, const float* __restrict__ xs,
                        const uint8_t* __restrict__ packed, const uint8_t* __restrict__ codes,
@@ -214,103 +266,116 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int m0 = blockIdx.y * kCols;
   const int steps = (K + kStepK - 1) / kStepK;  // steps past K would read only padding
   const size_t kp2 = size_t(KP) / 2, kp32 = size_t(KP) / 32;
-  uint8_t* ring = ring_all + warp * (kStages * kStageBytes);
+  const uint8_t* tiles = static_cast<const uint8_t*>(row_scale);
 
-  // copies: instruction i moves rows 4i .. 4i+3 (lane: row 4i + lane/8, 16-byte chunk lane%8);
-  // lanes 0-15 one row's code bytes; lane 16 the 16 tile exponents (INT8)
-  const int copy_row = lane >> 3, copy_chunk = (lane & 7) * 16;
-  const uint8_t* w_src = packed + size_t(n0 + copy_row) * kp2 + copy_chunk;
-  const uint8_t* c_src = codes + size_t(n0 + (lane & 15)) * kp32;
-  const uint8_t* t_src = static_cast<const uint8_t*>(row_scale) + n0;
-  auto issue = [&](int s, int stage) {
-    uint8_t* st = ring + stage * kStageBytes + copy_row * kRowStride + copy_chunk;
-    const uint8_t* src = w_src + s * (kStepK / 2);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) cp_async16(st + 4 * i * kRowStride, src + 4 * i * kp2);
-    uint8_t* sc = ring + stage * kStageBytes + kStageWeights;
-    if (lane < 16) cp_async8(sc + lane * 8, c_src + s * (kStepK / 32));
-    if (kInt8 && lane == 16) cp_async16(sc + kStageCodes, t_src + size_t(s) * NP);
-  };
-
-  float acc[kNT][4];
-#pragma unroll
-  for (int j = 0; j < kNT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-
-  // The weights do not depend on the previous kernel: start their copies before waiting.
-#pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) {
-    const int s = warp + i * kWarps;
-    if (s < steps) issue(s, i);
-    cp_async_commit();
-  }
-  pdl_wait();
-
-  int stage = 0;
-  for (int s = warp; s < steps; s += kWarps) {
-    // activations: token m0 + 8j + g, the 64 bytes of this lane's K group (L2-resident)
-    uint4 xv[kNT][4];
+  // activations: token m0 + 8j + g, the 64 bytes of this lane's K group (L2-resident)
+  auto load_x = [&](int s, StepRegs<kNT>& r) {
     const int kx = s * kStepK + t * 64;
 #pragma unroll
     for (int j = 0; j < kNT; ++j) {
       const int m = m0 + 8 * j + g;
       const uint4* px = reinterpret_cast<const uint4*>(xq + size_t(m) * K + kx);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        xv[j][q] = (m < M && kx + 16 * q < K) ? __ldg(px + q) : make_uint4(0, 0, 0, 0);
+      for (int q = 0; q < 4; ++q)
+        r.x[j][q] = (m < M && kx + 16 * q < K) ? __ldg(px + q) : make_uint4(0, 0, 0, 0);
+    }
+  };
+
+  float acc[kNT][4];
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+
+  if constexpr (kRegs) {
+    const uint8_t* wa = packed + size_t(n0 + g) * kp2 + 32 * t;
+    const uint8_t* wb = wa + 8 * kp2;
+    const uint8_t* ca = codes + size_t(n0 + g) * kp32 + 2 * t;
+    const uint8_t* cb = ca + 8 * kp32;
+    auto load_w = [&](int s, StepRegs<kNT>& r) {
+      const int off = s * (kStepK / 2);
+      r.wa0 = __ldcs(reinterpret_cast<const uint4*>(wa + off));
+      r.wa1 = __ldcs(reinterpret_cast<const uint4*>(wa + off + 16));
+      r.wb0 = __ldcs(reinterpret_cast<const uint4*>(wb + off));
+      r.wb1 = __ldcs(reinterpret_cast<const uint4*>(wb + off + 16));
+      r.ca = __ldcs(reinterpret_cast<const uint16_t*>(ca + s * (kStepK / 32)));
+      r.cb = __ldcs(reinterpret_cast<const uint16_t*>(cb + s * (kStepK / 32)));
+      if constexpr (kInt8) {
+        r.ta = __ldg(tiles + size_t(s) * NP + n0 + g);
+        r.tb = __ldg(tiles + size_t(s) * NP + n0 + g + 8);
+      }
+    };
+    StepRegs<kNT> buf[kDepth];
+    // The weights do not depend on the previous kernel: load them before waiting.
+#pragma unroll
+    for (int d = 0; d < kDepth; ++d)
+      if (warp + d * kWarps < steps) load_w(warp + d * kWarps, buf[d]);
+    pdl_wait();
+#pragma unroll
+    for (int d = 0; d < kDepth; ++d)
+      if (warp + d * kWarps < steps) load_x(warp + d * kWarps, buf[d]);
+    for (int s0 = warp; s0 < steps; s0 += kDepth * kWarps) {
+#pragma unroll
+      for (int d = 0; d < kDepth; ++d) {
+        const int s = s0 + d * kWarps;
+        if (s < steps) {
+          step_mma<kInt8, kNT>(buf[d], acc);
+          const int s_next = s + kDepth * kWarps;
+          if (s_next < steps) {
+            load_w(s_next, buf[d]);
+            load_x(s_next, buf[d]);
+          }
+        }
       }
     }
-    __syncwarp();  // every lane is done reading the stage that the next copy overwrites
-    const int s_next = s + (kStages - 1) * kWarps;
-    if (s_next < steps) issue(s_next, stage == 0 ? kStages - 1 : stage - 1);
-    cp_async_commit();
-    cp_async_wait<kStages - 1>();
-    __syncwarp();  // make the other lanes' copies (codes, tile exponents) visible
-
-    const uint8_t* st = ring + stage * kStageBytes;
-    stage = stage + 1 == kStages ? 0 : stage + 1;
-    // this lane's K group: bytes 32t .. 32t + 31 of rows g and g + 8
-    const uint4 wa0 = *reinterpret_cast<const uint4*>(st + g * kRowStride + 32 * t);
-    const uint4 wa1 = *reinterpret_cast<const uint4*>(st + g * kRowStride + 32 * t + 16);
-    const uint4 wb0 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowStride + 32 * t);
-    const uint4 wb1 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowStride + 32 * t + 16);
-    const uint32_t ca = *reinterpret_cast<const uint16_t*>(st + kStageWeights + g * 8 + t * 2);
-    const uint32_t cb =
-        *reinterpret_cast<const uint16_t*>(st + kStageWeights + (g + 8) * 8 + t * 2);
-    const Lut la_lo = make_lut<kInt8>(ca & 0xFF);
-    const Lut la_hi = make_lut<kInt8>(ca >> 8);
-    const Lut lb_lo = make_lut<kInt8>(cb & 0xFF);
-    const Lut lb_hi = make_lut<kInt8>(cb >> 8);
-
-    int32_t iacc[kNT][4];
+  } else {
+    constexpr int kStages = kDepth;
+    uint8_t* ring = ring_all + warp * (kStages * kStageBytes);
+    // copies: instruction i moves rows 4i .. 4i+3 (lane: row 4i + lane/8, 16-byte chunk
+    // lane%8); lanes 0-15 one row's code bytes; lane 16 the 16 tile exponents (INT8)
+    const int copy_row = lane >> 3, copy_chunk = (lane & 7) * 16;
+    const uint8_t* w_src = packed + size_t(n0 + copy_row) * kp2 + copy_chunk;
+    const uint8_t* c_src = codes + size_t(n0 + (lane & 15)) * kp32;
+    const uint8_t* t_src = tiles + n0;
+    auto issue = [&](int s, int stage) {
+      uint8_t* st = ring + stage * kStageBytes + copy_row * kRowStride + copy_chunk;
+      const uint8_t* src = w_src + s * (kStepK / 2);
 #pragma unroll
-    for (int j = 0; j < kNT; ++j) iacc[j][0] = iacc[j][1] = iacc[j][2] = iacc[j][3] = 0;
+      for (int i = 0; i < 4; ++i) cp_async16(st + 4 * i * kRowStride, src + 4 * i * kp2);
+      uint8_t* sc = ring + stage * kStageBytes + kStageWeights;
+      if (lane < 16) cp_async8(sc + lane * 8, c_src + s * (kStepK / 32));
+      if (kInt8 && lane == 16) cp_async16(sc + kStageCodes, t_src + size_t(s) * NP);
+    };
 
+    // The weights do not depend on the previous kernel: start their copies before waiting.
 #pragma unroll
-    for (int i8 = 0; i8 < 8; ++i8) {
-      const uint32_t pa = word(wa0, wa1, i8), pb = word(wb0, wb1, i8);
-      const uint32_t a0 = decode4<kInt8, false>(pa, la_lo);  // row g, K 64G + 4*i8 ..
-      const uint32_t a1 = decode4<kInt8, false>(pb, lb_lo);  // row g + 8, same K
-      const uint32_t a2 = decode4<kInt8, true>(pa, la_hi);   // row g, K 64G + 32 + 4*i8 ..
-      const uint32_t a3 = decode4<kInt8, true>(pb, lb_hi);
-#pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-        const uint32_t b0 = word(xv[j][0], xv[j][1], i8);
-        const uint32_t b1 = word(xv[j][2], xv[j][3], i8);
-        mma_16x8x32<kInt8>(acc[j], iacc[j], a0, a1, a2, a3, b0, b1);
-      }
+    for (int i = 0; i < kStages - 1; ++i) {
+      const int s = warp + i * kWarps;
+      if (s < steps) issue(s, i);
+      cp_async_commit();
     }
-    if constexpr (kInt8) {
-      // exact: |tile sum| < 256 * 96 * 127 < 2**24
-      const uint8_t* tiles = st + kStageWeights + kStageCodes;
-      const float sa = __int_as_float(int(tiles[g]) << 23);
-      const float sb = __int_as_float(int(tiles[g + 8]) << 23);
-#pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-        acc[j][0] = fmaf(float(iacc[j][0]), sa, acc[j][0]);
-        acc[j][1] = fmaf(float(iacc[j][1]), sa, acc[j][1]);
-        acc[j][2] = fmaf(float(iacc[j][2]), sb, acc[j][2]);
-        acc[j][3] = fmaf(float(iacc[j][3]), sb, acc[j][3]);
-      }
+    pdl_wait();
+
+    int stage = 0;
+    for (int s = warp; s < steps; s += kWarps) {
+      StepRegs<kNT> r;
+      load_x(s, r);
+      __syncwarp();  // every lane is done reading the stage that the next copy overwrites
+      const int s_next = s + (kStages - 1) * kWarps;
+      if (s_next < steps) issue(s_next, stage == 0 ? kStages - 1 : stage - 1);
+      cp_async_commit();
+      cp_async_wait<kStages - 1>();
+      __syncwarp();  // make the other lanes' copies (codes, tile exponents) visible
+
+      const uint8_t* st = ring + stage * kStageBytes;
+      stage = stage + 1 == kStages ? 0 : stage + 1;
+      r.wa0 = *reinterpret_cast<const uint4*>(st + g * kRowStride + 32 * t);
+      r.wa1 = *reinterpret_cast<const uint4*>(st + g * kRowStride + 32 * t + 16);
+      r.wb0 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowStride + 32 * t);
+      r.wb1 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowStride + 32 * t + 16);
+      r.ca = *reinterpret_cast<const uint16_t*>(st + kStageWeights + g * 8 + t * 2);
+      r.cb = *reinterpret_cast<const uint16_t*>(st + kStageWeights + (g + 8) * 8 + t * 2);
+      r.ta = st[kStageWeights + kStageCodes + g];
+      r.tb = st[kStageWeights + kStageCodes + g + 8];
+      step_mma<kInt8, kNT>(r, acc);
     }
   }
   cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
@@ -445,13 +510,11 @@ __global__ void __launch_bounds__(256)
 //   expert's 8 gate rows (MMA rows 0-7) and the 8 matching up rows (8-15), so the epilogue has
 //   gate and up of each column at hand: SiLU-and-mul, and with a static intermediate scale the
 //   quantization, happen there. Output h [pairs, I]: float32, or quantized bytes.
-// GEMM2: one CTA per (16 output rows, token, split); its work items are (one of the split's
-//   share of the token's top-k experts, K step), so the router-weighted sum over those experts
-//   happens inside the CTA. With one split that is the whole sum: no per-pair output and no
-//   reduction launch. With S splits (more CTAs when rows x tokens would leave SMs idle) each CTA
-//   writes its float32 partial to a workspace, and the last of the S to finish (an atomic
-//   counter per (rows, token), reset by that CTA) adds the S partials in split order, so the
-//   result does not depend on which CTA finishes last.
+// GEMM2: one CTA per (16 output rows, token); its work items are (the token's j-th expert,
+//   K step), so the router-weighted sum over the top-k experts happens inside the CTA: no
+//   per-pair output and no reduction launch. (Splitting the experts over several CTAs with a
+//   last-CTA reduction, for more CTAs at one token, was measured slower on an H100: 19.9 ->
+//   21.6-40.5 us for the Qwen3-30B-A3B layer; docs/moe_kernels.md.)
 // Only MMA column 0 carries a token; the B operand's other 7 columns are zeros.
 // FP8 sums are moved to float32 after every MMA (32 products): the MoE re-quantizes h, and the
 // tensor cores' longer FP8 accumulation perturbs h enough to flip its FP8 roundings
@@ -474,8 +537,6 @@ struct MoeArgs {
   const float* topk_w;          // [T, top_k] router weights (GEMM2), or null: unweighted
   const float* h_scale;         // GEMM1: static scale to quantize h with, or null: float32 h
   void* out;                    // GEMM1: h [pairs, ldo]; GEMM2: y [T, ldo] of out_dtype
-  float* split_ws;              // GEMM2 with splits: float32 partials [splits, T, n_out]
-  int32_t* split_counters;      // GEMM2 with splits: [T, gridDim.x], all zero between launches
   int ids64, top_k, E, K, KP, rows, rows_per_expert, up_offset, n_out, lda, ldo, a_per_row,
       out_dtype;
 };
@@ -516,26 +577,31 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
   const int steps = (args.K + kStepK - 1) / kStepK;
   const size_t kp2 = size_t(args.KP) / 2, kp32 = size_t(args.KP) / 32;
 
-  // the routing was finished before the previous kernel started, so it may be read before
-  // griddepcontrol.wait; pairs routed to no local expert are dropped here
-  if (threadIdx.x == 0) {
-    // GEMM1: the CTA's pair; GEMM2: split z of the token's top-k pairs
-    const int z = blockIdx.z, splits = gridDim.z;
-    const int first = kGated ? blockIdx.y : blockIdx.y * args.top_k + z * args.top_k / splits;
-    const int count = kGated ? 1 : (z + 1) * args.top_k / splits - z * args.top_k / splits;
-    int n = 0;
-    for (int j = 0; j < count; ++j) {
-      const int p = first + j;
-      int id = args.ids64 ? int(static_cast<const int64_t*>(args.ids)[p])
-                          : static_cast<const int32_t*>(args.ids)[p];
+  // The routing was finished before the previous kernel started, so it may be read before
+  // griddepcontrol.wait. GEMM1: the CTA's pair; GEMM2: the token's top-k pairs, one per lane
+  // of warp 0 (loaded in parallel), compacted in pair order; pairs routed to no local expert
+  // are dropped.
+  if (warp == 0) {
+    const int first = kGated ? blockIdx.y : blockIdx.y * args.top_k;
+    const int count = kGated ? 1 : args.top_k;
+    const int p = first + lane;
+    int id = -1;
+    float w = 1.f;
+    if (lane < count) {
+      id = args.ids64 ? int(static_cast<const int64_t*>(args.ids)[p])
+                      : static_cast<const int32_t*>(args.ids)[p];
+      if (args.topk_w != nullptr) w = args.topk_w[p];
       if (args.expert_map != nullptr) id = id >= 0 ? args.expert_map[id] : -1;
-      if (id < 0 || id >= args.E) continue;
-      s_row[n] = id * args.rows_per_expert;
-      s_arow[n] = kGated ? p / args.top_k : p;
-      s_w[n] = args.topk_w != nullptr ? args.topk_w[p] : 1.f;
-      ++n;
     }
-    s_groups = n;
+    const bool routed = lane < count && id >= 0 && id < args.E;
+    const uint32_t mask = __ballot_sync(0xffffffffu, routed);
+    if (routed) {
+      const int slot = __popc(mask & ((1u << lane) - 1u));
+      s_row[slot] = id * args.rows_per_expert;
+      s_arow[slot] = kGated ? p / args.top_k : p;
+      s_w[slot] = w;
+    }
+    if (lane == 0) s_groups = __popc(mask);
   }
   __syncthreads();
   const int groups = s_groups;
@@ -698,41 +764,21 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
     }
   } else {
     const int n = col0 + lane;
-    const bool mine = lane < 16 && n < args.n_out;
-    if (gridDim.z == 1) {
-      if (mine) store_out(args.out, args.out_dtype, size_t(blockIdx.y) * args.ldo + n, v);
-      return;
-    }
-    const size_t split_stride = size_t(gridDim.y) * args.n_out;
-    const size_t at = size_t(blockIdx.y) * args.n_out + n;
-    if (mine) args.split_ws[blockIdx.z * split_stride + at] = v;
-    __threadfence();  // the partial is visible before the counter says so
-    __syncwarp();
-    int32_t* counter = args.split_counters + blockIdx.y * gridDim.x + blockIdx.x;
-    int arrived = 0;
-    if (lane == 0) arrived = atomicAdd(counter, 1);
-    arrived = __shfl_sync(0xffffffffu, arrived, 0);
-    if (arrived != int(gridDim.z) - 1) return;
-    __threadfence();  // the last CTA: every other partial is visible now
-    if (mine) {
-      float sum = 0.f;
-      for (int z = 0; z < int(gridDim.z); ++z) sum += __ldcg(args.split_ws + z * split_stride + at);
-      store_out(args.out, args.out_dtype, size_t(blockIdx.y) * args.ldo + n, sum);
-    }
-    if (lane == 0) *counter = 0;  // ready for the next launch
+    if (lane < 16 && n < args.n_out)
+      store_out(args.out, args.out_dtype, size_t(blockIdx.y) * args.ldo + n, v);
   }
 }
 
 // ----------------------------------------------------------------------------------------------
 // host side
 // ----------------------------------------------------------------------------------------------
-template <bool kInt8, int kNT, int kWarps, int kStages, typename OutT>
+template <bool kInt8, int kNT, int kWarps, int kDepth, bool kRegs, typename OutT>
 cudaError_t launch_gemm(const uint8_t* xq, const float* xs, const uint8_t* packed,
                         const uint8_t* codes, const void* row_scale, const void* bias, void* y,
                         int M, int N, int K, int KP, int NP, int ldy, int per_token, bool pdl,
                         cudaStream_t stream) {
-  auto kernel = decode_gemm_kernel<kInt8, kNT, kWarps, kStages, OutT>;
-  constexpr int kSmem = kWarps * kStages * kStageBytes;
+  auto kernel = decode_gemm_kernel<kInt8, kNT, kWarps, kDepth, kRegs, OutT>;
+  constexpr int kSmem = kRegs ? 0 : kWarps * kDepth * kStageBytes;
   static const cudaError_t attr_status =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (attr_status != cudaSuccess) return attr_status;
@@ -752,32 +798,34 @@ cudaError_t launch_gemm(const uint8_t* xq, const float* xs, const uint8_t* packe
 }
 
 template <bool kInt8, int kNT, typename OutT>
-cudaError_t pick_warps(int warps, int stages, const uint8_t* xq, const float* xs,
+cudaError_t pick_warps(int warps, int stages, bool regs, const uint8_t* xq, const float* xs,
                        const uint8_t* packed, const uint8_t* codes, const void* row_scale,
                        const void* bias, void* y, int M, int N, int K, int KP, int NP, int ldy,
                        int per_token, bool pdl, cudaStream_t stream) {
-#define W4A8_LAUNCH(W, D)                                                                       \
-  if (warps == W && stages == D)                                                                 \
-    return launch_gemm<kInt8, kNT, W, D, OutT>(xq, xs, packed, codes, row_scale, bias, y, M, N, \
-                                               K, KP, NP, ldy, per_token, pdl, stream);
-  W4A8_LAUNCH(4, 2)
-  W4A8_LAUNCH(4, 3)
-  W4A8_LAUNCH(8, 2)
-  W4A8_LAUNCH(8, 4)
+#define W4A8_LAUNCH(W, D, R)                                                                     \
+  if (warps == W && stages == D && regs == R)                                               \
+    return launch_gemm<kInt8, kNT, W, D, R, OutT>(xq, xs, packed, codes, row_scale, bias, y, M, \
+                                                  N, K, KP, NP, ldy, per_token, pdl, stream);
+  W4A8_LAUNCH(4, 2, false)
+  W4A8_LAUNCH(8, 2, false)
+  W4A8_LAUNCH(4, 2, true)
+  W4A8_LAUNCH(4, 3, true)
+  W4A8_LAUNCH(4, 4, true)
+  W4A8_LAUNCH(8, 2, true)
 #undef W4A8_LAUNCH
   return cudaErrorInvalidConfiguration;
 }
 
 template <bool kInt8, typename OutT>
-cudaError_t pick_tiles(int warps, int stages, const uint8_t* xq, const float* xs,
+cudaError_t pick_tiles(int warps, int stages, bool regs, const uint8_t* xq, const float* xs,
                        const uint8_t* packed, const uint8_t* codes, const void* row_scale,
                        const void* bias, void* y, int M, int N, int K, int KP, int NP, int ldy,
                        int per_token, bool pdl, cudaStream_t stream) {
   if (M <= 8)
-    return pick_warps<kInt8, 1, OutT>(warps, stages, xq, xs, packed, codes, row_scale, bias, y, M,
-                                      N, K, KP, NP, ldy, per_token, pdl, stream);
-  return pick_warps<kInt8, 2, OutT>(warps, stages, xq, xs, packed, codes, row_scale, bias, y, M, N,
-                                    K, KP, NP, ldy, per_token, pdl, stream);
+    return pick_warps<kInt8, 1, OutT>(warps, stages, regs, xq, xs, packed, codes, row_scale,
+                                      bias, y, M, N, K, KP, NP, ldy, per_token, pdl, stream);
+  return pick_warps<kInt8, 2, OutT>(warps, stages, regs, xq, xs, packed, codes, row_scale, bias,
+                                    y, M, N, K, KP, NP, ldy, per_token, pdl, stream);
 }
 
 template <bool kInt8, bool kGated, int kWarps, int kStages>
@@ -820,11 +868,13 @@ extern "C" {
 const char* w4a8_error_string(int code) { return cudaGetErrorString(cudaError_t(code)); }
 
 // Returns a cudaError_t code (0 = launched). out_dtype: 0 bf16, 1 fp16, 2 fp32.
-// (warps, stages) is one of the instantiated launch configs (w4a8_backend: decode_config).
+// (warps, stages, regs) is one of the instantiated launch configs (CUDA_DECODE_CONFIG in
+// sm90_triton.py): regs = 0: a cp.async ring of `stages` stages per warp; regs = 1: operands
+// loaded straight into registers, `stages` steps ahead.
 int w4a8_decode_gemm(const void* xq, const void* xs, const void* packed, const void* codes,
                      const void* row_scale, const void* bias, void* y, int M, int N, int K, int KP,
                      int NP, int ldy, int act_int8, int per_token, int out_dtype, int warps,
-                     int stages, int pdl, void* stream) {
+                     int stages, int regs, int pdl, void* stream) {
   if (M <= 0 || M > 16 || NP % 16 || KP % (2 * kStepK) || K % 32 || K > KP || N > NP)
     return int(cudaErrorInvalidValue);
   auto xq8 = static_cast<const uint8_t*>(xq);
@@ -836,14 +886,14 @@ int w4a8_decode_gemm(const void* xq, const void* xs, const void* packed, const v
 #define W4A8_DTYPE(INT8)                                                                         \
   switch (out_dtype) {                                                                           \
     case 0:                                                                                      \
-      return int(pick_tiles<INT8, __nv_bfloat16>(warps, stages, xq8, xsf, w, c, row_scale, bias, \
+      return int(pick_tiles<INT8, __nv_bfloat16>(warps, stages, regs, xq8, xsf, w, c, row_scale, bias, \
                                                  y, M, N, K, KP, NP, ldy, per_token, use_pdl,    \
                                                  st));                                           \
     case 1:                                                                                      \
-      return int(pick_tiles<INT8, __half>(warps, stages, xq8, xsf, w, c, row_scale, bias, y, M,  \
+      return int(pick_tiles<INT8, __half>(warps, stages, regs, xq8, xsf, w, c, row_scale, bias, y, M,  \
                                           N, K, KP, NP, ldy, per_token, use_pdl, st));           \
     case 2:                                                                                      \
-      return int(pick_tiles<INT8, float>(warps, stages, xq8, xsf, w, c, row_scale, bias, y, M,   \
+      return int(pick_tiles<INT8, float>(warps, stages, regs, xq8, xsf, w, c, row_scale, bias, y, M,   \
                                          N, K, KP, NP, ldy, per_token, use_pdl, st));            \
     default:                                                                                     \
       return int(cudaErrorInvalidValue);                                                         \
@@ -884,23 +934,19 @@ int w4a8_quant_act(const void* x, int ldx, void* q, const void* s_in, void* s_ou
 
 // One MoE decode GEMM (see moe_decode_kernel). gated = 1: GEMM1 over tokens * top_k pairs,
 // writing h (float32, or quantized with h_scale); gated = 0: GEMM2 over tokens, writing the
-// router-weighted sum of the top-k experts' outputs in out_dtype (0 bf16, 1 fp16, 2 fp32),
-// in `splits` CTAs per (16 rows, token) with splits > 1 (then split_ws holds
-// splits * tokens * n_out floats and split_counters tokens * ceil(n_out / 16) zeroed ints).
+// router-weighted sum of the top-k experts' outputs in out_dtype (0 bf16, 1 fp16, 2 fp32).
 // Returns a cudaError_t code (0 = launched).
 int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
                          const void* codes, const void* row_scale, const void* corr_row_ptr,
                          const void* corr_blocks, const void* corr_values, const void* ids,
                          const void* expert_map, const void* topk_w, const void* h_scale,
-                         void* out, void* split_ws, void* split_counters, int ids64, int tokens,
-                         int top_k, int E, int K, int KP, int rows, int rows_per_expert,
-                         int up_offset, int n_out, int lda, int ldo, int a_per_row,
-                         int out_dtype, int act_int8, int gated, int splits, int warps,
-                         int stages, int pdl, void* stream) {
+                         void* out, int ids64, int tokens, int top_k, int E, int K, int KP,
+                         int rows, int rows_per_expert, int up_offset, int n_out, int lda,
+                         int ldo, int a_per_row, int out_dtype, int act_int8, int gated,
+                         int warps, int stages, int pdl, void* stream) {
   if (tokens <= 0 || top_k <= 0 || (!gated && top_k > kMoeMaxGroups) || K % 32 || K > KP ||
       KP % (2 * kStepK) || rows % 16 || rows_per_expert % 16 || up_offset % 8 || lda % 16 ||
-      out_dtype < 0 || out_dtype > 2 || splits < 1 || splits > top_k || (gated && splits != 1) ||
-      (splits > 1 && (split_ws == nullptr || split_counters == nullptr)))
+      out_dtype < 0 || out_dtype > 2)
     return int(cudaErrorInvalidValue);
   MoeArgs args;
   args.a = static_cast<const uint8_t*>(a);
@@ -916,8 +962,6 @@ int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
   args.topk_w = static_cast<const float*>(topk_w);
   args.h_scale = static_cast<const float*>(h_scale);
   args.out = out;
-  args.split_ws = static_cast<float*>(split_ws);
-  args.split_counters = static_cast<int32_t*>(split_counters);
   args.ids64 = ids64;
   args.top_k = top_k;
   args.E = E;
@@ -932,7 +976,7 @@ int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
   args.a_per_row = a_per_row;
   args.out_dtype = out_dtype;
   const dim3 grid = gated ? dim3((n_out + 7) / 8, tokens * top_k, 1)
-                          : dim3((n_out + 15) / 16, tokens, splits);
+                          : dim3((n_out + 15) / 16, tokens, 1);
   auto st = static_cast<cudaStream_t>(stream);
   const bool use_pdl = pdl != 0;
   if (act_int8) {

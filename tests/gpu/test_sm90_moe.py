@@ -491,8 +491,7 @@ def test_custom_op_opcheck_and_compile():
     x = make_x(6, h, g)
     w, ids = make_routing(6, e, k, g)
     args = (x, w, ids, None, kern._weights(layer, "w13"), kern._weights(layer, "w2"), None, None,
-            kern.dims, False, int(P), int(D), 0, False, kern.fuse_silu, kern.decode_cuda,
-            layer.w4a8_moe_counters)
+            kern.dims, False, int(P), int(D), 0, False, kern.fuse_silu, kern.decode_cuda)
     mk.POISON_OUTPUTS = False  # opcheck compares repeated runs (restored by the fixture)
     torch.library.opcheck(torch.ops.w4a8_backend.mxfp4_w4a8_moe.default, args)
 

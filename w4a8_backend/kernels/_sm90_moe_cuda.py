@@ -10,9 +10,7 @@ three launches (static scales), with the same semantics as ``_sm90_moe_triton.mo
    from ``topk_ids`` (no routing pass), fuses SiLU-and-mul and, with a static intermediate
    scale, the intermediate's quantization;
 3. GEMM2: one CTA per (16 output rows, token) sums the token's top-k experts, router-weighted,
-   inside the CTA (no per-pair output, no reduction launch). When that grid would leave SMs
-   idle, the experts are split over S CTAs, and the last one of each S adds their float32
-   partials in a fixed order (``gemm2_plan``).
+   inside the CTA (no per-pair output, no reduction launch).
 
 A dynamic intermediate scale adds its quantization launch between 2 and 3 (per tensor: and a
 torch amax first). Out-of-range blocks are added back inside the GEMMs' epilogues.
@@ -38,12 +36,10 @@ def _num_sms(device_index: int) -> int:
 
 # Largest token count that takes this path (H100, bench_moe.py: see docs/moe_kernels.md).
 MAX_TOKENS = 4
-# (warps per CTA, cp.async stages per warp) of GEMM1; GEMM2's come from gemm2_plan unless set.
+# (warps per CTA, cp.async stages per warp) of GEMM1; GEMM2's from gemm2_config unless set.
 GEMM1_CONFIG = (4, 2)
 GEMM2_CONFIG: tuple[int, int] | None = None
-GEMM2_SPLITS: int | None = None  # None: gemm2_plan decides
 MAX_TOP_K = 16  # GEMM2's per-CTA table of the token's experts
-SPLIT_MAX_TOKENS = 16  # the split counters are sized for this many tokens
 POISON_OUTPUTS = False  # tests: fill intermediates with NaN / 0x7F first
 
 
@@ -62,22 +58,12 @@ def usable(num_tokens: int, top_k: int) -> bool:
     return 0 < num_tokens <= MAX_TOKENS and top_k <= MAX_TOP_K
 
 
-def split_counters(hidden: int, device) -> torch.Tensor:
-    """GEMM2's per-layer split counters (all zero; every launch leaves them zero again)."""
-    return torch.zeros(SPLIT_MAX_TOKENS * -(-hidden // 16), dtype=torch.int32, device=device)
-
-
-def gemm2_plan(hidden: int, tokens: int, top_k: int, sms: int) -> tuple[int, tuple[int, int]]:
-    """(splits, (warps, stages)) of GEMM2: enough CTAs for every SM, bigger CTAs while few."""
-    ctas = -(-hidden // 16) * tokens
-    splits = GEMM2_SPLITS
-    if splits is None:
-        splits = 1
-        while splits * 2 <= top_k and ctas * splits < 2 * sms and tokens <= SPLIT_MAX_TOKENS:
-            splits *= 2
-    splits = max(1, min(splits, top_k)) if tokens <= SPLIT_MAX_TOKENS else 1
-    config = GEMM2_CONFIG or ((16, 2) if ctas * splits <= sms else (8, 2))
-    return splits, config
+def gemm2_config(hidden: int, tokens: int, sms: int) -> tuple[int, int]:
+    """(warps, stages) of GEMM2: 16 warps while its CTAs fit on the SMs at once, else 8 (H100
+    sweep, docs/moe_kernels.md: Qwen3 T=1 19.9 vs 25.5 us; 8 warps at every larger grid)."""
+    if GEMM2_CONFIG is not None:
+        return GEMM2_CONFIG
+    return (16, 2) if -(-hidden // 16) * tokens <= sms else (8, 2)
 
 
 def moe_forward(
@@ -99,10 +85,8 @@ def moe_forward(
     scheme2: int,
     out_dtype: torch.dtype,
     apply_router_weight_on_input: bool,
-    counters: torch.Tensor,
 ) -> torch.Tensor:
-    """``[T, H]`` routed-expert output for ``T <= MAX_TOKENS`` (callers check ``usable``);
-    ``counters``: the layer's ``split_counters``."""
+    """``[T, H]`` routed-expert output for ``T <= MAX_TOKENS`` (callers check ``usable``)."""
     dev = x.device
     capability = _capability(dev.index or 0)
     lib = _cuda_ext.load(capability)
@@ -110,7 +94,7 @@ def moe_forward(
     t = x.shape[0]
     top_k = topk_ids.shape[1]
     w1, s1 = GEMM1_CONFIG
-    splits, (w2_, s2_) = gemm2_plan(hidden, t, top_k, _num_sms(dev.index or 0))
+    w2_, s2_ = gemm2_config(hidden, t, _num_sms(dev.index or 0))
 
     weights = topk_weights
     if apply_router_weight_on_input:  # vLLM allows it for top-1 only
@@ -154,15 +138,11 @@ def moe_forward(
         q2, xs2 = cuda_quantize(lib, h, act_int8, scheme2, None, POISON_OUTPUTS)
 
     out = torch.empty((t, hidden), dtype=out_dtype, device=dev)
-    ws = torch.empty((splits, t, hidden), dtype=torch.float32, device=dev) if splits > 1 else None
     if POISON_OUTPUTS:
         out.fill_(float("nan"))
-        if ws is not None:
-            ws.fill_(float("nan"))
     lib.moe_gemm(q2, xs2, w2, ids, emap, weights, None, out, gated=False,
                  num_experts=num_experts, k=inter, rows_per_expert=hp, up_offset=0,
                  n_out=hidden, act_int8=act_int8,
                  a_per_row=scheme2 == int(ActivationScheme.DYNAMIC_PER_TOKEN),
-                 warps=w2_, stages=s2_, pdl=pdl, splits=splits, split_ws=ws,
-                 split_counters=counters)
+                 warps=w2_, stages=s2_, pdl=pdl)
     return out

@@ -102,20 +102,18 @@ def mxfp4_w4a8_moe(
     apply_router_weight_on_input: bool,
     fuse_silu: bool,
     decode_cuda: bool,
-    moe_counters: torch.Tensor,
 ) -> torch.Tensor:
     """``[T, H]`` routed-expert output. ``w13``/``w2``: (packed, codes, row_scale, corr_rows,
     corr_ptr, corr_blocks, corr_values, corr_row_ptr) of the stacked repacked experts; ``dims``:
     (E, H, I, IP, HP). ``decode_cuda``: a few tokens run on the CUDA decode kernels
-    (``_sm90_moe_cuda``) when the library is loaded in this process; ``moe_counters``: their
-    split counters, which every launch leaves all-zero again (so not declared mutated)."""
+    (``_sm90_moe_cuda``) when the library is loaded in this process."""
     e, h, i, ip, hp = dims
     if (decode_cuda and mc.usable(x.shape[0], topk_ids.shape[1])
             and _cuda_decode_loaded(x.device)):
         return mc.moe_forward(
             x, topk_weights, topk_ids, expert_map, _cuda_weights(w13), _cuda_weights(w2),
             w13_input_scale, w2_input_scale, e, h, i, ip, hp, act_int8, scheme1, scheme2,
-            _CODE_DTYPE[out_dtype_code], apply_router_weight_on_input, moe_counters,
+            _CODE_DTYPE[out_dtype_code], apply_router_weight_on_input,
         )
     from . import _sm90_moe_triton as mk
 
@@ -129,7 +127,7 @@ def mxfp4_w4a8_moe(
 @mxfp4_w4a8_moe.register_fake
 def _(x, topk_weights, topk_ids, expert_map, w13, w2, w13_input_scale, w2_input_scale, dims,
       act_int8, scheme1, scheme2, out_dtype_code, apply_router_weight_on_input, fuse_silu,
-      decode_cuda, moe_counters):
+      decode_cuda):
     return x.new_empty((x.shape[0], dims[1]), dtype=_CODE_DTYPE[out_dtype_code])
 
 
@@ -237,7 +235,6 @@ class Sm90TritonMoEKernel(Mxfp4MoEKernel):
                                                                  rp.packed.shape[0])])
         # a few tokens: the CUDA decode kernels (built here on first use), else Triton (logged)
         self.decode_cuda = w13.is_cuda and _use_cuda_decode(w13.device)
-        layer.w4a8_moe_counters = mc.split_counters(h, w13.device)
 
     def _weights(self, layer, name):
         return [getattr(layer, f"{name}_weight"), getattr(layer, f"{name}_weight_scale"),
@@ -268,5 +265,5 @@ class Sm90TritonMoEKernel(Mxfp4MoEKernel):
             None if s2 is None else s2.float().reshape(1),
             self.dims, cfg.act_dtype == ActivationDtype.INT8, int(cfg.w13_scheme),
             int(cfg.w2_scheme), _DTYPE_CODE[cfg.out_dtype], bool(apply_router_weight_on_input),
-            self.fuse_silu, self.decode_cuda, layer.w4a8_moe_counters,
+            self.fuse_silu, self.decode_cuda,
         )
