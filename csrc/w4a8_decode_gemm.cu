@@ -560,7 +560,7 @@ __device__ __forceinline__ void store_out(void* out, int dtype, size_t i, float 
   }
 }
 
-template <bool kInt8, bool kGated, int kWarps, int kStages>
+template <bool kInt8, bool kGated, int kWarps, int kDepth, bool kRegs>
 __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs args) {
   extern __shared__ __align__(16) uint8_t ring_all[];
   __shared__ float partial[kWarps][16];
@@ -616,100 +616,40 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
     }
   };
 
-  uint8_t* ring = ring_all + warp * (kStages * kStageBytes);
-  const int copy_row = lane >> 3, copy_chunk = (lane & 7) * 16;
-  auto issue = [&](int it, int stage) {
+  // activations of item it: the lanes of token column 0 load their K group's 64 bytes
+  auto load_x = [&](int it, StepRegs<1>& r) {
     const int grp = it / steps, s = it - grp * steps;
-    const int base = s_row[grp];
-    uint8_t* st = ring + stage * kStageBytes;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = 4 * i + copy_row;
-      cp_async16(st + r * kRowStride + copy_chunk,
-                 args.packed + size_t(base + expert_row(r)) * kp2 + s * (kStepK / 2) +
-                     copy_chunk);
-    }
-    uint8_t* sc = st + kStageWeights;
-    if (lane < 16)
-      cp_async8(sc + lane * 8,
-                args.codes + size_t(base + expert_row(lane)) * kp32 + s * (kStepK / 32));
-    if constexpr (kInt8) {
-      const uint8_t* tiles =
-          static_cast<const uint8_t*>(args.row_scale) + size_t(s) * args.rows + base;
-      if constexpr (kGated) {  // two runs of 8 rows (gate, up)
-        if (lane == 16 || lane == 17)
-          cp_async8(sc + kStageCodes + 8 * (lane - 16), tiles + expert_row(8 * (lane - 16)));
-      } else {
-        if (lane == 16) cp_async16(sc + kStageCodes, tiles + col0);
-      }
-    }
-  };
-
-  // The weights do not depend on the previous kernel: start their copies before waiting.
-#pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) {
-    const int it = warp + i * kWarps;
-    if (it < items) issue(it, i);
-    cp_async_commit();
-  }
-  if constexpr (kGated) pdl_release();  // GEMM2 may start copying its weights
-  pdl_wait();
-
-  float acc_lo = 0.f, acc_hi = 0.f;  // MMA rows g and g + 8, token column 0 (lanes t == 0)
-  int stage = 0;
-  for (int it = warp; it < items; it += kWarps) {
-    const int grp = it / steps, s = it - grp * steps;
-    const int arow = s_arow[grp];
-    uint4 xv[4];
     const int kx = s * kStepK + t * 64;
-    const uint4* px = reinterpret_cast<const uint4*>(args.a + size_t(arow) * args.lda + kx);
+    const uint4* px =
+        reinterpret_cast<const uint4*>(args.a + size_t(s_arow[grp]) * args.lda + kx);
 #pragma unroll
     for (int q = 0; q < 4; ++q)
-      xv[q] = (g == 0 && kx + 16 * q < args.K) ? __ldg(px + q) : make_uint4(0, 0, 0, 0);
-    __syncwarp();  // every lane is done reading the stage that the next copy overwrites
-    const int it_next = it + (kStages - 1) * kWarps;
-    if (it_next < items) issue(it_next, stage == 0 ? kStages - 1 : stage - 1);
-    cp_async_commit();
-    cp_async_wait<kStages - 1>();
-    __syncwarp();
+      r.x[0][q] = (g == 0 && kx + 16 * q < args.K) ? __ldg(px + q) : make_uint4(0, 0, 0, 0);
+  };
 
-    const uint8_t* st = ring + stage * kStageBytes;
-    stage = stage + 1 == kStages ? 0 : stage + 1;
-    const uint4 wa0 = *reinterpret_cast<const uint4*>(st + g * kRowStride + 32 * t);
-    const uint4 wa1 = *reinterpret_cast<const uint4*>(st + g * kRowStride + 32 * t + 16);
-    const uint4 wb0 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowStride + 32 * t);
-    const uint4 wb1 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowStride + 32 * t + 16);
-    const uint32_t ca = *reinterpret_cast<const uint16_t*>(st + kStageWeights + g * 8 + t * 2);
-    const uint32_t cb =
-        *reinterpret_cast<const uint16_t*>(st + kStageWeights + (g + 8) * 8 + t * 2);
-    const Lut la_lo = make_lut<kInt8>(ca & 0xFF);
-    const Lut la_hi = make_lut<kInt8>(ca >> 8);
-    const Lut lb_lo = make_lut<kInt8>(cb & 0xFF);
-    const Lut lb_hi = make_lut<kInt8>(cb >> 8);
-
-    // this item's factor per MMA row: activation scale x router weight x weight exponent
-    const float xs = args.a_scale[args.a_per_row ? arow : 0] * s_w[grp];
-    float f_lo, f_hi;
-    if constexpr (kInt8) {
-      const uint8_t* tiles = st + kStageWeights + kStageCodes;
-      f_lo = xs * __int_as_float(int(tiles[g]) << 23);
-      f_hi = xs * __int_as_float(int(tiles[g + 8]) << 23);
-    } else {
-      const float* rs = static_cast<const float*>(args.row_scale) + s_row[grp];
-      f_lo = xs * rs[expert_row(g)];
-      f_hi = xs * rs[expert_row(g + 8)];
-    }
-
+  // The decode and MMAs of item it, folded into float32 with the item's factor per MMA row
+  // (activation scale x router weight x weight exponent); r.ta / r.tb: the rows' INT8 tile
+  // exponents, or (FP8) their float32 2**r bits.
+  float acc_lo = 0.f, acc_hi = 0.f;  // MMA rows g and g + 8, token column 0 (lanes t == 0)
+  auto consume = [&](int it, const StepRegs<1>& r) {
+    const int grp = it / steps;
+    const float xs = args.a_scale[args.a_per_row ? s_arow[grp] : 0] * s_w[grp];
+    const float f_lo = xs * (kInt8 ? __int_as_float(int(r.ta) << 23) : __uint_as_float(r.ta));
+    const float f_hi = xs * (kInt8 ? __int_as_float(int(r.tb) << 23) : __uint_as_float(r.tb));
+    const Lut la_lo = make_lut<kInt8>(r.ca & 0xFF);
+    const Lut la_hi = make_lut<kInt8>(r.ca >> 8);
+    const Lut lb_lo = make_lut<kInt8>(r.cb & 0xFF);
+    const Lut lb_hi = make_lut<kInt8>(r.cb >> 8);
     float c[4];
     int32_t ci[4] = {0, 0, 0, 0};
 #pragma unroll
     for (int i8 = 0; i8 < 8; ++i8) {
-      const uint32_t pa = word(wa0, wa1, i8), pb = word(wb0, wb1, i8);
+      const uint32_t pa = word(r.wa0, r.wa1, i8), pb = word(r.wb0, r.wb1, i8);
       const uint32_t a0 = decode4<kInt8, false>(pa, la_lo);
       const uint32_t a1 = decode4<kInt8, false>(pb, lb_lo);
       const uint32_t a2 = decode4<kInt8, true>(pa, la_hi);
       const uint32_t a3 = decode4<kInt8, true>(pb, lb_hi);
-      const uint32_t b0 = word(xv[0], xv[1], i8), b1 = word(xv[2], xv[3], i8);
+      const uint32_t b0 = word(r.x[0][0], r.x[0][1], i8), b1 = word(r.x[0][2], r.x[0][3], i8);
       c[0] = c[1] = c[2] = c[3] = 0.f;
       mma_16x8x32<kInt8>(c, ci, a0, a1, a2, a3, b0, b1);
       if constexpr (!kInt8) {
@@ -720,6 +660,125 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
     if constexpr (kInt8) {  // exact: |step sum| < 256 * 96 * 127 < 2**24
       acc_lo = fmaf(float(ci[0]), f_lo, acc_lo);
       acc_hi = fmaf(float(ci[2]), f_hi, acc_hi);
+    }
+  };
+
+  if constexpr (kRegs) {
+    auto load_w = [&](int it, StepRegs<1>& r) {
+      const int grp = it / steps, s = it - grp * steps;
+      const int row_a = s_row[grp] + expert_row(g), row_b = s_row[grp] + expert_row(g + 8);
+      const uint8_t* wa = args.packed + size_t(row_a) * kp2 + s * (kStepK / 2) + 32 * t;
+      const uint8_t* wb = args.packed + size_t(row_b) * kp2 + s * (kStepK / 2) + 32 * t;
+      r.wa0 = __ldcs(reinterpret_cast<const uint4*>(wa));
+      r.wa1 = __ldcs(reinterpret_cast<const uint4*>(wa + 16));
+      r.wb0 = __ldcs(reinterpret_cast<const uint4*>(wb));
+      r.wb1 = __ldcs(reinterpret_cast<const uint4*>(wb + 16));
+      const uint8_t* cp = args.codes + s * (kStepK / 32) + 2 * t;
+      r.ca = __ldcs(reinterpret_cast<const uint16_t*>(cp + size_t(row_a) * kp32));
+      r.cb = __ldcs(reinterpret_cast<const uint16_t*>(cp + size_t(row_b) * kp32));
+      if constexpr (kInt8) {
+        const uint8_t* tiles = static_cast<const uint8_t*>(args.row_scale) + size_t(s) * args.rows;
+        r.ta = __ldg(tiles + row_a);
+        r.tb = __ldg(tiles + row_b);
+      } else {
+        const float* rs = static_cast<const float*>(args.row_scale);
+        r.ta = __float_as_uint(__ldg(rs + row_a));
+        r.tb = __float_as_uint(__ldg(rs + row_b));
+      }
+    };
+    StepRegs<1> buf[kDepth];
+    // The weights do not depend on the previous kernel: load them before waiting.
+#pragma unroll
+    for (int d = 0; d < kDepth; ++d)
+      if (warp + d * kWarps < items) load_w(warp + d * kWarps, buf[d]);
+    if constexpr (kGated) pdl_release();  // GEMM2 may start loading its weights
+    pdl_wait();
+#pragma unroll
+    for (int d = 0; d < kDepth; ++d)
+      if (warp + d * kWarps < items) load_x(warp + d * kWarps, buf[d]);
+    for (int it0 = warp; it0 < items; it0 += kDepth * kWarps) {
+#pragma unroll
+      for (int d = 0; d < kDepth; ++d) {
+        const int it = it0 + d * kWarps;
+        if (it < items) {
+          consume(it, buf[d]);
+          const int it_next = it + kDepth * kWarps;
+          if (it_next < items) {
+            load_w(it_next, buf[d]);
+            load_x(it_next, buf[d]);
+          }
+        }
+      }
+    }
+  } else {
+    constexpr int kStages = kDepth;
+    uint8_t* ring = ring_all + warp * (kStages * kStageBytes);
+    const int copy_row = lane >> 3, copy_chunk = (lane & 7) * 16;
+    auto issue = [&](int it, int stage) {
+      const int grp = it / steps, s = it - grp * steps;
+      const int base = s_row[grp];
+      uint8_t* st = ring + stage * kStageBytes;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = 4 * i + copy_row;
+        cp_async16(st + r * kRowStride + copy_chunk,
+                   args.packed + size_t(base + expert_row(r)) * kp2 + s * (kStepK / 2) +
+                       copy_chunk);
+      }
+      uint8_t* sc = st + kStageWeights;
+      if (lane < 16)
+        cp_async8(sc + lane * 8,
+                  args.codes + size_t(base + expert_row(lane)) * kp32 + s * (kStepK / 32));
+      if constexpr (kInt8) {
+        const uint8_t* tiles =
+            static_cast<const uint8_t*>(args.row_scale) + size_t(s) * args.rows + base;
+        if constexpr (kGated) {  // two runs of 8 rows (gate, up)
+          if (lane == 16 || lane == 17)
+            cp_async8(sc + kStageCodes + 8 * (lane - 16), tiles + expert_row(8 * (lane - 16)));
+        } else {
+          if (lane == 16) cp_async16(sc + kStageCodes, tiles + col0);
+        }
+      }
+    };
+
+    // The weights do not depend on the previous kernel: start their copies before waiting.
+#pragma unroll
+    for (int i = 0; i < kStages - 1; ++i) {
+      const int it = warp + i * kWarps;
+      if (it < items) issue(it, i);
+      cp_async_commit();
+    }
+    if constexpr (kGated) pdl_release();  // GEMM2 may start copying its weights
+    pdl_wait();
+
+    int stage = 0;
+    for (int it = warp; it < items; it += kWarps) {
+      StepRegs<1> r;
+      load_x(it, r);
+      __syncwarp();  // every lane is done reading the stage that the next copy overwrites
+      const int it_next = it + (kStages - 1) * kWarps;
+      if (it_next < items) issue(it_next, stage == 0 ? kStages - 1 : stage - 1);
+      cp_async_commit();
+      cp_async_wait<kStages - 1>();
+      __syncwarp();
+
+      const uint8_t* st = ring + stage * kStageBytes;
+      stage = stage + 1 == kStages ? 0 : stage + 1;
+      r.wa0 = *reinterpret_cast<const uint4*>(st + g * kRowStride + 32 * t);
+      r.wa1 = *reinterpret_cast<const uint4*>(st + g * kRowStride + 32 * t + 16);
+      r.wb0 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowStride + 32 * t);
+      r.wb1 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowStride + 32 * t + 16);
+      r.ca = *reinterpret_cast<const uint16_t*>(st + kStageWeights + g * 8 + t * 2);
+      r.cb = *reinterpret_cast<const uint16_t*>(st + kStageWeights + (g + 8) * 8 + t * 2);
+      if constexpr (kInt8) {
+        r.ta = st[kStageWeights + kStageCodes + g];
+        r.tb = st[kStageWeights + kStageCodes + g + 8];
+      } else {
+        const float* rs = static_cast<const float*>(args.row_scale) + s_row[it / steps];
+        r.ta = __float_as_uint(rs[expert_row(g)]);
+        r.tb = __float_as_uint(rs[expert_row(g + 8)]);
+      }
+      consume(it, r);
     }
   }
   cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
@@ -828,10 +887,10 @@ cudaError_t pick_tiles(int warps, int stages, bool regs, const uint8_t* xq, cons
                                     y, M, N, K, KP, NP, ldy, per_token, pdl, stream);
 }
 
-template <bool kInt8, bool kGated, int kWarps, int kStages>
+template <bool kInt8, bool kGated, int kWarps, int kDepth, bool kRegs>
 cudaError_t launch_moe(const MoeArgs& args, dim3 grid, bool pdl, cudaStream_t stream) {
-  auto kernel = moe_decode_kernel<kInt8, kGated, kWarps, kStages>;
-  constexpr int kSmem = kWarps * kStages * kStageBytes;
+  auto kernel = moe_decode_kernel<kInt8, kGated, kWarps, kDepth, kRegs>;
+  constexpr int kSmem = kRegs ? 0 : kWarps * kDepth * kStageBytes;
   static const cudaError_t attr_status =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (attr_status != cudaSuccess) return attr_status;
@@ -849,14 +908,18 @@ cudaError_t launch_moe(const MoeArgs& args, dim3 grid, bool pdl, cudaStream_t st
 }
 
 template <bool kInt8, bool kGated>
-cudaError_t pick_moe_config(int warps, int stages, const MoeArgs& args, dim3 grid, bool pdl,
-                            cudaStream_t stream) {
-#define W4A8_MOE_LAUNCH(W, D) \
-  if (warps == W && stages == D) return launch_moe<kInt8, kGated, W, D>(args, grid, pdl, stream);
-  W4A8_MOE_LAUNCH(4, 2)
-  W4A8_MOE_LAUNCH(4, 3)
-  W4A8_MOE_LAUNCH(8, 2)
-  W4A8_MOE_LAUNCH(16, 2)
+cudaError_t pick_moe_config(int warps, int stages, bool regs, const MoeArgs& args, dim3 grid,
+                            bool pdl, cudaStream_t stream) {
+#define W4A8_MOE_LAUNCH(W, D, R)                 \
+  if (warps == W && stages == D && regs == R) \
+    return launch_moe<kInt8, kGated, W, D, R>(args, grid, pdl, stream);
+  W4A8_MOE_LAUNCH(4, 2, false)
+  W4A8_MOE_LAUNCH(8, 2, false)
+  W4A8_MOE_LAUNCH(16, 2, false)
+  W4A8_MOE_LAUNCH(4, 2, true)
+  W4A8_MOE_LAUNCH(4, 3, true)
+  W4A8_MOE_LAUNCH(8, 2, true)
+  W4A8_MOE_LAUNCH(16, 2, true)
 #undef W4A8_MOE_LAUNCH
   return cudaErrorInvalidConfiguration;
 }
@@ -943,7 +1006,7 @@ int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
                          void* out, int ids64, int tokens, int top_k, int E, int K, int KP,
                          int rows, int rows_per_expert, int up_offset, int n_out, int lda,
                          int ldo, int a_per_row, int out_dtype, int act_int8, int gated,
-                         int warps, int stages, int pdl, void* stream) {
+                         int warps, int stages, int regs, int pdl, void* stream) {
   if (tokens <= 0 || top_k <= 0 || (!gated && top_k > kMoeMaxGroups) || K % 32 || K > KP ||
       KP % (2 * kStepK) || rows % 16 || rows_per_expert % 16 || up_offset % 8 || lda % 16 ||
       out_dtype < 0 || out_dtype > 2)
@@ -979,12 +1042,13 @@ int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
                           : dim3((n_out + 15) / 16, tokens, 1);
   auto st = static_cast<cudaStream_t>(stream);
   const bool use_pdl = pdl != 0;
+  const bool r = regs != 0;
   if (act_int8) {
-    return int(gated ? pick_moe_config<true, true>(warps, stages, args, grid, use_pdl, st)
-                     : pick_moe_config<true, false>(warps, stages, args, grid, use_pdl, st));
+    return int(gated ? pick_moe_config<true, true>(warps, stages, r, args, grid, use_pdl, st)
+                     : pick_moe_config<true, false>(warps, stages, r, args, grid, use_pdl, st));
   }
-  return int(gated ? pick_moe_config<false, true>(warps, stages, args, grid, use_pdl, st)
-                   : pick_moe_config<false, false>(warps, stages, args, grid, use_pdl, st));
+  return int(gated ? pick_moe_config<false, true>(warps, stages, r, args, grid, use_pdl, st)
+                   : pick_moe_config<false, false>(warps, stages, r, args, grid, use_pdl, st));
 }
 
 }  // extern "C"

@@ -151,7 +151,7 @@ class DecodeGemmLib:
         self._lib.w4a8_decode_gemm.restype = i
         self._lib.w4a8_quant_act.argtypes = [p, i, p, p, p, i, i, i, i, i, p]
         self._lib.w4a8_quant_act.restype = i
-        self._lib.w4a8_moe_decode_gemm.argtypes = [p] * 13 + [i] * 19 + [p]
+        self._lib.w4a8_moe_decode_gemm.argtypes = [p] * 13 + [i] * 20 + [p]
         self._lib.w4a8_moe_decode_gemm.restype = i
         self._lib.w4a8_error_string.argtypes = [i]
         self._lib.w4a8_error_string.restype = ctypes.c_char_p
@@ -190,7 +190,7 @@ class DecodeGemmLib:
                  topk_w: torch.Tensor | None, h_scale: torch.Tensor | None, out: torch.Tensor,
                  *, gated: bool, num_experts: int, k: int, rows_per_expert: int,
                  up_offset: int, n_out: int, act_int8: bool, a_per_row: bool,
-                 warps: int, stages: int, pdl: bool) -> None:
+                 warps: int, stages: int, regs: bool, pdl: bool) -> None:
         """One MoE decode GEMM (``moe_decode_kernel`` in the source): ``gated`` = GEMM1 over
         the routed pairs into ``out`` = h, else GEMM2 over the tokens into ``out`` = y."""
         tokens, top_k = topk_ids.shape
@@ -206,7 +206,8 @@ class DecodeGemmLib:
             int(topk_ids.dtype == torch.int64), tokens, top_k, num_experts, k,
             weights.packed.shape[1] * 2, weights.packed.shape[0], rows_per_expert, up_offset,
             n_out, a.stride(0), out.stride(0), int(a_per_row), _DTYPE_CODE.get(out.dtype, 2),
-            int(act_int8), int(gated), warps, stages, int(pdl), stream), "MoE GEMM launch")
+            int(act_int8), int(gated), warps, stages, int(regs), int(pdl), stream),
+            "MoE GEMM launch")
 
 
 _LOADED: dict[int, DecodeGemmLib | CudaExtUnavailable] = {}
