@@ -336,34 +336,33 @@ def cuda_parts(timer, kern, layer, x, tw, ti):
     xs2 = h_scale if static else torch.ones(t * top_k, device="cuda")
     out = torch.empty((t, h), dtype=torch.bfloat16, device="cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    w2_, st2, r2 = mc.gemm2_config(h, t, sms)
+    w2_, st2 = mc.gemm2_config(h, t, sms)
     per_row = not static
     common = dict(num_experts=e, act_int8=act_int8, pdl=True)
     g1 = lambda: lib.moe_gemm(q1, xs1, w13, ti, None, None, h_scale, hq, gated=True, k=h,  # noqa
                               rows_per_expert=2 * ip, up_offset=ip, n_out=i, a_per_row=per_row,
-                              warps=mc.GEMM1_CONFIG[0], stages=mc.GEMM1_CONFIG[1],
-                              regs=mc.GEMM1_CONFIG[2], **common)
+                              warps=mc.GEMM1_CONFIG[0], stages=mc.GEMM1_CONFIG[1], **common)
     if not static:  # GEMM1's float32 output variant, timed into a float buffer
         hf = torch.empty((t * top_k, i), dtype=torch.float32, device="cuda")
         g1 = lambda: lib.moe_gemm(q1, xs1, w13, ti, None, None, None, hf, gated=True,  # noqa
                                   k=h, rows_per_expert=2 * ip, up_offset=ip, n_out=i,
                                   a_per_row=per_row, warps=mc.GEMM1_CONFIG[0],
-                                  stages=mc.GEMM1_CONFIG[1], regs=mc.GEMM1_CONFIG[2], **common)
+                                  stages=mc.GEMM1_CONFIG[1], **common)
     g2 = lambda: lib.moe_gemm(hq, xs2, w2, ti, None, tw, None, out, gated=False, k=i,  # noqa
                               rows_per_expert=hp, up_offset=0, n_out=h, a_per_row=per_row,
-                              warps=w2_, stages=st2, regs=r2, **common)
+                              warps=w2_, stages=st2, **common)
     return {"quant_x": round(timer.time_us(
                 lambda: cuda_quantize(lib, x, act_int8, int(cfg.w13_scheme), s1)), 2),
             "gemm1": round(timer.time_us(g1), 2), "gemm2": round(timer.time_us(g2), 2),
-            "gemm2_config": [w2_, st2, r2]}
+            "gemm2_config": [w2_, st2]}
 
 
 def cuda_sweep(timer, log, tokens=(1, 2, 4, 8)):
     """The CUDA decode path against the Triton kernels on the same layer: GEMM2's configs, each
     launch alone, and the weight bytes the layer reads (the data for MAX_TOKENS and
     gemm2_config)."""
-    configs1 = ((4, 2, False), (4, 2, True), (4, 3, True))
-    configs2 = ((8, 2, False), (16, 2, False), (8, 2, True), (16, 2, True))
+    configs1 = ((4, 2), (8, 2))
+    configs2 = ((8, 2), (16, 2))
     saved = mc.MAX_TOKENS, mc.GEMM1_CONFIG, mc.GEMM2_CONFIG
     mc.MAX_TOKENS = max(tokens)
     try:

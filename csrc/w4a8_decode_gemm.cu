@@ -244,10 +244,7 @@ __device__ __forceinline__ void step_mma(const StepRegs<kNT>& r, float (&acc)[kN
   }
 }
 
-// kRegs = false: the weights go through the per-warp cp.async ring of kDepth stages (above).
-// kRegs = true: every lane loads its own step operands straight into registers, kDepth steps
-// ahead (rotating StepRegs buffers), with no shared memory until the split-K reduction.
-template <bool kInt8, int kNT, int kWarps, int kDepth, bool kRegs, typename OutT>
+template <bool kInt8, int kNT, int kWarps, int kStages, typename OutT>
 __global__ void __launch_bounds__(kWarps * 32)
     decode_gemm_kernel(const uint8_t* __restrict__ xq, const float* __restrict__ xs,
                        const uint8_t* __restrict__ packed, const uint8_t* __restrict__ codes,
@@ -285,98 +282,54 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
   for (int j = 0; j < kNT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
-  if constexpr (kRegs) {
-    const uint8_t* wa = packed + size_t(n0 + g) * kp2 + 32 * t;
-    const uint8_t* wb = wa + 8 * kp2;
-    const uint8_t* ca = codes + size_t(n0 + g) * kp32 + 2 * t;
-    const uint8_t* cb = ca + 8 * kp32;
-    auto load_w = [&](int s, StepRegs<kNT>& r) {
-      const int off = s * (kStepK / 2);
-      r.wa0 = __ldcs(reinterpret_cast<const uint4*>(wa + off));
-      r.wa1 = __ldcs(reinterpret_cast<const uint4*>(wa + off + 16));
-      r.wb0 = __ldcs(reinterpret_cast<const uint4*>(wb + off));
-      r.wb1 = __ldcs(reinterpret_cast<const uint4*>(wb + off + 16));
-      r.ca = __ldcs(reinterpret_cast<const uint16_t*>(ca + s * (kStepK / 32)));
-      r.cb = __ldcs(reinterpret_cast<const uint16_t*>(cb + s * (kStepK / 32)));
-      if constexpr (kInt8) {
-        r.ta = __ldg(tiles + size_t(s) * NP + n0 + g);
-        r.tb = __ldg(tiles + size_t(s) * NP + n0 + g + 8);
-      }
-    };
-    StepRegs<kNT> buf[kDepth];
-    // The weights do not depend on the previous kernel: load them before waiting.
+  uint8_t* ring = ring_all + warp * (kStages * kStageBytes);
+  // copies: instruction i moves rows 4i .. 4i+3 (lane: row 4i + lane/8, 16-byte chunk
+  // lane%8); lanes 0-15 one row's code bytes; lane 16 the 16 tile exponents (INT8)
+  const int copy_row = lane >> 3, copy_chunk = (lane & 7) * 16;
+  const uint8_t* w_src = packed + size_t(n0 + copy_row) * kp2 + copy_chunk;
+  const uint8_t* c_src = codes + size_t(n0 + (lane & 15)) * kp32;
+  const uint8_t* t_src = tiles + n0;
+  auto issue = [&](int s, int stage) {
+    uint8_t* st = ring + stage * kStageBytes + copy_row * kRowStride + copy_chunk;
+    const uint8_t* src = w_src + s * (kStepK / 2);
 #pragma unroll
-    for (int d = 0; d < kDepth; ++d)
-      if (warp + d * kWarps < steps) load_w(warp + d * kWarps, buf[d]);
-    pdl_wait();
-#pragma unroll
-    for (int d = 0; d < kDepth; ++d)
-      if (warp + d * kWarps < steps) load_x(warp + d * kWarps, buf[d]);
-    for (int s0 = warp; s0 < steps; s0 += kDepth * kWarps) {
-#pragma unroll
-      for (int d = 0; d < kDepth; ++d) {
-        const int s = s0 + d * kWarps;
-        if (s < steps) {
-          step_mma<kInt8, kNT>(buf[d], acc);
-          const int s_next = s + kDepth * kWarps;
-          if (s_next < steps) {
-            load_w(s_next, buf[d]);
-            load_x(s_next, buf[d]);
-          }
-        }
-      }
-    }
-  } else {
-    constexpr int kStages = kDepth;
-    uint8_t* ring = ring_all + warp * (kStages * kStageBytes);
-    // copies: instruction i moves rows 4i .. 4i+3 (lane: row 4i + lane/8, 16-byte chunk
-    // lane%8); lanes 0-15 one row's code bytes; lane 16 the 16 tile exponents (INT8)
-    const int copy_row = lane >> 3, copy_chunk = (lane & 7) * 16;
-    const uint8_t* w_src = packed + size_t(n0 + copy_row) * kp2 + copy_chunk;
-    const uint8_t* c_src = codes + size_t(n0 + (lane & 15)) * kp32;
-    const uint8_t* t_src = tiles + n0;
-    auto issue = [&](int s, int stage) {
-      uint8_t* st = ring + stage * kStageBytes + copy_row * kRowStride + copy_chunk;
-      const uint8_t* src = w_src + s * (kStepK / 2);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) cp_async16(st + 4 * i * kRowStride, src + 4 * i * kp2);
-      uint8_t* sc = ring + stage * kStageBytes + kStageWeights;
-      if (lane < 16) cp_async8(sc + lane * 8, c_src + s * (kStepK / 32));
-      if (kInt8 && lane == 16) cp_async16(sc + kStageCodes, t_src + size_t(s) * NP);
-    };
+    for (int i = 0; i < 4; ++i) cp_async16(st + 4 * i * kRowStride, src + 4 * i * kp2);
+    uint8_t* sc = ring + stage * kStageBytes + kStageWeights;
+    if (lane < 16) cp_async8(sc + lane * 8, c_src + s * (kStepK / 32));
+    if (kInt8 && lane == 16) cp_async16(sc + kStageCodes, t_src + size_t(s) * NP);
+  };
 
-    // The weights do not depend on the previous kernel: start their copies before waiting.
+  // The weights do not depend on the previous kernel: start their copies before waiting.
 #pragma unroll
-    for (int i = 0; i < kStages - 1; ++i) {
-      const int s = warp + i * kWarps;
-      if (s < steps) issue(s, i);
-      cp_async_commit();
-    }
-    pdl_wait();
+  for (int i = 0; i < kStages - 1; ++i) {
+    const int s = warp + i * kWarps;
+    if (s < steps) issue(s, i);
+    cp_async_commit();
+  }
+  pdl_wait();
 
-    int stage = 0;
-    for (int s = warp; s < steps; s += kWarps) {
-      StepRegs<kNT> r;
-      load_x(s, r);
-      __syncwarp();  // every lane is done reading the stage that the next copy overwrites
-      const int s_next = s + (kStages - 1) * kWarps;
-      if (s_next < steps) issue(s_next, stage == 0 ? kStages - 1 : stage - 1);
-      cp_async_commit();
-      cp_async_wait<kStages - 1>();
-      __syncwarp();  // make the other lanes' copies (codes, tile exponents) visible
+  int stage = 0;
+  for (int s = warp; s < steps; s += kWarps) {
+    StepRegs<kNT> r;
+    load_x(s, r);
+    __syncwarp();  // every lane is done reading the stage that the next copy overwrites
+    const int s_next = s + (kStages - 1) * kWarps;
+    if (s_next < steps) issue(s_next, stage == 0 ? kStages - 1 : stage - 1);
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();
+    __syncwarp();  // make the other lanes' copies (codes, tile exponents) visible
 
-      const uint8_t* st = ring + stage * kStageBytes;
-      stage = stage + 1 == kStages ? 0 : stage + 1;
-      r.wa0 = *reinterpret_cast<const uint4*>(st + g * kRowStride + 32 * t);
-      r.wa1 = *reinterpret_cast<const uint4*>(st + g * kRowStride + 32 * t + 16);
-      r.wb0 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowStride + 32 * t);
-      r.wb1 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowStride + 32 * t + 16);
-      r.ca = *reinterpret_cast<const uint16_t*>(st + kStageWeights + g * 8 + t * 2);
-      r.cb = *reinterpret_cast<const uint16_t*>(st + kStageWeights + (g + 8) * 8 + t * 2);
-      r.ta = st[kStageWeights + kStageCodes + g];
-      r.tb = st[kStageWeights + kStageCodes + g + 8];
-      step_mma<kInt8, kNT>(r, acc);
-    }
+    const uint8_t* st = ring + stage * kStageBytes;
+    stage = stage + 1 == kStages ? 0 : stage + 1;
+    r.wa0 = *reinterpret_cast<const uint4*>(st + g * kRowStride + 32 * t);
+    r.wa1 = *reinterpret_cast<const uint4*>(st + g * kRowStride + 32 * t + 16);
+    r.wb0 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowStride + 32 * t);
+    r.wb1 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowStride + 32 * t + 16);
+    r.ca = *reinterpret_cast<const uint16_t*>(st + kStageWeights + g * 8 + t * 2);
+    r.cb = *reinterpret_cast<const uint16_t*>(st + kStageWeights + (g + 8) * 8 + t * 2);
+    r.ta = st[kStageWeights + kStageCodes + g];
+    r.tb = st[kStageWeights + kStageCodes + g + 8];
+    step_mma<kInt8, kNT>(r, acc);
   }
   cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
 
@@ -560,7 +513,7 @@ __device__ __forceinline__ void store_out(void* out, int dtype, size_t i, float 
   }
 }
 
-template <bool kInt8, bool kGated, int kWarps, int kDepth, bool kRegs>
+template <bool kInt8, bool kGated, int kWarps, int kStages>
 __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs args) {
   extern __shared__ __align__(16) uint8_t ring_all[];
   __shared__ float partial[kWarps][16];
@@ -663,123 +616,73 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
     }
   };
 
-  if constexpr (kRegs) {
-    auto load_w = [&](int it, StepRegs<1>& r) {
-      const int grp = it / steps, s = it - grp * steps;
-      const int row_a = s_row[grp] + expert_row(g), row_b = s_row[grp] + expert_row(g + 8);
-      const uint8_t* wa = args.packed + size_t(row_a) * kp2 + s * (kStepK / 2) + 32 * t;
-      const uint8_t* wb = args.packed + size_t(row_b) * kp2 + s * (kStepK / 2) + 32 * t;
-      r.wa0 = __ldcs(reinterpret_cast<const uint4*>(wa));
-      r.wa1 = __ldcs(reinterpret_cast<const uint4*>(wa + 16));
-      r.wb0 = __ldcs(reinterpret_cast<const uint4*>(wb));
-      r.wb1 = __ldcs(reinterpret_cast<const uint4*>(wb + 16));
-      const uint8_t* cp = args.codes + s * (kStepK / 32) + 2 * t;
-      r.ca = __ldcs(reinterpret_cast<const uint16_t*>(cp + size_t(row_a) * kp32));
-      r.cb = __ldcs(reinterpret_cast<const uint16_t*>(cp + size_t(row_b) * kp32));
-      if constexpr (kInt8) {
-        const uint8_t* tiles = static_cast<const uint8_t*>(args.row_scale) + size_t(s) * args.rows;
-        r.ta = __ldg(tiles + row_a);
-        r.tb = __ldg(tiles + row_b);
+  uint8_t* ring = ring_all + warp * (kStages * kStageBytes);
+  const int copy_row = lane >> 3, copy_chunk = (lane & 7) * 16;
+  auto issue = [&](int it, int stage) {
+    const int grp = it / steps, s = it - grp * steps;
+    const int base = s_row[grp];
+    uint8_t* st = ring + stage * kStageBytes;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = 4 * i + copy_row;
+      cp_async16(st + r * kRowStride + copy_chunk,
+                 args.packed + size_t(base + expert_row(r)) * kp2 + s * (kStepK / 2) +
+                     copy_chunk);
+    }
+    uint8_t* sc = st + kStageWeights;
+    if (lane < 16)
+      cp_async8(sc + lane * 8,
+                args.codes + size_t(base + expert_row(lane)) * kp32 + s * (kStepK / 32));
+    if constexpr (kInt8) {
+      const uint8_t* tiles =
+          static_cast<const uint8_t*>(args.row_scale) + size_t(s) * args.rows + base;
+      if constexpr (kGated) {  // two runs of 8 rows (gate, up)
+        if (lane == 16 || lane == 17)
+          cp_async8(sc + kStageCodes + 8 * (lane - 16), tiles + expert_row(8 * (lane - 16)));
       } else {
-        const float* rs = static_cast<const float*>(args.row_scale);
-        r.ta = __float_as_uint(__ldg(rs + row_a));
-        r.tb = __float_as_uint(__ldg(rs + row_b));
-      }
-    };
-    StepRegs<1> buf[kDepth];
-    // The weights do not depend on the previous kernel: load them before waiting.
-#pragma unroll
-    for (int d = 0; d < kDepth; ++d)
-      if (warp + d * kWarps < items) load_w(warp + d * kWarps, buf[d]);
-    if constexpr (kGated) pdl_release();  // GEMM2 may start loading its weights
-    pdl_wait();
-#pragma unroll
-    for (int d = 0; d < kDepth; ++d)
-      if (warp + d * kWarps < items) load_x(warp + d * kWarps, buf[d]);
-    for (int it0 = warp; it0 < items; it0 += kDepth * kWarps) {
-#pragma unroll
-      for (int d = 0; d < kDepth; ++d) {
-        const int it = it0 + d * kWarps;
-        if (it < items) {
-          consume(it, buf[d]);
-          const int it_next = it + kDepth * kWarps;
-          if (it_next < items) {
-            load_w(it_next, buf[d]);
-            load_x(it_next, buf[d]);
-          }
-        }
+        if (lane == 16) cp_async16(sc + kStageCodes, tiles + col0);
       }
     }
-  } else {
-    constexpr int kStages = kDepth;
-    uint8_t* ring = ring_all + warp * (kStages * kStageBytes);
-    const int copy_row = lane >> 3, copy_chunk = (lane & 7) * 16;
-    auto issue = [&](int it, int stage) {
-      const int grp = it / steps, s = it - grp * steps;
-      const int base = s_row[grp];
-      uint8_t* st = ring + stage * kStageBytes;
+  };
+
+  // The weights do not depend on the previous kernel: start their copies before waiting.
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = 4 * i + copy_row;
-        cp_async16(st + r * kRowStride + copy_chunk,
-                   args.packed + size_t(base + expert_row(r)) * kp2 + s * (kStepK / 2) +
-                       copy_chunk);
-      }
-      uint8_t* sc = st + kStageWeights;
-      if (lane < 16)
-        cp_async8(sc + lane * 8,
-                  args.codes + size_t(base + expert_row(lane)) * kp32 + s * (kStepK / 32));
-      if constexpr (kInt8) {
-        const uint8_t* tiles =
-            static_cast<const uint8_t*>(args.row_scale) + size_t(s) * args.rows + base;
-        if constexpr (kGated) {  // two runs of 8 rows (gate, up)
-          if (lane == 16 || lane == 17)
-            cp_async8(sc + kStageCodes + 8 * (lane - 16), tiles + expert_row(8 * (lane - 16)));
-        } else {
-          if (lane == 16) cp_async16(sc + kStageCodes, tiles + col0);
-        }
-      }
-    };
+  for (int i = 0; i < kStages - 1; ++i) {
+    const int it = warp + i * kWarps;
+    if (it < items) issue(it, i);
+    cp_async_commit();
+  }
+  if constexpr (kGated) pdl_release();  // GEMM2 may start copying its weights
+  pdl_wait();
 
-    // The weights do not depend on the previous kernel: start their copies before waiting.
-#pragma unroll
-    for (int i = 0; i < kStages - 1; ++i) {
-      const int it = warp + i * kWarps;
-      if (it < items) issue(it, i);
-      cp_async_commit();
+  int stage = 0;
+  for (int it = warp; it < items; it += kWarps) {
+    StepRegs<1> r;
+    load_x(it, r);
+    __syncwarp();  // every lane is done reading the stage that the next copy overwrites
+    const int it_next = it + (kStages - 1) * kWarps;
+    if (it_next < items) issue(it_next, stage == 0 ? kStages - 1 : stage - 1);
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();
+    __syncwarp();
+
+    const uint8_t* st = ring + stage * kStageBytes;
+    stage = stage + 1 == kStages ? 0 : stage + 1;
+    r.wa0 = *reinterpret_cast<const uint4*>(st + g * kRowStride + 32 * t);
+    r.wa1 = *reinterpret_cast<const uint4*>(st + g * kRowStride + 32 * t + 16);
+    r.wb0 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowStride + 32 * t);
+    r.wb1 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowStride + 32 * t + 16);
+    r.ca = *reinterpret_cast<const uint16_t*>(st + kStageWeights + g * 8 + t * 2);
+    r.cb = *reinterpret_cast<const uint16_t*>(st + kStageWeights + (g + 8) * 8 + t * 2);
+    if constexpr (kInt8) {
+      r.ta = st[kStageWeights + kStageCodes + g];
+      r.tb = st[kStageWeights + kStageCodes + g + 8];
+    } else {
+      const float* rs = static_cast<const float*>(args.row_scale) + s_row[it / steps];
+      r.ta = __float_as_uint(rs[expert_row(g)]);
+      r.tb = __float_as_uint(rs[expert_row(g + 8)]);
     }
-    if constexpr (kGated) pdl_release();  // GEMM2 may start copying its weights
-    pdl_wait();
-
-    int stage = 0;
-    for (int it = warp; it < items; it += kWarps) {
-      StepRegs<1> r;
-      load_x(it, r);
-      __syncwarp();  // every lane is done reading the stage that the next copy overwrites
-      const int it_next = it + (kStages - 1) * kWarps;
-      if (it_next < items) issue(it_next, stage == 0 ? kStages - 1 : stage - 1);
-      cp_async_commit();
-      cp_async_wait<kStages - 1>();
-      __syncwarp();
-
-      const uint8_t* st = ring + stage * kStageBytes;
-      stage = stage + 1 == kStages ? 0 : stage + 1;
-      r.wa0 = *reinterpret_cast<const uint4*>(st + g * kRowStride + 32 * t);
-      r.wa1 = *reinterpret_cast<const uint4*>(st + g * kRowStride + 32 * t + 16);
-      r.wb0 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowStride + 32 * t);
-      r.wb1 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowStride + 32 * t + 16);
-      r.ca = *reinterpret_cast<const uint16_t*>(st + kStageWeights + g * 8 + t * 2);
-      r.cb = *reinterpret_cast<const uint16_t*>(st + kStageWeights + (g + 8) * 8 + t * 2);
-      if constexpr (kInt8) {
-        r.ta = st[kStageWeights + kStageCodes + g];
-        r.tb = st[kStageWeights + kStageCodes + g + 8];
-      } else {
-        const float* rs = static_cast<const float*>(args.row_scale) + s_row[it / steps];
-        r.ta = __float_as_uint(rs[expert_row(g)]);
-        r.tb = __float_as_uint(rs[expert_row(g + 8)]);
-      }
-      consume(it, r);
-    }
+    consume(it, r);
   }
   cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
 
@@ -831,13 +734,13 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
 // ----------------------------------------------------------------------------------------------
 // host side
 // ----------------------------------------------------------------------------------------------
-template <bool kInt8, int kNT, int kWarps, int kDepth, bool kRegs, typename OutT>
+template <bool kInt8, int kNT, int kWarps, int kStages, typename OutT>
 cudaError_t launch_gemm(const uint8_t* xq, const float* xs, const uint8_t* packed,
                         const uint8_t* codes, const void* row_scale, const void* bias, void* y,
                         int M, int N, int K, int KP, int NP, int ldy, int per_token, bool pdl,
                         cudaStream_t stream) {
-  auto kernel = decode_gemm_kernel<kInt8, kNT, kWarps, kDepth, kRegs, OutT>;
-  constexpr int kSmem = kRegs ? 0 : kWarps * kDepth * kStageBytes;
+  auto kernel = decode_gemm_kernel<kInt8, kNT, kWarps, kStages, OutT>;
+  constexpr int kSmem = kWarps * kStages * kStageBytes;
   static const cudaError_t attr_status =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (attr_status != cudaSuccess) return attr_status;
@@ -857,40 +760,38 @@ cudaError_t launch_gemm(const uint8_t* xq, const float* xs, const uint8_t* packe
 }
 
 template <bool kInt8, int kNT, typename OutT>
-cudaError_t pick_warps(int warps, int stages, bool regs, const uint8_t* xq, const float* xs,
+cudaError_t pick_warps(int warps, int stages, const uint8_t* xq, const float* xs,
                        const uint8_t* packed, const uint8_t* codes, const void* row_scale,
                        const void* bias, void* y, int M, int N, int K, int KP, int NP, int ldy,
                        int per_token, bool pdl, cudaStream_t stream) {
-#define W4A8_LAUNCH(W, D, R)                                                                     \
-  if (warps == W && stages == D && regs == R)                                               \
-    return launch_gemm<kInt8, kNT, W, D, R, OutT>(xq, xs, packed, codes, row_scale, bias, y, M, \
-                                                  N, K, KP, NP, ldy, per_token, pdl, stream);
-  W4A8_LAUNCH(4, 2, false)
-  W4A8_LAUNCH(8, 2, false)
-  W4A8_LAUNCH(4, 2, true)
-  W4A8_LAUNCH(4, 3, true)
-  W4A8_LAUNCH(4, 4, true)
-  W4A8_LAUNCH(8, 2, true)
+#define W4A8_LAUNCH(W, D)                                                                       \
+  if (warps == W && stages == D)                                                                 \
+    return launch_gemm<kInt8, kNT, W, D, OutT>(xq, xs, packed, codes, row_scale, bias, y, M, N, \
+                                               K, KP, NP, ldy, per_token, pdl, stream);
+  W4A8_LAUNCH(4, 2)
+  W4A8_LAUNCH(4, 3)
+  W4A8_LAUNCH(8, 2)
+  W4A8_LAUNCH(8, 4)
 #undef W4A8_LAUNCH
   return cudaErrorInvalidConfiguration;
 }
 
 template <bool kInt8, typename OutT>
-cudaError_t pick_tiles(int warps, int stages, bool regs, const uint8_t* xq, const float* xs,
+cudaError_t pick_tiles(int warps, int stages, const uint8_t* xq, const float* xs,
                        const uint8_t* packed, const uint8_t* codes, const void* row_scale,
                        const void* bias, void* y, int M, int N, int K, int KP, int NP, int ldy,
                        int per_token, bool pdl, cudaStream_t stream) {
   if (M <= 8)
-    return pick_warps<kInt8, 1, OutT>(warps, stages, regs, xq, xs, packed, codes, row_scale,
+    return pick_warps<kInt8, 1, OutT>(warps, stages, xq, xs, packed, codes, row_scale,
                                       bias, y, M, N, K, KP, NP, ldy, per_token, pdl, stream);
-  return pick_warps<kInt8, 2, OutT>(warps, stages, regs, xq, xs, packed, codes, row_scale, bias,
+  return pick_warps<kInt8, 2, OutT>(warps, stages, xq, xs, packed, codes, row_scale, bias,
                                     y, M, N, K, KP, NP, ldy, per_token, pdl, stream);
 }
 
-template <bool kInt8, bool kGated, int kWarps, int kDepth, bool kRegs>
+template <bool kInt8, bool kGated, int kWarps, int kStages>
 cudaError_t launch_moe(const MoeArgs& args, dim3 grid, bool pdl, cudaStream_t stream) {
-  auto kernel = moe_decode_kernel<kInt8, kGated, kWarps, kDepth, kRegs>;
-  constexpr int kSmem = kRegs ? 0 : kWarps * kDepth * kStageBytes;
+  auto kernel = moe_decode_kernel<kInt8, kGated, kWarps, kStages>;
+  constexpr int kSmem = kWarps * kStages * kStageBytes;
   static const cudaError_t attr_status =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (attr_status != cudaSuccess) return attr_status;
@@ -908,18 +809,13 @@ cudaError_t launch_moe(const MoeArgs& args, dim3 grid, bool pdl, cudaStream_t st
 }
 
 template <bool kInt8, bool kGated>
-cudaError_t pick_moe_config(int warps, int stages, bool regs, const MoeArgs& args, dim3 grid,
-                            bool pdl, cudaStream_t stream) {
-#define W4A8_MOE_LAUNCH(W, D, R)                 \
-  if (warps == W && stages == D && regs == R) \
-    return launch_moe<kInt8, kGated, W, D, R>(args, grid, pdl, stream);
-  W4A8_MOE_LAUNCH(4, 2, false)
-  W4A8_MOE_LAUNCH(8, 2, false)
-  W4A8_MOE_LAUNCH(16, 2, false)
-  W4A8_MOE_LAUNCH(4, 2, true)
-  W4A8_MOE_LAUNCH(4, 3, true)
-  W4A8_MOE_LAUNCH(8, 2, true)
-  W4A8_MOE_LAUNCH(16, 2, true)
+cudaError_t pick_moe_config(int warps, int stages, const MoeArgs& args, dim3 grid, bool pdl,
+                            cudaStream_t stream) {
+#define W4A8_MOE_LAUNCH(W, D) \
+  if (warps == W && stages == D) return launch_moe<kInt8, kGated, W, D>(args, grid, pdl, stream);
+  W4A8_MOE_LAUNCH(4, 2)
+  W4A8_MOE_LAUNCH(8, 2)
+  W4A8_MOE_LAUNCH(16, 2)
 #undef W4A8_MOE_LAUNCH
   return cudaErrorInvalidConfiguration;
 }
@@ -931,13 +827,12 @@ extern "C" {
 const char* w4a8_error_string(int code) { return cudaGetErrorString(cudaError_t(code)); }
 
 // Returns a cudaError_t code (0 = launched). out_dtype: 0 bf16, 1 fp16, 2 fp32.
-// (warps, stages, regs) is one of the instantiated launch configs (CUDA_DECODE_CONFIG in
-// sm90_triton.py): regs = 0: a cp.async ring of `stages` stages per warp; regs = 1: operands
-// loaded straight into registers, `stages` steps ahead.
+// (warps, stages) is one of the instantiated launch configs (CUDA_DECODE_CONFIG in
+// sm90_triton.py).
 int w4a8_decode_gemm(const void* xq, const void* xs, const void* packed, const void* codes,
                      const void* row_scale, const void* bias, void* y, int M, int N, int K, int KP,
                      int NP, int ldy, int act_int8, int per_token, int out_dtype, int warps,
-                     int stages, int regs, int pdl, void* stream) {
+                     int stages, int pdl, void* stream) {
   if (M <= 0 || M > 16 || NP % 16 || KP % (2 * kStepK) || K % 32 || K > KP || N > NP)
     return int(cudaErrorInvalidValue);
   auto xq8 = static_cast<const uint8_t*>(xq);
@@ -949,14 +844,14 @@ int w4a8_decode_gemm(const void* xq, const void* xs, const void* packed, const v
 #define W4A8_DTYPE(INT8)                                                                         \
   switch (out_dtype) {                                                                           \
     case 0:                                                                                      \
-      return int(pick_tiles<INT8, __nv_bfloat16>(warps, stages, regs, xq8, xsf, w, c, row_scale, bias, \
+      return int(pick_tiles<INT8, __nv_bfloat16>(warps, stages, xq8, xsf, w, c, row_scale, bias, \
                                                  y, M, N, K, KP, NP, ldy, per_token, use_pdl,    \
                                                  st));                                           \
     case 1:                                                                                      \
-      return int(pick_tiles<INT8, __half>(warps, stages, regs, xq8, xsf, w, c, row_scale, bias, y, M,  \
+      return int(pick_tiles<INT8, __half>(warps, stages, xq8, xsf, w, c, row_scale, bias, y, M,  \
                                           N, K, KP, NP, ldy, per_token, use_pdl, st));           \
     case 2:                                                                                      \
-      return int(pick_tiles<INT8, float>(warps, stages, regs, xq8, xsf, w, c, row_scale, bias, y, M,   \
+      return int(pick_tiles<INT8, float>(warps, stages, xq8, xsf, w, c, row_scale, bias, y, M,   \
                                          N, K, KP, NP, ldy, per_token, use_pdl, st));            \
     default:                                                                                     \
       return int(cudaErrorInvalidValue);                                                         \
@@ -1006,7 +901,7 @@ int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
                          void* out, int ids64, int tokens, int top_k, int E, int K, int KP,
                          int rows, int rows_per_expert, int up_offset, int n_out, int lda,
                          int ldo, int a_per_row, int out_dtype, int act_int8, int gated,
-                         int warps, int stages, int regs, int pdl, void* stream) {
+                         int warps, int stages, int pdl, void* stream) {
   if (tokens <= 0 || top_k <= 0 || (!gated && top_k > kMoeMaxGroups) || K % 32 || K > KP ||
       KP % (2 * kStepK) || rows % 16 || rows_per_expert % 16 || up_offset % 8 || lda % 16 ||
       out_dtype < 0 || out_dtype > 2)
@@ -1042,13 +937,12 @@ int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
                           : dim3((n_out + 15) / 16, tokens, 1);
   auto st = static_cast<cudaStream_t>(stream);
   const bool use_pdl = pdl != 0;
-  const bool r = regs != 0;
   if (act_int8) {
-    return int(gated ? pick_moe_config<true, true>(warps, stages, r, args, grid, use_pdl, st)
-                     : pick_moe_config<true, false>(warps, stages, r, args, grid, use_pdl, st));
+    return int(gated ? pick_moe_config<true, true>(warps, stages, args, grid, use_pdl, st)
+                     : pick_moe_config<true, false>(warps, stages, args, grid, use_pdl, st));
   }
-  return int(gated ? pick_moe_config<false, true>(warps, stages, r, args, grid, use_pdl, st)
-                   : pick_moe_config<false, false>(warps, stages, r, args, grid, use_pdl, st));
+  return int(gated ? pick_moe_config<false, true>(warps, stages, args, grid, use_pdl, st)
+                   : pick_moe_config<false, false>(warps, stages, args, grid, use_pdl, st));
 }
 
 }  // extern "C"

@@ -37,7 +37,7 @@ def main():
     for cfg in args.configs.split(","):
         w, s = (int(v) for v in cfg.split("x"))
         lib.gemm(q, xs, layer.weight, layer.weight_scale, layer.w4a8_row_scale, None, y,
-                 args.int8, False, w, s, False, False)
+                 args.int8, False, w, s, False)
     tk.w4a8_gemm(q, xs, layer.weight, layer.weight_scale, layer.w4a8_row_scale,
                  layer.w4a8_counters, layer.w4a8_lut, args.n, args.int8, False, None,
                  torch.bfloat16)

@@ -49,9 +49,7 @@ def _cuda_skip_reason() -> str | None:
 _REASON = _cuda_skip_reason() if torch.cuda.is_available() else "no CUDA GPU on this machine"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=str(_REASON))]
 
-# (warps, stages or register depth, registers): every instantiated launch config
-CONFIGS = [(4, 2, False), (8, 2, False), (16, 2, False), (4, 2, True), (4, 3, True),
-           (8, 2, True), (16, 2, True)]
+CONFIGS = [(4, 2), (8, 2), (16, 2)]  # (warps, stages): every instantiated launch config
 
 
 @pytest.fixture(autouse=True)
@@ -143,8 +141,7 @@ def test_every_launch_config(act, config, monkeypatch, _cuda_path):
     _need_fp8(act)
     monkeypatch.setattr(mc, "GEMM1_CONFIG", config)
     monkeypatch.setattr(mc, "GEMM2_CONFIG", config)
-    kern, layer, dense, g = build(act, P, D, 16, 768, 320, 4,
-                                  seed=config[0] + config[1] + 100 * config[2])
+    kern, layer, dense, g = build(act, P, D, 16, 768, 320, 4, seed=config[0] + config[1])
     kern.process_weights_after_loading(layer)
     for t in (1, 3):
         run_both(kern, layer, dense, g, t, act, (P, D), _cuda_path)

@@ -147,11 +147,11 @@ class DecodeGemmLib:
         self.capability = capability
         self._lib = ctypes.CDLL(str(path))
         p, i = ctypes.c_void_p, ctypes.c_int
-        self._lib.w4a8_decode_gemm.argtypes = [p, p, p, p, p, p, p] + [i] * 13 + [p]
+        self._lib.w4a8_decode_gemm.argtypes = [p, p, p, p, p, p, p] + [i] * 12 + [p]
         self._lib.w4a8_decode_gemm.restype = i
         self._lib.w4a8_quant_act.argtypes = [p, i, p, p, p, i, i, i, i, i, p]
         self._lib.w4a8_quant_act.restype = i
-        self._lib.w4a8_moe_decode_gemm.argtypes = [p] * 13 + [i] * 20 + [p]
+        self._lib.w4a8_moe_decode_gemm.argtypes = [p] * 13 + [i] * 19 + [p]
         self._lib.w4a8_moe_decode_gemm.restype = i
         self._lib.w4a8_error_string.argtypes = [i]
         self._lib.w4a8_error_string.restype = ctypes.c_char_p
@@ -173,7 +173,7 @@ class DecodeGemmLib:
 
     def gemm(self, q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
              row_scale: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, act_int8: bool,
-             per_token: bool, warps: int, stages: int, regs: bool, pdl: bool) -> None:
+             per_token: bool, warps: int, stages: int, pdl: bool) -> None:
         m, k = q.shape
         n = y.shape[1]
         n_pad, kp = packed.shape[0], packed.shape[1] * 2
@@ -182,7 +182,7 @@ class DecodeGemmLib:
             q.data_ptr(), xs.data_ptr(), packed.data_ptr(), codes.data_ptr(),
             row_scale.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
             m, n, k, kp, n_pad, y.stride(0), int(act_int8), int(per_token),
-            _DTYPE_CODE[y.dtype], warps, stages, int(regs), int(pdl), stream), "GEMM launch")
+            _DTYPE_CODE[y.dtype], warps, stages, int(pdl), stream), "GEMM launch")
 
 
     def moe_gemm(self, a: torch.Tensor, a_scale: torch.Tensor, weights: MoeWeights,
@@ -190,7 +190,7 @@ class DecodeGemmLib:
                  topk_w: torch.Tensor | None, h_scale: torch.Tensor | None, out: torch.Tensor,
                  *, gated: bool, num_experts: int, k: int, rows_per_expert: int,
                  up_offset: int, n_out: int, act_int8: bool, a_per_row: bool,
-                 warps: int, stages: int, regs: bool, pdl: bool) -> None:
+                 warps: int, stages: int, pdl: bool) -> None:
         """One MoE decode GEMM (``moe_decode_kernel`` in the source): ``gated`` = GEMM1 over
         the routed pairs into ``out`` = h, else GEMM2 over the tokens into ``out`` = y."""
         tokens, top_k = topk_ids.shape
@@ -206,8 +206,7 @@ class DecodeGemmLib:
             int(topk_ids.dtype == torch.int64), tokens, top_k, num_experts, k,
             weights.packed.shape[1] * 2, weights.packed.shape[0], rows_per_expert, up_offset,
             n_out, a.stride(0), out.stride(0), int(a_per_row), _DTYPE_CODE.get(out.dtype, 2),
-            int(act_int8), int(gated), warps, stages, int(regs), int(pdl), stream),
-            "MoE GEMM launch")
+            int(act_int8), int(gated), warps, stages, int(pdl), stream), "MoE GEMM launch")
 
 
 _LOADED: dict[int, DecodeGemmLib | CudaExtUnavailable] = {}

@@ -36,10 +36,9 @@ def _num_sms(device_index: int) -> int:
 
 # Largest token count that takes this path (H100, bench_moe.py: see docs/moe_kernels.md).
 MAX_TOKENS = 4
-# (warps per CTA, cp.async stages or register depth per warp, registers) of GEMM1; GEMM2's from
-# gemm2_config unless set.
-GEMM1_CONFIG = (4, 2, False)
-GEMM2_CONFIG: tuple[int, int, bool] | None = None
+# (warps per CTA, cp.async stages per warp) of GEMM1; GEMM2's from gemm2_config unless set.
+GEMM1_CONFIG = (4, 2)
+GEMM2_CONFIG: tuple[int, int] | None = None
 MAX_TOP_K = 16  # GEMM2's per-CTA table of the token's experts
 POISON_OUTPUTS = False  # tests: fill intermediates with NaN / 0x7F first
 
@@ -59,12 +58,12 @@ def usable(num_tokens: int, top_k: int) -> bool:
     return 0 < num_tokens <= MAX_TOKENS and top_k <= MAX_TOP_K
 
 
-def gemm2_config(hidden: int, tokens: int, sms: int) -> tuple[int, int, bool]:
+def gemm2_config(hidden: int, tokens: int, sms: int) -> tuple[int, int]:
     """GEMM2's launch config: 16 warps while its CTAs fit on the SMs at once, else 8 (H100
     sweep, docs/moe_kernels.md: Qwen3 T=1 19.9 vs 25.5 us; 8 warps at every larger grid)."""
     if GEMM2_CONFIG is not None:
         return GEMM2_CONFIG
-    return (16, 2, False) if -(-hidden // 16) * tokens <= sms else (8, 2, False)
+    return (16, 2) if -(-hidden // 16) * tokens <= sms else (8, 2)
 
 
 def moe_forward(
@@ -94,8 +93,8 @@ def moe_forward(
     pdl = capability >= 90
     t = x.shape[0]
     top_k = topk_ids.shape[1]
-    w1, s1, r1 = GEMM1_CONFIG
-    w2_, s2_, r2 = gemm2_config(hidden, t, _num_sms(dev.index or 0))
+    w1, s1 = GEMM1_CONFIG
+    w2_, s2_ = gemm2_config(hidden, t, _num_sms(dev.index or 0))
 
     weights = topk_weights
     if apply_router_weight_on_input:  # vLLM allows it for top-1 only
@@ -130,7 +129,7 @@ def moe_forward(
                  num_experts=num_experts, k=hidden, rows_per_expert=2 * ip, up_offset=ip,
                  n_out=inter, act_int8=act_int8,
                  a_per_row=scheme1 == int(ActivationScheme.DYNAMIC_PER_TOKEN),
-                 warps=w1, stages=s1, regs=r1, pdl=pdl)
+                 warps=w1, stages=s1, pdl=pdl)
 
     if static2:
         q2, xs2 = h, h_scale
@@ -145,5 +144,5 @@ def moe_forward(
                  num_experts=num_experts, k=inter, rows_per_expert=hp, up_offset=0,
                  n_out=hidden, act_int8=act_int8,
                  a_per_row=scheme2 == int(ActivationScheme.DYNAMIC_PER_TOKEN),
-                 warps=w2_, stages=s2_, regs=r2, pdl=pdl)
+                 warps=w2_, stages=s2_, pdl=pdl)
     return out

@@ -61,7 +61,7 @@ CUDA_DECODE_MAX_M = {False: 8, True: 16}
 # warps split K. (4, 2) was the fastest or within 10% of it at every measured shape and M (H100,
 # bench_linear --sweep-cuda): the kernel is bound by latency at low occupancy, so more warps beat
 # deeper copy rings.
-CUDA_DECODE_CONFIG = (4, 2, False)
+CUDA_DECODE_CONFIG = (4, 2)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
@@ -157,7 +157,7 @@ def aligned_rows(x2: torch.Tensor) -> torch.Tensor:
 def cuda_decode(x2: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
                 row_scale: torch.Tensor, input_scale: torch.Tensor | None,
                 bias: torch.Tensor | None, n: int, act_int8: bool, scheme: int,
-                out_dtype: torch.dtype, config: tuple[int, int, bool] | None = None):
+                out_dtype: torch.dtype, config: tuple[int, int] | None = None):
     """Quantize ``x2`` [M <= 16, K] and run the CUDA decode GEMM; returns (y, q, x_scale).
     (Callers pick M <= cuda_decode_max_m; the kernel itself takes any M <= 16.)"""
     from . import _cuda_ext
@@ -172,10 +172,10 @@ def cuda_decode(x2: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
     y = torch.empty((m, n), dtype=out_dtype, device=dev)
     if tk.POISON_OUTPUTS:
         y.fill_(float("nan"))
-    warps, stages, regs = config or CUDA_DECODE_CONFIG
+    warps, stages = config or CUDA_DECODE_CONFIG
     per_token = scheme == int(ActivationScheme.DYNAMIC_PER_TOKEN)
     lib.gemm(q, s_out, packed, codes, row_scale, bias, y, act_int8, per_token, warps, stages,
-             regs, pdl=capability >= 90)
+             pdl=capability >= 90)
     return y, q, s_out
 
 
