@@ -190,7 +190,7 @@ def bench_model(timer, name, m, tokens, fused_experts, log):
         tm(TRITON_BF16, lambda: triton_bf16_moe(x, tw, ti, w13s, w2s, m, ip, hp))
         for label, (kern, layer) in ours.items():
             tm(label, lambda kern=kern, layer=layer: kern.apply(layer, x, tw, ti, None, False))
-        if t <= mc.MAX_TOKENS:
+        if mc.usable(t, m["top_k"], m["experts"]):
             for label, variant in TRITON_PATH.items():
                 tm(label, lambda k_l=ours[variant]: triton_path(*k_l, x, tw, ti))
         # sanity: every output close to the BF16 baseline (quantization error only)
@@ -237,8 +237,10 @@ def write_report(rows, out_dir: Path, meta):
         "- each entry: one whole MoE layer call (activation quantization, routing, gate-up GEMM "
         "+ SiLU, down GEMM, top-k reduction) under CUDA-graph replay, L2 flushed before each "
         "call; uniform random top-k routing; speed-up in parentheses vs " + base + ".",
-        f"- `ours`: the CUDA decode kernels up to {mc.MAX_TOKENS} tokens, the Triton grouped "
-        "kernels above; `Triton kernels`: the same layers forced onto Triton at those sizes.",
+        f"- `ours`: the CUDA decode kernels up to {mc.MAX_TOKENS} tokens (while the routed pairs "
+        f"are fewer than {mc.MAX_PAIR_FRACTION} x the experts), the Triton grouped kernels "
+        "otherwise; `Triton kernels`: the same layers forced onto Triton where the default is "
+        "CUDA.",
         "- `floor` = MXFP4 weight bytes of the experts the routing touches / copy bandwidth "
         "(BF16 floor in brackets).",
         "",
@@ -363,8 +365,8 @@ def cuda_sweep(timer, log, tokens=(1, 2, 4, 8)):
     gemm2_config)."""
     configs1 = ((4, 2), (8, 2))
     configs2 = ((8, 2), (16, 2))
-    saved = mc.MAX_TOKENS, mc.GEMM1_CONFIG, mc.GEMM2_CONFIG
-    mc.MAX_TOKENS = max(tokens)
+    saved = mc.MAX_TOKENS, mc.GEMM1_CONFIG, mc.GEMM2_CONFIG, mc.MAX_PAIR_FRACTION
+    mc.MAX_TOKENS, mc.MAX_PAIR_FRACTION = max(tokens), float("inf")
     try:
         for name, m in MODELS.items():
             weights = make_moe_weights(m, seed=len(name))
@@ -396,10 +398,10 @@ def cuda_sweep(timer, log, tokens=(1, 2, 4, 8)):
                             except Exception as exc:
                                 res[key] = f"ERR {type(exc).__name__}: {exc}"
                             finally:
-                                mc.GEMM1_CONFIG, mc.GEMM2_CONFIG = saved[1:]
+                                mc.GEMM1_CONFIG, mc.GEMM2_CONFIG = saved[1:3]
                     log(json.dumps(res))
     finally:
-        mc.MAX_TOKENS, mc.GEMM1_CONFIG, mc.GEMM2_CONFIG = saved
+        mc.MAX_TOKENS, mc.GEMM1_CONFIG, mc.GEMM2_CONFIG, mc.MAX_PAIR_FRACTION = saved
 
 
 def main(argv=None):

@@ -59,6 +59,9 @@ def _cuda_path(monkeypatch, _poison):
 
     monkeypatch.setenv("W4A8_SM90_DECODE", "cuda")
     monkeypatch.setattr(mc, "POISON_OUTPUTS", True)
+    # the kernels at every token count they take, whatever the default pair-density rule says
+    # (test_larger_calls_take_triton checks the rule)
+    monkeypatch.setattr(mc, "MAX_PAIR_FRACTION", float("inf"))
     calls = []
     orig = mc.moe_forward
 
@@ -173,16 +176,20 @@ def test_router_weight_on_input_and_dtypes(act, _cuda_path):
         run_both(kern, layer, dense, g, 3, act, (P, S), _cuda_path, x_dtype=x_dtype)
 
 
-def test_larger_calls_take_triton(_cuda_path):
+def test_larger_calls_take_triton(_cuda_path, monkeypatch):
+    """More than MAX_TOKENS tokens, or pairs >= MAX_PAIR_FRACTION x experts: Triton."""
     from w4a8_backend.kernels import _sm90_moe_cuda as mc
 
-    kern, layer, dense, g = build(FP8, D, D, 8, 256, 128, 2, seed=5)
+    monkeypatch.setattr(mc, "MAX_PAIR_FRACTION", 0.5)
+    kern, layer, dense, g = build(FP8, D, D, 32, 256, 128, 4, seed=5)
     kern.process_weights_after_loading(layer)
-    x = make_x(mc.MAX_TOKENS + 1, 256, g)
-    w, ids = make_routing(mc.MAX_TOKENS + 1, 8, 2, g)
-    y = kern.apply(layer, x, w, ids, None, False)
-    assert _cuda_path == []
-    assert rel_err(y, reference_moe(x, w, ids, dense, FP8, D, D)) <= REL_TOL
+    for t, cuda in ((1, True), (3, True), (4, False), (mc.MAX_TOKENS + 1, False)):
+        x = make_x(t, 256, g)
+        w, ids = make_routing(t, 32, 4, g)
+        n = len(_cuda_path)
+        y = kern.apply(layer, x, w, ids, None, False)
+        assert len(_cuda_path) == n + int(cuda), (t, cuda)
+        assert rel_err(y, reference_moe(x, w, ids, dense, FP8, D, D)) <= REL_TOL
 
 
 def test_cuda_graph_replay_with_pdl(_cuda_path):

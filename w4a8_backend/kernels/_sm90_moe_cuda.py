@@ -16,7 +16,8 @@ A dynamic intermediate scale adds its quantization launch between 2 and 3 (per t
 torch amax first). Out-of-range blocks are added back inside the GEMMs' epilogues.
 
 Each pair reads its expert's weights, so pairs that share an expert read them again (mostly
-from L2): this path is for ``tokens <= MAX_TOKENS``; larger calls take the Triton kernels.
+from L2): this path is for ``tokens <= MAX_TOKENS`` with fewer routed pairs than
+``MAX_PAIR_FRACTION`` of the experts; other calls take the Triton kernels (``usable``).
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ from .sm90_triton import _capability, aligned_rows, cuda_quantize
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
-# Largest token count that takes this path (H100, bench_moe.py: see docs/moe_kernels.md).
+# Which calls take this path (H100, bench_moe.py, docs/moe_kernels.md): at most MAX_TOKENS
+# tokens, and fewer pairs than MAX_PAIR_FRACTION x experts. At 4 tokens gpt-oss-20b (16 pairs
+# over 32 experts) was 9 % slower than Triton with FP8, Qwen3-30B-A3B (32 over 128) 8 % faster.
 MAX_TOKENS = 4
+MAX_PAIR_FRACTION = 0.5
 # (warps per CTA, cp.async stages per warp) of GEMM1; GEMM2's from gemm2_config unless set.
 GEMM1_CONFIG = (4, 2)
 GEMM2_CONFIG: tuple[int, int] | None = None
@@ -54,8 +58,9 @@ def row_offsets(corr_rows: torch.Tensor, corr_ptr: torch.Tensor, rows: int) -> t
     return out
 
 
-def usable(num_tokens: int, top_k: int) -> bool:
-    return 0 < num_tokens <= MAX_TOKENS and top_k <= MAX_TOP_K
+def usable(num_tokens: int, top_k: int, num_experts: int) -> bool:
+    return (0 < num_tokens <= MAX_TOKENS and top_k <= MAX_TOP_K
+            and num_tokens * top_k < MAX_PAIR_FRACTION * num_experts)
 
 
 def gemm2_config(hidden: int, tokens: int, sms: int) -> tuple[int, int]:
