@@ -190,8 +190,8 @@ def bench_model(timer, name, m, tokens, fused_experts, log):
         tm(TRITON_BF16, lambda: triton_bf16_moe(x, tw, ti, w13s, w2s, m, ip, hp))
         for label, (kern, layer) in ours.items():
             tm(label, lambda kern=kern, layer=layer: kern.apply(layer, x, tw, ti, None, False))
-        if mc.usable(t, m["top_k"], m["experts"]):
-            for label, variant in TRITON_PATH.items():
+        for label, variant in TRITON_PATH.items():
+            if mc.usable(t, m["top_k"], m["experts"], OURS[variant][0] == INT8):
                 tm(label, lambda k_l=ours[variant]: triton_path(*k_l, x, tw, ti))
         # sanity: every output close to the BF16 baseline (quantization error only)
         if outs:
@@ -237,10 +237,10 @@ def write_report(rows, out_dir: Path, meta):
         "- each entry: one whole MoE layer call (activation quantization, routing, gate-up GEMM "
         "+ SiLU, down GEMM, top-k reduction) under CUDA-graph replay, L2 flushed before each "
         "call; uniform random top-k routing; speed-up in parentheses vs " + base + ".",
-        f"- `ours`: the CUDA decode kernels up to {mc.MAX_TOKENS} tokens (while the routed pairs "
-        f"are fewer than {mc.MAX_PAIR_FRACTION} x the experts), the Triton grouped kernels "
-        "otherwise; `Triton kernels`: the same layers forced onto Triton where the default is "
-        "CUDA.",
+        f"- `ours`: the CUDA decode kernels up to {mc.MAX_TOKENS} tokens (FP8: while the routed "
+        f"pairs are fewer than {mc.MAX_PAIR_FRACTION} x the experts), the Triton grouped "
+        "kernels otherwise; `Triton kernels`: the same layers forced onto Triton where the "
+        "default is CUDA.",
         "- `floor` = MXFP4 weight bytes of the experts the routing touches / copy bandwidth "
         "(BF16 floor in brackets).",
         "",

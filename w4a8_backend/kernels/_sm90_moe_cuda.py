@@ -16,8 +16,9 @@ A dynamic intermediate scale adds its quantization launch between 2 and 3 (per t
 torch amax first). Out-of-range blocks are added back inside the GEMMs' epilogues.
 
 Each pair reads its expert's weights, so pairs that share an expert read them again (mostly
-from L2): this path is for ``tokens <= MAX_TOKENS`` with fewer routed pairs than
-``MAX_PAIR_FRACTION`` of the experts; other calls take the Triton kernels (``usable``).
+from L2): this path is for ``tokens <= MAX_TOKENS``, with FP8 only while the routed pairs are
+fewer than ``MAX_PAIR_FRACTION`` of the experts; other calls take the Triton kernels
+(``usable``).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 # Which calls take this path (H100, bench_moe.py, docs/moe_kernels.md): at most MAX_TOKENS
-# tokens, and fewer pairs than MAX_PAIR_FRACTION x experts. At 4 tokens gpt-oss-20b (16 pairs
-# over 32 experts) was 9 % slower than Triton with FP8, Qwen3-30B-A3B (32 over 128) 8 % faster.
+# tokens, and with FP8 fewer pairs than MAX_PAIR_FRACTION x experts. At 4 tokens gpt-oss-20b
+# (16 pairs over 32 experts) was 9 % slower than Triton with FP8 but 10 % faster with INT8
+# (whose Triton kernels are slower); Qwen3-30B-A3B (32 pairs over 128) was faster with both.
 MAX_TOKENS = 4
 MAX_PAIR_FRACTION = 0.5
 # (warps per CTA, cp.async stages per warp) of GEMM1; GEMM2's from gemm2_config unless set.
@@ -58,9 +60,9 @@ def row_offsets(corr_rows: torch.Tensor, corr_ptr: torch.Tensor, rows: int) -> t
     return out
 
 
-def usable(num_tokens: int, top_k: int, num_experts: int) -> bool:
+def usable(num_tokens: int, top_k: int, num_experts: int, act_int8: bool) -> bool:
     return (0 < num_tokens <= MAX_TOKENS and top_k <= MAX_TOP_K
-            and num_tokens * top_k < MAX_PAIR_FRACTION * num_experts)
+            and (act_int8 or num_tokens * top_k < MAX_PAIR_FRACTION * num_experts))
 
 
 def gemm2_config(hidden: int, tokens: int, sms: int) -> tuple[int, int]:
