@@ -62,6 +62,8 @@ def test_cpu_takes_the_fallback_with_reasons():
     (1, 4, 32, False, True),     # gpt-oss-20b, one token
     (4, 4, 32, False, False),    # FP8, 16 pairs over 32 experts: many pairs share an expert
     (4, 4, 32, True, True),      # INT8: measured faster than its Triton kernels even so
+    (1, 2, 4, False, True),      # one token: its experts are distinct, nothing is read twice
+    (2, 2, 4, False, False),
     (1, 17, 256, True, False),   # more experts per token than GEMM2's table holds
     (0, 8, 128, False, False),
 ])

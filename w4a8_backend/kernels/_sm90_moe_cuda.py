@@ -16,9 +16,9 @@ A dynamic intermediate scale adds its quantization launch between 2 and 3 (per t
 torch amax first). Out-of-range blocks are added back inside the GEMMs' epilogues.
 
 Each pair reads its expert's weights, so pairs that share an expert read them again (mostly
-from L2): this path is for ``tokens <= MAX_TOKENS``, with FP8 only while the routed pairs are
-fewer than ``MAX_PAIR_FRACTION`` of the experts; other calls take the Triton kernels
-(``usable``).
+from L2): this path is for ``tokens <= MAX_TOKENS``, with FP8 above one token only while the
+routed pairs are fewer than ``MAX_PAIR_FRACTION`` of the experts; other calls take the Triton
+kernels (``usable``).
 """
 
 from __future__ import annotations
@@ -61,8 +61,11 @@ def row_offsets(corr_rows: torch.Tensor, corr_ptr: torch.Tensor, rows: int) -> t
 
 
 def usable(num_tokens: int, top_k: int, num_experts: int, act_int8: bool) -> bool:
+    """Whether a call takes this path. One token's top-k experts are distinct, so nothing is
+    read twice; more tokens may share experts, which costs FP8 more than Triton's reads."""
     return (0 < num_tokens <= MAX_TOKENS and top_k <= MAX_TOP_K
-            and (act_int8 or num_tokens * top_k < MAX_PAIR_FRACTION * num_experts))
+            and (num_tokens == 1 or act_int8
+                 or num_tokens * top_k < MAX_PAIR_FRACTION * num_experts))
 
 
 def gemm2_config(hidden: int, tokens: int, sms: int) -> tuple[int, int]:

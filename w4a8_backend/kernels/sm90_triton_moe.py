@@ -74,6 +74,9 @@ def stack_expert_rows(packed: torch.Tensor, scale: torch.Tensor, rows: int):
             scale.reshape(-1, scale.shape[-1]).contiguous())
 
 
+_LOGGED_CUDA_MOE: list[bool] = []
+
+
 def _cuda_weights(w: list[torch.Tensor]):
     from ._cuda_ext import MoeWeights
 
@@ -235,6 +238,11 @@ class Sm90TritonMoEKernel(Mxfp4MoEKernel):
                                                                  rp.packed.shape[0])])
         # a few tokens: the CUDA decode kernels (built here on first use), else Triton (logged)
         self.decode_cuda = w13.is_cuda and _use_cuda_decode(w13.device)
+        if self.decode_cuda and not _LOGGED_CUDA_MOE:
+            _LOGGED_CUDA_MOE.append(True)
+            logger.info("w4a8_mxfp4 sm90_triton MoE: calls of up to %d tokens run on the CUDA "
+                        "decode kernels (FP8 above one token: while the routed pairs are fewer "
+                        "than %g x the experts)", mc.MAX_TOKENS, mc.MAX_PAIR_FRACTION)
 
     def _weights(self, layer, name):
         return [getattr(layer, f"{name}_weight"), getattr(layer, f"{name}_weight_scale"),
