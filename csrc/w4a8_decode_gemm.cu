@@ -384,40 +384,46 @@ struct Vec16 {
   InT v[kN];
 };
 
+// One CTA per row; 16-byte loads, kUnroll of them in flight per thread. A dynamic per-tensor
+// scale comes either from s_in (a torch amax run first) or, with s_in null, from this kernel in
+// a single CTA over all `rows` rows (small inputs: one launch instead of two).
 template <bool kInt8, typename InT>
 __global__ void __launch_bounds__(256)
     quant_act_kernel(const InT* __restrict__ x, int ldx, uint8_t* __restrict__ q,
-                     const float* __restrict__ s_in, float* __restrict__ s_out, int K, int mode) {
+                     const float* __restrict__ s_in, float* __restrict__ s_out, int rows, int K,
+                     int mode) {
   pdl_release();  // the GEMM may start copying weights now
   using V = Vec16<InT>;
   constexpr int kN = V::kN;
   constexpr int kUnroll = 8;
   // torch divides a CUDA tensor by a Python scalar as a multiplication by the float32 reciprocal
   constexpr float kInvQmax = kInt8 ? float(1.0 / 127.0) : float(1.0 / 448.0);
-  const int row = blockIdx.x;
-  const V* xr = reinterpret_cast<const V*>(x + size_t(row) * ldx);
-  uint8_t* qr = q + size_t(row) * K;
+  const bool whole = mode == int(w4a8::ActivationScheme::DYNAMIC_PER_TENSOR) && s_in == nullptr;
+  const int r0 = whole ? 0 : blockIdx.x, r1 = whole ? rows : blockIdx.x + 1;
   const int nvec = K / kN;
   const int stride = blockDim.x * kUnroll;
   float scale;
   if (mode == int(w4a8::ActivationScheme::STATIC_PER_TENSOR)) {
     scale = s_in[0];
-  } else if (mode == int(w4a8::ActivationScheme::DYNAMIC_PER_TENSOR)) {
+  } else if (mode == int(w4a8::ActivationScheme::DYNAMIC_PER_TENSOR) && !whole) {
     scale = fmaxf(s_in[0], 1e-12f) * kInvQmax;
-    if (row == 0 && threadIdx.x == 0) s_out[0] = scale;
+    if (blockIdx.x == 0 && threadIdx.x == 0) s_out[0] = scale;
   } else {
     __shared__ float red[8];
     float amax = 0.f;
-    for (int base = threadIdx.x; base < nvec; base += stride) {
-      V v[kUnroll];
+    for (int r = r0; r < r1; ++r) {
+      const V* xr = reinterpret_cast<const V*>(x + size_t(r) * ldx);
+      for (int base = threadIdx.x; base < nvec; base += stride) {
+        V v[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (base + u * int(blockDim.x) < nvec) v[u] = xr[base + u * blockDim.x];
+        for (int u = 0; u < kUnroll; ++u)
+          if (base + u * int(blockDim.x) < nvec) v[u] = xr[base + u * blockDim.x];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (base + u * int(blockDim.x) < nvec)
+        for (int u = 0; u < kUnroll; ++u)
+          if (base + u * int(blockDim.x) < nvec)
 #pragma unroll
-          for (int e = 0; e < kN; ++e) amax = nan_max(amax, fabsf(to_float(v[u].v[e])));
+            for (int e = 0; e < kN; ++e) amax = nan_max(amax, fabsf(to_float(v[u].v[e])));
+      }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, o));
@@ -426,28 +432,32 @@ __global__ void __launch_bounds__(256)
     amax = red[0];
     for (int w = 1; w < int(blockDim.x >> 5); ++w) amax = nan_max(amax, red[w]);
     scale = (amax != amax ? amax : fmaxf(amax, 1e-12f)) * kInvQmax;
-    if (threadIdx.x == 0) s_out[row] = scale;
+    if (threadIdx.x == 0) s_out[whole ? 0 : r0] = scale;
   }
-  for (int base = threadIdx.x; base < nvec; base += stride) {
-    V v[kUnroll];
+  for (int r = r0; r < r1; ++r) {
+    const V* xr = reinterpret_cast<const V*>(x + size_t(r) * ldx);
+    uint8_t* qr = q + size_t(r) * K;
+    for (int base = threadIdx.x; base < nvec; base += stride) {
+      V v[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (base + u * int(blockDim.x) < nvec) v[u] = xr[base + u * blockDim.x];
+      for (int u = 0; u < kUnroll; ++u)
+        if (base + u * int(blockDim.x) < nvec) v[u] = xr[base + u * blockDim.x];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int i = base + u * blockDim.x;
-      if (i >= nvec) continue;
-      uint8_t out[kN];
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * blockDim.x;
+        if (i >= nvec) continue;
+        uint8_t out[kN];
 #pragma unroll
-      for (int e = 0; e < kN; ++e) out[e] = quantize_value<kInt8>(to_float(v[u].v[e]), scale);
-      if constexpr (kN == 8) {
-        uint2 o;
-        o.x = out[0] | (out[1] << 8) | (out[2] << 16) | (uint32_t(out[3]) << 24);
-        o.y = out[4] | (out[5] << 8) | (out[6] << 16) | (uint32_t(out[7]) << 24);
-        reinterpret_cast<uint2*>(qr)[i] = o;
-      } else {
-        reinterpret_cast<uint32_t*>(qr)[i] =
-            out[0] | (out[1] << 8) | (out[2] << 16) | (uint32_t(out[3]) << 24);
+        for (int e = 0; e < kN; ++e) out[e] = quantize_value<kInt8>(to_float(v[u].v[e]), scale);
+        if constexpr (kN == 8) {
+          uint2 o;
+          o.x = out[0] | (out[1] << 8) | (out[2] << 16) | (uint32_t(out[3]) << 24);
+          o.y = out[4] | (out[5] << 8) | (out[6] << 16) | (uint32_t(out[7]) << 24);
+          reinterpret_cast<uint2*>(qr)[i] = o;
+        } else {
+          reinterpret_cast<uint32_t*>(qr)[i] =
+              out[0] | (out[1] << 8) | (out[2] << 16) | (uint32_t(out[3]) << 24);
+        }
       }
     }
   }
@@ -865,7 +875,8 @@ int w4a8_decode_gemm(const void* xq, const void* xs, const void* packed, const v
 }
 
 // in_dtype: 0 bf16, 1 fp16, 2 fp32. mode: w4a8::ActivationScheme. x rows and q must be 16-byte
-// aligned and K a multiple of 8 (the caller checks).
+// aligned and K a multiple of 8 (the caller checks). Dynamic per tensor with s_in null: one CTA
+// computes the amax of all M rows itself (for small M * K).
 int w4a8_quant_act(const void* x, int ldx, void* q, const void* s_in, void* s_out, int M, int K,
                    int act_int8, int mode, int in_dtype, void* stream) {
   if (M <= 0 || K <= 0 || K % 8) return int(cudaErrorInvalidValue);
@@ -873,9 +884,10 @@ int w4a8_quant_act(const void* x, int ldx, void* q, const void* s_in, void* s_ou
   auto qq = static_cast<uint8_t*>(q);
   auto si = static_cast<const float*>(s_in);
   auto so = static_cast<float*>(s_out);
-#define W4A8_QUANT(INT8, T)                                                                 \
-  quant_act_kernel<INT8, T><<<M, 256, 0, st>>>(static_cast<const T*>(x), ldx, qq, si, so, K, \
-                                               mode);                                        \
+  const bool whole = mode == int(w4a8::ActivationScheme::DYNAMIC_PER_TENSOR) && si == nullptr;
+#define W4A8_QUANT(INT8, T)                                                                   \
+  quant_act_kernel<INT8, T><<<whole ? 1 : M, 256, 0, st>>>(static_cast<const T*>(x), ldx, qq, \
+                                                           si, so, M, K, mode);               \
   return int(cudaGetLastError());
   if (act_int8) {
     if (in_dtype == 0) { W4A8_QUANT(true, __nv_bfloat16) }

@@ -123,6 +123,34 @@ def test_activation_quant_bit_exact(act, scheme, x_dtype):
 
 
 @pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("one_cta", [True, False], ids=["amax-in-kernel", "torch-amax"])
+def test_per_tensor_amax_both_ways_bit_exact(act, one_cta, monkeypatch):
+    """A dynamic per-tensor scale from the kernel's own single-CTA amax (small inputs) and from a
+    torch amax first (large ones): both bit-exact, the largest value in the last row; the
+    in-kernel amax also propagates NaN as the reference does."""
+    from w4a8_backend.kernels import _cuda_ext, sm90_triton
+
+    monkeypatch.setattr(sm90_triton, "ONE_CTA_AMAX_MAX", 1 << 30 if one_cta else 0)
+    major, minor = torch.cuda.get_device_capability()
+    lib = _cuda_ext.load(major * 10 + minor)
+    g = _gen(17 + one_cta + 2 * (act == INT8))
+    scheme = ActivationScheme.DYNAMIC_PER_TENSOR
+    for m, k in ((1, 2048), (4, 8192), (16, 4096 + 32)):
+        x = (torch.randn(m, k, device="cuda", generator=g) * 3).to(torch.bfloat16)
+        x[m - 1, k // 3] = 77.0
+        q, s = sm90_triton.cuda_quantize(lib, x, act == INT8, int(scheme), None)
+        q_ref, s_ref = quantize_activation(x, act, scheme, None)
+        assert torch.equal(s.reshape(-1), s_ref.reshape(-1)), (m, k)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), (m, k)
+    if one_cta:
+        x[0, 1] = float("nan")
+        q, s = sm90_triton.cuda_quantize(lib, x, act == INT8, int(scheme), None)
+        q_ref, s_ref = quantize_activation(x, act, scheme, None)
+        assert torch.isnan(s).all() and torch.isnan(s_ref).all()
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_out_dtypes_and_bias(act, out_dtype):
     g = _gen(3)

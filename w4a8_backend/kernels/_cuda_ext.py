@@ -163,12 +163,15 @@ class DecodeGemmLib:
                 f"w4a8_mxfp4 CUDA decode kernel: {what} failed: cudaError {code} ({name})"
             )
 
-    def quant_act(self, x2: torch.Tensor, q: torch.Tensor, s_in: torch.Tensor,
+    def quant_act(self, x2: torch.Tensor, q: torch.Tensor, s_in: torch.Tensor | None,
                   s_out: torch.Tensor, act_int8: bool, mode: int) -> None:
+        """Quantize ``x2`` into ``q``; a dynamic per-tensor ``s_in`` of None: the kernel takes
+        the amax itself, in one CTA."""
         m, k = x2.shape
         stream = torch.cuda.current_stream(x2.device).cuda_stream
         self._check(self._lib.w4a8_quant_act(
-            x2.data_ptr(), x2.stride(0), q.data_ptr(), s_in.data_ptr(), s_out.data_ptr(), m, k,
+            x2.data_ptr(), x2.stride(0), q.data_ptr(),
+            s_in.data_ptr() if s_in is not None else None, s_out.data_ptr(), m, k,
             int(act_int8), mode, _DTYPE_CODE[x2.dtype], stream), "activation quantization")
 
     def gemm(self, q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,

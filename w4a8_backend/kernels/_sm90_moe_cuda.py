@@ -12,8 +12,9 @@ three launches (static scales), with the same semantics as ``_sm90_moe_triton.mo
 3. GEMM2: one CTA per (16 output rows, token) sums the token's top-k experts, router-weighted,
    inside the CTA (no per-pair output, no reduction launch).
 
-A dynamic intermediate scale adds its quantization launch between 2 and 3 (per tensor: and a
-torch amax first). Out-of-range blocks are added back inside the GEMMs' epilogues.
+A dynamic intermediate scale adds its quantization launch between 2 and 3 (a per-tensor amax:
+inside that launch for small intermediates, ``sm90_triton.cuda_quantize``). Out-of-range blocks
+are added back inside the GEMMs' epilogues.
 
 Each pair reads its expert's weights, so pairs that share an expert read them again (mostly
 from L2): this path is for ``tokens <= MAX_TOKENS``, with FP8 above one token only while the

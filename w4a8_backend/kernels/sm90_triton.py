@@ -121,11 +121,17 @@ def cuda_decode_max_m(act_int8: bool) -> int:
     return CUDA_DECODE_MAX_M[act_int8]
 
 
+# A dynamic per-tensor amax of at most this many elements is taken inside the quantization
+# kernel (one CTA, one launch); larger inputs get a torch amax first.
+ONE_CTA_AMAX_MAX = 1 << 16
+
+
 def cuda_quantize(lib, x2: torch.Tensor, act_int8: bool, scheme: int,
                   input_scale: torch.Tensor | None, poison: bool = False):
     """``x2`` [M, K] -> (q, scale) with the CUDA library's bit-exact quantization kernel (which
-    releases a following PDL launch at its start); a dynamic per-tensor amax comes from torch
-    first. Rows must start 16-byte aligned (callers copy otherwise)."""
+    releases a following PDL launch at its start); a dynamic per-tensor amax is taken in the
+    same kernel for small inputs, by torch first otherwise. Rows must start 16-byte aligned
+    (callers copy otherwise)."""
     dev = x2.device
     m, k = x2.shape
     q = torch.empty((m, k), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn, device=dev)
@@ -133,7 +139,9 @@ def cuda_quantize(lib, x2: torch.Tensor, act_int8: bool, scheme: int,
         s_in = input_scale if input_scale.dtype == torch.float32 else input_scale.float()
         s_out = s_in
     elif scheme == int(ActivationScheme.DYNAMIC_PER_TENSOR):
-        s_in = torch.linalg.vector_norm(x2, float("inf"), dtype=torch.float32).reshape(1)
+        s_in = None
+        if m * k > ONE_CTA_AMAX_MAX:
+            s_in = torch.linalg.vector_norm(x2, float("inf"), dtype=torch.float32).reshape(1)
         s_out = torch.empty(1, dtype=torch.float32, device=dev)
     else:
         s_out = torch.empty(m, dtype=torch.float32, device=dev)
