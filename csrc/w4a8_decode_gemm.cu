@@ -399,9 +399,15 @@ __global__ void __launch_bounds__(256)
   // torch divides a CUDA tensor by a Python scalar as a multiplication by the float32 reciprocal
   constexpr float kInvQmax = kInt8 ? float(1.0 / 127.0) : float(1.0 / 448.0);
   const bool whole = mode == int(w4a8::ActivationScheme::DYNAMIC_PER_TENSOR) && s_in == nullptr;
-  const int r0 = whole ? 0 : blockIdx.x, r1 = whole ? rows : blockIdx.x + 1;
   const int nvec = K / kN;
+  // this CTA's 16-byte vectors, numbered across its rows (so that the single CTA of `whole` keeps
+  // kUnroll loads in flight across row ends instead of one row after another)
+  const int v0 = whole ? 0 : blockIdx.x * nvec, v1 = whole ? rows * nvec : v0 + nvec;
   const int stride = blockDim.x * kUnroll;
+  auto vec = [&](int i) {
+    const int r = i / nvec;
+    return reinterpret_cast<const V*>(x + size_t(r) * ldx)[i - r * nvec];
+  };
   float scale;
   if (mode == int(w4a8::ActivationScheme::STATIC_PER_TENSOR)) {
     scale = s_in[0];
@@ -411,19 +417,16 @@ __global__ void __launch_bounds__(256)
   } else {
     __shared__ float red[8];
     float amax = 0.f;
-    for (int r = r0; r < r1; ++r) {
-      const V* xr = reinterpret_cast<const V*>(x + size_t(r) * ldx);
-      for (int base = threadIdx.x; base < nvec; base += stride) {
-        V v[kUnroll];
+    for (int base = v0 + threadIdx.x; base < v1; base += stride) {
+      V v[kUnroll];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-          if (base + u * int(blockDim.x) < nvec) v[u] = xr[base + u * blockDim.x];
+      for (int u = 0; u < kUnroll; ++u)
+        if (base + u * int(blockDim.x) < v1) v[u] = vec(base + u * blockDim.x);
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-          if (base + u * int(blockDim.x) < nvec)
+      for (int u = 0; u < kUnroll; ++u)
+        if (base + u * int(blockDim.x) < v1)
 #pragma unroll
-            for (int e = 0; e < kN; ++e) amax = nan_max(amax, fabsf(to_float(v[u].v[e])));
-      }
+          for (int e = 0; e < kN; ++e) amax = nan_max(amax, fabsf(to_float(v[u].v[e])));
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, o));
@@ -432,32 +435,29 @@ __global__ void __launch_bounds__(256)
     amax = red[0];
     for (int w = 1; w < int(blockDim.x >> 5); ++w) amax = nan_max(amax, red[w]);
     scale = (amax != amax ? amax : fmaxf(amax, 1e-12f)) * kInvQmax;
-    if (threadIdx.x == 0) s_out[whole ? 0 : r0] = scale;
+    if (threadIdx.x == 0) s_out[whole ? 0 : blockIdx.x] = scale;
   }
-  for (int r = r0; r < r1; ++r) {
-    const V* xr = reinterpret_cast<const V*>(x + size_t(r) * ldx);
-    uint8_t* qr = q + size_t(r) * K;
-    for (int base = threadIdx.x; base < nvec; base += stride) {
-      V v[kUnroll];
+  // q rows are contiguous (K bytes each), so q's vector i is vector i of this numbering
+  for (int base = v0 + threadIdx.x; base < v1; base += stride) {
+    V v[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (base + u * int(blockDim.x) < nvec) v[u] = xr[base + u * blockDim.x];
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * int(blockDim.x) < v1) v[u] = vec(base + u * blockDim.x);
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int i = base + u * blockDim.x;
-        if (i >= nvec) continue;
-        uint8_t out[kN];
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * blockDim.x;
+      if (i >= v1) continue;
+      uint8_t out[kN];
 #pragma unroll
-        for (int e = 0; e < kN; ++e) out[e] = quantize_value<kInt8>(to_float(v[u].v[e]), scale);
-        if constexpr (kN == 8) {
-          uint2 o;
-          o.x = out[0] | (out[1] << 8) | (out[2] << 16) | (uint32_t(out[3]) << 24);
-          o.y = out[4] | (out[5] << 8) | (out[6] << 16) | (uint32_t(out[7]) << 24);
-          reinterpret_cast<uint2*>(qr)[i] = o;
-        } else {
-          reinterpret_cast<uint32_t*>(qr)[i] =
-              out[0] | (out[1] << 8) | (out[2] << 16) | (uint32_t(out[3]) << 24);
-        }
+      for (int e = 0; e < kN; ++e) out[e] = quantize_value<kInt8>(to_float(v[u].v[e]), scale);
+      if constexpr (kN == 8) {
+        uint2 o;
+        o.x = out[0] | (out[1] << 8) | (out[2] << 16) | (uint32_t(out[3]) << 24);
+        o.y = out[4] | (out[5] << 8) | (out[6] << 16) | (uint32_t(out[7]) << 24);
+        reinterpret_cast<uint2*>(q)[i] = o;
+      } else {
+        reinterpret_cast<uint32_t*>(q)[i] =
+            out[0] | (out[1] << 8) | (out[2] << 16) | (uint32_t(out[3]) << 24);
       }
     }
   }

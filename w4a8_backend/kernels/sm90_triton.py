@@ -123,7 +123,7 @@ def cuda_decode_max_m(act_int8: bool) -> int:
 
 # A dynamic per-tensor amax of at most this many elements is taken inside the quantization
 # kernel (one CTA, one launch); larger inputs get a torch amax first.
-ONE_CTA_AMAX_MAX = 1 << 16
+ONE_CTA_AMAX_MAX = 1 << 15
 
 
 def cuda_quantize(lib, x2: torch.Tensor, act_int8: bool, scheme: int,
