@@ -215,3 +215,13 @@ def test_choice_is_logged_with_passed_over_reasons(monkeypatch):
         log.removeHandler(handler)
         log.setLevel(old_level)
     assert any("sm100_flashinfer: sm_90 has no tcgen05" in r for r in records), records
+
+
+def test_kernel_logs_go_where_vllm_shows_them():
+    """vLLM configures handlers for its ``vllm`` logger only: the backends' records (which kernel
+    variant runs, corrected blocks, why a fast path is off) must come from a child of it, as the
+    dispatcher's do, or a vLLM process drops the INFO ones."""
+    from w4a8_backend.kernels import _cuda_ext, dispatch, sm90_triton, sm90_triton_moe
+
+    for module in (dispatch, sm90_triton, sm90_triton_moe, _cuda_ext):
+        assert module.logger.name.startswith("vllm."), module.__name__

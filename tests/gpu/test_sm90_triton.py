@@ -257,7 +257,7 @@ def test_too_many_out_of_range_blocks_falls_back(caplog, monkeypatch):
     scale = s.to(torch.uint8)
     kern = make_kernel(FP8, ActivationScheme.DYNAMIC_PER_TENSOR, n, k)
     layer = make_layer(packed, scale)
-    with caplog.at_level("WARNING", logger="w4a8_backend"):
+    with caplog.at_level("WARNING", logger="vllm.w4a8_mxfp4"):
         kern.process_weights_after_loading(layer)
     assert kern.delegate is not None
     assert "dequantize fallback" in caplog.text and "outside the exact" in caplog.text

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-logger = logging.getLogger("w4a8_backend")
+logger = logging.getLogger("vllm.w4a8_mxfp4")  # reaches vLLM's handlers (see dispatch.py)
 
 SOURCE_NAME = "w4a8_decode_gemm.cu"
 HEADER_NAMES = ("quant_modes.h",)

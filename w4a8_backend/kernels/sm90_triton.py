@@ -33,7 +33,7 @@ from ..formats import ActivationDtype, ActivationScheme
 from ._sm90_repack import N_ALIGN, decode_lut, repack_mxfp4
 from .base import DeviceInfo, LinearKernelConfig, Mxfp4LinearKernel, Verdict
 
-logger = logging.getLogger("w4a8_backend")
+logger = logging.getLogger("vllm.w4a8_mxfp4")  # reaches vLLM's handlers (see dispatch.py)
 
 try:  # triton is optional: CPU installs have none
     import triton  # noqa: F401

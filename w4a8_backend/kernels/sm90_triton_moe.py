@@ -41,7 +41,7 @@ from .sm90_triton import (
     _use_cuda_decode,
 )
 
-logger = logging.getLogger("w4a8_backend")
+logger = logging.getLogger("vllm.w4a8_mxfp4")  # reaches vLLM's handlers (see dispatch.py)
 
 try:  # triton is optional: CPU installs have none
     import triton  # noqa: F401
