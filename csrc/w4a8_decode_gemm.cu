@@ -702,25 +702,41 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
   }
   __syncthreads();
   if (warp != 0) return;
-  const int r = lane & 15;  // lanes 16-31 repeat lanes 0-15 (for the shuffle below)
+  const int r = lane & 15;  // MMA row; lanes 16-31 take the same rows' odd groups below
   float v = 0.f;
 #pragma unroll
   for (int w = 0; w < kWarps; ++w) v += partial[w][r];
   if (args.corr_row_ptr != nullptr) {
-    for (int grp = 0; grp < groups; ++grp) {
-      const int row = s_row[grp] + expert_row(r);
-      const int b_end = args.corr_row_ptr[row + 1];
-      int b = args.corr_row_ptr[row];
-      if (b == b_end) continue;
+    // Out-of-range blocks of row r: group 2j + half, the CSR bounds of all groups loaded first
+    // (independent loads, one latency instead of one per group).
+    constexpr int kPerHalf = kGated ? 1 : kMoeMaxGroups / 2;
+    const int half = lane >> 4;
+    int b_first[kPerHalf], b_end[kPerHalf];
+#pragma unroll
+    for (int j = 0; j < kPerHalf; ++j) {
+      const int grp = 2 * j + half;
+      b_first[j] = b_end[j] = 0;
+      if (grp < groups) {
+        const int row = s_row[grp] + expert_row(r);
+        b_first[j] = args.corr_row_ptr[row];
+        b_end[j] = args.corr_row_ptr[row + 1];
+      }
+    }
+    float corr = 0.f;
+#pragma unroll
+    for (int j = 0; j < kPerHalf; ++j) {
+      if (b_first[j] == b_end[j]) continue;
+      const int grp = 2 * j + half;
       const uint8_t* arow = args.a + size_t(s_arow[grp]) * args.lda;
       float dot = 0.f;
-      for (; b < b_end; ++b) {
+      for (int b = b_first[j]; b < b_end[j]; ++b) {
         const uint8_t* xa = arow + 32 * args.corr_blocks[b];
         const float* val = args.corr_values + size_t(b) * 32;
-        for (int j = 0; j < 32; ++j) dot = fmaf(val[j], act_value<kInt8>(xa[j]), dot);
+        for (int e = 0; e < 32; ++e) dot = fmaf(val[e], act_value<kInt8>(xa[e]), dot);
       }
-      v = fmaf(dot, args.a_scale[args.a_per_row ? s_arow[grp] : 0] * s_w[grp], v);
+      corr = fmaf(dot, args.a_scale[args.a_per_row ? s_arow[grp] : 0] * s_w[grp], corr);
     }
+    v += corr + __shfl_xor_sync(0xffffffffu, corr, 16);
   }
   if constexpr (kGated) {
     const float up = __shfl_down_sync(0xffffffffu, v, 8);
