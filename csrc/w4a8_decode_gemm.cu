@@ -1,5 +1,6 @@
 // W4A8 MXFP4 decode GEMM for SM89/SM90 (FP8) and SM80+ (INT8): y[M, N] = x[M, K] @ W[N, K]^T
-// for small M (1..16 tokens), plus the activation quantization that feeds it.
+// for small M (1..16 tokens), the activation quantization that feeds it, and the MoE layer's
+// two expert GEMMs for a few tokens built from the same pieces (moe_decode_kernel, below).
 //
 // Built just in time by w4a8_backend/kernels/_cuda_ext.py (nvcc, cached per source hash and
 // GPU architecture) and called through ctypes: no torch headers, so it builds in seconds, and the

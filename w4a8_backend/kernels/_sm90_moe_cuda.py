@@ -32,15 +32,11 @@ from ..formats import ActivationScheme
 from . import _cuda_ext
 from .sm90_triton import _capability, aligned_rows, cuda_quantize
 
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
 # Which calls take this path (H100, bench_moe.py, docs/moe_kernels.md): at most MAX_TOKENS
-# tokens, and with FP8 fewer pairs than MAX_PAIR_FRACTION x experts. At 4 tokens gpt-oss-20b
-# (16 pairs over 32 experts) was 9 % slower than Triton with FP8 but 10 % faster with INT8
-# (whose Triton kernels are slower); Qwen3-30B-A3B (32 pairs over 128) was faster with both.
+# tokens, and with FP8 above one token fewer pairs than MAX_PAIR_FRACTION x experts. At 4 tokens
+# gpt-oss-20b (16 pairs over 32 experts) was 9 % slower than Triton with FP8 but 10 % faster
+# with INT8 (whose Triton kernels are slower); Qwen3-30B-A3B (32 pairs over 128) was faster
+# with both.
 MAX_TOKENS = 4
 MAX_PAIR_FRACTION = 0.5
 # (warps per CTA, cp.async stages per warp) of GEMM1; GEMM2's from gemm2_config unless set.
@@ -48,6 +44,11 @@ GEMM1_CONFIG = (4, 2)
 GEMM2_CONFIG: tuple[int, int] | None = None
 MAX_TOP_K = 16  # GEMM2's per-CTA table of the token's experts
 POISON_OUTPUTS = False  # tests: fill intermediates with NaN / 0x7F first
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def row_offsets(corr_rows: torch.Tensor, corr_ptr: torch.Tensor, rows: int) -> torch.Tensor:
@@ -130,8 +131,10 @@ def moe_forward(
                         device=dev)
     else:
         h = torch.empty((p, inter), dtype=torch.float32, device=dev)
-    if POISON_OUTPUTS:
-        (h.view(torch.uint8).fill_(0x7F) if static2 else h.fill_(float("nan")))
+    if POISON_OUTPUTS and static2:
+        h.view(torch.uint8).fill_(0x7F)
+    elif POISON_OUTPUTS:
+        h.fill_(float("nan"))
     h_scale = None
     if static2:
         h_scale = (w2_input_scale if w2_input_scale.dtype == torch.float32
