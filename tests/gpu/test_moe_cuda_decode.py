@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from test_cuda_decode import _REASON  # why the CUDA library cannot run here, or None
 from test_sm90_moe import (
     DEV,
     FP8,
@@ -22,7 +23,6 @@ from test_sm90_moe import (
     S,
     _need_fp8,
     _poison,  # noqa: F401  (fixture used by _cuda_path)
-    _skip_reason,
     build,
     make_routing,
     make_x,
@@ -32,21 +32,6 @@ from test_sm90_moe import (
 )
 
 
-def _cuda_skip_reason() -> str | None:
-    reason = _skip_reason()
-    if reason is not None:
-        return reason
-    from w4a8_backend.kernels import _cuda_ext
-
-    major, minor = torch.cuda.get_device_capability()
-    try:
-        _cuda_ext.load(major * 10 + minor)
-    except _cuda_ext.CudaExtUnavailable as exc:
-        return f"the CUDA decode kernels cannot be built here: {exc}"
-    return None
-
-
-_REASON = _cuda_skip_reason() if torch.cuda.is_available() else "no CUDA GPU on this machine"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=str(_REASON))]
 
 CONFIGS = [(4, 2), (8, 2), (16, 2)]  # (warps, stages): every instantiated launch config
