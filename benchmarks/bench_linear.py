@@ -330,7 +330,12 @@ def sweep(timer, log, ms=SWEEP_MS):
     for act in (FP8, INT8):
         i8 = act == INT8
         kern, layer = our_kernel(packed, scale, act, S_TOKEN, x_cal)
-        lut = layer.w4a8_lut
+        lut, rs = layer.w4a8_lut, layer.w4a8_row_scale
+        rows = layer.w4a8_prefill_row_scale  # INT8 per-row reference, when the layer has it
+        if i8:
+            log(json.dumps({"act": act.name, "tile_table_blocks": kern.num_out_of_range,
+                            "rows_table_blocks": len(layer.w4a8_prefill_corr[2])
+                            if rows is not None else None}))
         bk = 256
         dbk = 256 if i8 else 128
         for m in ms:
@@ -359,26 +364,41 @@ def sweep(timer, log, ms=SWEEP_MS):
                 for cfg in ((128, 256, dbk, 1, 8, 3), (128, 128, dbk, 1, 8, 4),
                             (128, 128, dbk, 1, 8, 3), (128, 64, dbk, 1, 4, 4)):
                     cands.append(("dense", cfg))
+                if i8 and rows is not None:  # INT8 with one reference per row: FP8's loop
+                    for cfg in ((128, 256, 128, 1, 8, 3), (128, 128, 128, 1, 8, 4),
+                                (128, 128, 128, 1, 8, 3), (128, 256, 256, 1, 8, 3),
+                                (128, 128, 256, 1, 8, 3)):
+                        cands.append(("dense-rows", cfg))
             for lut_mode in (True, False) if m == 1 else (True,):
                 tk.DECODE_LUT = lut_mode
                 res[f"materialize_us{'' if lut_mode else '-f16'}"] = round(timer.time_us(
-                    lambda: tk.materialize(layer.weight, layer.weight_scale, lut, i8)), 2)
+                    lambda: tk.materialize(layer.weight, layer.weight_scale, rs, i8)), 2)
             tk.DECODE_LUT = True
+            if i8 and rows is not None and m > 64:
+                res["materialize-rows_us"] = round(timer.time_us(
+                    lambda: tk.materialize(layer.weight, layer.weight_scale, rs, i8, rows)), 2)
+                y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+                res["correction-tile_us"] = round(timer.time_us(lambda: tk.correction(
+                    y, q, xs, True, layer.w4a8_corr_rows, layer.w4a8_corr_ptr,
+                    layer.w4a8_corr_blocks, layer.w4a8_corr_values)), 2)
+                res["correction-rows_us"] = round(timer.time_us(lambda: tk.correction(
+                    y, q, xs, True, *layer.w4a8_prefill_corr)), 2)
             for kind, cfg in cands:
                 tk.DECODE_LUT = kind != "fused-f16"
+                row_ref = rows if kind == "dense-rows" else None
                 try:
-                    dense = (tk.materialize(layer.weight, layer.weight_scale, lut, i8)
-                             if kind == "dense" else None)
-                    fn = lambda cfg=cfg, dense=dense: tk.w4a8_gemm(  # noqa: E731
-                        q, xs, layer.weight, layer.weight_scale, layer.w4a8_row_scale,
+                    dense = (tk.materialize(layer.weight, layer.weight_scale, rs, i8, row_ref)
+                             if kind.startswith("dense") else None)
+                    fn = lambda cfg=cfg, dense=dense, row_ref=row_ref: tk.w4a8_gemm(  # noqa: E731
+                        q, xs, layer.weight, layer.weight_scale, rs,
                         layer.w4a8_counters, lut, n, i8, True, None, torch.bfloat16,
-                        config=cfg, dense=dense)
+                        config=cfg, dense=dense, prefill_row_scale=row_ref)
                     res[f"{kind}{cfg}"] = round(timer.time_us(fn), 2)
                 except Exception as exc:
                     res[f"{kind}{cfg}"] = f"ERR {type(exc).__name__}: {str(exc)[-300:]}"
             tk.DECODE_LUT = True
             if not i8 and m > 64:
-                dense = tk.materialize(layer.weight, layer.weight_scale, lut, False)
+                dense = tk.materialize(layer.weight, layer.weight_scale, rs, False)
                 res["scaled_mm_rowwise"] = round(timer.time_us(lambda: tk.scaled_mm_fp8(
                     q, xs, dense, layer.w4a8_row_scale, n, True, torch.bfloat16)), 2)
             log(json.dumps(res))

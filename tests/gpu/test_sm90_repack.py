@@ -10,6 +10,7 @@ from w4a8_backend.kernels._sm90_repack import (
     FP8_CODE_BIAS,
     INT8_CODE_BIAS,
     dequantize_repacked,
+    int8_prefill_rows,
     repack_mxfp4,
     validate_checkpoint_tensors,
 )
@@ -39,6 +40,40 @@ def test_repack_is_exact(act_int8, n, k, spread):
     nz = codes[codes > 0]
     lo, hi = (INT8_CODE_BIAS, INT8_CODE_BIAS + 3) if act_int8 else (FP8_CODE_BIAS - 5, FP8_CODE_BIAS + 6)
     assert int(nz.min()) >= lo and int(nz.max()) <= hi
+
+
+@pytest.mark.parametrize("n,k,spread", [(96, 160, 2), (128, 2048, 1), (1056, 224, 30), (40, 4096, 6)])
+def test_int8_prefill_rows_are_exact(n, k, spread):
+    """The INT8 prefill path's per-row materialization (derived from the per-tile codes, as the
+    kernel does) plus its side table gives back every weight; its table holds exactly the
+    blocks outside the row window or outside the tile window."""
+    packed, scale = _weights(n, k, spread, 3 * n + k)
+    scale[0, 0] = 0xFF
+    scale[1, 0] = 0
+    rp = repack_mxfp4(packed, scale, act_int8=True)
+    pf = int8_prefill_rows(packed, scale, rp)
+    assert _same(dequantize_repacked(rp, prefill=pf), dequantize_mxfp4(packed, scale))
+    listed = set()
+    for i, row in enumerate(pf.corr_rows.tolist()):
+        for j in range(int(pf.corr_ptr[i]), int(pf.corr_ptr[i + 1])):
+            listed.add((row, int(pf.corr_blocks[j])))
+    tile_listed = set()
+    for i, row in enumerate(rp.corr_rows.tolist()):
+        for j in range(int(rp.corr_ptr[i]), int(rp.corr_ptr[i + 1])):
+            tile_listed.add((row, int(rp.corr_blocks[j])))
+    assert tile_listed <= listed  # the main table's blocks are repeated
+    s = scale.to(torch.int32)
+    top = (pf.row_scale[:n].log2() + 131).to(torch.int32)
+    for row, blk in listed - tile_listed:
+        assert not 0 <= int(s[row, blk]) - int(top[row]) + 3 <= 3, (row, blk)
+    if spread <= 1:  # blocks of a narrow row fit one 4-binade window, but for a few
+        assert pf.num_out_of_range <= 0.01 * rp.num_blocks
+
+
+def test_int8_prefill_rows_need_an_int8_repacking():
+    packed, scale = _weights(8, 64, 1, 1)
+    with pytest.raises(ValueError, match="act_int8"):
+        int8_prefill_rows(packed, scale, repack_mxfp4(packed, scale, act_int8=False))
 
 
 def test_narrow_spread_has_no_out_of_range_blocks():

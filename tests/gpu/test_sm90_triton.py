@@ -196,6 +196,23 @@ def test_prefill_large_m(act, m):
     check(act, ActivationScheme.DYNAMIC_PER_TOKEN, m, 4096, 4096, m, bias=True)
 
 
+@pytest.mark.parametrize("rows_max,rows", [("1.0", True), ("0", False)],
+                         ids=["row_reference", "tile_reference"])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name.lower())
+def test_int8_prefill_both_references(monkeypatch, rows_max, rows, scheme):
+    """The INT8 prefill GEMM with one reference per row (int32 sums over the whole K, its own
+    side table) and with per-tile references, chosen at load by the out-of-window fraction;
+    planted out-of-range blocks and odd shapes included."""
+    from w4a8_backend.kernels.sm90_triton import INT8_PREFILL_ROWS_ENV
+
+    monkeypatch.setenv(INT8_PREFILL_ROWS_ENV, rows_max)
+    for i, (m, n, k, extreme) in enumerate([(384, 4096, 4096, False), (700, 1056, 224, True),
+                                            (1024, 2048, 8192, True), (513, 96, 160, False)]):
+        err, kern = check(INT8, scheme, m, n, k, 40 + i, extreme=extreme, bias=(i % 2 == 0),
+                          prefill_m=1)
+        assert kern.prefill_rows is rows
+
+
 @pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
 @pytest.mark.parametrize("prefill_m", [1, 10**9], ids=["dense_path", "fused_path"])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name.lower())
@@ -326,21 +343,27 @@ def check_graph_replay(kern, layer, m, k, g, reference):
         assert rel_err(y_graph, reference(x)) <= REL_TOL
 
 
-def test_custom_op_opcheck_and_compile():
+@pytest.mark.parametrize("act,prefill_m", [(FP8, None), (INT8, 1)],
+                         ids=["fp8", "int8_prefill_rows"])
+def test_custom_op_opcheck_and_compile(act, prefill_m):
     from w4a8_backend.kernels import triton_w4a8
 
     g = _gen(31)
     n, k, m = 512, 1024, 8
+    scheme = ActivationScheme.DYNAMIC_PER_TOKEN
     packed, scale = make_weight(n, k, g)
-    kern = make_kernel(FP8, ActivationScheme.DYNAMIC_PER_TOKEN, n, k)
+    kern = make_kernel(act, scheme, n, k)
     layer = make_layer(packed, scale)
     kern.process_weights_after_loading(layer)
+    if prefill_m is not None:
+        kern.prefill_m = prefill_m
+        assert kern.prefill_rows and layer.w4a8_prefill_corr
     x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
     args = (
         x, layer.weight, layer.weight_scale, layer.w4a8_row_scale, layer.w4a8_counters,
         layer.w4a8_lut, layer.w4a8_corr_rows, layer.w4a8_corr_ptr, layer.w4a8_corr_blocks,
-        layer.w4a8_corr_values, None, None, n, False, int(ActivationScheme.DYNAMIC_PER_TOKEN),
-        0, kern.prefill_m, kern.decode_cuda,
+        layer.w4a8_corr_values, layer.w4a8_prefill_row_scale, layer.w4a8_prefill_corr, None,
+        None, n, act == INT8, int(scheme), 0, kern.prefill_m, kern.decode_cuda,
     )
     triton_w4a8.POISON_OUTPUTS = False  # opcheck compares repeated runs
     torch.library.opcheck(torch.ops.w4a8_backend.mxfp4_w4a8_linear.default, args)
@@ -349,10 +372,10 @@ def test_custom_op_opcheck_and_compile():
     def f(inp):
         return kern.apply(layer, inp, None) * 2.0
 
-    ref = reference_linear(x, packed, scale, FP8, ActivationScheme.DYNAMIC_PER_TOKEN) * 2.0
+    ref = reference_linear(x, packed, scale, act, scheme) * 2.0
     assert rel_err(f(x), ref) <= REL_TOL
     x2 = torch.randn(37, k, device="cuda", generator=g).to(torch.bfloat16)
-    ref2 = reference_linear(x2, packed, scale, FP8, ActivationScheme.DYNAMIC_PER_TOKEN) * 2.0
+    ref2 = reference_linear(x2, packed, scale, act, scheme) * 2.0
     assert rel_err(f(x2), ref2) <= REL_TOL
 
 

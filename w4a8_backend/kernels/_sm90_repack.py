@@ -31,6 +31,14 @@ Per-block code byte (both modes)
     ``2**(d + 6)`` / ``2**(d + 7)`` that the kernel applies to ``E2M1 * 2**-6`` (the E4M3 reading
     of the nibble). ``code = 0`` (multiplier 0) marks a block the main kernel must skip.
 
+INT8 prefill: one reference per row
+    The materialized prefill weight (``triton_w4a8.materialize``) can instead use one 4-binade
+    window per row, ``top[n]``, so that the dense INT8 GEMM accumulates in int32 over the whole
+    K and rescales once in the epilogue (|sum| <= K * 127 * 96 < 2**31 for K < 176k). Blocks
+    outside the row's window go to a second side table (``Int8PrefillRows``), which also
+    repeats the main table's blocks. The block's per-row code is derived in the kernel from the
+    per-tile one: ``code_row = code + tile_exp[i, n] - row_exp[n]`` (both biased exponents).
+
 Out-of-range blocks (nothing is silently clamped)
     A block whose offset falls outside the exact range, whose E8M0 byte is 0xFF (NaN), or whose
     reference would leave float32's normal range, gets ``code = 0`` in the main pass and is listed
@@ -198,23 +206,7 @@ def repack_mxfp4(
     codes = torch.zeros(n_pad, kb_pad, dtype=torch.uint8, device=dev)
     codes[:n, :kb] = code.to(torch.uint8)
 
-    # Out-of-range side table (CSR by row), exact float32 values.
-    out = ~in_range
-    rows_hit = out.any(1)
-    corr_rows = rows_hit.nonzero().flatten().to(torch.int32)
-    per_row = out.sum(1)[rows_hit].to(torch.int32)
-    corr_ptr = torch.zeros(corr_rows.numel() + 1, dtype=torch.int32, device=dev)
-    corr_ptr[1:] = per_row.cumsum(0)
-    rr, bb = out.nonzero(as_tuple=True)  # row-major order: matches the CSR offsets
-    if rr.numel():
-        cols = bb.unsqueeze(1) * 16 + torch.arange(16, device=dev)
-        blk_codes = unpack_e2m1(weight[rr.unsqueeze(1), cols])
-        vals = e2m1_to_float(blk_codes)  # [B, 32]
-        scale = e8m0_to_float(weight_scale[rr, bb])
-        corr_values = (vals * scale[:, None]).contiguous()
-    else:
-        corr_values = torch.zeros(0, BLOCK_SIZE, dtype=torch.float32, device=dev)
-
+    corr_rows, corr_ptr, corr_blocks, corr_values = _side_table(~in_range, weight, weight_scale)
     return RepackedMxfp4(
         act_int8=act_int8,
         n=n,
@@ -224,23 +216,88 @@ def repack_mxfp4(
         row_scale=row_scale,
         corr_rows=corr_rows,
         corr_ptr=corr_ptr,
-        corr_blocks=bb.to(torch.int32).contiguous(),
+        corr_blocks=corr_blocks,
         corr_values=corr_values,
         num_blocks=n * kb,
         nan_blocks=int(is_nan.sum()),
     )
 
 
-def dequantize_repacked(rp: RepackedMxfp4) -> torch.Tensor:
+def _side_table(out: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor):
+    """CSR by row of the blocks marked in ``out`` [N, K/32]: (rows, ptr, blocks, exact float32
+    values [B, 32])."""
+    dev = weight.device
+    rows_hit = out.any(1)
+    rows = rows_hit.nonzero().flatten().to(torch.int32)
+    ptr = torch.zeros(rows.numel() + 1, dtype=torch.int32, device=dev)
+    ptr[1:] = out.sum(1)[rows_hit].to(torch.int32).cumsum(0)
+    rr, bb = out.nonzero(as_tuple=True)  # row-major order: matches the CSR offsets
+    if rr.numel():
+        cols = bb.unsqueeze(1) * 16 + torch.arange(16, device=dev)
+        vals = e2m1_to_float(unpack_e2m1(weight[rr.unsqueeze(1), cols]))  # [B, 32]
+        values = (vals * e8m0_to_float(weight_scale[rr, bb])[:, None]).contiguous()
+    else:
+        values = torch.zeros(0, BLOCK_SIZE, dtype=torch.float32, device=dev)
+    return rows, ptr, bb.to(torch.int32).contiguous(), values
+
+
+@dataclasses.dataclass
+class Int8PrefillRows:
+    """The INT8 prefill path's per-row reference (module docstring) and its side table."""
+
+    row_scale: torch.Tensor  # float32 [NP]: 2**(top[n] - 131), a normal power of two
+    corr_rows: torch.Tensor
+    corr_ptr: torch.Tensor
+    corr_blocks: torch.Tensor
+    corr_values: torch.Tensor
+
+    @property
+    def num_out_of_range(self) -> int:
+        return int(self.corr_blocks.numel())
+
+
+def int8_prefill_rows(
+    weight: torch.Tensor, weight_scale: torch.Tensor, rp: RepackedMxfp4
+) -> Int8PrefillRows:
+    """Per-row 4-binade windows for the materialized INT8 prefill weight of ``rp`` (an INT8
+    repacking of the same tensors). A block is kept there only if it is in range for both its
+    tile (``rp.codes``) and its row; all others are listed in the returned side table."""
+    if not rp.act_int8:
+        raise ValueError("int8_prefill_rows needs an INT8 repacking (act_int8=True)")
+    n, kb = rp.n, rp.k // BLOCK_SIZE
+    s = weight_scale.to(torch.int32)
+    finite = s != E8M0_NAN
+    top = _best_window(s, finite, INT8_D_MAX - INT8_D_MIN + 1).clamp(min=5)
+    d = s - top[:, None] + INT8_D_MAX
+    in_row = finite & (d >= INT8_D_MIN) & (d <= INT8_D_MAX)
+    kept = in_row & (rp.codes[:n, :kb] != 0)
+    row_scale = torch.zeros(rp.packed.shape[0], dtype=torch.float32, device=weight.device)
+    row_scale[:n] = torch.exp2((top - 131).to(torch.float32))
+    return Int8PrefillRows(row_scale, *_side_table(~kept, weight, weight_scale))
+
+
+def dequantize_repacked(rp: RepackedMxfp4, prefill: Int8PrefillRows | None = None) -> torch.Tensor:
     """Decode the repacked form back to float32 ``[N, K]`` exactly as the kernels see it
-    (main pass + correction). Used by CPU tests to prove the repacking loses nothing."""
+    (main pass + correction; with ``prefill``, the INT8 prefill path's per-row materialization
+    and its table). Used by CPU tests to prove the repacking loses nothing."""
     n_pad, k_pad = rp.packed.shape[0], rp.packed.shape[1] * 2
     b = rp.packed.reshape(n_pad, k_pad // 64, 32)
     lo, hi = b & 0xF, b >> 4
     codes = torch.stack((lo, hi), dim=2).reshape(n_pad, k_pad)
     v = e2m1_to_float(codes).reshape(n_pad, k_pad // 32, 32)
     c = rp.codes.to(torch.int32)
-    if rp.act_int8:
+    table = rp
+    if prefill is not None:
+        # the kernel's arithmetic: code_row = code + tile_exp - row_exp, kept if in [0, 3] + bias
+        row_exp = (prefill.row_scale.view(torch.int32) >> 23).reshape(n_pad, 1)
+        tile_exp = rp.row_scale.t().to(torch.int32).repeat_interleave(INT8_TILE // 32, dim=1)
+        c_row = c + tile_exp - row_exp
+        live = (c != 0) & (c_row >= INT8_CODE_BIAS) & (c_row <= INT8_CODE_BIAS + INT8_D_MAX)
+        c = torch.where(live, c_row, torch.zeros_like(c))
+        w = v * (torch.exp2((c - INT8_CODE_BIAS).float()) * 2.0)[:, :, None]
+        w = w * prefill.row_scale[:, None, None]
+        table = prefill
+    elif rp.act_int8:
         d = c - INT8_CODE_BIAS
         tile_e = rp.row_scale.t().to(torch.int32) - 127  # 2**(top-131)
         mult = torch.exp2(d.float()) * 2.0  # (2v << d) = v * 2**(d+1)
@@ -252,10 +309,10 @@ def dequantize_repacked(rp: RepackedMxfp4) -> torch.Tensor:
         w = v * torch.exp2(d.float())[:, :, None] * rp.row_scale[:, None, None]
     w = torch.where((c == 0)[:, :, None], torch.zeros_like(w), w).reshape(n_pad, k_pad)
     w = w[: rp.n, : rp.k].clone()
-    for i, row in enumerate(rp.corr_rows.tolist()):
-        for j in range(int(rp.corr_ptr[i]), int(rp.corr_ptr[i + 1])):
-            blk = int(rp.corr_blocks[j])
-            w[row, blk * 32 : (blk + 1) * 32] += rp.corr_values[j]
+    for i, row in enumerate(table.corr_rows.tolist()):
+        for j in range(int(table.corr_ptr[i]), int(table.corr_ptr[i + 1])):
+            blk = int(table.corr_blocks[j])
+            w[row, blk * 32 : (blk + 1) * 32] += table.corr_values[j]
     return w
 
 

@@ -14,7 +14,9 @@
 - Medium M: the Triton kernel, weight as the wide MMA operand, split-K with an in-kernel
   reduction.
   Large M (prefill): the weight is decoded once per call into a dense E4M3/int8 matrix that the
-  same Triton GEMM then reads (no per-tile decode).
+  same Triton GEMM then reads (no per-tile decode). INT8 decodes it against one reference per
+  row where few blocks fall outside the row's window (``INT8_PREFILL_ROWS_MAX``), so that GEMM
+  sums in int32 over the whole K instead of rescaling every 256.
 
 The module imports without triton (CPU machines): ``is_supported`` then says why it cannot run.
 Design and measurements: docs/kernels.md, docs/int8_kernel.md.
@@ -30,7 +32,7 @@ from typing import Optional
 import torch
 
 from ..formats import ActivationDtype, ActivationScheme
-from ._sm90_repack import N_ALIGN, decode_lut, repack_mxfp4
+from ._sm90_repack import decode_lut, int8_prefill_rows, repack_mxfp4
 from .base import DeviceInfo, LinearKernelConfig, Mxfp4LinearKernel, Verdict
 
 logger = logging.getLogger("vllm.w4a8_mxfp4")  # reaches vLLM's handlers (see dispatch.py)
@@ -49,6 +51,10 @@ DEFAULT_MAX_CORRECTION = 0.01
 # M from which the prefill path (decode the weight once, then a dense GEMM) is used.
 PREFILL_M_ENV = "W4A8_SM90_PREFILL_M"
 DEFAULT_PREFILL_M = {False: 384, True: 384}  # keyed by act_int8; from benchmarks/results
+# Largest fraction of blocks outside the per-row windows (plus the per-tile table's) for which
+# the INT8 prefill GEMM uses one reference per row; above it, the per-tile GEMM.
+INT8_PREFILL_ROWS_ENV = "W4A8_MXFP4_INT8_PREFILL_ROWS_MAX"
+DEFAULT_INT8_PREFILL_ROWS_MAX = 0.005
 # Which kernel runs M <= CUDA_DECODE_MAX_M: "auto" (the CUDA kernel when it builds, else Triton,
 # logged), "cuda" (an error when it cannot be built), "triton".
 DECODE_KERNEL_ENV = "W4A8_SM90_DECODE"
@@ -212,6 +218,8 @@ def mxfp4_w4a8_linear(
     corr_ptr: torch.Tensor,
     corr_blocks: torch.Tensor,
     corr_values: torch.Tensor,
+    prefill_row_scale: Optional[torch.Tensor],
+    prefill_corr: list[torch.Tensor],
     input_scale: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
     n: int,
@@ -222,7 +230,9 @@ def mxfp4_w4a8_linear(
     decode_cuda: bool,
 ) -> torch.Tensor:
     """``y [M, N] = W4A8(x [M, K]) (+ bias)``. ``counters`` is split-K scratch that every launch
-    leaves all-zero again (so it is not declared mutated)."""
+    leaves all-zero again (so it is not declared mutated). ``prefill_row_scale`` and
+    ``prefill_corr`` (rows, ptr, blocks, values): the INT8 prefill path's per-row reference and
+    side table (``int8_prefill_rows``), or None and []."""
     from . import triton_w4a8 as tk
 
     out_dtype = _CODE_DTYPE[out_dtype_code]
@@ -241,9 +251,12 @@ def mxfp4_w4a8_linear(
     if m >= prefill_m:
         # (the Triton dense GEMM beat torch._scaled_mm row-wise on H100: 399 vs 426 us at
         # M=4096, N=K=8192; benchmarks/results/sweep_v3.jsonl)
-        dense = tk.materialize(packed, codes, lut, act_int8)
+        dense = tk.materialize(packed, codes, row_scale, act_int8, prefill_row_scale)
         y = tk.w4a8_gemm(q, xs, packed, codes, row_scale, counters, lut, n, act_int8, per_token,
-                         bias, out_dtype, dense=dense)
+                         bias, out_dtype, dense=dense, prefill_row_scale=prefill_row_scale)
+        if prefill_row_scale is not None:
+            tk.correction(y, q, xs, per_token, *prefill_corr)
+            return y
     else:
         y = tk.w4a8_gemm(q, xs, packed, codes, row_scale, counters, lut, n, act_int8, per_token,
                          bias, out_dtype)
@@ -253,7 +266,8 @@ def mxfp4_w4a8_linear(
 
 @mxfp4_w4a8_linear.register_fake
 def _(x, packed, codes, row_scale, counters, lut, corr_rows, corr_ptr, corr_blocks, corr_values,
-      input_scale, bias, n, act_int8, scheme, out_dtype_code, prefill_m, decode_cuda):
+      prefill_row_scale, prefill_corr, input_scale, bias, n, act_int8, scheme, out_dtype_code,
+      prefill_m, decode_cuda):
     return x.new_empty((x.shape[0], n), dtype=_CODE_DTYPE[out_dtype_code])
 
 
@@ -340,6 +354,23 @@ class Sm90TritonLinearKernel(Mxfp4LinearKernel):
         layer.w4a8_corr_ptr = rp.corr_ptr
         layer.w4a8_corr_blocks = rp.corr_blocks
         layer.w4a8_corr_values = rp.corr_values
+        layer.w4a8_prefill_row_scale = None
+        layer.w4a8_prefill_corr = []
+        if act_int8:
+            pf = int8_prefill_rows(weight, weight_scale, rp)
+            pf_frac = pf.num_out_of_range / max(rp.num_blocks, 1)
+            pf_limit = float(os.environ.get(INT8_PREFILL_ROWS_ENV, DEFAULT_INT8_PREFILL_ROWS_MAX))
+            if pf_frac <= pf_limit:
+                layer.w4a8_prefill_row_scale = pf.row_scale
+                layer.w4a8_prefill_corr = [pf.corr_rows, pf.corr_ptr, pf.corr_blocks,
+                                           pf.corr_values]
+            logger.log(
+                logging.DEBUG if pf_frac <= pf_limit else logging.INFO,
+                "w4a8_mxfp4 sm90_triton: %s: %.3f%% of the blocks lie outside one 4-binade window "
+                "per row; the INT8 prefill GEMM uses %s (%s=%g)", cfg.describe(), 100 * pf_frac,
+                "one reference per row" if pf_frac <= pf_limit else "per-tile references",
+                INT8_PREFILL_ROWS_ENV, pf_limit)
+        self.prefill_rows = layer.w4a8_prefill_row_scale is not None
         self.prefill_m = _prefill_m(act_int8)
         self.decode_cuda = _use_cuda_decode(dev)
 
@@ -368,6 +399,8 @@ class Sm90TritonLinearKernel(Mxfp4LinearKernel):
             layer.w4a8_corr_ptr,
             layer.w4a8_corr_blocks,
             layer.w4a8_corr_values,
+            layer.w4a8_prefill_row_scale,
+            layer.w4a8_prefill_corr,
             input_scale if cfg.act_scheme == ActivationScheme.STATIC_PER_TENSOR else None,
             bias,
             cfg.out_features,

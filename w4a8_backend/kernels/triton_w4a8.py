@@ -217,13 +217,19 @@ def _lut_half(b, code, BN: tl.constexpr, G: tl.constexpr, HIGH: tl.constexpr,
 
 @triton.jit
 def _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN: tl.constexpr, BK: tl.constexpr,
-                  ACT_INT8: tl.constexpr, DECODE_LUT: tl.constexpr):
+                  ACT_INT8: tl.constexpr, DECODE_LUT: tl.constexpr, code_shift=None):
+    """Decode a [BN, BK] weight tile. ``code_shift`` [BN] (INT8 prefill per-row reference):
+    each block's code moves by it and blocks that leave the exact range [22, 25] decode to 0."""
     G: tl.constexpr = BK // 64
     jj = tl.arange(0, BK // 2)
     b2 = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * KP2 + (k0 // 2 + jj)[None, :])
     b = tl.reshape(b2, (BN, G, 32))
     cc = tl.arange(0, 2 * G)
     c2 = tl.load(c_ptr + offs_n.to(tl.int64)[:, None] * KP32 + (k0 // 32 + cc)[None, :])
+    if code_shift is not None:
+        c = c2.to(tl.int32)
+        moved = c + code_shift[:, None]
+        c2 = tl.where((c != 0) & (moved >= 22) & (moved <= 25), moved, 0).to(tl.uint8)
     c_lo, c_hi = tl.split(tl.reshape(c2, (BN, G, 2)))
     if DECODE_LUT:
         w_lo = _lut_half(b, c_lo, BN, G, False, ACT_INT8)
@@ -242,8 +248,8 @@ def _w4a8_gemm(
     x_ptr, xs_ptr, w_ptr, c_ptr, rs_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, lut_ptr,
     M, N, K, KP, KP2, KP32, NP, stride_ym, iters_per_split,
     ACT_INT8: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
-    W_DENSE: tl.constexpr, SPLIT_K: tl.constexpr, DECODE_LUT: tl.constexpr,
-    BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    W_DENSE: tl.constexpr, ROW_REF: tl.constexpr, SPLIT_K: tl.constexpr,
+    DECODE_LUT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -257,7 +263,12 @@ def _w4a8_gemm(
     it1 = tl.minimum(it0 + iters_per_split, n_iters)
 
     acc = tl.zeros([BN, BM], dtype=tl.float32)
-    if ACT_INT8:
+    if ROW_REF:
+        # INT8 dense weight with one reference per row (rs_ptr: float32 2**(top - 131)):
+        # exact int32 sums over the whole K, rescaled once in the epilogue
+        tl.static_assert(ACT_INT8 and W_DENSE, "ROW_REF is the INT8 dense (prefill) GEMM")
+        acc_i = tl.zeros([BN, BM], dtype=tl.int32)
+    elif ACT_INT8:
         tl.static_assert(BK == INT8_TILE_K, "INT8 needs one reference tile per K step")
         # the tile exponents are one byte per row (not pipelined by cp.async): prefetch by hand
         e_next = tl.load(rs_ptr + it0 * NP + offs_n)
@@ -272,7 +283,9 @@ def _w4a8_gemm(
             w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * KP + (k0 + kk)[None, :])
             xk = k0 + kk
             xt = tl.load(x_rows + xk[:, None], mask=m_mask[None, :] & (xk < K)[:, None], other=0.0)
-            if ACT_INT8:
+            if ROW_REF:
+                acc_i = tl.dot(w, xt, acc_i, out_dtype=tl.int32)
+            elif ACT_INT8:
                 p = tl.dot(w, xt, out_dtype=tl.int32)
             else:
                 acc = tl.dot(w, xt, acc)
@@ -289,7 +302,7 @@ def _w4a8_gemm(
             else:
                 acc = tl.dot(w_lo, x_lo, acc)
                 acc = tl.dot(w_hi, x_hi, acc)
-        if ACT_INT8:
+        if ACT_INT8 and not ROW_REF:
             # one reference tile per iteration: exact int32 -> float32, times 2**(t - 1)
             e = e_next
             e_next = tl.load(rs_ptr + tl.minimum(it + 1, n_iters - 1) * NP + offs_n)
@@ -297,6 +310,8 @@ def _w4a8_gemm(
             # exact int32 -> float32 without I2F (|p| < 2**22): 0x4B400000 is 1.5 * 2**23
             pf = (p + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
             acc += pf * ts[:, None]
+    if ROW_REF:
+        acc = acc_i.to(tl.float32)
 
     if SPLIT_K > 1:
         ws_tile = ws_ptr + (pid_m * BM + tl.arange(0, BM))[None, :] * N + offs_n[:, None]
@@ -313,21 +328,23 @@ def _w4a8_gemm(
                                cache_modifier=".cg")
             tl.atomic_xchg(cnt, 0)
             _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, rs_ptr, y_ptr, bias_ptr, N, stride_ym,
-                      ACT_INT8, PER_TOKEN, HAS_BIAS)
+                      ACT_INT8 and not ROW_REF, PER_TOKEN, HAS_BIAS)
     else:
         _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, rs_ptr, y_ptr, bias_ptr, N, stride_ym,
-                  ACT_INT8, PER_TOKEN, HAS_BIAS)
+                  ACT_INT8 and not ROW_REF, PER_TOKEN, HAS_BIAS)
 
 
 @triton.jit
 def _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, rs_ptr, y_ptr, bias_ptr, N, stride_ym,
-              ACT_INT8: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr):
+              TILE_SCALED: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """``TILE_SCALED``: the per-tile INT8 loop already applied the weight's scales; otherwise
+    ``rs_ptr`` holds one float32 scale per row."""
     if PER_TOKEN:
         xs = tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)
         acc = acc * xs[None, :]
     else:
         acc = acc * tl.load(xs_ptr)
-    if not ACT_INT8:
+    if not TILE_SCALED:
         acc = acc * tl.load(rs_ptr + offs_n)[:, None]
     n_mask = offs_n < N
     if HAS_BIAS:
@@ -340,15 +357,25 @@ def _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, rs_ptr, y_ptr, bias_ptr, N, s
 # materialize (prefill): decoded weight [NP, KP] E4M3 / int8
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _materialize(w_ptr, c_ptr, lut_ptr, out_ptr, KP, KP2, KP32, ACT_INT8: tl.constexpr, BN: tl.constexpr,
+def _materialize(w_ptr, c_ptr, rs_ptr, prs_ptr, out_ptr, KP, KP2, KP32, NP,
+                 ACT_INT8: tl.constexpr, ROW_REF: tl.constexpr, BN: tl.constexpr,
                  BK: tl.constexpr, DECODE_LUT: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
     k0 = pid_k * BK
     G: tl.constexpr = BK // 64
-    w_lo, w_hi = _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN, BK, ACT_INT8,
-                               DECODE_LUT)
+    if ROW_REF:
+        # INT8 per-row reference (_sm90_repack.int8_prefill_rows): BK is one tile, so every
+        # block of this program moves by tile_exp[pid_k, n] - row_exp[n]
+        tl.static_assert(ACT_INT8 and BK == INT8_TILE_K, "ROW_REF is INT8 with BK = one tile")
+        tile_exp = tl.load(rs_ptr + pid_k * NP + offs_n).to(tl.int32)
+        row_exp = tl.load(prs_ptr + offs_n).to(tl.int32, bitcast=True) >> 23
+        w_lo, w_hi = _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN, BK, ACT_INT8,
+                                   DECODE_LUT, tile_exp - row_exp)
+    else:
+        w_lo, w_hi = _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN, BK, ACT_INT8,
+                                   DECODE_LUT)
     g = tl.arange(0, G)
     j = tl.arange(0, 32)
     base = out_ptr + offs_n.to(tl.int64)[:, None, None] * KP + k0 + (g * 64)[None, :, None] + j[None, None, :]
@@ -422,12 +449,14 @@ def quantize_activation_gpu(x2: torch.Tensor, act_int8: bool, scheme: int,
     return q, s_out
 
 
-def pick_config(m: int, n_pad: int, kp: int, act_int8: bool, sms: int, dense: bool = False):
+def pick_config(m: int, n_pad: int, kp: int, act_int8: bool, sms: int, dense: bool = False,
+                row_ref: bool = False):
     """(BN, BM, BK, split_k, num_warps, num_stages), from the H100 sweeps in
     benchmarks/results/sweep_*.jsonl (N = K = 8192): split-K until about 7 (FP8) or 14 (INT8,
-    more decode work per byte) warps per SM are busy at decode sizes."""
+    more decode work per byte) warps per SM are busy at decode sizes. The INT8 dense GEMM with
+    one reference per row (``row_ref``) has the FP8 dense GEMM's loop, so its tiles."""
     if dense:
-        if act_int8:
+        if act_int8 and not row_ref:
             return 128, 128, INT8_TILE, 1, 8, 3
         return (128, 256, 128, 1, 8, 3) if m >= 2048 else (128, 128, 128, 1, 8, 3)
     bk = 256
@@ -451,8 +480,14 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
               row_scale: torch.Tensor, counters: torch.Tensor, lut: torch.Tensor, n: int,
               act_int8: bool, per_token: bool, bias: torch.Tensor | None,
               out_dtype: torch.dtype, config=None,
-              dense: torch.Tensor | None = None) -> torch.Tensor:
+              dense: torch.Tensor | None = None,
+              prefill_row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``dense``: the materialized weight (prefill); INT8 with ``prefill_row_scale``: it was
+    materialized against one reference per row (``materialize(..., prefill_row_scale)``)."""
     m, k = q.shape
+    row_ref = prefill_row_scale is not None
+    if row_ref and (dense is None or not act_int8):
+        raise ValueError("prefill_row_scale is for the INT8 dense (materialized) GEMM")
     n_pad, kp = packed.shape[0], packed.shape[1] * 2
     y = torch.empty((m, n), dtype=out_dtype, device=q.device)
     if POISON_OUTPUTS:
@@ -460,7 +495,8 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
     if m == 0:
         return y
     if config is None:
-        config = pick_config(m, n_pad, kp, act_int8, num_sms(q.device.index or 0), dense is not None)
+        config = pick_config(m, n_pad, kp, act_int8, num_sms(q.device.index or 0),
+                             dense is not None, row_ref)
     bn, bm, bk, split, warps, stages = config
     iters = kp // bk
     per_split = triton.cdiv(iters, split)
@@ -476,26 +512,33 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
     else:
         ws = y
     _w4a8_gemm[grid](
-        q, xs, packed if dense is None else dense, codes, row_scale, y,
+        q, xs, packed if dense is None else dense, codes,
+        prefill_row_scale if row_ref else row_scale, y,
         bias if bias is not None else y, ws, counters, lut,
         m, n, k, kp, kp // 2, kp // 32, n_pad, y.stride(0), per_split,
         ACT_INT8=act_int8, PER_TOKEN=per_token, HAS_BIAS=bias is not None,
-        W_DENSE=dense is not None, SPLIT_K=split, DECODE_LUT=DECODE_LUT, BN=bn, BM=bm, BK=bk,
+        W_DENSE=dense is not None, ROW_REF=row_ref, SPLIT_K=split, DECODE_LUT=DECODE_LUT,
+        BN=bn, BM=bm, BK=bk,
         num_warps=warps, num_stages=stages,
     )
     return y
 
 
-def materialize(packed: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor,
-                act_int8: bool) -> torch.Tensor:
+def materialize(packed: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor,
+                act_int8: bool, prefill_row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole weight decoded to [NP, KP] E4M3 / int8. INT8 with ``prefill_row_scale``
+    (``int8_prefill_rows``): against one reference per row instead of per tile."""
     n_pad, kp = packed.shape[0], packed.shape[1] * 2
     out = torch.empty((n_pad, kp), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn,
                       device=packed.device)
     if POISON_OUTPUTS:
         out.view(torch.uint8).fill_(0x7F if not act_int8 else 0x80)
+    row_ref = prefill_row_scale is not None
     bn, bk = 64, 256
-    _materialize[(n_pad // bn, kp // bk)](packed, codes, lut, out, kp, kp // 2, kp // 32, ACT_INT8=act_int8, BN=bn,
-                                          BK=bk, DECODE_LUT=DECODE_LUT, num_warps=4)
+    _materialize[(n_pad // bn, kp // bk)](
+        packed, codes, row_scale, prefill_row_scale if row_ref else row_scale, out,
+        kp, kp // 2, kp // 32, n_pad, ACT_INT8=act_int8, ROW_REF=row_ref, BN=bn, BK=bk,
+        DECODE_LUT=DECODE_LUT, num_warps=4)
     return out
 
 
