@@ -413,7 +413,8 @@ __global__ void __launch_bounds__(256)
   if (mode == int(w4a8::ActivationScheme::STATIC_PER_TENSOR)) {
     scale = s_in[0];
   } else if (mode == int(w4a8::ActivationScheme::DYNAMIC_PER_TENSOR) && !whole) {
-    scale = fmaxf(s_in[0], 1e-12f) * kInvQmax;
+    const float amax = s_in[0];  // a NaN amax gives a NaN scale, as in the reference
+    scale = (amax != amax ? amax : fmaxf(amax, 1e-12f)) * kInvQmax;
     if (blockIdx.x == 0 && threadIdx.x == 0) s_out[0] = scale;
   } else {
     __shared__ float red[8];

@@ -166,6 +166,26 @@ def test_activation_quant_bit_exact(act, scheme, m, k):
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("scheme", [ActivationScheme.DYNAMIC_PER_TENSOR,
+                                    ActivationScheme.DYNAMIC_PER_TOKEN], ids=lambda s: s.name.lower())
+@pytest.mark.parametrize("m,k", [(3, 4096), (2, 20000)])
+def test_activation_quant_nan_like_reference(act, scheme, m, k):
+    """A NaN input makes the dynamic scale NaN (per tensor: every row; per token: its row), so
+    that nothing downstream is finite garbage: as in the reference."""
+    from w4a8_backend.kernels.triton_w4a8 import quantize_activation_gpu
+
+    g = _gen(m * 7 + k)
+    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+    x[1, k - 5] = float("nan")
+    q, s = quantize_activation_gpu(x, act == INT8, int(scheme), None)
+    q_ref, s_ref = quantize_activation(x, act, scheme, None)
+    assert torch.isnan(s_ref).any()
+    assert torch.equal(torch.isnan(s.reshape(-1)), torch.isnan(s_ref.reshape(-1)))
+    assert torch.equal(torch.nan_to_num(s.reshape(-1)), torch.nan_to_num(s_ref.reshape(-1)))
+    assert torch.equal(torch.nan_to_num(q.float(), nan=7.0), torch.nan_to_num(q_ref.float(), nan=7.0))
+
+
 # ---------------------------------------------------------------------------------------------
 # GEMM vs reference
 # ---------------------------------------------------------------------------------------------

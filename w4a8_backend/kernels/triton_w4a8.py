@@ -73,7 +73,18 @@ def dynamic_scale(amax, ACT_INT8: tl.constexpr):
     by a Python scalar as a multiplication by the float32 reciprocal, and the reference scale is
     ``amax.clamp(min) / qmax``."""
     INV_QMAX: tl.constexpr = 1.0 / 127.0 if ACT_INT8 else 1.0 / 448.0
-    return tl.maximum(amax, 1e-12) * INV_QMAX
+    return tl.maximum(amax, 1e-12, propagate_nan=tl.PropagateNan.ALL) * INV_QMAX
+
+
+@triton.jit
+def _nan_max(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def nan_amax(v, axis: tl.constexpr):
+    """``max(|v|)`` along ``axis`` that is NaN when any element is (as torch's amax)."""
+    return tl.reduce(tl.abs(v), axis, _nan_max)
 
 
 @triton.jit
@@ -103,13 +114,13 @@ def _quant_act(
     else:
         if ONE_PASS:
             xv = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            amax = tl.max(tl.abs(xv), axis=0)
+            amax = nan_amax(xv, 0)
         else:
             amax_v = tl.zeros([BLOCK], dtype=tl.float32)
             for k0 in range(0, K, BLOCK):
                 xv = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-                amax_v = tl.maximum(amax_v, tl.abs(xv))
-            amax = tl.max(amax_v, axis=0)
+                amax_v = _nan_max(amax_v, tl.abs(xv))
+            amax = nan_amax(amax_v, 0)
         scale = dynamic_scale(amax, ACT_INT8)
         tl.store(s_out_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
