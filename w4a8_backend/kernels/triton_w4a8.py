@@ -342,29 +342,38 @@ def _w4a8_gemm(
             tl.atomic_xchg(cnt, 0)
             _epilogue(acc, pid_n, offs_n, offs_m, m_mask, x_ptr, K, xs_ptr, rs_ptr, y_ptr,
                       bias_ptr, roff_ptr, brow_ptr, cblk_ptr, cval_ptr, N, stride_ym,
-                      ACT_INT8 and not ROW_REF, PER_TOKEN, HAS_BIAS, HAS_CORR, BN)
+                      ACT_INT8 and not ROW_REF, PER_TOKEN, HAS_BIAS, HAS_CORR, BN, BM)
     else:
         _epilogue(acc, pid_n, offs_n, offs_m, m_mask, x_ptr, K, xs_ptr, rs_ptr, y_ptr, bias_ptr,
                   roff_ptr, brow_ptr, cblk_ptr, cval_ptr, N, stride_ym,
-                  ACT_INT8 and not ROW_REF, PER_TOKEN, HAS_BIAS, HAS_CORR, BN)
+                  ACT_INT8 and not ROW_REF, PER_TOKEN, HAS_BIAS, HAS_CORR, BN, BM)
 
 
 @triton.jit
 def _add_corrections(acc, pid_n, offs_n, offs_m, m_mask, x_ptr, K, roff_ptr, brow_ptr, cblk_ptr,
-                     cval_ptr, BN: tl.constexpr):
+                     cval_ptr, BN: tl.constexpr, BM: tl.constexpr):
     """Add the exact contribution of the out-of-range blocks of this tile's rows (a side table
-    from ``_sm90_repack.kernel_side_table``): ``acc[n, m] += x[m, block] . values``."""
+    from ``_sm90_repack.kernel_side_table``): ``acc[n, m] += x[m, block] . values``. CB blocks
+    per iteration, their loads issued together: one CTA per SM waits out each round trip."""
+    CB: tl.constexpr = 4 if BM <= 128 else 2
     b0 = tl.load(roff_ptr + pid_n * BN)
     b1 = tl.load(roff_ptr + pid_n * BN + BN)
     j = tl.arange(0, 32)
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * K + j[None, :]
-    for b in range(b0, b1):
-        row = tl.load(brow_ptr + b)
-        blk = tl.load(cblk_ptr + b)
-        v = tl.load(cval_ptr + b.to(tl.int64) * 32 + j)
-        xq = tl.load(x_rows + blk * 32, mask=m_mask[:, None], other=0.0).to(tl.float32)
-        dot = tl.sum(xq * v[None, :], axis=1)
-        acc = tl.where((offs_n == row)[:, None], acc + dot[None, :], acc)
+    c = tl.arange(0, CB)
+    x_rows = x_ptr + offs_m.to(tl.int64)[None, :, None] * K + j[None, None, :]
+    for bs in range(b0, b1, CB):
+        live = bs + c < b1
+        rows = tl.load(brow_ptr + bs + c, mask=live, other=-1)
+        blks = tl.load(cblk_ptr + bs + c, mask=live, other=0)
+        v = tl.load(cval_ptr + (bs + c).to(tl.int64)[:, None] * 32 + j[None, :],
+                    mask=live[:, None], other=0.0)
+        xq = tl.load(x_rows + blks[:, None, None] * 32,
+                     mask=live[:, None, None] & m_mask[None, :, None], other=0.0).to(tl.float32)
+        dots = tl.sum(xq * v[:, None, :], axis=2)  # [CB, BM]
+        for i in tl.static_range(CB):
+            row = tl.sum(tl.where(c == i, rows, 0), axis=0)
+            dot = tl.sum(tl.where((c == i)[:, None], dots, 0.0), axis=0)
+            acc = tl.where((offs_n == row)[:, None], acc + dot[None, :], acc)
     return acc
 
 
@@ -372,7 +381,7 @@ def _add_corrections(acc, pid_n, offs_n, offs_m, m_mask, x_ptr, K, roff_ptr, bro
 def _epilogue(acc, pid_n, offs_n, offs_m, m_mask, x_ptr, K, xs_ptr, rs_ptr, y_ptr, bias_ptr,
               roff_ptr, brow_ptr, cblk_ptr, cval_ptr, N, stride_ym,
               TILE_SCALED: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
-              HAS_CORR: tl.constexpr, BN: tl.constexpr):
+              HAS_CORR: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
     """``TILE_SCALED``: the per-tile INT8 loop already applied the weight's scales; otherwise
     ``rs_ptr`` holds one float32 scale per row. Then the out-of-range blocks (``HAS_CORR``), the
     activation scale and the bias."""
@@ -380,7 +389,7 @@ def _epilogue(acc, pid_n, offs_n, offs_m, m_mask, x_ptr, K, xs_ptr, rs_ptr, y_pt
         acc = acc * tl.load(rs_ptr + offs_n)[:, None]
     if HAS_CORR:
         acc = _add_corrections(acc, pid_n, offs_n, offs_m, m_mask, x_ptr, K, roff_ptr, brow_ptr,
-                               cblk_ptr, cval_ptr, BN)
+                               cblk_ptr, cval_ptr, BN, BM)
     if PER_TOKEN:
         xs = tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)
         acc = acc * xs[None, :]
