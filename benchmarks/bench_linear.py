@@ -334,7 +334,7 @@ def sweep(timer, log, ms=SWEEP_MS):
         rows = layer.w4a8_prefill_row_scale  # INT8 per-row reference, when the layer has it
         if i8:
             log(json.dumps({"act": act.name, "tile_table_blocks": kern.num_out_of_range,
-                            "rows_table_blocks": layer.w4a8_prefill_corr[2].numel()
+                            "rows_table_blocks": len(layer.w4a8_prefill_corr[2])
                             if rows is not None else None}))
         bk = 256
         dbk = 256 if i8 else 128
@@ -378,12 +378,11 @@ def sweep(timer, log, ms=SWEEP_MS):
                 res["materialize-rows_us"] = round(timer.time_us(
                     lambda: tk.materialize(layer.weight, layer.weight_scale, rs, i8, rows)), 2)
                 y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-                # the standalone correction kernel (the CUDA decode path's), for comparison with
-                # the GEMM epilogue's (included in every GEMM time below)
-                res["correction-kernel-tile_us"] = round(timer.time_us(lambda: tk.correction(
-                    y, q, xs, True, *layer.w4a8_corr[:4])), 2)
-                res["correction-kernel-rows_us"] = round(timer.time_us(lambda: tk.correction(
-                    y, q, xs, True, *layer.w4a8_prefill_corr[:4])), 2)
+                res["correction-tile_us"] = round(timer.time_us(lambda: tk.correction(
+                    y, q, xs, True, layer.w4a8_corr_rows, layer.w4a8_corr_ptr,
+                    layer.w4a8_corr_blocks, layer.w4a8_corr_values)), 2)
+                res["correction-rows_us"] = round(timer.time_us(lambda: tk.correction(
+                    y, q, xs, True, *layer.w4a8_prefill_corr)), 2)
             for kind, cfg in cands:
                 tk.DECODE_LUT = kind != "fused-f16"
                 row_ref = rows if kind == "dense-rows" else None
@@ -393,8 +392,7 @@ def sweep(timer, log, ms=SWEEP_MS):
                     fn = lambda cfg=cfg, dense=dense, row_ref=row_ref: tk.w4a8_gemm(  # noqa: E731
                         q, xs, layer.weight, layer.weight_scale, rs,
                         layer.w4a8_counters, lut, n, i8, True, None, torch.bfloat16,
-                        config=cfg, dense=dense, prefill_row_scale=row_ref,
-                        corr=layer.w4a8_prefill_corr if row_ref is not None else layer.w4a8_corr)
+                        config=cfg, dense=dense, prefill_row_scale=row_ref)
                     res[f"{kind}{cfg}"] = round(timer.time_us(fn), 2)
                 except Exception as exc:
                     res[f"{kind}{cfg}"] = f"ERR {type(exc).__name__}: {str(exc)[-300:]}"

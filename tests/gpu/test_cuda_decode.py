@@ -90,7 +90,8 @@ def test_every_launch_config(act, config):
                                torch.bfloat16, config=config)
         from w4a8_backend.kernels import triton_w4a8 as tk
 
-        tk.correction(y, q, xs, True, *layer.w4a8_corr[:4])
+        tk.correction(y, q, xs, True, layer.w4a8_corr_rows, layer.w4a8_corr_ptr,
+                      layer.w4a8_corr_blocks, layer.w4a8_corr_values)
         ref = reference_linear(x, packed, scale, act, ActivationScheme.DYNAMIC_PER_TOKEN)
         assert rel_err(y, ref) <= REL_TOL, (config, m)
 

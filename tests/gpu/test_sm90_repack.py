@@ -96,7 +96,7 @@ def test_fp8_window_keeps_the_majority():
 def test_row_offsets_list_each_rows_side_table_blocks(act_int8):
     """The MoE CUDA kernels' per-row CSR (every row, empty ones included) points at exactly the
     blocks the side table lists for that row, and the dense values there equal the weights."""
-    from w4a8_backend.kernels._sm90_repack import row_offsets
+    from w4a8_backend.kernels._sm90_moe_cuda import row_offsets
 
     packed, scale = _weights(96, 512, 14, 9)
     rp = repack_mxfp4(packed, scale, act_int8)
@@ -115,27 +115,6 @@ def test_row_offsets_list_each_rows_side_table_blocks(act_int8):
             assert _same(rp.corr_values[j], dense[r, int(rp.corr_blocks[j])])
     empty = row_offsets(rp.corr_rows[:0], rp.corr_ptr[:1], 8)
     assert empty.tolist() == [0] * 9
-
-
-@pytest.mark.parametrize("act_int8", [False, True], ids=["fp8", "int8"])
-def test_kernel_side_table_names_each_blocks_row(act_int8):
-    """The dense GEMM epilogue walks blocks [row_offsets[n0], row_offsets[n0 + BN]) and adds
-    block b to row block_rows[b]: that must be exactly the side table's (row, block) list."""
-    from w4a8_backend.kernels._sm90_repack import kernel_side_table
-
-    packed, scale = _weights(200, 1024, 14, 21)
-    rp = repack_mxfp4(packed, scale, act_int8)
-    assert rp.num_out_of_range > 0
-    rows = rp.packed.shape[0]
-    t = kernel_side_table(rp.corr_rows, rp.corr_ptr, rp.corr_blocks, rp.corr_values, rows)
-    assert [x.dtype for x in t[4:]] == [torch.int32, torch.int32]
-    listed = [(row, int(rp.corr_blocks[j])) for i, row in enumerate(rp.corr_rows.tolist())
-              for j in range(int(rp.corr_ptr[i]), int(rp.corr_ptr[i + 1]))]
-    assert list(zip(t[5].tolist(), t[2].tolist())) == listed
-    for n0 in range(0, rows, 64):  # a 64-row tile's range holds exactly its rows' blocks
-        a, b = int(t[4][n0]), int(t[4][n0 + 64])
-        assert all(n0 <= r < n0 + 64 for r in t[5][a:b].tolist())
-        assert b - a == sum(n0 <= r < n0 + 64 for r, _ in listed)
 
 
 def test_bad_tensors_are_named():

@@ -365,11 +365,9 @@ def check_graph_replay(kern, layer, m, k, g, reference):
 
 @pytest.mark.parametrize("act,prefill_m", [(FP8, None), (INT8, 1)],
                          ids=["fp8", "int8_prefill_rows"])
-def test_custom_op_opcheck_and_compile(monkeypatch, act, prefill_m):
+def test_custom_op_opcheck_and_compile(act, prefill_m):
     from w4a8_backend.kernels import triton_w4a8
-    from w4a8_backend.kernels.sm90_triton import INT8_PREFILL_ROWS_ENV
 
-    monkeypatch.setenv(INT8_PREFILL_ROWS_ENV, "1.0")  # the row path despite the harsh weights
     g = _gen(31)
     n, k, m = 512, 1024, 8
     scheme = ActivationScheme.DYNAMIC_PER_TOKEN
@@ -383,8 +381,9 @@ def test_custom_op_opcheck_and_compile(monkeypatch, act, prefill_m):
     x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
     args = (
         x, layer.weight, layer.weight_scale, layer.w4a8_row_scale, layer.w4a8_counters,
-        layer.w4a8_lut, layer.w4a8_corr, layer.w4a8_prefill_row_scale, layer.w4a8_prefill_corr,
-        None, None, n, act == INT8, int(scheme), 0, kern.prefill_m, kern.decode_cuda,
+        layer.w4a8_lut, layer.w4a8_corr_rows, layer.w4a8_corr_ptr, layer.w4a8_corr_blocks,
+        layer.w4a8_corr_values, layer.w4a8_prefill_row_scale, layer.w4a8_prefill_corr, None,
+        None, n, act == INT8, int(scheme), 0, kern.prefill_m, kern.decode_cuda,
     )
     triton_w4a8.POISON_OUTPUTS = False  # opcheck compares repeated runs
     torch.library.opcheck(torch.ops.w4a8_backend.mxfp4_w4a8_linear.default, args)

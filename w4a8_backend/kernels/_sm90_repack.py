@@ -241,29 +241,6 @@ def _side_table(out: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
     return rows, ptr, bb.to(torch.int32).contiguous(), values
 
 
-def row_offsets(corr_rows: torch.Tensor, corr_ptr: torch.Tensor, rows: int) -> torch.Tensor:
-    """A side table's CSR over its listed rows as a CSR over every row: ``int32 [rows + 1]``;
-    row r's out-of-range blocks are ``[out[r], out[r + 1])``."""
-    counts = torch.zeros(rows, dtype=torch.int32, device=corr_rows.device)
-    if corr_rows.numel():
-        counts[corr_rows.long()] = (corr_ptr[1:] - corr_ptr[:-1]).to(torch.int32)
-    out = torch.zeros(rows + 1, dtype=torch.int32, device=corr_rows.device)
-    out[1:] = counts.cumsum(0)
-    return out
-
-
-def kernel_side_table(corr_rows: torch.Tensor, corr_ptr: torch.Tensor, corr_blocks: torch.Tensor,
-                      corr_values: torch.Tensor, rows: int) -> list[torch.Tensor]:
-    """What the GEMM kernels take for a side table: ``[corr_rows, corr_ptr, corr_blocks,
-    corr_values, row_offsets (int32 [rows + 1]), block_rows (int32 [B], the row of each
-    block)]``. The first four feed the standalone correction kernel, the last two (with blocks
-    and values) the dense GEMM's epilogue, which walks the blocks of its row tile."""
-    counts = (corr_ptr[1:] - corr_ptr[:-1]).long()
-    block_rows = torch.repeat_interleave(corr_rows, counts).to(torch.int32)
-    return [corr_rows, corr_ptr, corr_blocks, corr_values,
-            row_offsets(corr_rows, corr_ptr, rows), block_rows]
-
-
 @dataclasses.dataclass
 class Int8PrefillRows:
     """The INT8 prefill path's per-row reference (module docstring) and its side table."""

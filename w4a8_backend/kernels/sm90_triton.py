@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from ..formats import ActivationDtype, ActivationScheme
-from ._sm90_repack import decode_lut, int8_prefill_rows, kernel_side_table, repack_mxfp4
+from ._sm90_repack import decode_lut, int8_prefill_rows, repack_mxfp4
 from .base import DeviceInfo, LinearKernelConfig, Mxfp4LinearKernel, Verdict
 
 logger = logging.getLogger("vllm.w4a8_mxfp4")  # reaches vLLM's handlers (see dispatch.py)
@@ -214,7 +214,10 @@ def mxfp4_w4a8_linear(
     row_scale: torch.Tensor,
     counters: torch.Tensor,
     lut: torch.Tensor,
-    corr: list[torch.Tensor],
+    corr_rows: torch.Tensor,
+    corr_ptr: torch.Tensor,
+    corr_blocks: torch.Tensor,
+    corr_values: torch.Tensor,
     prefill_row_scale: Optional[torch.Tensor],
     prefill_corr: list[torch.Tensor],
     input_scale: Optional[torch.Tensor],
@@ -227,10 +230,9 @@ def mxfp4_w4a8_linear(
     decode_cuda: bool,
 ) -> torch.Tensor:
     """``y [M, N] = W4A8(x [M, K]) (+ bias)``. ``counters`` is split-K scratch that every launch
-    leaves all-zero again (so it is not declared mutated). ``corr``: the out-of-range side table
-    (``_sm90_repack.kernel_side_table``). ``prefill_row_scale`` and ``prefill_corr``: the INT8
-    prefill path's per-row reference and its side table (``int8_prefill_rows``), or None and
-    []."""
+    leaves all-zero again (so it is not declared mutated). ``prefill_row_scale`` and
+    ``prefill_corr`` (rows, ptr, blocks, values): the INT8 prefill path's per-row reference and
+    side table (``int8_prefill_rows``), or None and []."""
     from . import triton_w4a8 as tk
 
     out_dtype = _CODE_DTYPE[out_dtype_code]
@@ -243,23 +245,29 @@ def mxfp4_w4a8_linear(
             and _cuda_decode_loaded(x.device)):
         y, q, xs = cuda_decode(x, packed, codes, row_scale, input_scale, bias, n, act_int8,
                                scheme, out_dtype)
-        tk.correction(y, q, xs, per_token, *corr[:4])
+        tk.correction(y, q, xs, per_token, corr_rows, corr_ptr, corr_blocks, corr_values)
         return y
     q, xs = tk.quantize_activation_gpu(x, act_int8, scheme, input_scale)
-    if m < prefill_m:
-        return tk.w4a8_gemm(q, xs, packed, codes, row_scale, counters, lut, n, act_int8,
-                            per_token, bias, out_dtype, corr=corr)
-    # (the Triton dense GEMM beat torch._scaled_mm row-wise on H100: 399 vs 426 us at M=4096,
-    # N=K=8192; benchmarks/results/sweep_v3.jsonl)
-    dense = tk.materialize(packed, codes, row_scale, act_int8, prefill_row_scale)
-    return tk.w4a8_gemm(q, xs, packed, codes, row_scale, counters, lut, n, act_int8, per_token,
-                        bias, out_dtype, dense=dense, prefill_row_scale=prefill_row_scale,
-                        corr=prefill_corr if prefill_row_scale is not None else corr)
+    if m >= prefill_m:
+        # (the Triton dense GEMM beat torch._scaled_mm row-wise on H100: 399 vs 426 us at
+        # M=4096, N=K=8192; benchmarks/results/sweep_v3.jsonl)
+        dense = tk.materialize(packed, codes, row_scale, act_int8, prefill_row_scale)
+        y = tk.w4a8_gemm(q, xs, packed, codes, row_scale, counters, lut, n, act_int8, per_token,
+                         bias, out_dtype, dense=dense, prefill_row_scale=prefill_row_scale)
+        if prefill_row_scale is not None:
+            tk.correction(y, q, xs, per_token, *prefill_corr)
+            return y
+    else:
+        y = tk.w4a8_gemm(q, xs, packed, codes, row_scale, counters, lut, n, act_int8, per_token,
+                         bias, out_dtype)
+    tk.correction(y, q, xs, per_token, corr_rows, corr_ptr, corr_blocks, corr_values)
+    return y
 
 
 @mxfp4_w4a8_linear.register_fake
-def _(x, packed, codes, row_scale, counters, lut, corr, prefill_row_scale, prefill_corr,
-      input_scale, bias, n, act_int8, scheme, out_dtype_code, prefill_m, decode_cuda):
+def _(x, packed, codes, row_scale, counters, lut, corr_rows, corr_ptr, corr_blocks, corr_values,
+      prefill_row_scale, prefill_corr, input_scale, bias, n, act_int8, scheme, out_dtype_code,
+      prefill_m, decode_cuda):
     return x.new_empty((x.shape[0], n), dtype=_CODE_DTYPE[out_dtype_code])
 
 
@@ -342,8 +350,10 @@ class Sm90TritonLinearKernel(Mxfp4LinearKernel):
         # split-K tile counters: up to 8 M tiles of (N_pad / 64) N tiles
         layer.w4a8_counters = torch.zeros(8 * n_pad // 64, dtype=torch.int32, device=dev)
         layer.w4a8_lut = decode_lut(act_int8).to(dev)
-        layer.w4a8_corr = kernel_side_table(rp.corr_rows, rp.corr_ptr, rp.corr_blocks,
-                                            rp.corr_values, n_pad)
+        layer.w4a8_corr_rows = rp.corr_rows
+        layer.w4a8_corr_ptr = rp.corr_ptr
+        layer.w4a8_corr_blocks = rp.corr_blocks
+        layer.w4a8_corr_values = rp.corr_values
         layer.w4a8_prefill_row_scale = None
         layer.w4a8_prefill_corr = []
         if act_int8:
@@ -352,8 +362,8 @@ class Sm90TritonLinearKernel(Mxfp4LinearKernel):
             pf_limit = float(os.environ.get(INT8_PREFILL_ROWS_ENV, DEFAULT_INT8_PREFILL_ROWS_MAX))
             if pf_frac <= pf_limit:
                 layer.w4a8_prefill_row_scale = pf.row_scale
-                layer.w4a8_prefill_corr = kernel_side_table(pf.corr_rows, pf.corr_ptr,
-                                                            pf.corr_blocks, pf.corr_values, n_pad)
+                layer.w4a8_prefill_corr = [pf.corr_rows, pf.corr_ptr, pf.corr_blocks,
+                                           pf.corr_values]
             logger.log(
                 logging.DEBUG if pf_frac <= pf_limit else logging.INFO,
                 "w4a8_mxfp4 sm90_triton: %s: %.3f%% of the blocks lie outside one 4-binade window "
@@ -385,7 +395,10 @@ class Sm90TritonLinearKernel(Mxfp4LinearKernel):
             layer.w4a8_row_scale,
             layer.w4a8_counters,
             layer.w4a8_lut,
-            layer.w4a8_corr,
+            layer.w4a8_corr_rows,
+            layer.w4a8_corr_ptr,
+            layer.w4a8_corr_blocks,
+            layer.w4a8_corr_values,
             layer.w4a8_prefill_row_scale,
             layer.w4a8_prefill_corr,
             input_scale if cfg.act_scheme == ActivationScheme.STATIC_PER_TENSOR else None,

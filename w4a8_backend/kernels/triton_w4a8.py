@@ -257,10 +257,8 @@ def _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN: tl.constexpr, BK: tl.
 @triton.jit
 def _w4a8_gemm(
     x_ptr, xs_ptr, w_ptr, c_ptr, rs_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, lut_ptr,
-    roff_ptr, brow_ptr, cblk_ptr, cval_ptr,
     M, N, K, KP, KP2, KP32, NP, stride_ym, iters_per_split,
     ACT_INT8: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_CORR: tl.constexpr,
     W_DENSE: tl.constexpr, ROW_REF: tl.constexpr, SPLIT_K: tl.constexpr,
     DECODE_LUT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
@@ -340,61 +338,25 @@ def _w4a8_gemm(
                 acc += tl.load(ws_tile + s * tile_stride, mask=st_mask, other=0.0,
                                cache_modifier=".cg")
             tl.atomic_xchg(cnt, 0)
-            _epilogue(acc, pid_n, offs_n, offs_m, m_mask, x_ptr, K, xs_ptr, rs_ptr, y_ptr,
-                      bias_ptr, roff_ptr, brow_ptr, cblk_ptr, cval_ptr, N, stride_ym,
-                      ACT_INT8 and not ROW_REF, PER_TOKEN, HAS_BIAS, HAS_CORR, BN, BM)
+            _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, rs_ptr, y_ptr, bias_ptr, N, stride_ym,
+                      ACT_INT8 and not ROW_REF, PER_TOKEN, HAS_BIAS)
     else:
-        _epilogue(acc, pid_n, offs_n, offs_m, m_mask, x_ptr, K, xs_ptr, rs_ptr, y_ptr, bias_ptr,
-                  roff_ptr, brow_ptr, cblk_ptr, cval_ptr, N, stride_ym,
-                  ACT_INT8 and not ROW_REF, PER_TOKEN, HAS_BIAS, HAS_CORR, BN, BM)
+        _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, rs_ptr, y_ptr, bias_ptr, N, stride_ym,
+                  ACT_INT8 and not ROW_REF, PER_TOKEN, HAS_BIAS)
 
 
 @triton.jit
-def _add_corrections(acc, pid_n, offs_n, offs_m, m_mask, x_ptr, K, roff_ptr, brow_ptr, cblk_ptr,
-                     cval_ptr, BN: tl.constexpr, BM: tl.constexpr):
-    """Add the exact contribution of the out-of-range blocks of this tile's rows (a side table
-    from ``_sm90_repack.kernel_side_table``): ``acc[n, m] += x[m, block] . values``. CB blocks
-    per iteration, their loads issued together: one CTA per SM waits out each round trip."""
-    CB: tl.constexpr = 4 if BM <= 128 else 2
-    b0 = tl.load(roff_ptr + pid_n * BN)
-    b1 = tl.load(roff_ptr + pid_n * BN + BN)
-    j = tl.arange(0, 32)
-    c = tl.arange(0, CB)
-    x_rows = x_ptr + offs_m.to(tl.int64)[None, :, None] * K + j[None, None, :]
-    for bs in range(b0, b1, CB):
-        live = bs + c < b1
-        rows = tl.load(brow_ptr + bs + c, mask=live, other=-1)
-        blks = tl.load(cblk_ptr + bs + c, mask=live, other=0)
-        v = tl.load(cval_ptr + (bs + c).to(tl.int64)[:, None] * 32 + j[None, :],
-                    mask=live[:, None], other=0.0)
-        xq = tl.load(x_rows + blks[:, None, None] * 32,
-                     mask=live[:, None, None] & m_mask[None, :, None], other=0.0).to(tl.float32)
-        dots = tl.sum(xq * v[:, None, :], axis=2)  # [CB, BM]
-        for i in tl.static_range(CB):
-            row = tl.sum(tl.where(c == i, rows, 0), axis=0)
-            dot = tl.sum(tl.where((c == i)[:, None], dots, 0.0), axis=0)
-            acc = tl.where((offs_n == row)[:, None], acc + dot[None, :], acc)
-    return acc
-
-
-@triton.jit
-def _epilogue(acc, pid_n, offs_n, offs_m, m_mask, x_ptr, K, xs_ptr, rs_ptr, y_ptr, bias_ptr,
-              roff_ptr, brow_ptr, cblk_ptr, cval_ptr, N, stride_ym,
-              TILE_SCALED: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
-              HAS_CORR: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
+def _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, rs_ptr, y_ptr, bias_ptr, N, stride_ym,
+              TILE_SCALED: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr):
     """``TILE_SCALED``: the per-tile INT8 loop already applied the weight's scales; otherwise
-    ``rs_ptr`` holds one float32 scale per row. Then the out-of-range blocks (``HAS_CORR``), the
-    activation scale and the bias."""
-    if not TILE_SCALED:
-        acc = acc * tl.load(rs_ptr + offs_n)[:, None]
-    if HAS_CORR:
-        acc = _add_corrections(acc, pid_n, offs_n, offs_m, m_mask, x_ptr, K, roff_ptr, brow_ptr,
-                               cblk_ptr, cval_ptr, BN, BM)
+    ``rs_ptr`` holds one float32 scale per row."""
     if PER_TOKEN:
         xs = tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)
         acc = acc * xs[None, :]
     else:
         acc = acc * tl.load(xs_ptr)
+    if not TILE_SCALED:
+        acc = acc * tl.load(rs_ptr + offs_n)[:, None]
     n_mask = offs_n < N
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
@@ -530,12 +492,9 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
               act_int8: bool, per_token: bool, bias: torch.Tensor | None,
               out_dtype: torch.dtype, config=None,
               dense: torch.Tensor | None = None,
-              prefill_row_scale: torch.Tensor | None = None,
-              corr: list[torch.Tensor] | None = None) -> torch.Tensor:
+              prefill_row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``dense``: the materialized weight (prefill); INT8 with ``prefill_row_scale``: it was
-    materialized against one reference per row (``materialize(..., prefill_row_scale)``).
-    ``corr``: the side table (``_sm90_repack.kernel_side_table``) whose blocks the epilogue adds
-    back; None when the caller corrects separately."""
+    materialized against one reference per row (``materialize(..., prefill_row_scale)``)."""
     m, k = q.shape
     row_ref = prefill_row_scale is not None
     if row_ref and (dense is None or not act_int8):
@@ -557,8 +516,6 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
     if split > 1 and grid[0] * grid[1] > counters.numel():
         split, per_split = 1, iters  # not enough tile counters: no split-K
         grid = (grid[0], grid[1], 1)
-    has_corr = corr is not None and corr[2].numel() > 0
-    corr_args = (corr[4], corr[5], corr[2], corr[3]) if has_corr else (y, y, y, y)
     if split > 1:
         ws = torch.empty((split, m, n), dtype=torch.float32, device=q.device)
         if POISON_OUTPUTS:
@@ -568,9 +525,9 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
     _w4a8_gemm[grid](
         q, xs, packed if dense is None else dense, codes,
         prefill_row_scale if row_ref else row_scale, y,
-        bias if bias is not None else y, ws, counters, lut, *corr_args,
+        bias if bias is not None else y, ws, counters, lut,
         m, n, k, kp, kp // 2, kp // 32, n_pad, y.stride(0), per_split,
-        ACT_INT8=act_int8, PER_TOKEN=per_token, HAS_BIAS=bias is not None, HAS_CORR=has_corr,
+        ACT_INT8=act_int8, PER_TOKEN=per_token, HAS_BIAS=bias is not None,
         W_DENSE=dense is not None, ROW_REF=row_ref, SPLIT_K=split, DECODE_LUT=DECODE_LUT,
         BN=bn, BM=bm, BK=bk,
         num_warps=warps, num_stages=stages,
