@@ -225,3 +225,18 @@ def test_kernel_logs_go_where_vllm_shows_them():
 
     for module in (dispatch, sm90_triton, sm90_triton_moe, _cuda_ext):
         assert module.logger.name.startswith("vllm."), module.__name__
+
+
+def test_sm90_fraction_settings_name_the_variable(monkeypatch):
+    """A malformed fraction setting (correction limits of the SM90 backend) is an error that
+    names the variable, not a bare float() traceback; unset means the default."""
+    from w4a8_backend.kernels import sm90_triton
+
+    name = sm90_triton.INT8_PREFILL_ROWS_ENV
+    monkeypatch.delenv(name, raising=False)
+    assert sm90_triton._env_fraction(name, 0.25) == 0.25
+    monkeypatch.setenv(name, "0.001")
+    assert sm90_triton._env_fraction(name, 0.25) == 0.001
+    monkeypatch.setenv(name, "one percent")
+    with pytest.raises(ValueError, match=name):
+        sm90_triton._env_fraction(name, 0.25)

@@ -51,10 +51,13 @@ DEFAULT_MAX_CORRECTION = 0.01
 # M from which the prefill path (decode the weight once, then a dense GEMM) is used.
 PREFILL_M_ENV = "W4A8_SM90_PREFILL_M"
 DEFAULT_PREFILL_M = {False: 384, True: 384}  # keyed by act_int8; from benchmarks/results
-# Largest fraction of blocks outside the per-row windows (plus the per-tile table's) for which
-# the INT8 prefill GEMM uses one reference per row; above it, the per-tile GEMM.
+# The INT8 prefill GEMM uses one reference per row while its side table has at most this
+# fraction of the weight's blocks more than the per-tile table. H100, N = K = 8192, M = 4096
+# (benchmarks/results/sweep_int8_prefill_rows_h100_20261123.jsonl): the per-row GEMM takes 445
+# vs 639 us, and the correction kernel ~0.2 us per listed block, so the per-row path pays while
+# it adds fewer than ~970 blocks of 2.1M (0.046 %); both sides scale with M and with N * K.
 INT8_PREFILL_ROWS_ENV = "W4A8_MXFP4_INT8_PREFILL_ROWS_MAX"
-DEFAULT_INT8_PREFILL_ROWS_MAX = 0.005
+DEFAULT_INT8_PREFILL_ROWS_MAX = 0.0004
 # Which kernel runs M <= CUDA_DECODE_MAX_M: "auto" (the CUDA kernel when it builds, else Triton,
 # logged), "cuda" (an error when it cannot be built), "triton".
 DECODE_KERNEL_ENV = "W4A8_SM90_DECODE"
@@ -71,6 +74,16 @@ CUDA_DECODE_CONFIG = (4, 2)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
+
+
+def _env_fraction(name: str, default: float) -> float:
+    v = os.environ.get(name)
+    if v is None:
+        return default
+    try:
+        return float(v)
+    except ValueError:
+        raise ValueError(f"{name}={v!r} is not a number (a fraction of the blocks)") from None
 
 
 def _decode_kernel_choice() -> str:
@@ -318,7 +331,7 @@ class Sm90TritonLinearKernel(Mxfp4LinearKernel):
             )
         rp = repack_mxfp4(weight, weight_scale, act_int8)
         frac = rp.num_out_of_range / max(rp.num_blocks, 1)
-        limit = float(os.environ.get(MAX_CORRECTION_ENV, DEFAULT_MAX_CORRECTION))
+        limit = _env_fraction(MAX_CORRECTION_ENV, DEFAULT_MAX_CORRECTION)
         window = "4 binades per 256-wide K tile" if act_int8 else "12 binades per row"
         msg = (
             f"w4a8_mxfp4 sm90_triton: {cfg.describe()}: {rp.num_out_of_range} of {rp.num_blocks} "
@@ -358,16 +371,17 @@ class Sm90TritonLinearKernel(Mxfp4LinearKernel):
         layer.w4a8_prefill_corr = []
         if act_int8:
             pf = int8_prefill_rows(weight, weight_scale, rp)
-            pf_frac = pf.num_out_of_range / max(rp.num_blocks, 1)
-            pf_limit = float(os.environ.get(INT8_PREFILL_ROWS_ENV, DEFAULT_INT8_PREFILL_ROWS_MAX))
+            pf_frac = (pf.num_out_of_range - rp.num_out_of_range) / max(rp.num_blocks, 1)
+            pf_limit = _env_fraction(INT8_PREFILL_ROWS_ENV, DEFAULT_INT8_PREFILL_ROWS_MAX)
             if pf_frac <= pf_limit:
                 layer.w4a8_prefill_row_scale = pf.row_scale
                 layer.w4a8_prefill_corr = [pf.corr_rows, pf.corr_ptr, pf.corr_blocks,
                                            pf.corr_values]
             logger.log(
                 logging.DEBUG if pf_frac <= pf_limit else logging.INFO,
-                "w4a8_mxfp4 sm90_triton: %s: %.3f%% of the blocks lie outside one 4-binade window "
-                "per row; the INT8 prefill GEMM uses %s (%s=%g)", cfg.describe(), 100 * pf_frac,
+                "w4a8_mxfp4 sm90_triton: %s: one 4-binade window per row would leave %.3f%% more "
+                "of the blocks to the correction kernel; the INT8 prefill GEMM uses %s (%s=%g)",
+                cfg.describe(), 100 * pf_frac,
                 "one reference per row" if pf_frac <= pf_limit else "per-tile references",
                 INT8_PREFILL_ROWS_ENV, pf_limit)
         self.prefill_rows = layer.w4a8_prefill_row_scale is not None
