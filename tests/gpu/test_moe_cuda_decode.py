@@ -59,12 +59,16 @@ def _cuda_path(monkeypatch, _poison):
 
 
 def run_both(kern, layer, dense, g, t, act, schemes, calls, expert_map=None, num_global=None,
-             ids_dtype=torch.int32, on_input=False, x_dtype=torch.bfloat16):
-    """One call on each path (same inputs); both against the reference. Returns the errors."""
+             ids_dtype=torch.int32, on_input=False, x_dtype=torch.bfloat16, routing=None):
+    """One call on each path (same inputs); both against the reference. Returns the errors.
+    ``routing``: (weights, ids) to use instead of random distinct top-k ids."""
     cfg = kern.config
     e, h, k = cfg.num_local_experts, cfg.hidden_size, cfg.top_k
     x = make_x(t, h, g, DEV, x_dtype)
-    w, ids = make_routing(t, num_global or e, k, g, DEV, ids_dtype=ids_dtype)
+    if routing is None:
+        w, ids = make_routing(t, num_global or e, k, g, DEV, ids_dtype=ids_dtype)
+    else:
+        w, ids = routing
     local = ids if expert_map is None else expert_map[ids.long()]
     s1, s2 = static_scales(x, w, local.clamp(min=0), dense, act, *schemes)
     layer.w13_input_scale = s1 if schemes[0] == S else None
@@ -118,6 +122,36 @@ def test_out_of_range_blocks_added_back(act, schemes, _cuda_path):
     assert kern.delegate is None and n13 > 0 and n2 > 0
     for t in (1, 4):
         run_both(kern, layer, dense, g, t, act, schemes, _cuda_path)
+
+
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("schemes", [(D, D), (P, P), (S, S)], ids=lambda p: p[0].name)
+def test_shared_and_repeated_experts(act, schemes, _cuda_path):
+    """GEMM1 reads an expert once for all the tokens routed to it (they are its MMA columns):
+    every token on the same experts; a token naming one expert twice (two groups); pairs routed
+    off this rank next to routed ones (the spare CTAs zero their h rows, which a dynamic
+    intermediate scale reads); planted out-of-range blocks, added back per column."""
+    _need_fp8(act)
+    e, k = 8, 4
+    kern, layer, dense, g = build(act, *schemes, e, 512, 192, k, seed=90 + int(act),
+                                  extreme=True)
+    kern.process_weights_after_loading(layer)
+    ids_all_shared = torch.tensor([[1, 2, 3, 4]] * 4, dtype=torch.int32, device=DEV)
+    ids_repeats = torch.tensor([[5, 5, 5, 2], [2, 5, 0, 1], [7, 6, 5, 4], [5, 2, 2, 2]],
+                               dtype=torch.int64, device=DEV)
+    w = torch.softmax(torch.rand(4, k, device=DEV, generator=g) * 4.0, dim=-1)
+    for ids in (ids_all_shared, ids_repeats):
+        for t in (1, 2, 4):
+            run_both(kern, layer, dense, g, t, act, schemes, _cuda_path,
+                     routing=(w[:t].contiguous(), ids[:t].contiguous()))
+    # global ids 0..15, the odd ones on another rank
+    expert_map = torch.full((2 * e,), -1, dtype=torch.int32, device=DEV)
+    expert_map[0::2] = torch.arange(e, dtype=torch.int32, device=DEV)
+    ids_ep = torch.tensor([[0, 1, 2, 3], [2, 3, 4, 5], [1, 3, 5, 7], [0, 2, 9, 11]],
+                          dtype=torch.int32, device=DEV)
+    for t in (1, 3, 4):
+        run_both(kern, layer, dense, g, t, act, schemes, _cuda_path, expert_map=expert_map,
+                 num_global=2 * e, routing=(w[:t].contiguous(), ids_ep[:t].contiguous()))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
