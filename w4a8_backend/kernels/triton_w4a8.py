@@ -465,10 +465,11 @@ def pick_config(m: int, n_pad: int, kp: int, act_int8: bool, sms: int, dense: bo
     """(BN, BM, BK, split_k, num_warps, num_stages), from the H100 sweeps in
     benchmarks/results/sweep_*.jsonl (N = K = 8192): split-K until about 7 (FP8) or 14 (INT8,
     more decode work per byte) warps per SM are busy at decode sizes. The INT8 dense GEMM with
-    one reference per row (``row_ref``) has the FP8 dense GEMM's loop, so its tiles."""
+    one reference per row (``row_ref``): 128x128x128 tiles, the fastest at M = 512 and 4096
+    (sweep_int8_prefill_rows_h100_20261123.jsonl)."""
     if dense:
-        if act_int8 and not row_ref:
-            return 128, 128, INT8_TILE, 1, 8, 3
+        if act_int8:
+            return (128, 128, 128, 1, 8, 3) if row_ref else (128, 128, INT8_TILE, 1, 8, 3)
         return (128, 256, 128, 1, 8, 3) if m >= 2048 else (128, 128, 128, 1, 8, 3)
     bk = 256
     if m <= 16:
