@@ -70,6 +70,36 @@ def test_int8_prefill_rows_are_exact(n, k, spread):
         assert pf.num_out_of_range <= 0.01 * rp.num_blocks
 
 
+def test_int8_prefill_rows_on_real_weights():
+    """The trained all-MiniLM-L6-v2's encoder linears, quantized as the exporter does: one
+    4-binade window per row adds well under the INT8 prefill path's limit of blocks to its side
+    table (so real layers take the per-row GEMM), and the result stays exact."""
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from w4a8_backend.kernels.sm90_triton import DEFAULT_INT8_PREFILL_ROWS_MAX
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from embedding import minilm_dir
+
+    tensors = load_file(str(minilm_dir() / "model.safetensors"))
+    blocks = extra = 0
+    for name, w in sorted(tensors.items()):
+        if w.dim() != 2 or "embeddings" in name:
+            continue
+        packed, scale = quantize_mxfp4(w.float())
+        rp = repack_mxfp4(packed, scale, act_int8=True)
+        pf = int8_prefill_rows(packed, scale, rp)
+        blocks += rp.num_blocks
+        extra += pf.num_out_of_range - rp.num_out_of_range
+        if name.endswith("layer.0.attention.self.query.weight"):
+            assert _same(dequantize_repacked(rp, prefill=pf), dequantize_mxfp4(packed, scale))
+    assert blocks > 300_000
+    assert 0 < extra / blocks < DEFAULT_INT8_PREFILL_ROWS_MAX / 2, extra / blocks
+
+
 def test_int8_prefill_rows_need_an_int8_repacking():
     packed, scale = _weights(8, 64, 1, 1)
     with pytest.raises(ValueError, match="act_int8"):
