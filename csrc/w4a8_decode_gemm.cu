@@ -471,28 +471,22 @@ __global__ void __launch_bounds__(256)
 // [e * rows_per_expert, (e + 1) * rows_per_expert); in w13 its gate rows start at 0 and its up
 // rows at up_offset.
 //
-// GEMM1 (kGated): one CTA per (8 intermediate columns, expert group). A group is the routed
-//   pairs that use one expert, at most one per token (a token's top-k experts are distinct; a
-//   repeated one starts another group), so the MMA's 8 token columns carry up to 8 tokens and
-//   an expert shared by several tokens is read once. Its 16 MMA rows are the expert's 8 gate
-//   rows (MMA rows 0-7) and the 8 matching up rows (8-15), so the epilogue has gate and up of
-//   each column at hand: SiLU-and-mul, and with a static intermediate scale the quantization,
-//   happen there. Output h [pairs, I]: float32, or quantized bytes. The grid has one CTA row
-//   per pair (the most groups there can be); the spare ones zero the h rows of unrouted pairs.
+// GEMM1 (kGated): one CTA per (8 intermediate columns, routed pair). Its 16 MMA rows are the
+//   expert's 8 gate rows (MMA rows 0-7) and the 8 matching up rows (8-15), so the epilogue has
+//   gate and up of each column at hand: SiLU-and-mul, and with a static intermediate scale the
+//   quantization, happen there. Output h [pairs, I]: float32, or quantized bytes.
 // GEMM2: one CTA per (16 output rows, token); its work items are (the token's j-th expert,
 //   K step), so the router-weighted sum over the top-k experts happens inside the CTA: no
-//   per-pair output and no reduction launch; only MMA column 0 carries a token. (Splitting the
-//   experts over several CTAs with a last-CTA reduction, for more CTAs at one token, was
-//   measured slower on an H100: 19.9 -> 21.6-40.5 us for the Qwen3-30B-A3B layer;
-//   docs/moe_kernels.md.)
+//   per-pair output and no reduction launch. (Splitting the experts over several CTAs with a
+//   last-CTA reduction, for more CTAs at one token, was measured slower on an H100: 19.9 ->
+//   21.6-40.5 us for the Qwen3-30B-A3B layer; docs/moe_kernels.md.)
+// Only MMA column 0 carries a token; the B operand's other 7 columns are zeros.
 // FP8 sums are moved to float32 after every MMA (32 products): the MoE re-quantizes h, and the
 // tensor cores' longer FP8 accumulation perturbs h enough to flip its FP8 roundings
 // (docs/moe_kernels.md). Out-of-range blocks (code 0, zeros in the main pass) are added back
 // exactly in the epilogue from a per-row CSR over the repacking's side table.
 // ----------------------------------------------------------------------------------------------
 constexpr int kMoeMaxGroups = 16;  // largest top-k that GEMM2 takes
-constexpr int kMoeMaxPairs = 32;   // GEMM1: tokens * top_k (one warp groups them)
-constexpr int kMoeCols = 8;        // GEMM1: tokens (MMA columns)
 
 struct MoeArgs {
   const uint8_t* a;             // quantized activations: GEMM1 x [T, K], GEMM2 h [pairs, K]
@@ -505,11 +499,11 @@ struct MoeArgs {
   const float* corr_values;     // [blocks, 32] their exact values
   const void* ids;              // topk_ids [T, top_k], int32 or int64 (ids64)
   const int32_t* expert_map;    // global id -> local id or -1; null: the identity
-  const float* topk_w;          // [T, top_k] router weights, or null: unweighted
+  const float* topk_w;          // [T, top_k] router weights (GEMM2), or null: unweighted
   const float* h_scale;         // GEMM1: static scale to quantize h with, or null: float32 h
   void* out;                    // GEMM1: h [pairs, ldo]; GEMM2: y [T, ldo] of out_dtype
-  int ids64, tokens, top_k, E, K, KP, rows, rows_per_expert, up_offset, n_out, lda, ldo,
-      a_per_row, out_dtype;
+  int ids64, top_k, E, K, KP, rows, rows_per_expert, up_offset, n_out, lda, ldo, a_per_row,
+      out_dtype;
 };
 
 template <bool kInt8>
@@ -531,117 +525,51 @@ __device__ __forceinline__ void store_out(void* out, int dtype, size_t i, float 
   }
 }
 
-// topk_ids[p] through the expert map: the local expert, or -1 (no local expert)
-__device__ __forceinline__ int routed_expert(const MoeArgs& args, int p) {
-  int id = args.ids64 ? int(static_cast<const int64_t*>(args.ids)[p])
-                      : static_cast<const int32_t*>(args.ids)[p];
-  if (args.expert_map != nullptr) id = id >= 0 ? args.expert_map[id] : -1;
-  return id >= 0 && id < args.E ? id : -1;
-}
-
-// Out-of-range blocks of one stacked row against one activation row: sum_b values . a[block]
-template <bool kInt8>
-__device__ __forceinline__ float correction_dot(const MoeArgs& args, int row, const uint8_t* arow) {
-  const int b_first = args.corr_row_ptr[row], b_end = args.corr_row_ptr[row + 1];
-  float dot = 0.f;
-  for (int b = b_first; b < b_end; ++b) {
-    const uint8_t* xa = arow + 32 * args.corr_blocks[b];
-    const float* val = args.corr_values + size_t(b) * 32;
-    for (int e = 0; e < 32; ++e) dot = fmaf(val[e], act_value<kInt8>(xa[e]), dot);
-  }
-  return dot;
-}
-
 template <bool kInt8, bool kGated, int kWarps, int kStages>
 __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs args) {
   extern __shared__ __align__(16) uint8_t ring_all[];
-  __shared__ float partial[kWarps][16][kMoeCols + 1];
+  __shared__ float partial[kWarps][16];
   __shared__ int s_row[kMoeMaxGroups];   // first stacked row of the group's expert
-  __shared__ int s_arow[kMoeMaxGroups];  // GEMM2: the group's activation row (pair)
-  __shared__ float s_w[kMoeMaxGroups];   // GEMM2: the group's router weight
-  __shared__ int s_col_pair[kMoeCols];   // GEMM1: the pair of token column j, or -1
-  __shared__ float s_col_f[kMoeCols];    // GEMM1: column j's activation scale x router weight
-  __shared__ int s_groups;               // GEMM2: the token's routed experts; GEMM1: 0 or 1
-  __shared__ int s_zero_pair;            // GEMM1, spare CTA: the unrouted pair to zero, or -1
+  __shared__ int s_arow[kMoeMaxGroups];  // the group's activation row
+  __shared__ float s_w[kMoeMaxGroups];   // the group's router weight
+  __shared__ int s_groups;
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int g = lane >> 2;  // MMA rows g and g + 8; token column g
-  const int t = lane & 3;   // which 64-wide K group of a step; columns 2t, 2t + 1
+  const int g = lane >> 2;  // MMA rows g and g + 8; token column g (only g == 0 is real)
+  const int t = lane & 3;   // which 64-wide K group of a step
   const int col0 = blockIdx.x * (kGated ? 8 : 16);  // first h column / first output row
   const int steps = (args.K + kStepK - 1) / kStepK;
   const size_t kp2 = size_t(args.KP) / 2, kp32 = size_t(args.KP) / 32;
 
   // The routing was finished before the previous kernel started, so it may be read before
-  // griddepcontrol.wait. Warp 0 loads the pairs in parallel, one per lane.
+  // griddepcontrol.wait. GEMM1: the CTA's pair; GEMM2: the token's top-k pairs, one per lane
+  // of warp 0 (loaded in parallel), compacted in pair order; pairs routed to no local expert
+  // are dropped.
   if (warp == 0) {
-    if constexpr (kGated) {
-      // Group the pairs by (expert, repeat of that expert within the token): match_any finds
-      // each pair's group, its lowest lane leads it, and the leaders' ranks number the groups.
-      // This CTA takes group blockIdx.y; its token columns are the members' tokens.
-      const int pairs = args.tokens * args.top_k;
-      const int p = lane;
-      const int id = p < pairs ? routed_expert(args, p) : -1;
-      const bool routed = id >= 0;
-      const int tok = p / args.top_k;
-      const unsigned lower = (1u << lane) - 1u;
-      const unsigned same_tok = __match_any_sync(0xffffffffu, routed ? (id << 5) | tok : -1 - lane);
-      const int repeat = __popc(same_tok & lower);
-      const unsigned group =
-          __match_any_sync(0xffffffffu, routed ? (id << 5) | repeat : -1 - lane);
-      const int leader = __ffs(group) - 1;
-      const unsigned leaders = __ballot_sync(0xffffffffu, routed && leader == lane);
-      const int slot = __popc(leaders & ((1u << leader) - 1u));
-      if (lane < kMoeCols) s_col_pair[lane] = -1;
-      __syncwarp();
-      if (routed && slot == int(blockIdx.y)) {
-        s_col_pair[tok] = p;
-        s_col_f[tok] = args.a_scale[args.a_per_row ? tok : 0] *
-                       (args.topk_w != nullptr ? args.topk_w[p] : 1.f);
-        if (leader == lane) s_row[0] = id * args.rows_per_expert;
-      }
-      const int groups = __popc(leaders);
-      // spare CTA k zeroes the k-th unrouted pair's columns (a dynamic h scale reads them)
-      const unsigned unrouted = __ballot_sync(0xffffffffu, p < pairs && !routed);
-      if (lane == 0) {
-        s_groups = int(blockIdx.y) < groups ? 1 : 0;
-        int k = int(blockIdx.y) - groups, zero = -1;
-        for (unsigned m = unrouted; m != 0u && k >= 0; m &= m - 1u, --k)
-          if (k == 0) zero = __ffs(m) - 1;
-        s_zero_pair = zero;
-      }
-    } else {
-      // GEMM2: the token's top-k pairs, compacted in pair order; unrouted pairs are dropped.
-      const int p = blockIdx.y * args.top_k + lane;
-      const int id = lane < args.top_k ? routed_expert(args, p) : -1;
-      const bool routed = id >= 0;
-      const unsigned mask = __ballot_sync(0xffffffffu, routed);
-      if (routed) {
-        const int slot = __popc(mask & ((1u << lane) - 1u));
-        s_row[slot] = id * args.rows_per_expert;
-        s_arow[slot] = p;
-        s_w[slot] = args.topk_w != nullptr ? args.topk_w[p] : 1.f;
-      }
-      if (lane == 0) s_groups = __popc(mask);
+    const int first = kGated ? blockIdx.y : blockIdx.y * args.top_k;
+    const int count = kGated ? 1 : args.top_k;
+    const int p = first + lane;
+    int id = -1;
+    float w = 1.f;
+    if (lane < count) {
+      id = args.ids64 ? int(static_cast<const int64_t*>(args.ids)[p])
+                      : static_cast<const int32_t*>(args.ids)[p];
+      if (args.topk_w != nullptr) w = args.topk_w[p];
+      if (args.expert_map != nullptr) id = id >= 0 ? args.expert_map[id] : -1;
     }
+    const bool routed = lane < count && id >= 0 && id < args.E;
+    const uint32_t mask = __ballot_sync(0xffffffffu, routed);
+    if (routed) {
+      const int slot = __popc(mask & ((1u << lane) - 1u));
+      s_row[slot] = id * args.rows_per_expert;
+      s_arow[slot] = kGated ? p / args.top_k : p;
+      s_w[slot] = w;
+    }
+    if (lane == 0) s_groups = __popc(mask);
   }
   __syncthreads();
   const int groups = s_groups;
-  if (kGated && groups == 0) {
-    if constexpr (kGated) {
-      pdl_wait();
-      const int zero = s_zero_pair;
-      if (zero >= 0 && threadIdx.x < 8 && col0 + int(threadIdx.x) < args.n_out) {
-        const size_t o = size_t(zero) * args.ldo + col0 + threadIdx.x;
-        if (args.h_scale != nullptr) {
-          static_cast<uint8_t*>(args.out)[o] = 0;  // the FP8 / INT8 code of 0
-        } else {
-          static_cast<float*>(args.out)[o] = 0.f;
-        }
-      }
-    }
-    return;
-  }
   const int items = groups * steps;
 
   // MMA row r (0..15) -> row within the expert
@@ -653,36 +581,26 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
     }
   };
 
-  // activations of item it: GEMM1, token column g's 64 bytes of this lane's K group (zeros for
-  // a token without a pair in the group); GEMM2, column 0's
+  // activations of item it: the lanes of token column 0 load their K group's 64 bytes
   auto load_x = [&](int it, StepRegs<1>& r) {
     const int grp = it / steps, s = it - grp * steps;
     const int kx = s * kStepK + t * 64;
-    const int arow = kGated ? g : s_arow[grp];
-    const bool live = kGated ? s_col_pair[g] >= 0 : g == 0;
-    const uint4* px = reinterpret_cast<const uint4*>(args.a + size_t(arow) * args.lda + kx);
+    const uint4* px =
+        reinterpret_cast<const uint4*>(args.a + size_t(s_arow[grp]) * args.lda + kx);
 #pragma unroll
     for (int q = 0; q < 4; ++q)
-      r.x[0][q] = (live && kx + 16 * q < args.K) ? __ldg(px + q) : make_uint4(0, 0, 0, 0);
+      r.x[0][q] = (g == 0 && kx + 16 * q < args.K) ? __ldg(px + q) : make_uint4(0, 0, 0, 0);
   };
 
-  // The decode and MMAs of item it, folded into float32 with the item's factor per MMA row and
-  // column (activation scale x router weight x weight exponent); r.ta / r.tb: the rows' INT8
-  // tile exponents, or (FP8) their float32 2**r bits. acc: rows g, g + 8 x columns 2t, 2t + 1.
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  // The decode and MMAs of item it, folded into float32 with the item's factor per MMA row
+  // (activation scale x router weight x weight exponent); r.ta / r.tb: the rows' INT8 tile
+  // exponents, or (FP8) their float32 2**r bits.
+  float acc_lo = 0.f, acc_hi = 0.f;  // MMA rows g and g + 8, token column 0 (lanes t == 0)
   auto consume = [&](int it, const StepRegs<1>& r) {
     const int grp = it / steps;
-    float c0, c1;  // the factors of columns 2t and 2t + 1
-    if constexpr (kGated) {
-      c0 = s_col_pair[2 * t] >= 0 ? s_col_f[2 * t] : 0.f;
-      c1 = s_col_pair[2 * t + 1] >= 0 ? s_col_f[2 * t + 1] : 0.f;
-    } else {
-      c0 = t == 0 ? args.a_scale[args.a_per_row ? s_arow[grp] : 0] * s_w[grp] : 0.f;
-      c1 = 0.f;
-    }
-    const float f_lo = kInt8 ? __int_as_float(int(r.ta) << 23) : __uint_as_float(r.ta);
-    const float f_hi = kInt8 ? __int_as_float(int(r.tb) << 23) : __uint_as_float(r.tb);
-    const float f[4] = {f_lo * c0, f_lo * c1, f_hi * c0, f_hi * c1};
+    const float xs = args.a_scale[args.a_per_row ? s_arow[grp] : 0] * s_w[grp];
+    const float f_lo = xs * (kInt8 ? __int_as_float(int(r.ta) << 23) : __uint_as_float(r.ta));
+    const float f_hi = xs * (kInt8 ? __int_as_float(int(r.tb) << 23) : __uint_as_float(r.tb));
     const Lut la_lo = make_lut<kInt8>(r.ca & 0xFF);
     const Lut la_hi = make_lut<kInt8>(r.ca >> 8);
     const Lut lb_lo = make_lut<kInt8>(r.cb & 0xFF);
@@ -700,13 +618,13 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
       c[0] = c[1] = c[2] = c[3] = 0.f;
       mma_16x8x32<kInt8>(c, ci, a0, a1, a2, a3, b0, b1);
       if constexpr (!kInt8) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[i] = fmaf(c[i], f[i], acc[i]);
+        acc_lo = fmaf(c[0], f_lo, acc_lo);
+        acc_hi = fmaf(c[2], f_hi, acc_hi);
       }
     }
     if constexpr (kInt8) {  // exact: |step sum| < 256 * 96 * 127 < 2**24
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[i] = fmaf(float(ci[i]), f[i], acc[i]);
+      acc_lo = fmaf(float(ci[0]), f_lo, acc_lo);
+      acc_hi = fmaf(float(ci[2]), f_hi, acc_hi);
     }
   };
 
@@ -780,35 +698,54 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
   }
   cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
 
-  partial[warp][g][2 * t] = acc[0];
-  partial[warp][g][2 * t + 1] = acc[1];
-  partial[warp][g + 8][2 * t] = acc[2];
-  partial[warp][g + 8][2 * t + 1] = acc[3];
+  if (t == 0) {
+    partial[warp][g] = acc_lo;
+    partial[warp][g + 8] = acc_hi;
+  }
   __syncthreads();
-
-  if constexpr (kGated) {
-    // (MMA row, token column) per thread: the warps' sum plus its out-of-range blocks, then
-    // gate and up rows meet in shared memory for SiLU-and-mul.
-    __shared__ float s_v[16][kMoeCols];
-    const int r = threadIdx.x & 15, col = threadIdx.x >> 4;
-    const int pair = col < kMoeCols ? s_col_pair[col] : -1;
-    if (threadIdx.x < 16 * kMoeCols && pair >= 0) {
-      float v = 0.f;
+  if (warp != 0) return;
+  const int r = lane & 15;  // MMA row; lanes 16-31 take the same rows' odd groups below
+  float v = 0.f;
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) v += partial[w][r][col];
-      if (args.corr_row_ptr != nullptr)
-        v = fmaf(correction_dot<kInt8>(args, s_row[0] + expert_row(r),
-                                       args.a + size_t(col) * args.lda),
-                 s_col_f[col], v);
-      s_v[r][col] = v;
+  for (int w = 0; w < kWarps; ++w) v += partial[w][r];
+  if (args.corr_row_ptr != nullptr) {
+    // Out-of-range blocks of row r: group 2j + half, the CSR bounds of all groups loaded first
+    // (independent loads, one latency instead of one per group).
+    constexpr int kPerHalf = kGated ? 1 : kMoeMaxGroups / 2;
+    const int half = lane >> 4;
+    int b_first[kPerHalf], b_end[kPerHalf];
+#pragma unroll
+    for (int j = 0; j < kPerHalf; ++j) {
+      const int grp = 2 * j + half;
+      b_first[j] = b_end[j] = 0;
+      if (grp < groups) {
+        const int row = s_row[grp] + expert_row(r);
+        b_first[j] = args.corr_row_ptr[row];
+        b_end[j] = args.corr_row_ptr[row + 1];
+      }
     }
-    __syncthreads();
-    const int c8 = threadIdx.x & 7, col2 = threadIdx.x >> 3;
-    const int pair2 = col2 < kMoeCols ? s_col_pair[col2] : -1;
-    if (threadIdx.x < 8 * kMoeCols && pair2 >= 0 && col0 + c8 < args.n_out) {
-      const float gate = s_v[c8][col2], up = s_v[c8 + 8][col2];
-      const float h = gate / (1.f + expf(-gate)) * up;  // silu(gate) * up
-      const size_t o = size_t(pair2) * args.ldo + col0 + c8;
+    float corr = 0.f;
+#pragma unroll
+    for (int j = 0; j < kPerHalf; ++j) {
+      if (b_first[j] == b_end[j]) continue;
+      const int grp = 2 * j + half;
+      const uint8_t* arow = args.a + size_t(s_arow[grp]) * args.lda;
+      float dot = 0.f;
+      for (int b = b_first[j]; b < b_end[j]; ++b) {
+        const uint8_t* xa = arow + 32 * args.corr_blocks[b];
+        const float* val = args.corr_values + size_t(b) * 32;
+        for (int e = 0; e < 32; ++e) dot = fmaf(val[e], act_value<kInt8>(xa[e]), dot);
+      }
+      corr = fmaf(dot, args.a_scale[args.a_per_row ? s_arow[grp] : 0] * s_w[grp], corr);
+    }
+    v += corr + __shfl_xor_sync(0xffffffffu, corr, 16);
+  }
+  if constexpr (kGated) {
+    const float up = __shfl_down_sync(0xffffffffu, v, 8);
+    const int col = col0 + lane;
+    if (lane < 8 && col < args.n_out) {
+      const float h = v / (1.f + expf(-v)) * up;  // silu(gate) * up; 0 for an unrouted pair
+      const size_t o = size_t(blockIdx.y) * args.ldo + col;
       if (args.h_scale != nullptr) {
         static_cast<uint8_t*>(args.out)[o] = quantize_value<kInt8>(h, args.h_scale[0]);
       } else {
@@ -816,43 +753,6 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
       }
     }
   } else {
-    if (warp != 0) return;
-    const int r = lane & 15;  // MMA row; lanes 16-31 take the same rows' odd groups below
-    float v = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) v += partial[w][r][0];
-    if (args.corr_row_ptr != nullptr) {
-      // Out-of-range blocks of row r: group 2j + half, the CSR bounds of all groups loaded first
-      // (independent loads, one latency instead of one per group).
-      constexpr int kPerHalf = kMoeMaxGroups / 2;
-      const int half = lane >> 4;
-      int b_first[kPerHalf], b_end[kPerHalf];
-#pragma unroll
-      for (int j = 0; j < kPerHalf; ++j) {
-        const int grp = 2 * j + half;
-        b_first[j] = b_end[j] = 0;
-        if (grp < groups) {
-          const int row = s_row[grp] + expert_row(r);
-          b_first[j] = args.corr_row_ptr[row];
-          b_end[j] = args.corr_row_ptr[row + 1];
-        }
-      }
-      float corr = 0.f;
-#pragma unroll
-      for (int j = 0; j < kPerHalf; ++j) {
-        if (b_first[j] == b_end[j]) continue;
-        const int grp = 2 * j + half;
-        const uint8_t* arow = args.a + size_t(s_arow[grp]) * args.lda;
-        float dot = 0.f;
-        for (int b = b_first[j]; b < b_end[j]; ++b) {
-          const uint8_t* xa = arow + 32 * args.corr_blocks[b];
-          const float* val = args.corr_values + size_t(b) * 32;
-          for (int e = 0; e < 32; ++e) dot = fmaf(val[e], act_value<kInt8>(xa[e]), dot);
-        }
-        corr = fmaf(dot, args.a_scale[args.a_per_row ? s_arow[grp] : 0] * s_w[grp], corr);
-      }
-      v += corr + __shfl_xor_sync(0xffffffffu, corr, 16);
-    }
     const int n = col0 + lane;
     if (lane < 16 && n < args.n_out)
       store_out(args.out, args.out_dtype, size_t(blockIdx.y) * args.ldo + n, v);
@@ -1020,9 +920,8 @@ int w4a8_quant_act(const void* x, int ldx, void* q, const void* s_in, void* s_ou
   return int(cudaErrorInvalidValue);
 }
 
-// One MoE decode GEMM (see moe_decode_kernel). gated = 1: GEMM1 over tokens * top_k pairs
-// (at most 8 tokens and 32 pairs), writing h (float32, or quantized with h_scale), every pair's
-// row (zeros for an unrouted one); gated = 0: GEMM2 over tokens, writing the
+// One MoE decode GEMM (see moe_decode_kernel). gated = 1: GEMM1 over tokens * top_k pairs,
+// writing h (float32, or quantized with h_scale); gated = 0: GEMM2 over tokens, writing the
 // router-weighted sum of the top-k experts' outputs in out_dtype (0 bf16, 1 fp16, 2 fp32).
 // Returns a cudaError_t code (0 = launched).
 int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
@@ -1033,8 +932,7 @@ int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
                          int rows, int rows_per_expert, int up_offset, int n_out, int lda,
                          int ldo, int a_per_row, int out_dtype, int act_int8, int gated,
                          int warps, int stages, int pdl, void* stream) {
-  if (tokens <= 0 || top_k <= 0 || (!gated && top_k > kMoeMaxGroups) ||
-      (gated && (tokens > kMoeCols || tokens * top_k > kMoeMaxPairs)) || K % 32 || K > KP ||
+  if (tokens <= 0 || top_k <= 0 || (!gated && top_k > kMoeMaxGroups) || K % 32 || K > KP ||
       KP % (2 * kStepK) || rows % 16 || rows_per_expert % 16 || up_offset % 8 || lda % 16 ||
       out_dtype < 0 || out_dtype > 2)
     return int(cudaErrorInvalidValue);
@@ -1053,7 +951,6 @@ int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
   args.h_scale = static_cast<const float*>(h_scale);
   args.out = out;
   args.ids64 = ids64;
-  args.tokens = tokens;
   args.top_k = top_k;
   args.E = E;
   args.K = K;

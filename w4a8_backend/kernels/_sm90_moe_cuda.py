@@ -6,10 +6,9 @@ three launches (static scales), with the same semantics as ``_sm90_moe_triton.mo
 
 1. the layer input's quantization (the dense decode path's kernel; it releases the next launch
    at its start, so GEMM1 copies weights while it runs: PDL);
-2. GEMM1: one CTA per (8 intermediate columns, expert group) reads the group's expert straight
-   from ``topk_ids`` (no routing pass: one warp groups the pairs by expert with ``match_any``,
-   so an expert that several tokens share is read once, their tokens in the MMA's columns),
-   fuses SiLU-and-mul and, with a static intermediate scale, the intermediate's quantization;
+2. GEMM1: one CTA per (8 intermediate columns, routed pair) reads the pair's expert straight
+   from ``topk_ids`` (no routing pass), fuses SiLU-and-mul and, with a static intermediate
+   scale, the intermediate's quantization;
 3. GEMM2: one CTA per (16 output rows, token) sums the token's top-k experts, router-weighted,
    inside the CTA (no per-pair output, no reduction launch).
 
@@ -17,10 +16,10 @@ A dynamic intermediate scale adds its quantization launch between 2 and 3 (a per
 inside that launch for small intermediates, ``sm90_triton.cuda_quantize``). Out-of-range blocks
 are added back inside the GEMMs' epilogues.
 
-In GEMM2 each token reads its experts' weights, so tokens that share an expert read them again
-(mostly from L2): this path is for ``tokens <= MAX_TOKENS`` and at most ``MAX_PAIRS`` pairs,
-with FP8 above one token only while the routed pairs are fewer than ``MAX_PAIR_FRACTION`` of
-the experts; other calls take the Triton kernels (``usable``).
+Each pair reads its expert's weights, so pairs that share an expert read them again (mostly
+from L2): this path is for ``tokens <= MAX_TOKENS``, with FP8 above one token only while the
+routed pairs are fewer than ``MAX_PAIR_FRACTION`` of the experts; other calls take the Triton
+kernels (``usable``).
 """
 
 from __future__ import annotations
@@ -44,7 +43,6 @@ MAX_PAIR_FRACTION = 0.5
 GEMM1_CONFIG = (4, 2)
 GEMM2_CONFIG: tuple[int, int] | None = None
 MAX_TOP_K = 16  # GEMM2's per-CTA table of the token's experts
-MAX_PAIRS = 32  # GEMM1 groups a call's tokens x top_k pairs by expert in one warp
 POISON_OUTPUTS = False  # tests: fill intermediates with NaN / 0x7F first
 
 
@@ -68,7 +66,6 @@ def usable(num_tokens: int, top_k: int, num_experts: int, act_int8: bool) -> boo
     """Whether a call takes this path. One token's top-k experts are distinct, so nothing is
     read twice; more tokens may share experts, which costs FP8 more than Triton's reads."""
     return (0 < num_tokens <= MAX_TOKENS and top_k <= MAX_TOP_K
-            and num_tokens * top_k <= MAX_PAIRS
             and (num_tokens == 1 or act_int8
                  or num_tokens * top_k < MAX_PAIR_FRACTION * num_experts))
 
