@@ -127,10 +127,11 @@ def test_out_of_range_blocks_added_back(act, schemes, _cuda_path):
 @pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
 @pytest.mark.parametrize("schemes", [(D, D), (P, P), (S, S)], ids=lambda p: p[0].name)
 def test_shared_and_repeated_experts(act, schemes, _cuda_path):
-    """GEMM1 reads an expert once for all the tokens routed to it (they are its MMA columns):
-    every token on the same experts; a token naming one expert twice (two groups); pairs routed
-    off this rank next to routed ones (the spare CTAs zero their h rows, which a dynamic
-    intermediate scale reads); planted out-of-range blocks, added back per column."""
+    """Routings the random distinct top-k ids do not make, on both paths: every token on the
+    same experts; a token naming one expert twice (vLLM's routers never do, but nothing may be
+    lost: the Triton path's per-expert table once held at most T pairs per expert and left
+    such outputs unwritten); pairs routed off this rank next to routed ones (their h rows,
+    which a dynamic intermediate scale reads, must be zeros); planted out-of-range blocks."""
     _need_fp8(act)
     e, k = 8, 4
     kern, layer, dense, g = build(act, *schemes, e, 512, 192, k, seed=90 + int(act),

@@ -222,11 +222,17 @@ def build(act, scheme1, scheme2, e, h, i, k, seed, extreme=False, out_dtype=torc
 
 
 def run_case(kern, layer, dense, g, t, act, scheme1, scheme2, used=None, ids_dtype=torch.int32,
-             x_dtype=torch.bfloat16, expert_map=None, num_global=None, on_input=False):
+             x_dtype=torch.bfloat16, expert_map=None, num_global=None, on_input=False,
+             routing=None):
+    """One call against the reference; ``routing``: (weights, ids) instead of random distinct
+    top-k ids."""
     cfg = kern.config
     e, h, k = cfg.num_local_experts, cfg.hidden_size, cfg.top_k
     x = make_x(t, h, g, DEV, x_dtype)
-    topk_weights, topk_ids = make_routing(t, num_global or e, k, g, DEV, used, ids_dtype)
+    if routing is None:
+        topk_weights, topk_ids = make_routing(t, num_global or e, k, g, DEV, used, ids_dtype)
+    else:
+        topk_weights, topk_ids = routing
     s1 = s2 = None
     if S in (scheme1, scheme2):
         local = topk_ids if expert_map is None else expert_map[topk_ids.long()]
@@ -374,6 +380,26 @@ def test_out_of_range_blocks_nothing_lost(act, schemes):
     assert n13 > 0 and n2 > 0 and not kern.fuse_silu
     for t in (1, 40, 300):
         run_case(kern, layer, dense, g, t, act, *schemes, used=7)
+
+
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("schemes", [(D, D), (P, P), (S, S)], ids=lambda p: f"{p[0].name}")
+@pytest.mark.parametrize("extreme", [False, True], ids=["inline_routing", "routing_table"])
+def test_a_token_naming_an_expert_twice(act, schemes, extreme):
+    """Top-k ids drawn with replacement (an expert can appear several times in a token; vLLM's
+    routers never do that, but nothing may be lost): an expert then has more pairs than
+    tokens, which the routing table (and its grid) once capped at T, leaving outputs unwritten.
+    Planted out-of-range blocks take the table path; without them small calls route inline."""
+    _need_fp8(act)
+    e, k = 8, 4
+    kern, layer, dense, g = build(act, *schemes, e, 256, 160, k, seed=17 + int(act),
+                                  extreme=extreme)
+    kern.process_weights_after_loading(layer)
+    for t in (1, 3, 70, 600):
+        ids = torch.randint(0, e, (t, k), device=DEV, generator=g, dtype=torch.int64)
+        ids[0] = ids[0, 0]  # the first token names one expert k times
+        w = torch.softmax(torch.rand(t, k, device=DEV, generator=g) * 4.0, dim=-1)
+        run_case(kern, layer, dense, g, t, act, *schemes, routing=(w, ids))
 
 
 def test_out_of_range_blocks_change_the_result():

@@ -66,10 +66,22 @@ POISON_OUTPUTS = False
 # routing
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _moe_route(ids_ptr, map_ptr, tab_ptr, cnt_ptr, amax_ptr, P, CAP,
+def _moe_route(ids_ptr, map_ptr, tab_ptr, cnt_ptr, off_ptr, amax_ptr, P,
                HAS_MAP: tl.constexpr, ZERO_AMAX: tl.constexpr, CHUNK: tl.constexpr):
+    """Expert e's pairs, in pair order, at ``tab[off[e] : off[e] + cnt[e]]`` (a CSR over the
+    experts: ``tab`` holds P entries whatever the routing, a token naming an expert twice
+    included). One program per expert scans the ids twice: the pairs of lower experts give its
+    first slot, then its own pairs are stored."""
     e = tl.program_id(0)
     base = tl.arange(0, CHUNK)
+    start = tl.zeros([], dtype=tl.int32)
+    for c0 in range(0, P, CHUNK):
+        offs = c0 + base
+        m = offs < P
+        lid = tl.load(ids_ptr + offs, mask=m, other=-1).to(tl.int32)
+        if HAS_MAP:
+            lid = tl.load(map_ptr + lid, mask=m & (lid >= 0), other=-1).to(tl.int32)
+        start += tl.sum((m & (lid >= 0) & (lid < e)).to(tl.int32), 0)
     n = tl.zeros([], dtype=tl.int32)
     for c0 in range(0, P, CHUNK):
         offs = c0 + base
@@ -80,9 +92,10 @@ def _moe_route(ids_ptr, map_ptr, tab_ptr, cnt_ptr, amax_ptr, P, CAP,
         hit = m & (lid == e)
         hit_i = hit.to(tl.int32)
         rank = n + tl.cumsum(hit_i, 0) - 1
-        tl.store(tab_ptr + e * CAP + rank, offs, mask=hit & (rank < CAP))
+        tl.store(tab_ptr + start + rank, offs, mask=hit)
         n += tl.sum(hit_i, 0)
-    tl.store(cnt_ptr + e, tl.minimum(n, CAP))
+    tl.store(cnt_ptr + e, n)
+    tl.store(off_ptr + e, start)
     if ZERO_AMAX:
         if e == 0:
             tl.store(amax_ptr, 0)
@@ -159,8 +172,8 @@ def _scale_out(acc, rs_ptr, rows, a_scale, ACT_INT8: tl.constexpr, W_BF16: tl.co
 
 @triton.jit
 def _moe_gemm(
-    a_ptr, as_ptr, w_ptr, c_ptr, rs_ptr, out_ptr, amax_ptr, tab_ptr, cnt_ptr, ids_ptr, map_ptr,
-    qs_ptr, E, N, K, KP2, KP32, NPT, WR, UP_OFF, UP_COL, CAP, TOPK, stride_out, P,
+    a_ptr, as_ptr, w_ptr, c_ptr, rs_ptr, out_ptr, amax_ptr, tab_ptr, cnt_ptr, off_ptr, ids_ptr,
+    map_ptr, qs_ptr, E, N, K, KP2, KP32, NPT, WR, UP_OFF, UP_COL, TOPK, stride_out, P,
     ACT_INT8: tl.constexpr, PER_ROW: tl.constexpr, A_BY_TOKEN: tl.constexpr,
     GATED: tl.constexpr, FUSE_SILU: tl.constexpr, AMAX: tl.constexpr,
     W_BF16: tl.constexpr, DECODE_LUT: tl.constexpr, FP8_PROMOTE: tl.constexpr,
@@ -196,7 +209,7 @@ def _moe_gemm(
         sel = hit[None, :] & (rank[None, :] == slots[:, None])
         pair = tl.sum(tl.where(sel, tl.arange(0, PP2)[None, :], 0), axis=1)
     else:
-        pair = tl.load(tab_ptr + e * CAP + slots, mask=m_mask, other=0)
+        pair = tl.load(tab_ptr + tl.load(off_ptr + e) + slots, mask=m_mask, other=0)
     if A_BY_TOKEN:
         src = pair // TOPK
     else:
@@ -262,7 +275,7 @@ def _moe_gemm(
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _moe_corr(a_ptr, as_ptr, out_ptr, rows_ptr, ptr_ptr, blk_ptr, val_ptr, tab_ptr, cnt_ptr,
-              K, WR, UP_OFF, UP_COL, CAP, TOPK, stride_out,
+              off_ptr, K, WR, UP_OFF, UP_COL, TOPK, stride_out,
               PER_ROW: tl.constexpr, A_BY_TOKEN: tl.constexpr, GATED: tl.constexpr,
               BM: tl.constexpr):
     """out[pair, col(row)] += (a[src(pair), blocks] @ values) * a_scale for one stacked weight
@@ -278,11 +291,12 @@ def _moe_corr(a_ptr, as_ptr, out_ptr, rows_ptr, ptr_ptr, blk_ptr, val_ptr, tab_p
     b0 = tl.load(ptr_ptr + pid)
     b1 = tl.load(ptr_ptr + pid + 1)
     cnt = tl.load(cnt_ptr + e)
+    first = tl.load(off_ptr + e)
     j = tl.arange(0, 32)
     for m0 in range(0, cnt, BM):
         slots = m0 + tl.arange(0, BM)
         mm = slots < cnt
-        pair = tl.load(tab_ptr + e * CAP + slots, mask=mm, other=0)
+        pair = tl.load(tab_ptr + first + slots, mask=mm, other=0)
         if A_BY_TOKEN:
             src = pair // TOPK
         else:
@@ -496,15 +510,15 @@ def moe_forward(
         per_row1 = scheme1 == 3
 
     # routing
-    cap = t
     amax = torch.empty((1,), dtype=f32, device=dev)
     if route_inline:
-        tab = cnt = topk_ids  # unused
+        tab = cnt = off = topk_ids  # unused
     else:
-        tab = torch.empty((e, cap), dtype=torch.int32, device=dev)
+        tab = torch.empty((p,), dtype=torch.int32, device=dev)
         cnt = torch.empty((e,), dtype=torch.int32, device=dev)
+        off = torch.empty((e,), dtype=torch.int32, device=dev)
         chunk = min(1024, max(16, triton.next_power_of_2(p)))
-        _moe_route[(e,)](topk_ids, emap, tab, cnt, amax.view(torch.int32), p, cap,
+        _moe_route[(e,)](topk_ids, emap, tab, cnt, off, amax.view(torch.int32), p,
                          HAS_MAP=has_map, ZERO_AMAX=amax_needed, CHUNK=chunk, num_warps=4)
 
     sms = _sms(dev)
@@ -518,8 +532,9 @@ def moe_forward(
         return 32 if bm <= 32 else 128
 
     def grid_m(bm):
-        # sum_e ceil(c_e / BM) <= min(ceil(P / BM) + E - 1, P, E * ceil(T / BM))
-        return min(triton.cdiv(p, bm) + e, p, e * triton.cdiv(t, bm))
+        # sum_e ceil(c_e / BM) <= min(ceil(P / BM) + E - 1, P) (c_e may exceed T: a token can
+        # name an expert twice)
+        return min(triton.cdiv(p, bm) + e, p)
 
     # GEMM1 (+ SiLU)
     bn1, bm1, w1_, st1 = config1 or pick_config(t, p, e, triton.cdiv(inter, 64), sms)
@@ -548,9 +563,9 @@ def moe_forward(
         wst1, codes1, rs1 = w13[0], w13[1], w13[2]
         kp2_1, kp32_1, npt1 = wst1.shape[1], codes1.shape[1], wst1.shape[0]
     _moe_gemm[(triton.cdiv(inter, bn1), grid_m(bm1))](
-        a1, s1, wst1, codes1, rs1, out1, amax.view(torch.int32), tab, cnt, topk_ids, emap,
+        a1, s1, wst1, codes1, rs1, out1, amax.view(torch.int32), tab, cnt, off, topk_ids, emap,
         w2_input_scale if h_out_quant else s1,
-        e, inter, k1, kp2_1, kp32_1, npt1, 2 * ip, ip, inter, cap, top_k, stride1, p,
+        e, inter, k1, kp2_1, kp32_1, npt1, 2 * ip, ip, inter, top_k, stride1, p,
         ACT_INT8=act_int8, PER_ROW=per_row1, A_BY_TOKEN=True, GATED=True, FUSE_SILU=fused,
         AMAX=amax_needed and fused, W_BF16=bf16_weights, DECODE_LUT=lut,
         FP8_PROMOTE=promote(bm1), OUT_QUANT=h_out_quant,
@@ -561,8 +576,8 @@ def moe_forward(
         rows, ptr, blocks, values = w13[3], w13[4], w13[5], w13[6]
         if rows.numel():
             _moe_corr[(rows.numel(),)](
-                a1, s1, out1, rows, ptr, blocks, values, tab, cnt,
-                k1, 2 * ip, ip, inter, cap, top_k, stride1,
+                a1, s1, out1, rows, ptr, blocks, values, tab, cnt, off,
+                k1, 2 * ip, ip, inter, top_k, stride1,
                 PER_ROW=per_row1, A_BY_TOKEN=True, GATED=True, BM=64, num_warps=4)
         blk = min(4096, triton.next_power_of_2(inter))
         _moe_silu_mul[(p,)](out1, hbuf, amax.view(torch.int32), topk_ids, emap, inter, e,
@@ -592,8 +607,8 @@ def moe_forward(
         wst2, codes2, rs2 = w2[0], w2[1], w2[2]
         kp2_2, kp32_2, npt2 = wst2.shape[1], codes2.shape[1], wst2.shape[0]
     _moe_gemm[(triton.cdiv(hidden, bn2), grid_m(bm2))](
-        a2, s2, wst2, codes2, rs2, y, amax.view(torch.int32), tab, cnt, topk_ids, emap, s2,
-        e, hidden, k2, kp2_2, kp32_2, npt2, hp, 0, 0, cap, top_k, hidden, p,
+        a2, s2, wst2, codes2, rs2, y, amax.view(torch.int32), tab, cnt, off, topk_ids, emap, s2,
+        e, hidden, k2, kp2_2, kp32_2, npt2, hp, 0, 0, top_k, hidden, p,
         ACT_INT8=act_int8, PER_ROW=per_row2, A_BY_TOKEN=False, GATED=False, FUSE_SILU=False,
         AMAX=False, W_BF16=bf16_weights, DECODE_LUT=lut, FP8_PROMOTE=promote(bm2),
         OUT_QUANT=False, ROUTE_INLINE=route_inline,
@@ -604,8 +619,8 @@ def moe_forward(
         rows, ptr, blocks, values = w2[3], w2[4], w2[5], w2[6]
         if rows.numel():
             _moe_corr[(rows.numel(),)](
-                a2, s2, y, rows, ptr, blocks, values, tab, cnt,
-                k2, hp, 0, 0, cap, top_k, hidden,
+                a2, s2, y, rows, ptr, blocks, values, tab, cnt, off,
+                k2, hp, 0, 0, top_k, hidden,
                 PER_ROW=per_row2, A_BY_TOKEN=False, GATED=False, BM=64, num_warps=4)
 
     # top-k reduction
