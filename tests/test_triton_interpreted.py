@@ -1,0 +1,128 @@
+"""The SM90 backend's Triton kernels on the CPU, through Triton's interpreter
+(``TRITON_INTERPRET=1``, each case in a subprocess: the mode is read when the kernels are
+defined), against the exact references:
+
+- the dense W4A8 GEMM on every path (fused, fused with split-K, materialized per-tile, INT8
+  materialized with one reference per row) plus the correction kernel with planted
+  out-of-range blocks, FP8 and INT8, using the float16-arithmetic decode (``DECODE_LUT =
+  False``: the default ``prmt`` decode is inline PTX, which the interpreter cannot run);
+- the MoE path's routing table, GEMMs and top-k sum with float16 expert weights (the
+  benchmark's BF16 baseline mode of ``moe_forward``, which always takes the routing table) and
+  top-k ids where a token names one expert several times.
+
+Needs only ``triton`` importable, not a GPU; skipped where it is not (the CPU CI installs no
+triton). On a GPU the same kernels run in tests/gpu/ (with the PTX decode).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton is not importable here (the interpreter runs it)")
+
+MOE_SCRIPT = textwrap.dedent("""
+    import torch
+    from w4a8_backend.kernels import _sm90_moe_triton as mk
+
+    torch.manual_seed(0)
+    mk.POISON_OUTPUTS = True
+    e, h, i, k, ip, hp = 4, 64, 32, 3, 128, 128
+    g = torch.zeros(e, 2, ip, h)
+    g[:, :, :i] = torch.randn(e, 2, i, h) * 0.1
+    d = torch.zeros(e, hp, i)
+    d[:, :h] = torch.randn(e, h, i) * 0.1
+    w13, w2 = g.reshape(-1, h).half(), d.reshape(-1, i).half()
+    for t in (1, 5, 40):
+        x = torch.randn(t, h).half()
+        ids = torch.randint(0, e, (t, k), dtype=torch.int64)
+        ids[0] = ids[0, 0]  # more pairs on one expert than there are tokens
+        tw = torch.softmax(torch.rand(t, k), -1)
+        y = mk.moe_forward(x, tw, ids, None, (w13,), (w2,), None, None, e, h, i, ip, hp, False,
+                           0, 0, torch.float32, False, True, bf16_weights=True)
+        ref = torch.zeros(t, h, dtype=torch.float64)
+        for tt in range(t):
+            for kk in range(k):
+                ex = int(ids[tt, kk])
+                gu = x[tt].double() @ w13.double().view(e, 2 * ip, h)[ex].t()
+                hh = (torch.nn.functional.silu(gu[:ip]) * gu[ip:])[:i].half().double()
+                ref[tt] += float(tw[tt, kk]) * (hh @ w2.double().view(e, hp, i)[ex].t())[:h]
+        assert torch.isfinite(y).all(), f"T={t}: unwritten outputs"
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-4, f"T={t}: rel err {err:.2e}"
+    print("ok")
+""")
+
+
+DENSE_SCRIPT = textwrap.dedent("""
+    import torch
+    from w4a8_backend.formats import (ActivationDtype, ActivationScheme, quantize_activation,
+                                      quantize_mxfp4, reference_linear)
+    from w4a8_backend.kernels import triton_w4a8 as tk
+    from w4a8_backend.kernels._sm90_repack import decode_lut, int8_prefill_rows, repack_mxfp4
+
+    torch.manual_seed(0)
+    tk.DECODE_LUT = False
+    tk.POISON_OUTPUTS = True
+    n, k, m = 256, 512, 40
+    blk = torch.exp2(torch.randn(n, k // 32) * 1.2)
+    w = torch.randn(n, k) * 0.02 * blk.repeat_interleave(32, 1)
+    packed, scale = quantize_mxfp4(w)
+    scale[::17, 3] = (scale[::17, 3].int() + 20).clamp(max=254).to(torch.uint8)  # FP8 too
+    x = torch.randn(m, k).half()
+    for act in (ActivationDtype.INT8, ActivationDtype.FP8_E4M3):
+        i8 = act == ActivationDtype.INT8
+        rp = repack_mxfp4(packed, scale, i8)
+        q, xs = quantize_activation(x, act, ActivationScheme.DYNAMIC_PER_TOKEN)
+        xs = xs.reshape(-1).contiguous()
+        ref = reference_linear(x, packed, scale, act, ActivationScheme.DYNAMIC_PER_TOKEN)
+        counters = torch.zeros(64, dtype=torch.int32)
+        paths = [("fused", (64, 64, 256, 1, 4, 2), None, None),
+                 ("fused split-K", (64, 64, 256, 2, 4, 2), None, None),
+                 ("dense", None, tk.materialize(rp.packed, rp.codes, rp.row_scale, i8), None)]
+        if i8:
+            pf = int8_prefill_rows(packed, scale, rp)
+            assert pf.num_out_of_range > rp.num_out_of_range > 0
+            paths.append(("dense, one reference per row", None,
+                          tk.materialize(rp.packed, rp.codes, rp.row_scale, True, pf.row_scale),
+                          pf))
+        for name, cfg, dense, pf in paths:
+            cfg = cfg or tk.pick_config(m, rp.packed.shape[0], k, i8, 132, True, pf is not None)
+            y = tk.w4a8_gemm(q, xs, rp.packed, rp.codes, rp.row_scale, counters,
+                             decode_lut(i8), n, i8, True, None, torch.float32, config=cfg,
+                             dense=dense, prefill_row_scale=None if pf is None else pf.row_scale)
+            table = rp if pf is None else pf
+            # worst relative error of one output feature (the planted blocks dominate theirs)
+            per_n = lambda y: ((y - ref).norm(dim=0) / ref.norm(dim=0)).max().item()  # noqa
+            missing = per_n(y)
+            tk.correction(y, q, xs, True, table.corr_rows, table.corr_ptr, table.corr_blocks,
+                          table.corr_values)
+            err = per_n(y)
+            assert err < 1e-5 < missing, (act.name, name, err, missing)
+    print("ok")
+""")
+
+
+def _run_interpreted(script: str) -> None:
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+def test_dense_gemm_every_path_with_corrections():
+    _run_interpreted(DENSE_SCRIPT)
+
+
+def test_moe_routing_table_holds_repeated_experts():
+    _run_interpreted(MOE_SCRIPT)
