@@ -8,7 +8,9 @@ defined), against the exact references:
   False``: the default ``prmt`` decode is inline PTX, which the interpreter cannot run);
 - the MoE path's routing table, GEMMs and top-k sum with float16 expert weights (the
   benchmark's BF16 baseline mode of ``moe_forward``, which always takes the routing table) and
-  top-k ids where a token names one expert several times.
+  top-k ids where a token names one expert several times; and the whole INT8 MoE layer with
+  planted out-of-range blocks (``libdevice.rint``, which the interpreter lacks, replaced by the
+  exact add-and-subtract of 1.5 * 2**23 in the subprocess).
 
 Needs ``triton``, not a GPU: importable here, or in ``W4A8_TRITON_INTERPRETER_PATH`` (where
 ``scripts/setup.sh`` puts it on CPU machines, outside the venv's import path, because vLLM's
@@ -126,6 +128,80 @@ DENSE_SCRIPT = textwrap.dedent("""
 """)
 
 
+# INT8 only: the interpreter's float32 -> float8e4nv conversion does not round like the GPU's
+# (31.6 becomes 16.0), so the FP8 activation quantization inside the MoE path cannot run here.
+MOE_QUANTIZED_SCRIPT = """import torch
+import triton
+import triton.language as tl  # noqa: F401  (the interpreter wants it visible in jit functions)
+from triton.language.extra import libdevice
+
+
+@triton.jit
+def _rint(x):  # libdevice.rint has no interpreter version: round half to even for |x| < 2**22
+    return (x + 12582912.0) - 12582912.0
+
+
+libdevice.rint = _rint
+from w4a8_backend.formats import (ActivationDtype, ActivationScheme, dequantize_mxfp4,
+                                  quantize_activation, quantize_mxfp4)
+from w4a8_backend.kernels import _sm90_moe_triton as mk
+from w4a8_backend.kernels import triton_w4a8 as tk
+from w4a8_backend.kernels._sm90_repack import repack_mxfp4
+from w4a8_backend.kernels.sm90_triton_moe import stack_expert_rows
+
+torch.manual_seed(1)
+tk.DECODE_LUT = False
+mk.POISON_OUTPUTS = True
+e, h, i, k, ip, hp = 4, 256, 160, 3, 256, 256
+
+
+def mx(w):
+    n, kk = w.shape[-2], w.shape[-1]
+    blk = torch.exp2(torch.randn(*w.shape[:-1], kk // 32) * 0.6).repeat_interleave(32, -1)
+    p, s = quantize_mxfp4((w * blk).reshape(-1, kk))
+    s[::13, 2] = (s[::13, 2].int() + 20).clamp(max=254).to(torch.uint8)  # out of range
+    return p.view(*w.shape[:-1], kk // 2), s.view(*w.shape[:-1], kk // 32)
+
+
+p13, s13 = mx(torch.randn(e, 2 * i, h) * 0.05)
+p2, s2 = mx(torch.randn(e, h, i) * 0.05)
+w13 = dequantize_mxfp4(p13.reshape(-1, h // 2), s13.reshape(-1, h // 32)).view(e, 2 * i, h)
+w2 = dequantize_mxfp4(p2.reshape(-1, i // 2), s2.reshape(-1, i // 32)).view(e, h, i)
+silu = torch.nn.functional.silu
+for act in (ActivationDtype.INT8,):
+    i8 = act == ActivationDtype.INT8
+    rp13 = repack_mxfp4(*stack_expert_rows(p13.view(e, 2, i, h // 2), s13.view(e, 2, i, h // 32),
+                                           ip), i8)
+    rp2 = repack_mxfp4(*stack_expert_rows(p2.view(e, 1, h, i // 2), s2.view(e, 1, h, i // 32),
+                                          hp), i8)
+    assert rp13.num_out_of_range and rp2.num_out_of_range
+    ws = [tuple(getattr(rp, f) for f in ("packed", "codes", "row_scale", "corr_rows", "corr_ptr",
+                                         "corr_blocks", "corr_values")) for rp in (rp13, rp2)]
+    for sch in (ActivationScheme.DYNAMIC_PER_TENSOR, ActivationScheme.DYNAMIC_PER_TOKEN):
+        for t in (1, 5, 40):
+            x = torch.randn(t, h).half()
+            ids = torch.randint(0, e, (t, k), dtype=torch.int64)
+            ids[0] = ids[0, 0]  # one token names an expert k times
+            tw = torch.softmax(torch.rand(t, k), -1)
+            y = mk.moe_forward(x, tw, ids, None, *ws, None, None, e, h, i, ip, hp, i8, int(sch),
+                               int(sch), torch.float32, False, False)
+            q1, sc1 = quantize_activation(x, act, sch)
+            xq = q1.float() * sc1
+            flat, tok = ids.reshape(-1), torch.arange(t).repeat_interleave(k)
+            gu = torch.stack([xq[tok[j]] @ w13[flat[j]].t() for j in range(t * k)])
+            hh = silu(gu[:, :i]) * gu[:, i:]
+            q2, sc2 = quantize_activation(hh, act, sch)
+            hq = q2.float() * sc2
+            ref = torch.zeros(t, h)
+            for j in range(t * k):
+                ref[tok[j]] += tw.reshape(-1)[j] * (hq[j] @ w2[flat[j]].t())
+            assert torch.isfinite(y).all(), (act.name, sch.name, t, "unwritten outputs")
+            err = ((y - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, (act.name, sch.name, t, err)
+print("ok")
+"""
+
+
 def _run_interpreted(script: str) -> None:
     path = os.pathsep.join(p for p in (str(REPO), _triton_dir(), os.environ.get("PYTHONPATH"))
                            if p)
@@ -141,3 +217,11 @@ def test_dense_gemm_every_path_with_corrections():
 
 def test_moe_routing_table_holds_repeated_experts():
     _run_interpreted(MOE_SCRIPT)
+
+
+def test_moe_int8_layer_with_corrections_and_repeated_experts():
+    """The quantized INT8 MoE path (routing table, GEMM1, the correction kernel over the
+    table, SiLU-and-mul, the intermediate's quantization, GEMM2, the top-k sum) with planted
+    out-of-range blocks in both matrices, per-tensor and per-token scales, against the exact
+    per-pair reference."""
+    _run_interpreted(MOE_QUANTIZED_SCRIPT)
