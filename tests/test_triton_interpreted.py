@@ -155,36 +155,41 @@ mk.POISON_OUTPUTS = True
 e, h, i, k, ip, hp = 4, 256, 160, 3, 256, 256
 
 
-def mx(w):
+def mx(w, planted):
     n, kk = w.shape[-2], w.shape[-1]
-    blk = torch.exp2(torch.randn(*w.shape[:-1], kk // 32) * 0.6).repeat_interleave(32, -1)
+    spread = 0.6 if planted else 0.0  # without: every block within the exact INT8 windows
+    blk = torch.exp2(torch.randn(*w.shape[:-1], kk // 32) * spread).repeat_interleave(32, -1)
     p, s = quantize_mxfp4((w * blk).reshape(-1, kk))
-    s[::13, 2] = (s[::13, 2].int() + 20).clamp(max=254).to(torch.uint8)  # out of range
+    if planted:
+        s[::13, 2] = (s[::13, 2].int() + 20).clamp(max=254).to(torch.uint8)  # out of range
     return p.view(*w.shape[:-1], kk // 2), s.view(*w.shape[:-1], kk // 32)
 
 
-p13, s13 = mx(torch.randn(e, 2 * i, h) * 0.05)
-p2, s2 = mx(torch.randn(e, h, i) * 0.05)
-w13 = dequantize_mxfp4(p13.reshape(-1, h // 2), s13.reshape(-1, h // 32)).view(e, 2 * i, h)
-w2 = dequantize_mxfp4(p2.reshape(-1, i // 2), s2.reshape(-1, i // 32)).view(e, h, i)
 silu = torch.nn.functional.silu
-for act in (ActivationDtype.INT8,):
-    i8 = act == ActivationDtype.INT8
+act, i8 = ActivationDtype.INT8, True
+# planted out-of-range blocks: the routing table and the correction kernel; without them (and a
+# per-token intermediate) small calls find their pairs inside the GEMMs (inline routing)
+for planted in (True, False):
+    p13, s13 = mx(torch.randn(e, 2 * i, h) * 0.05, planted)
+    p2, s2 = mx(torch.randn(e, h, i) * 0.05, planted)
+    w13 = dequantize_mxfp4(p13.reshape(-1, h // 2), s13.reshape(-1, h // 32)).view(e, 2 * i, h)
+    w2 = dequantize_mxfp4(p2.reshape(-1, i // 2), s2.reshape(-1, i // 32)).view(e, h, i)
     rp13 = repack_mxfp4(*stack_expert_rows(p13.view(e, 2, i, h // 2), s13.view(e, 2, i, h // 32),
                                            ip), i8)
     rp2 = repack_mxfp4(*stack_expert_rows(p2.view(e, 1, h, i // 2), s2.view(e, 1, h, i // 32),
                                           hp), i8)
-    assert rp13.num_out_of_range and rp2.num_out_of_range
+    assert bool(rp13.num_out_of_range and rp2.num_out_of_range) == planted
     ws = [tuple(getattr(rp, f) for f in ("packed", "codes", "row_scale", "corr_rows", "corr_ptr",
                                          "corr_blocks", "corr_values")) for rp in (rp13, rp2)]
-    for sch in (ActivationScheme.DYNAMIC_PER_TENSOR, ActivationScheme.DYNAMIC_PER_TOKEN):
+    schemes = (ActivationScheme.DYNAMIC_PER_TENSOR, ActivationScheme.DYNAMIC_PER_TOKEN)
+    for sch in schemes if planted else schemes[1:]:
         for t in (1, 5, 40):
             x = torch.randn(t, h).half()
             ids = torch.randint(0, e, (t, k), dtype=torch.int64)
             ids[0] = ids[0, 0]  # one token names an expert k times
             tw = torch.softmax(torch.rand(t, k), -1)
             y = mk.moe_forward(x, tw, ids, None, *ws, None, None, e, h, i, ip, hp, i8, int(sch),
-                               int(sch), torch.float32, False, False)
+                               int(sch), torch.float32, False, not planted)
             q1, sc1 = quantize_activation(x, act, sch)
             xq = q1.float() * sc1
             flat, tok = ids.reshape(-1), torch.arange(t).repeat_interleave(k)

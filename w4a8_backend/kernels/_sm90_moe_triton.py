@@ -66,6 +66,16 @@ POISON_OUTPUTS = False
 # routing
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _chunk_ids(ids_ptr, map_ptr, offs, P, HAS_MAP: tl.constexpr):
+    """The local expert id (or -1) of the pairs ``offs`` (-1 past P)."""
+    m = offs < P
+    lid = tl.load(ids_ptr + offs, mask=m, other=-1).to(tl.int32)
+    if HAS_MAP:
+        lid = tl.load(map_ptr + lid, mask=m & (lid >= 0), other=-1).to(tl.int32)
+    return lid
+
+
+@triton.jit
 def _moe_route(ids_ptr, map_ptr, tab_ptr, cnt_ptr, off_ptr, amax_ptr, P,
                HAS_MAP: tl.constexpr, ZERO_AMAX: tl.constexpr, CHUNK: tl.constexpr):
     """Expert e's pairs, in pair order, at ``tab[off[e] : off[e] + cnt[e]]`` (a CSR over the
@@ -76,20 +86,12 @@ def _moe_route(ids_ptr, map_ptr, tab_ptr, cnt_ptr, off_ptr, amax_ptr, P,
     base = tl.arange(0, CHUNK)
     start = tl.zeros([], dtype=tl.int32)
     for c0 in range(0, P, CHUNK):
-        offs = c0 + base
-        m = offs < P
-        lid = tl.load(ids_ptr + offs, mask=m, other=-1).to(tl.int32)
-        if HAS_MAP:
-            lid = tl.load(map_ptr + lid, mask=m & (lid >= 0), other=-1).to(tl.int32)
-        start += tl.sum((m & (lid >= 0) & (lid < e)).to(tl.int32), 0)
+        lid = _chunk_ids(ids_ptr, map_ptr, c0 + base, P, HAS_MAP)
+        start += tl.sum(((lid >= 0) & (lid < e)).to(tl.int32), 0)
     n = tl.zeros([], dtype=tl.int32)
     for c0 in range(0, P, CHUNK):
         offs = c0 + base
-        m = offs < P
-        lid = tl.load(ids_ptr + offs, mask=m, other=-1).to(tl.int32)
-        if HAS_MAP:
-            lid = tl.load(map_ptr + lid, mask=m & (lid >= 0), other=-1).to(tl.int32)
-        hit = m & (lid == e)
+        hit = _chunk_ids(ids_ptr, map_ptr, offs, P, HAS_MAP) == e
         hit_i = hit.to(tl.int32)
         rank = n + tl.cumsum(hit_i, 0) - 1
         tl.store(tab_ptr + start + rank, offs, mask=hit)
@@ -104,12 +106,7 @@ def _moe_route(ids_ptr, map_ptr, tab_ptr, cnt_ptr, off_ptr, amax_ptr, P,
 @triton.jit
 def _local_ids(ids_ptr, map_ptr, P, HAS_MAP: tl.constexpr, PP2: tl.constexpr):
     """The local expert id (or -1) of each of the P pairs, padded to PP2 with -1."""
-    po = tl.arange(0, PP2)
-    m = po < P
-    lid = tl.load(ids_ptr + po, mask=m, other=-1).to(tl.int32)
-    if HAS_MAP:
-        lid = tl.load(map_ptr + lid, mask=m & (lid >= 0), other=-1).to(tl.int32)
-    return lid
+    return _chunk_ids(ids_ptr, map_ptr, tl.arange(0, PP2), P, HAS_MAP)
 
 
 @triton.jit
