@@ -203,6 +203,18 @@ for planted in (True, False):
             assert torch.isfinite(y).all(), (act.name, sch.name, t, "unwritten outputs")
             err = ((y - ref).norm() / ref.norm()).item()
             assert err < 1e-2, (act.name, sch.name, t, err)
+    # a NaN in one token's input (per-token x scale: it stays in that token's pairs) makes the
+    # intermediate's per-tensor amax NaN, so the reference's whole output is NaN
+    for t in (5, 40):
+        x = torch.randn(t, h).half()
+        x[1, 7] = float("nan")
+        ids = torch.randint(0, e, (t, k), dtype=torch.int64)
+        tw = torch.softmax(torch.rand(t, k), -1)
+        y = mk.moe_forward(x, tw, ids, None, *ws, None, None, e, h, i, ip, hp, i8,
+                           int(ActivationScheme.DYNAMIC_PER_TOKEN),
+                           int(ActivationScheme.DYNAMIC_PER_TENSOR), torch.float32, False,
+                           not planted)
+        assert torch.isnan(y).all(), ("NaN intermediate amax", planted, t, y.isnan().sum())
 print("ok")
 """
 
@@ -228,5 +240,6 @@ def test_moe_int8_layer_with_corrections_and_repeated_experts():
     """The quantized INT8 MoE path (routing table, GEMM1, the correction kernel over the
     table, SiLU-and-mul, the intermediate's quantization, GEMM2, the top-k sum) with planted
     out-of-range blocks in both matrices, per-tensor and per-token scales, against the exact
-    per-pair reference."""
+    per-pair reference; and a NaN input under a per-tensor intermediate scale, which must make
+    the whole output NaN as in the reference (the intermediate's amax used to drop NaN)."""
     _run_interpreted(MOE_QUANTIZED_SCRIPT)

@@ -257,8 +257,8 @@ def _moe_gemm(
                 h = tk.quantize_values(h, tl.load(qs_ptr).to(tl.float32), ACT_INT8)
             tl.store(o_rows + offs_n[:, None], h, mask=o_mask)
             if AMAX:
-                hmax = tl.max(tl.max(tl.where(o_mask, tl.abs(h), 0.0), axis=1), axis=0)
-                # |h| >= 0: its float32 bits order like the values
+                hmax = tk.nan_amax(tk.nan_amax(tl.where(o_mask, h, 0.0), 1), 0)
+                # |h| >= 0: its float32 bits order like the values, and a NaN's above +inf
                 tl.atomic_max(amax_ptr, hmax.to(tl.int32, bitcast=True))
         else:
             tl.store(o_rows + offs_n[:, None], acc, mask=o_mask)
@@ -338,9 +338,9 @@ def _moe_silu_mul(gu_ptr, h_ptr, amax_ptr, ids_ptr, map_ptr, I, E,
             u = tl.load(g_row + I + o, mask=m, other=0.0)
             h = g / (1.0 + tl.exp(-g)) * u
             tl.store(h_row + o, h, mask=m)
-            am = tl.maximum(am, tl.where(m, tl.abs(h), 0.0))
+            am = tk.nan_max(am, tl.where(m, tl.abs(h), 0.0))
         if AMAX:
-            tl.atomic_max(amax_ptr, tl.max(am, 0).to(tl.int32, bitcast=True))
+            tl.atomic_max(amax_ptr, tk.nan_amax(am, 0).to(tl.int32, bitcast=True))
 
 
 @triton.jit

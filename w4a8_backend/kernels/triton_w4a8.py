@@ -77,14 +77,14 @@ def dynamic_scale(amax, ACT_INT8: tl.constexpr):
 
 
 @triton.jit
-def _nan_max(a, b):
+def nan_max(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
 def nan_amax(v, axis: tl.constexpr):
     """``max(|v|)`` along ``axis`` that is NaN when any element is (as torch's amax)."""
-    return tl.reduce(tl.abs(v), axis, _nan_max)
+    return tl.reduce(tl.abs(v), axis, nan_max)
 
 
 @triton.jit
@@ -119,7 +119,7 @@ def _quant_act(
             amax_v = tl.zeros([BLOCK], dtype=tl.float32)
             for k0 in range(0, K, BLOCK):
                 xv = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-                amax_v = _nan_max(amax_v, tl.abs(xv))
+                amax_v = nan_max(amax_v, tl.abs(xv))
             amax = nan_amax(amax_v, 0)
         scale = dynamic_scale(amax, ACT_INT8)
         tl.store(s_out_ptr + row, scale)
