@@ -402,6 +402,25 @@ def test_a_token_naming_an_expert_twice(act, schemes, extreme):
         run_case(kern, layer, dense, g, t, act, *schemes, routing=(w, ids))
 
 
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+def test_nan_input_spreads_like_the_reference(act):
+    """A NaN in one token's input, per-token input scale, per-tensor intermediate scale: the
+    intermediate's amax is NaN, so the reference's whole output is NaN (not only that token's).
+    Few tokens take the CUDA path where it is built (its one-CTA amax), more the Triton GEMM1's
+    atomic amax, which once dropped NaN and returned finite numbers."""
+    _need_fp8(act)
+    kern, layer, dense, g = build(act, P, D, 8, 256, 160, 2, seed=23 + int(act))
+    kern.process_weights_after_loading(layer)
+    for t in (2, 70):
+        x = make_x(t, 256, g)
+        x[1, 5] = float("nan")
+        w, ids = make_routing(t, 8, 2, g)
+        ref = reference_moe(x, w, ids, dense, act, P, D)
+        assert ref.isnan().all()
+        y = kern.apply(layer, x, w, ids, None, False)
+        assert y.isnan().all(), f"T={t}: {int(y.isnan().sum())} of {y.numel()} outputs NaN"
+
+
 def test_out_of_range_blocks_change_the_result():
     """Guard for the test above: dropping the corrected blocks would fail the tolerance."""
     from w4a8_backend.kernels._sm90_repack import repack_mxfp4
