@@ -7,7 +7,9 @@
 // package imports without it. Design and measurements: docs/kernels.md ("CUDA decode kernel").
 //
 // Inputs are the load-time repacked tensors of w4a8_backend/kernels/_sm90_repack.py:
-//   packed [NP, KP/2]  in each 64-wide K group, byte j = element j (low nibble) | element 32+j
+//   packed [NP, KP/2]  each 64-wide K group is 8 words; word i holds the "low" elements 4i+j
+//                      and the "high" elements 32+4i+j (j = 0..3), bits as _sm90_repack.WORD_BITS:
+//                      magnitudes of low j at bit 4j, of high j at 16+4j; signs at 8j+7 / 8j+3
 //   codes  [NP, KP/32] one byte per MX block: FP8 d+21 (d in [-5, 6]), INT8 d+22 (d in [0, 3]),
 //                      0 = skip (out-of-range block, added back by the correction kernel)
 //   row_scale          FP8: float32 [NP] = 2**r[n];  INT8: uint8 [KP/256, NP] biased exponent
@@ -24,9 +26,11 @@
 // belongs to one INT8 reference tile, so the INT8 int32 sum of a step is exact and is scaled
 // once per step.
 //
-// Decode (per 32-bit word = 4 low + 4 high nibbles): an 8-entry byte table per block, built
-// from its code byte by integer arithmetic, looked up with one `prmt` per 4 weights; FP8 ORs in
-// the sign bits, INT8 picks between the positive and negated tables with a sign mask.
+// Decode (per 32-bit word = 4 low + 4 high weights, ~7 instructions for the 8 in FP8): an
+// 8-entry byte table per block, built from its code byte by integer arithmetic, looked up with
+// one `prmt` per 4 weights, whose selectors are the word's magnitude bits as they lie; FP8 ORs
+// in the sign bits, INT8 picks between the positive and negated tables with a sign mask. The
+// same instructions as the Triton kernels' PTX (w4a8_backend/kernels/_decode_ptx.py).
 //
 // PDL: on SM90 the GEMM is launched with programmatic stream serialization and the quantization
 // kernel releases it at its start, so the GEMM's weight loads overlap the quantization; the GEMM
@@ -85,22 +89,34 @@ __device__ __forceinline__ Lut make_lut(uint32_t code) {
   return t;
 }
 
-// 4 weights from the low (kHigh = false) or high nibbles of the packed word p.
-template <bool kInt8, bool kHigh>
-__device__ __forceinline__ uint32_t decode4(uint32_t p, const Lut& t) {
-  const uint32_t idx = (kHigh ? (p >> 4) : p) & 0x07070707u;
-  const uint32_t sel = __byte_perm(idx | (idx >> 4), 0u, 0x0020u);  // 4 selector nibbles
-  const uint32_t sgn = kHigh ? p : (p << 4);                         // sign at bit 7 per byte
+// PTX prmt in its default mode. (__byte_perm would mask each selector to 3 bits itself.)
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+// 4 weights from table t, selectors in the low 16 bits of sel (sign flags cleared), signs at
+// each byte's top bit of sgn
+template <bool kInt8>
+__device__ __forceinline__ uint32_t lookup4(uint32_t sel, uint32_t sgn, const Lut& t) {
   if constexpr (kInt8) {
-    const uint32_t pos = __byte_perm(t.lo, t.hi, sel);
-    const uint32_t neg = __byte_perm(t.nlo, t.nhi, sel);
-    uint32_t mask;  // prmt's sign-replicate mode (selector bit 3): 0x00 / 0xFF per byte. Not
-                    // __byte_perm, which uses only 3 selector bits.
-    asm("prmt.b32 %0, %1, 0, 0xBA98;" : "=r"(mask) : "r"(sgn));
+    const uint32_t pos = prmt(t.lo, t.hi, sel);
+    const uint32_t neg = prmt(t.nlo, t.nhi, sel);
+    const uint32_t mask = prmt(sgn, 0u, 0xBA98u);  // sign-replicate mode: 0x00 / 0xFF per byte
     return (pos & ~mask) | (neg & mask);
   } else {
-    return __byte_perm(t.lo, t.hi, sel) | (sgn & 0x80808080u);
+    return prmt(t.lo, t.hi, sel) | (sgn & 0x80808080u);
   }
+}
+
+// The 4 low-half weights (table tl) and 4 high-half weights (table th) of the packed word p.
+template <bool kInt8>
+__device__ __forceinline__ void decode8(uint32_t p, const Lut& tl, const Lut& th, uint32_t& lo,
+                                        uint32_t& hi) {
+  const uint32_t sel = p & 0x77777777u;
+  lo = lookup4<kInt8>(sel, p, tl);
+  hi = lookup4<kInt8>(sel >> 16, p << 4, th);
 }
 
 template <bool kInt8>
@@ -220,10 +236,9 @@ __device__ __forceinline__ void step_mma(const StepRegs<kNT>& r, float (&acc)[kN
 #pragma unroll
   for (int i8 = 0; i8 < 8; ++i8) {
     const uint32_t pa = word(r.wa0, r.wa1, i8), pb = word(r.wb0, r.wb1, i8);
-    const uint32_t a0 = decode4<kInt8, false>(pa, la_lo);  // row g, K 64G + 4*i8 ..
-    const uint32_t a1 = decode4<kInt8, false>(pb, lb_lo);  // row g + 8, same K
-    const uint32_t a2 = decode4<kInt8, true>(pa, la_hi);   // row g, K 64G + 32 + 4*i8 ..
-    const uint32_t a3 = decode4<kInt8, true>(pb, lb_hi);
+    uint32_t a0, a1, a2, a3;
+    decode8<kInt8>(pa, la_lo, la_hi, a0, a2);  // row g, K 64G + 4*i8 .. and 64G + 32 + 4*i8 ..
+    decode8<kInt8>(pb, lb_lo, lb_hi, a1, a3);  // row g + 8, same K
 #pragma unroll
     for (int j = 0; j < kNT; ++j) {
       const uint32_t b0 = word(r.x[j][0], r.x[j][1], i8);
@@ -610,10 +625,9 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
 #pragma unroll
     for (int i8 = 0; i8 < 8; ++i8) {
       const uint32_t pa = word(r.wa0, r.wa1, i8), pb = word(r.wb0, r.wb1, i8);
-      const uint32_t a0 = decode4<kInt8, false>(pa, la_lo);
-      const uint32_t a1 = decode4<kInt8, false>(pb, lb_lo);
-      const uint32_t a2 = decode4<kInt8, true>(pa, la_hi);
-      const uint32_t a3 = decode4<kInt8, true>(pb, lb_hi);
+      uint32_t a0, a1, a2, a3;
+      decode8<kInt8>(pa, la_lo, la_hi, a0, a2);
+      decode8<kInt8>(pb, lb_lo, lb_hi, a1, a3);
       const uint32_t b0 = word(r.x[0][0], r.x[0][1], i8), b1 = word(r.x[0][2], r.x[0][3], i8);
       c[0] = c[1] = c[2] = c[3] = 0.f;
       mma_16x8x32<kInt8>(c, ci, a0, a1, a2, a3, b0, b1);

@@ -154,10 +154,14 @@ def test_bad_tensors_are_named():
         validate_checkpoint_tensors(torch.zeros(4, 16, dtype=torch.uint8), torch.zeros(4, 2, dtype=torch.uint8))
 
 
-# ---- CPU emulation of the kernels' prmt-based decode (the inline PTX in triton_w4a8) ----
+# ---- CPU interpreter of the kernels' prmt-based decode (the inline PTX in triton_w4a8) ----
+M32 = 0xFFFFFFFF
+
+
 def _prmt(a: int, b: int, c: int) -> int:
-    """PTX prmt.b32 default mode: bytes of {b, a}, selectors in the low 16 bits of c."""
-    src = (a & 0xFFFFFFFF) | ((b & 0xFFFFFFFF) << 32)
+    """PTX prmt.b32 default mode: bytes of {b, a}, selectors in the low 16 bits of c (bit 3 of
+    a selector: replicate the selected byte's sign bit)."""
+    src = (a & M32) | ((b & M32) << 32)
     out = 0
     for i in range(4):
         sel = (c >> (4 * i)) & 0xF
@@ -176,28 +180,60 @@ def _lop3(a, b, c, lut):
     return out
 
 
-def _sel(w, high):
-    x = ((w >> 4) if high else w) & 0x07070707
-    y = x | (x >> 4)
-    return _prmt(y, 0, 0x0020)
+_PTX_OPS = {
+    "and.b32": lambda a, b: a & b,
+    "or.b32": lambda a, b: a | b,
+    "shr.u32": lambda a, b: (a & M32) >> b,
+    "shl.b32": lambda a, b: (a << b) & M32,
+    "prmt.b32": _prmt,
+    "lop3.b32": _lop3,
+}
 
 
-def _decode_word(w, tab, high, act_int8):
-    s = _sel(w, high)
-    u = lambda v: v & 0xFFFFFFFF  # noqa: E731
-    if act_int8:
-        p = _prmt(u(tab[0]), u(tab[1]), s)
-        n = _prmt(u(tab[2]), u(tab[3]), s)
-        m = _prmt(w if high else (w << 4) & 0xFFFFFFFF, 0, 0xBA98)
-        return _lop3(p, n, m, 0xD8)
-    t = _prmt(u(tab[0]), u(tab[1]), s)
-    return _lop3(t, w if high else (w << 4) & 0xFFFFFFFF, 0x80808080, 0xF8)
+def run_ptx(asm: str, args: list[int]) -> int:
+    """Execute one of triton_w4a8's inline-PTX decode strings: ``$1..`` are ``args``, the
+    result is ``$0``. Knows exactly the instructions the strings use (others fail)."""
+    regs = {f"${i + 1}": a & M32 for i, a in enumerate(args)}
+    for stmt in asm.strip().strip("{}").split(";"):
+        stmt = stmt.strip()
+        if not stmt or stmt.startswith(".reg"):
+            continue
+        op, rest = stmt.split(None, 1)
+        dst, *srcs = [t.strip() for t in rest.split(",")]
+        vals = [int(t, 0) if t[0].isdigit() else regs[t] for t in srcs]
+        regs[dst] = _PTX_OPS[op](*vals) & M32
+    return regs["$0"]
+
+
+def _ptx_decode(w: int, tab: list[int], high: bool, act_int8: bool) -> int:
+    from w4a8_backend.kernels import _decode_ptx
+
+    asm = getattr(_decode_ptx, f"{'INT8' if act_int8 else 'FP8'}_{'HI' if high else 'LO'}")
+    tables = [v for t in tab[: 4 if act_int8 else 2] for v in [t] * 4]  # pack=4: 4 regs each
+    return run_ptx(asm, [w] + tables)
+
+
+def test_word_layout_pins_the_bits():
+    """The repacked word's bit positions, written out by hand (what the decode assumes)."""
+    from w4a8_backend.formats.mxfp4 import pack_e2m1
+    from w4a8_backend.kernels._sm90_repack import _repack_nibbles, unpack_repacked_codes
+
+    codes = torch.zeros(1, 64, dtype=torch.uint8)
+    codes[0, 1] = 0xF  # low element 1 of word 0: magnitude 7 at bits 4-6, sign at bit 15
+    codes[0, 32 + 2] = 0x9  # high element 2 of word 0: magnitude 1 at bit 24, sign at bit 19
+    codes[0, 4 * 3 + 0] = 0x3  # low element 0 of word 3: magnitude 3 at bits 0-1, no sign
+    packed = _repack_nibbles(pack_e2m1(codes), 1, 64)
+    words = packed.view(torch.int32)[0].tolist()
+    assert [w & M32 for w in words] == [0x70 | 1 << 15 | 1 << 24 | 1 << 19, 0, 0, 3, 0, 0, 0, 0]
+    assert torch.equal(unpack_repacked_codes(packed), codes)
 
 
 @pytest.mark.parametrize("act_int8", [False, True], ids=["fp8", "int8"])
-def test_prmt_decode_emulation_matches_dequantize(act_int8):
+def test_prmt_decode_ptx_matches_dequantize(act_int8):
+    """The kernels' decode strings, executed instruction by instruction on words of the
+    repacked layout, give the exact E4M3 / int8 value of every element for every live code."""
     from w4a8_backend.formats import e2m1_to_float
-    from w4a8_backend.kernels._sm90_repack import decode_lut
+    from w4a8_backend.kernels._sm90_repack import decode_lut, unpack_repacked_codes
 
     tab = decode_lut(act_int8).tolist()
     bias = INT8_CODE_BIAS if act_int8 else FP8_CODE_BIAS
@@ -205,12 +241,17 @@ def test_prmt_decode_emulation_matches_dequantize(act_int8):
     g = torch.Generator().manual_seed(1)
     for d in ds:
         for _ in range(8):
-            w = int(torch.randint(0, 2**32, (1,), generator=g, dtype=torch.int64))
+            word = torch.randint(0, 256, (1, 4), generator=g, dtype=torch.int64).to(torch.uint8)
+            w = int.from_bytes(bytes(word[0].tolist()), "little")
+            # the layout's own reading of this word: a 64-group whose word 0 it is
+            group = torch.zeros(1, 32, dtype=torch.uint8)
+            group[0, :4] = word[0]
+            codes = unpack_repacked_codes(group)[0]
             for high in (False, True):
-                out = _decode_word(w, tab[d + bias], high, act_int8)
+                out = _ptx_decode(w, tab[d + bias], high, act_int8)
                 for i in range(4):
-                    code = (w >> (8 * i + (4 if high else 0))) & 0xF
-                    want = float(e2m1_to_float(torch.tensor([code]))) * (2.0 ** (d + (1 if act_int8 else 0)))
+                    code = codes[32 * high + i]
+                    want = float(e2m1_to_float(code.reshape(1))) * (2.0 ** (d + (1 if act_int8 else 0)))
                     byte = (out >> (8 * i)) & 0xFF
                     if act_int8:
                         got = float(byte - 256 if byte > 127 else byte)
@@ -218,7 +259,7 @@ def test_prmt_decode_emulation_matches_dequantize(act_int8):
                         got = float(torch.tensor([byte], dtype=torch.uint8).view(torch.float8_e4m3fn).float())
                     assert got == want, (d, hex(w), high, i, got, want)
     # code 0: the main pass must contribute exact zeros
-    assert all(_decode_word(0xFFFFFFFF, tab[0], h, act_int8) in (0, 0x80808080) for h in (0, 1))
+    assert all(_ptx_decode(M32, tab[0], h, act_int8) in (0, 0x80808080) for h in (0, 1))
 
 
 @pytest.mark.parametrize("act_int8", [False, True], ids=["fp8", "int8"])

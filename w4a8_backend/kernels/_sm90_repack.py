@@ -6,10 +6,16 @@ the result. See docs/kernels.md for the full description; in short:
 
 Nibble layout
     K is padded to a multiple of ``K_ALIGN`` (512) and N to a multiple of ``N_ALIGN`` (128), with
-    zero codes. Within each group of 64 consecutive K elements, byte ``j`` (0..31) holds element
-    ``j`` in its low nibble and element ``32 + j`` in its high nibble. So the low nibbles of a
-    32-byte run are one whole MX block and the high nibbles the next one: a kernel splits a K
-    tile into a "low" and a "high" half, each made of whole MX blocks, and never interleaves.
+    zero codes. Each group of 64 consecutive K elements is 8 little-endian 32-bit words; word
+    ``i`` holds the "low" elements ``4i + j`` and the "high" elements ``32 + 4i + j`` (j = 0..3),
+    so the low elements of a 32-byte run are one whole MX block and the high ones the next: a
+    kernel splits a K tile into a low and a high half, each made of whole MX blocks. Within the
+    word the bits sit where the decode wants them (``WORD_BITS``): the 3 magnitude bits of low
+    element j at bit ``4j`` and of high element j at ``16 + 4j`` (the four 3-bit selectors of one
+    ``prmt`` each, after ``& 0x77777777`` and, for the high half, ``>> 16``), the sign of low
+    element j at bit ``8j + 7`` and of high element j at ``8j + 3`` (each byte's top bit, as the
+    output byte wants it, directly or after ``<< 4``). About 1 instruction per weight to decode,
+    instead of ~1.75 with one element per nibble in memory order.
 
 Exponent folding (FP8 activations, E4M3 tensor cores)
     Each row n gets a reference exponent ``r[n]``; block b's E8M0 exponent ``e = s - 127`` becomes
@@ -124,12 +130,33 @@ def validate_checkpoint_tensors(weight: torch.Tensor, weight_scale: torch.Tensor
     return n, k
 
 
+# (magnitude shift, sign bit) of element j of a word's low [0] and high [1] half
+WORD_BITS = (tuple((4 * j, 8 * j + 7) for j in range(4)),
+             tuple((16 + 4 * j, 8 * j + 3) for j in range(4)))
+
+
 def _repack_nibbles(weight: torch.Tensor, n_pad: int, k_pad: int) -> torch.Tensor:
     n, k = weight.shape[0], weight.shape[1] * 2
     codes = unpack_e2m1(weight)  # [N, K] uint8
-    codes = torch.nn.functional.pad(codes, (0, k_pad - k, 0, n_pad - n))
-    groups = codes.reshape(n_pad, k_pad // 64, 2, 32)
-    return (groups[:, :, 0, :] | (groups[:, :, 1, :] << 4)).reshape(n_pad, k_pad // 2).contiguous()
+    codes = torch.nn.functional.pad(codes, (0, k_pad - k, 0, n_pad - n)).to(torch.int64)
+    groups = codes.reshape(n_pad, k_pad // 64, 2, 8, 4)  # [row, group, half, word, j]
+    words = torch.zeros(n_pad, k_pad // 64, 8, dtype=torch.int64, device=weight.device)
+    for half, bits in enumerate(WORD_BITS):
+        for j, (mag_at, sign_at) in enumerate(bits):
+            c = groups[:, :, half, :, j]
+            words |= ((c & 7) << mag_at) | ((c >> 3) << sign_at)
+    out = torch.stack([(words >> (8 * b)) & 0xFF for b in range(4)], dim=-1)
+    return out.to(torch.uint8).reshape(n_pad, k_pad // 2).contiguous()
+
+
+def unpack_repacked_codes(packed: torch.Tensor) -> torch.Tensor:
+    """The E2M1 codes ``[NP, KP]`` (uint8, sign at bit 3) of a repacked ``packed [NP, KP/2]``."""
+    n_pad, k_pad = packed.shape[0], packed.shape[1] * 2
+    b = packed.to(torch.int64).reshape(n_pad, k_pad // 64, 8, 4)
+    words = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    halves = [torch.stack([((words >> mag_at) & 7) | (((words >> sign_at) & 1) << 3)
+                           for mag_at, sign_at in bits], dim=-1) for bits in WORD_BITS]
+    return torch.stack(halves, dim=2).to(torch.uint8).reshape(n_pad, k_pad)
 
 
 def _best_window(exps: torch.Tensor, valid: torch.Tensor, width: int) -> torch.Tensor:
@@ -281,10 +308,7 @@ def dequantize_repacked(rp: RepackedMxfp4, prefill: Int8PrefillRows | None = Non
     (main pass + correction; with ``prefill``, the INT8 prefill path's per-row materialization
     and its table). Used by CPU tests to prove the repacking loses nothing."""
     n_pad, k_pad = rp.packed.shape[0], rp.packed.shape[1] * 2
-    b = rp.packed.reshape(n_pad, k_pad // 64, 32)
-    lo, hi = b & 0xF, b >> 4
-    codes = torch.stack((lo, hi), dim=2).reshape(n_pad, k_pad)
-    v = e2m1_to_float(codes).reshape(n_pad, k_pad // 32, 32)
+    v = e2m1_to_float(unpack_repacked_codes(rp.packed)).reshape(n_pad, k_pad // 32, 32)
     c = rp.codes.to(torch.int32)
     table = rp
     if prefill is not None:

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from . import _decode_ptx
 from ._sm90_repack import INT8_TILE, decode_lut
 
 INT8_TILE_K = tl.constexpr(INT8_TILE)
@@ -133,13 +134,32 @@ def _quant_act(
 # weight decode helpers
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _decode_half(b, HIGH: tl.constexpr):
-    """E4M3 bits of the low (or high) nibble of each byte: sign<<7 | idx<<2 = E2M1 * 2**-6."""
-    if HIGH:
-        bits = (b & 0x80) | ((b >> 2) & 0x1C)
-    else:
-        bits = ((b << 4) & 0x80) | ((b << 2) & 0x1C)
-    return bits.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+def _e4m3_bits(mag, sign):
+    """E4M3 bits of E2M1 * 2**-6 from its magnitude code (3 bits) and sign bit."""
+    return (sign << 7) | (mag << 2)
+
+
+@triton.jit
+def _decode_words(b, BN: tl.constexpr, G: tl.constexpr):
+    """Arithmetic decode (no PTX, so Triton's interpreter runs it) of ``b`` [BN, G, 32] in the
+    word layout of ``_sm90_repack.WORD_BITS`` into float16 E2M1 * 2**-6: (low, high) halves.
+    The element and sign bits of one word lie in different bytes: split the word's bytes out."""
+    b02, b13 = tl.split(tl.reshape(b, (BN, G, 8, 2, 2)))  # byte j = 2a + c of each word
+    y0, y2 = tl.split(b02)
+    y1, y3 = tl.split(b13)
+    lo0 = _e4m3_bits(y0 & 7, y0 >> 7)
+    lo1 = _e4m3_bits((y0 >> 4) & 7, y1 >> 7)
+    lo2 = _e4m3_bits(y1 & 7, y2 >> 7)
+    lo3 = _e4m3_bits((y1 >> 4) & 7, y3 >> 7)
+    hi0 = _e4m3_bits(y2 & 7, (y0 >> 3) & 1)
+    hi1 = _e4m3_bits((y2 >> 4) & 7, (y1 >> 3) & 1)
+    hi2 = _e4m3_bits(y3 & 7, (y2 >> 3) & 1)
+    hi3 = _e4m3_bits((y3 >> 4) & 7, (y3 >> 3) & 1)
+    # join(join(v0, v2), join(v1, v3))[..., a, c] = v[2a + c]
+    lo = tl.reshape(tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3)), (BN, G, 32))
+    hi = tl.reshape(tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3)), (BN, G, 32))
+    return (lo.to(tl.float8e4nv, bitcast=True).to(tl.float16),
+            hi.to(tl.float8e4nv, bitcast=True).to(tl.float16))
 
 
 @triton.jit
@@ -156,35 +176,14 @@ def _apply_codes(v16, code, ACT_INT8: tl.constexpr):
         return w.to(tl.float8e4nv)
 
 
-# Fast decode (DECODE_LUT): per block, an 8-entry byte table (E4M3 bits of E2M1 * 2**d, or the
-# int8 values (2 * E2M1) << d and their negatives), built arithmetically from the block's code
-# byte, is looked up with one `prmt` per 4 weights.
-# Each 32-bit word of the packed weight holds 4 low nibbles (block A) and 4 high nibbles
-# (block B); `prmt` reads four 3-bit selectors from the low 16 bits of its selector operand,
-# so the indices are compacted first (x | x >> 4, then bytes 0 and 2). The sign is OR-ed in
-# (E4M3) or selected between the positive and negative tables with a byte mask made by
-# `prmt`'s sign-replicate mode (int8). Operand numbering with pack=4: $0 output, $1 the four
-# packed bytes, then four registers per 32-bit table argument.
-_SEL_LO = (
-    "and.b32 x, $1, 0x07070707; shr.u32 y, x, 4; or.b32 y, x, y; prmt.b32 s, y, 0, 0x0020; "
-)
-_SEL_HI = (
-    "shr.u32 x, $1, 4; and.b32 x, x, 0x07070707; shr.u32 y, x, 4; or.b32 y, x, y; "
-    "prmt.b32 s, y, 0, 0x0020; "
-)
-_ASM_FP8_LO = tl.constexpr("{ .reg .b32 x, y, s, t; " + _SEL_LO +
-               "prmt.b32 t, $2, $6, s; shl.b32 x, $1, 4; "
-               "lop3.b32 $0, t, x, 0x80808080, 0xF8; }")
-_ASM_FP8_HI = tl.constexpr("{ .reg .b32 x, y, s, t; " + _SEL_HI +
-               "prmt.b32 t, $2, $6, s; lop3.b32 $0, t, $1, 0x80808080, 0xF8; }")
-_ASM_I8_LO = tl.constexpr("{ .reg .b32 x, y, s, p, n, m; " + _SEL_LO +
-              "prmt.b32 p, $2, $6, s; prmt.b32 n, $10, $14, s; shl.b32 x, $1, 4; "
-              "prmt.b32 m, x, 0, 0xBA98; lop3.b32 $0, p, n, m, 0xD8; }")
+# Fast decode (DECODE_LUT): per block, an 8-entry byte table built arithmetically from the
+# block's code byte, looked up with one `prmt` per 4 weights (the PTX and why: _decode_ptx).
+_ASM_FP8_LO = tl.constexpr(_decode_ptx.FP8_LO)
+_ASM_FP8_HI = tl.constexpr(_decode_ptx.FP8_HI)
+_ASM_I8_LO = tl.constexpr(_decode_ptx.INT8_LO)
+_ASM_I8_HI = tl.constexpr(_decode_ptx.INT8_HI)
 _CONSTRAINTS_9 = tl.constexpr("=r," + ",".join(["r"] * 9))
 _CONSTRAINTS_17 = tl.constexpr("=r," + ",".join(["r"] * 17))
-_ASM_I8_HI = tl.constexpr("{ .reg .b32 x, y, s, p, n, m; " + _SEL_HI +
-              "prmt.b32 p, $2, $6, s; prmt.b32 n, $10, $14, s; "
-              "prmt.b32 m, $1, 0, 0xBA98; lop3.b32 $0, p, n, m, 0xD8; }")
 
 
 @triton.jit
@@ -246,8 +245,9 @@ def _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN: tl.constexpr, BK: tl.
         w_lo = _lut_half(b, c_lo, BN, G, False, ACT_INT8)
         w_hi = _lut_half(b, c_hi, BN, G, True, ACT_INT8)
     else:
-        w_lo = _apply_codes(_decode_half(b, False), c_lo, ACT_INT8)
-        w_hi = _apply_codes(_decode_half(b, True), c_hi, ACT_INT8)
+        v_lo, v_hi = _decode_words(b, BN, G)
+        w_lo = _apply_codes(v_lo, c_lo, ACT_INT8)
+        w_hi = _apply_codes(v_hi, c_hi, ACT_INT8)
     return tl.reshape(w_lo, (BN, BK // 2)), tl.reshape(w_hi, (BN, BK // 2))
 
 
