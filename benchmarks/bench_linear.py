@@ -415,10 +415,7 @@ def sweep(timer, log, ms=SWEEP_MS):
             log(json.dumps(res))
 
 
-# (warps, stages, L2 prefetch distance in warp steps)
-CUDA_DECODE_CONFIGS = ((4, 2, 0), (4, 2, 2), (4, 2, 4), (4, 2, 8), (4, 2, 64), (4, 3, 0),
-                       (8, 2, 0), (8, 2, 4))
-CUDA_DECODE_OP_PREFETCH = (0, 4, 8, 64)  # whole op (quantization + PDL) with (4, 2, p)
+CUDA_DECODE_CONFIGS = ((4, 2), (4, 3), (8, 2), (8, 4))  # (warps, stages)
 
 
 def sweep_cuda(timer, log):
@@ -451,16 +448,10 @@ def sweep_cuda(timer, log):
                         lambda cfg=cfg: lib.gemm(
                             q, xs, layer.weight, layer.weight_scale, layer.w4a8_row_scale,
                             None, y, i8, False, *cfg, False)), 2)
-                kern.decode_cuda = False
-                res["op_triton"] = round(timer.time_us(lambda: kern.apply(layer, x, None)), 2)
-                kern.decode_cuda = True
-                default = sm90_triton.CUDA_DECODE_CONFIG
-                for pf in CUDA_DECODE_OP_PREFETCH:
-                    sm90_triton.CUDA_DECODE_CONFIG = (4, 2, pf)
-                    res[f"op_cuda(4,2,{pf})"] = round(
-                        timer.time_us(lambda: kern.apply(layer, x, None)), 2)
-                sm90_triton.CUDA_DECODE_CONFIG = default
-                res["default_config"] = list(default)
+                for mode in ("triton", "cuda"):
+                    kern.decode_cuda = mode == "cuda"
+                    res[f"op_{mode}"] = round(timer.time_us(lambda: kern.apply(layer, x, None)), 2)
+                res["default_config"] = list(sm90_triton.CUDA_DECODE_CONFIG)
                 log(json.dumps(res))
 
 

@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(kWarps * 32)
                        const uint8_t* __restrict__ packed, const uint8_t* __restrict__ codes,
                        const void* __restrict__ row_scale, const OutT* __restrict__ bias,
                        OutT* __restrict__ y, int M, int N, int K, int KP, int NP, int ldy,
-                       int per_token, int prefetch) {
+                       int per_token) {
   constexpr int kCols = 8 * kNT;
   extern __shared__ __align__(16) uint8_t ring_all[];
   __shared__ float partial[kWarps][16][kCols + 1];
@@ -315,14 +315,6 @@ __global__ void __launch_bounds__(kWarps * 32)
     if (kInt8 && lane == 16) cp_async16(sc + kStageCodes, t_src + size_t(s) * NP);
   };
 
-  // L2 prefetch `prefetch` steps beyond the ring (lanes 0-15: one 128-byte row segment each):
-  // fire-and-forget requests keep many more bytes in flight than the per-warp rings can, and
-  // they need no registers or shared memory.
-  const uint8_t* pf_src = packed + size_t(n0 + (lane & 15)) * kp2;
-  auto prefetch_l2 = [&](int s) {
-    if (lane < 16 && s < steps)
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(pf_src + size_t(s) * (kStepK / 2)));
-  };
   // The weights do not depend on the previous kernel: start their copies before waiting.
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {
@@ -330,7 +322,6 @@ __global__ void __launch_bounds__(kWarps * 32)
     if (s < steps) issue(s, i);
     cp_async_commit();
   }
-  for (int i = 0; i < prefetch; ++i) prefetch_l2(warp + (kStages - 1 + i) * kWarps);
   pdl_wait();
 
   int stage = 0;
@@ -341,7 +332,6 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int s_next = s + (kStages - 1) * kWarps;
     if (s_next < steps) issue(s_next, stage == 0 ? kStages - 1 : stage - 1);
     cp_async_commit();
-    if (prefetch > 0) prefetch_l2(s_next + prefetch * kWarps);
     cp_async_wait<kStages - 1>();
     __syncwarp();  // make the other lanes' copies (codes, tile exponents) visible
 
@@ -789,8 +779,8 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
 template <bool kInt8, int kNT, int kWarps, int kStages, typename OutT>
 cudaError_t launch_gemm(const uint8_t* xq, const float* xs, const uint8_t* packed,
                         const uint8_t* codes, const void* row_scale, const void* bias, void* y,
-                        int M, int N, int K, int KP, int NP, int ldy, int per_token, int prefetch,
-                        bool pdl, cudaStream_t stream) {
+                        int M, int N, int K, int KP, int NP, int ldy, int per_token, bool pdl,
+                        cudaStream_t stream) {
   auto kernel = decode_gemm_kernel<kInt8, kNT, kWarps, kStages, OutT>;
   constexpr int kSmem = kWarps * kStages * kStageBytes;
   static const cudaError_t attr_status =
@@ -808,18 +798,18 @@ cudaError_t launch_gemm(const uint8_t* xq, const float* xs, const uint8_t* packe
   cfg.numAttrs = pdl ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, xq, xs, packed, codes, row_scale,
                             static_cast<const OutT*>(bias), static_cast<OutT*>(y), M, N, K, KP, NP,
-                            ldy, per_token, prefetch);
+                            ldy, per_token);
 }
 
 template <bool kInt8, int kNT, typename OutT>
 cudaError_t pick_warps(int warps, int stages, const uint8_t* xq, const float* xs,
                        const uint8_t* packed, const uint8_t* codes, const void* row_scale,
                        const void* bias, void* y, int M, int N, int K, int KP, int NP, int ldy,
-                       int per_token, int prefetch, bool pdl, cudaStream_t stream) {
+                       int per_token, bool pdl, cudaStream_t stream) {
 #define W4A8_LAUNCH(W, D)                                                                       \
   if (warps == W && stages == D)                                                                 \
     return launch_gemm<kInt8, kNT, W, D, OutT>(xq, xs, packed, codes, row_scale, bias, y, M, N, \
-                                               K, KP, NP, ldy, per_token, prefetch, pdl, stream);
+                                               K, KP, NP, ldy, per_token, pdl, stream);
   W4A8_LAUNCH(4, 2)
   W4A8_LAUNCH(4, 3)
   W4A8_LAUNCH(8, 2)
@@ -832,12 +822,12 @@ template <bool kInt8, typename OutT>
 cudaError_t pick_tiles(int warps, int stages, const uint8_t* xq, const float* xs,
                        const uint8_t* packed, const uint8_t* codes, const void* row_scale,
                        const void* bias, void* y, int M, int N, int K, int KP, int NP, int ldy,
-                       int per_token, int prefetch, bool pdl, cudaStream_t stream) {
+                       int per_token, bool pdl, cudaStream_t stream) {
   if (M <= 8)
-    return pick_warps<kInt8, 1, OutT>(warps, stages, xq, xs, packed, codes, row_scale, bias, y,
-                                      M, N, K, KP, NP, ldy, per_token, prefetch, pdl, stream);
-  return pick_warps<kInt8, 2, OutT>(warps, stages, xq, xs, packed, codes, row_scale, bias, y, M,
-                                    N, K, KP, NP, ldy, per_token, prefetch, pdl, stream);
+    return pick_warps<kInt8, 1, OutT>(warps, stages, xq, xs, packed, codes, row_scale,
+                                      bias, y, M, N, K, KP, NP, ldy, per_token, pdl, stream);
+  return pick_warps<kInt8, 2, OutT>(warps, stages, xq, xs, packed, codes, row_scale, bias,
+                                    y, M, N, K, KP, NP, ldy, per_token, pdl, stream);
 }
 
 template <bool kInt8, bool kGated, int kWarps, int kStages>
@@ -884,9 +874,8 @@ const char* w4a8_error_string(int code) { return cudaGetErrorString(cudaError_t(
 int w4a8_decode_gemm(const void* xq, const void* xs, const void* packed, const void* codes,
                      const void* row_scale, const void* bias, void* y, int M, int N, int K, int KP,
                      int NP, int ldy, int act_int8, int per_token, int out_dtype, int warps,
-                     int stages, int prefetch, int pdl, void* stream) {
-  if (M <= 0 || M > 16 || NP % 16 || KP % (2 * kStepK) || K % 32 || K > KP || N > NP ||
-      prefetch < 0)
+                     int stages, int pdl, void* stream) {
+  if (M <= 0 || M > 16 || NP % 16 || KP % (2 * kStepK) || K % 32 || K > KP || N > NP)
     return int(cudaErrorInvalidValue);
   auto xq8 = static_cast<const uint8_t*>(xq);
   auto xsf = static_cast<const float*>(xs);
@@ -898,14 +887,14 @@ int w4a8_decode_gemm(const void* xq, const void* xs, const void* packed, const v
   switch (out_dtype) {                                                                           \
     case 0:                                                                                      \
       return int(pick_tiles<INT8, __nv_bfloat16>(warps, stages, xq8, xsf, w, c, row_scale, bias, \
-                                                 y, M, N, K, KP, NP, ldy, per_token, prefetch, use_pdl,    \
+                                                 y, M, N, K, KP, NP, ldy, per_token, use_pdl,    \
                                                  st));                                           \
     case 1:                                                                                      \
       return int(pick_tiles<INT8, __half>(warps, stages, xq8, xsf, w, c, row_scale, bias, y, M,  \
-                                          N, K, KP, NP, ldy, per_token, prefetch, use_pdl, st));           \
+                                          N, K, KP, NP, ldy, per_token, use_pdl, st));           \
     case 2:                                                                                      \
       return int(pick_tiles<INT8, float>(warps, stages, xq8, xsf, w, c, row_scale, bias, y, M,   \
-                                         N, K, KP, NP, ldy, per_token, prefetch, use_pdl, st));            \
+                                         N, K, KP, NP, ldy, per_token, use_pdl, st));            \
     default:                                                                                     \
       return int(cudaErrorInvalidValue);                                                         \
   }

@@ -24,7 +24,7 @@ def main():
     ap.add_argument("--k", type=int, default=8192)
     ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--int8", action="store_true")
-    ap.add_argument("--configs", default="4x2x0,8x2x0", help="warps x stages x L2 prefetch")
+    ap.add_argument("--configs", default="4x2,8x2")
     args = ap.parse_args()
     act = INT8 if args.int8 else FP8
     packed, scale = make_weight(args.n, args.k)
@@ -35,9 +35,9 @@ def main():
     y = torch.empty(args.m, args.n, dtype=torch.bfloat16, device="cuda")
     lib = _cuda_ext.load(90)
     for cfg in args.configs.split(","):
-        w, s, pf = (int(v) for v in cfg.split("x"))
+        w, s = (int(v) for v in cfg.split("x"))
         lib.gemm(q, xs, layer.weight, layer.weight_scale, layer.w4a8_row_scale, None, y,
-                 args.int8, False, w, s, pf, False)
+                 args.int8, False, w, s, False)
     tk.w4a8_gemm(q, xs, layer.weight, layer.weight_scale, layer.w4a8_row_scale,
                  layer.w4a8_counters, layer.w4a8_lut, args.n, args.int8, False, None,
                  torch.bfloat16)

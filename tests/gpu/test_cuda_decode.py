@@ -50,8 +50,7 @@ def _cuda_skip_reason() -> str | None:
 _REASON = _cuda_skip_reason() if torch.cuda.is_available() else "no CUDA GPU on this machine"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=str(_REASON))]
 
-# (warps, stages, L2 prefetch distance): the prefetch changes no result, only must not fault
-CONFIGS = [(4, 2, 0), (4, 3, 0), (8, 2, 0), (8, 4, 0), (4, 2, 4), (4, 2, 64), (8, 2, 4)]
+CONFIGS = [(4, 2), (4, 3), (8, 2), (8, 4)]
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +77,7 @@ def test_decode_matches_reference(act, scheme, n, k):
 def test_every_launch_config(act, config):
     from w4a8_backend.kernels.sm90_triton import cuda_decode
 
-    g = _gen(config[0] * 10 + config[1] + 100 * config[2])
+    g = _gen(config[0] * 10 + config[1])
     n, k = 1056, 4096 + 32 * 3  # K not a multiple of the 256-wide step, N not of 128
     packed, scale = make_weight(n, k, g, extreme=True)
     kern = make_kernel(act, ActivationScheme.DYNAMIC_PER_TOKEN, n, k)

@@ -70,9 +70,7 @@ CUDA_DECODE_MAX_M = {False: 8, True: 16}
 # warps split K. (4, 2) was the fastest or within 10% of it at every measured shape and M (H100,
 # bench_linear --sweep-cuda): the kernel is bound by latency at low occupancy, so more warps beat
 # deeper copy rings.
-# The third entry: how many warp steps ahead of its ring each warp prefetches the weight into
-# L2 (0: none); see docs/kernels.md.
-CUDA_DECODE_CONFIG = (4, 2, 0)
+CUDA_DECODE_CONFIG = (4, 2)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
@@ -201,10 +199,10 @@ def cuda_decode(x2: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
     y = torch.empty((m, n), dtype=out_dtype, device=dev)
     if tk.POISON_OUTPUTS:
         y.fill_(float("nan"))
-    warps, stages, prefetch = config or CUDA_DECODE_CONFIG
+    warps, stages = config or CUDA_DECODE_CONFIG
     per_token = scheme == int(ActivationScheme.DYNAMIC_PER_TOKEN)
     lib.gemm(q, s_out, packed, codes, row_scale, bias, y, act_int8, per_token, warps, stages,
-             prefetch, pdl=capability >= 90)
+             pdl=capability >= 90)
     return y, q, s_out
 
 
