@@ -138,25 +138,26 @@ WORD_BITS = (tuple((4 * j, 8 * j + 7) for j in range(4)),
 def _repack_nibbles(weight: torch.Tensor, n_pad: int, k_pad: int) -> torch.Tensor:
     n, k = weight.shape[0], weight.shape[1] * 2
     codes = unpack_e2m1(weight)  # [N, K] uint8
-    codes = torch.nn.functional.pad(codes, (0, k_pad - k, 0, n_pad - n)).to(torch.int64)
+    codes = torch.nn.functional.pad(codes, (0, k_pad - k, 0, n_pad - n))
     groups = codes.reshape(n_pad, k_pad // 64, 2, 8, 4)  # [row, group, half, word, j]
-    words = torch.zeros(n_pad, k_pad // 64, 8, dtype=torch.int64, device=weight.device)
+    # byte by byte in uint8: no wider temporaries of the whole weight (large MoE layers)
+    out = torch.zeros(n_pad, k_pad // 64, 8, 4, dtype=torch.uint8, device=weight.device)
     for half, bits in enumerate(WORD_BITS):
         for j, (mag_at, sign_at) in enumerate(bits):
             c = groups[:, :, half, :, j]
-            words |= ((c & 7) << mag_at) | ((c >> 3) << sign_at)
-    out = torch.stack([(words >> (8 * b)) & 0xFF for b in range(4)], dim=-1)
-    return out.to(torch.uint8).reshape(n_pad, k_pad // 2).contiguous()
+            out[..., mag_at // 8] |= (c & 7) << (mag_at % 8)
+            out[..., sign_at // 8] |= (c >> 3) << (sign_at % 8)
+    return out.reshape(n_pad, k_pad // 2)
 
 
 def unpack_repacked_codes(packed: torch.Tensor) -> torch.Tensor:
     """The E2M1 codes ``[NP, KP]`` (uint8, sign at bit 3) of a repacked ``packed [NP, KP/2]``."""
     n_pad, k_pad = packed.shape[0], packed.shape[1] * 2
-    b = packed.to(torch.int64).reshape(n_pad, k_pad // 64, 8, 4)
-    words = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
-    halves = [torch.stack([((words >> mag_at) & 7) | (((words >> sign_at) & 1) << 3)
+    b = packed.reshape(n_pad, k_pad // 64, 8, 4)
+    halves = [torch.stack([((b[..., mag_at // 8] >> (mag_at % 8)) & 7)
+                           | (((b[..., sign_at // 8] >> (sign_at % 8)) & 1) << 3)
                            for mag_at, sign_at in bits], dim=-1) for bits in WORD_BITS]
-    return torch.stack(halves, dim=2).to(torch.uint8).reshape(n_pad, k_pad)
+    return torch.stack(halves, dim=2).reshape(n_pad, k_pad)
 
 
 def _best_window(exps: torch.Tensor, valid: torch.Tensor, width: int) -> torch.Tensor:
