@@ -4,7 +4,7 @@ Everything here runs once per layer in ``process_weights_after_loading`` (on the
 CPU included, so it is unit-testable without a GPU). The GEMM kernels in ``triton_w4a8`` consume
 the result. See docs/kernels.md for the full description; in short:
 
-Nibble layout
+Word layout
     K is padded to a multiple of ``K_ALIGN`` (512) and N to a multiple of ``N_ALIGN`` (128), with
     zero codes. Each group of 64 consecutive K elements is 8 little-endian 32-bit words; word
     ``i`` holds the "low" elements ``4i + j`` and the "high" elements ``32 + 4i + j`` (j = 0..3),
@@ -83,7 +83,7 @@ class RepackedMxfp4:
     act_int8: bool
     n: int
     k: int
-    packed: torch.Tensor  # uint8 [NP, KP/2], nibble layout above
+    packed: torch.Tensor  # uint8 [NP, KP/2], word layout above
     codes: torch.Tensor  # uint8 [NP, KP/32]
     row_scale: torch.Tensor  # FP8: float32 [NP] = 2**r ; INT8: uint8 [KP/256, NP] biased exponent
     corr_rows: torch.Tensor  # int32 [R]: rows with out-of-range blocks

@@ -4,9 +4,10 @@ Kernels
 - ``_quant_act``: FP8/INT8 activation quantization, bit-exact with
   ``w4a8_backend.formats.quantize_activation`` (IEEE division, RNE, saturation).
 - ``_w4a8_gemm``: the GEMM, computed as ``out^T = W @ x^T`` so that the weight tile is the wide
-  (MMA "M") operand even at M = 1 (decode); the weight is decoded in registers from the nibble
-  layout of ``_sm90_repack`` (MXFP4 code -> E4M3 bits -> float16 -> times a per-block power of two
-  -> exact E4M3 or int8), optional split-K with an in-kernel "last CTA reduces" fix-up (no extra
+  (MMA "M") operand even at M = 1 (decode); the weight is decoded in registers from the word
+  layout of ``_sm90_repack`` (a per-block byte table looked up with ``prmt``, ``_decode_ptx``;
+  under Triton's interpreter: MXFP4 code -> E4M3 bits -> float16 -> times a per-block power of
+  two -> exact E4M3 or int8), optional split-K with an in-kernel "last CTA reduces" fix-up (no extra
   launch, no memset: the per-tile counter is reset by the reducing CTA). The same kernel, with
   ``W_DENSE``, reads a materialized weight (prefill path).
 - ``_materialize``: decodes the whole weight once per call into E4M3/int8 (prefill path, where
@@ -189,7 +190,7 @@ _CONSTRAINTS_17 = tl.constexpr("=r," + ",".join(["r"] * 17))
 @triton.jit
 def _lut_half(b, code, BN: tl.constexpr, G: tl.constexpr, HIGH: tl.constexpr,
               ACT_INT8: tl.constexpr):
-    """Decode one nibble half of ``b`` [BN, G, 32] with the per-block tables built from
+    """Decode the low or high weights of ``b`` [BN, G, 32] with the per-block tables built from
     ``code`` [BN, G] by integer arithmetic (no memory lookups, so nothing breaks the pipeline)."""
     c = code.to(tl.int32)
     live = c != 0
