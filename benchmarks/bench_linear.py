@@ -1,10 +1,16 @@
 """Benchmark the SM90 W4A8 MXFP4 linear against cuBLAS BF16, torch._scaled_mm FP8 and Humming.
 
-Every time is one call measured under CUDA-graph replay with the L2 cache flushed before each
-call (a graph of R x [flush, call] minus a graph of R x [flush], medians of several replays), so
-host overhead (Humming's Python path costs 45-90 us) and cache reuse stay out of the numbers.
+Every time is measured under CUDA-graph replay (medians of several replays), so host overhead
+(Humming's Python path costs 45-90 us) stays out of the numbers, in one of two ways:
+- `--timing flush` (default): one call with the L2 flushed before it (a graph of R x [flush,
+  call] minus a graph of R x [flush]); the flush zeroes a 256 MB buffer, so the call starts with
+  an L2 full of dirty lines that must be written back as its reads evict them;
+- `--timing sequence`: distinct layers of the same shape (together >= 3x the L2) back to back,
+  no flush; every call finds the other layers' weights in the L2, as the consecutive linears
+  of a decode step do.
 
     python benchmarks/bench_linear.py --out benchmarks/results            # full table + plot
+    python benchmarks/bench_linear.py --timing sequence --ms 1,4,16,64,128
     python benchmarks/bench_linear.py --sweep                              # tune our configs
 
 Humming (PyPI humming-kernels 0.1.19) is optional: carried as a wheel, see DESIGN.md §6.
@@ -95,6 +101,35 @@ class Timer:
         del g1, g0
         return max(t1 - t0, 0.0) * 1000.0 / reps
 
+    def time_sequence_us(self, fns, reps=4):
+        """Median microseconds per call of ``fns`` run back to back under graph replay, with no
+        flush: each call finds the L2 holding the other layers' weights (clean lines), as the
+        consecutive linears of a decode step do. ``fns`` must read enough distinct weight bytes
+        together (``sequence_layers``) that none of one call's weights survive until its next
+        turn."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                for fn in fns:
+                    fn()
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                for fn in fns:
+                    fn()
+        t = self._replay_ms(g)
+        del g
+        return t * 1000.0 / (reps * len(fns))
+
+
+def sequence_layers(n: int, k: int) -> int:
+    """Distinct layers per timed sequence: their MXFP4 weights together are at least 3x the L2."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return int(min(24, max(4, -(-3 * l2 // int(n * k * 4.25 / 8)))))
+
 
 def copy_bandwidth_tbs() -> float:
     n = 1 << 30
@@ -178,60 +213,76 @@ def humming_layers(packed, scale):
 # ---------------------------------------------------------------------------------------------
 # run
 # ---------------------------------------------------------------------------------------------
-def bench_shape(timer, n, k, ms, use_humming, log, spread=BLOCK_SPREAD):
-    packed, scale = make_weight(n, k, seed=n + k, spread=spread)
-    w_bf16 = dequantize_mxfp4(packed, scale, torch.bfloat16)
-    w_scale = (w_bf16.float().abs().amax() / 448.0).reshape(1)
-    w_fp8 = (w_bf16.float() / w_scale).to(torch.float8_e4m3fn)
+OUR_VARIANTS = (
+    ("ours FP8 dyn-tensor", FP8, S_TENSOR),
+    ("ours FP8 static", FP8, S_STATIC),
+    ("ours FP8 per-token", FP8, S_TOKEN),
+    ("ours INT8 per-token", INT8, S_TOKEN),
+    ("ours INT8 static", INT8, S_STATIC),
+)
+
+
+def bench_shape(timer, n, k, ms, use_humming, log, spread=BLOCK_SPREAD, sequence=False):
+    """One row per M. ``sequence``: each entry is the time per call of ``sequence_layers(n, k)``
+    distinct layers run back to back (``Timer.time_sequence_us``), else one layer with the L2
+    flushed before each call (``Timer.time_us``)."""
+    n_layers = sequence_layers(n, k) if sequence else 1
     x_cal = torch.randn(64, k, device="cuda").to(torch.bfloat16)
-    ours = {}
-    for label, act, scheme in (
-        ("ours FP8 dyn-tensor", FP8, S_TENSOR),
-        ("ours FP8 static", FP8, S_STATIC),
-        ("ours FP8 per-token", FP8, S_TOKEN),
-        ("ours INT8 per-token", INT8, S_TOKEN),
-        ("ours INT8 static", INT8, S_STATIC),
-    ):
-        ours[label] = our_kernel(packed, scale, act, scheme, x_cal)
+    bf16, fp8 = [], []
+    ours = {label: [] for label, _, _ in OUR_VARIANTS}
     hum = {}
-    if use_humming:
-        try:
-            hum = humming_layers(packed, scale)
-        except Exception:
-            log(f"humming setup failed for {(n, k)}:\n{traceback.format_exc()}")
+    for i in range(n_layers):
+        packed, scale = make_weight(n, k, seed=n + k + i, spread=spread)
+        w_bf16 = dequantize_mxfp4(packed, scale, torch.bfloat16)
+        w_scale = (w_bf16.float().abs().amax() / 448.0).reshape(1)
+        bf16.append(w_bf16)
+        fp8.append(((w_bf16.float() / w_scale).to(torch.float8_e4m3fn), w_scale))
+        for label, act, scheme in OUR_VARIANTS:
+            ours[label].append(our_kernel(packed, scale, act, scheme, x_cal))
+        if use_humming and (hum or i == 0):
+            try:
+                for name, layer in humming_layers(packed, scale).items():
+                    hum.setdefault(name, []).append(layer)
+            except Exception:
+                log(f"humming setup failed for {(n, k)}:\n{traceback.format_exc()}")
+                hum = {}
     rows = []
     for m in ms:
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-        res = {"N": n, "K": k, "M": m,
-               "int8_prefill_rows": ours["ours INT8 static"][0].prefill_rows}
+        res = {"N": n, "K": k, "M": m, "layers": n_layers,
+               "int8_prefill_rows": ours["ours INT8 static"][0][0].prefill_rows}
 
-        def t(label, fn):
+        def t(label, fns):
             try:
-                res[label] = timer.time_us(fn)
+                res[label] = (timer.time_sequence_us(fns) if sequence
+                              else timer.time_us(fns[0]))
             except Exception:
                 log(f"{label} M={m} N={n} K={k} failed:\n{traceback.format_exc()}")
                 res[label] = None
 
-        t("cuBLAS BF16", lambda: torch.mm(x, w_bf16.t()))
+        t("cuBLAS BF16", [lambda w=w: torch.mm(x, w.t()) for w in bf16])
         xq = (x.float() / (x.float().abs().amax() / 448)).to(torch.float8_e4m3fn)
         one = torch.ones(1, device="cuda")
-        t("_scaled_mm FP8", lambda: torch._scaled_mm(xq, w_fp8.t(), scale_a=one, scale_b=w_scale,
-                                                      out_dtype=torch.bfloat16))
-        for label, (kern, layer) in ours.items():
-            t(label, lambda kern=kern, layer=layer: kern.apply(layer, x, None))
+        t("_scaled_mm FP8", [lambda w=w, s=s: torch._scaled_mm(
+            xq, w.t(), scale_a=one, scale_b=s, out_dtype=torch.bfloat16) for w, s in fp8])
+        for label, kls in ours.items():
+            t(label, [lambda kern=kern, layer=layer: kern.apply(layer, x, None)
+                      for kern, layer in kls])
         if hum:
             from humming.forward import may_process_input
             from humming.tune import get_heuristics_config
 
-            for name, layer in hum.items():
-                tc = get_heuristics_config(layer.humming_config, shape_m=m)
+            for name, layers in hum.items():
+                tc = get_heuristics_config(layers[0].humming_config, shape_m=m)
                 if name == "W4A16":
-                    t("Humming W4A16", lambda layer=layer, tc=tc: layer(x, tuning_config=tc))
+                    t("Humming W4A16", [lambda layer=layer: layer(x, tuning_config=tc)
+                                        for layer in layers])
                 else:
-                    t("Humming W4A8+quant", lambda layer=layer, tc=tc: layer(x, tuning_config=tc))
-                    x8, _, ts = may_process_input(layer.humming_config, x)
-                    t("Humming W4A8", lambda layer=layer, tc=tc, x8=x8, ts=ts: layer(
-                        x8, input_scale=ts, tuning_config=tc))
+                    t("Humming W4A8+quant", [lambda layer=layer: layer(x, tuning_config=tc)
+                                             for layer in layers])
+                    x8, _, ts = may_process_input(layers[0].humming_config, x)
+                    t("Humming W4A8", [lambda layer=layer: layer(
+                        x8, input_scale=ts, tuning_config=tc) for layer in layers])
         log(json.dumps(res))
         rows.append(res)
     return rows
@@ -248,9 +299,20 @@ def fmt(v, ref):
     return f"{v:.1f} ({ref / v:.2f}x)" if ref else f"{v:.1f}"
 
 
+TIMING = {
+    "flush": "each entry: one call under CUDA-graph replay, L2 flushed (a 256 MB buffer zeroed, "
+             "so the call starts with an L2 of dirty lines) before each call",
+    "sequence": "each entry: time per call of the `layers` distinct layers of the row (same "
+                "shape, different random weights, together >= 3x the L2) run back to back "
+                "under CUDA-graph replay, no flush: every call starts with an L2 holding the "
+                "other layers' weights, as the consecutive linears of a decode step do",
+}
+
+
 def write_report(rows, out_dir: Path, meta):
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_linear.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    stem = "bench_linear" if meta.get("timing", "flush") == "flush" else "bench_linear_sequence"
+    (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     cols = [c for c in BASE + OURS if any(r.get(c) is not None for r in rows)]
     lines = [
         "# W4A8 MXFP4 linear: time (us) and speed-up vs cuBLAS BF16",
@@ -265,15 +327,15 @@ def write_report(rows, out_dir: Path, meta):
         + (", ".join(f"{n}x{k}" for n, k in sorted({(r['N'], r['K']) for r in rows
                                                     if r.get('int8_prefill_rows')}))
            or "no shape") + ", per-tile references otherwise (chosen at load)",
-        "- each entry: one call under CUDA-graph replay, L2 flushed before each call; "
+        f"- {TIMING[meta.get('timing', 'flush')]}; "
         "`ours` includes activation quantization (dynamic schemes compute the scale per call); "
         "`_scaled_mm FP8` and `Humming W4A8` exclude it, `Humming W4A8+quant` includes "
         "Humming's per-token FP8 quantization.",
         "- `wbw` = MXFP4 weight bytes (4.25 bit/weight) / time of `ours FP8 static`, "
         "as a fraction of the measured copy bandwidth.",
         "",
-        "| N | K | M | " + " | ".join(cols) + " | wbw |",
-        "|" + "---|" * (len(cols) + 4),
+        "| N | K | M | layers | " + " | ".join(cols) + " | wbw |",
+        "|" + "---|" * (len(cols) + 5),
     ]
     for r in rows:
         ref = r.get("cuBLAS BF16")
@@ -282,11 +344,11 @@ def write_report(rows, out_dir: Path, meta):
         if best:
             wbw = f"{r['N'] * r['K'] * 4.25 / 8 / (best * 1e-6) / 1e12 / meta['copy_tbs']:.0%}"
         lines.append(
-            f"| {r['N']} | {r['K']} | {r['M']} | "
+            f"| {r['N']} | {r['K']} | {r['M']} | {r.get('layers', 1)} | "
             + " | ".join(fmt(r.get(c), ref) for c in cols)
             + f" | {wbw} |"
         )
-    (out_dir / "bench_linear.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
 
@@ -309,9 +371,9 @@ def write_report(rows, out_dir: Path, meta):
             ax.set_xlabel("M")
             ax.set_ylabel("speed-up vs cuBLAS BF16")
         axes[0][0].legend(fontsize=7)
-        fig.suptitle(f"{meta['device']} {meta['date']}", fontsize=9)
+        fig.suptitle(f"{meta['device']} {meta['date']} ({meta.get('timing', 'flush')} timing)", fontsize=9)
         fig.tight_layout()
-        fig.savefig(out_dir / "bench_linear.png", dpi=110)
+        fig.savefig(out_dir / f"{stem}.png", dpi=110)
     except Exception:
         traceback.print_exc()
     return "\n".join(lines)
@@ -443,15 +505,23 @@ def sweep_cuda(timer, log):
 
                 lib = _cuda_ext.load(90)
                 y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-                for cfg in CUDA_DECODE_CONFIGS:
-                    res[f"cuda_gemm{cfg}"] = round(timer.time_us(
-                        lambda cfg=cfg: lib.gemm(
-                            q, xs, layer.weight, layer.weight_scale, layer.w4a8_row_scale,
-                            None, y, i8, False, *cfg, False)), 2)
-                for mode in ("triton", "cuda"):
-                    kern.decode_cuda = mode == "cuda"
-                    res[f"op_{mode}"] = round(timer.time_us(lambda: kern.apply(layer, x, None)), 2)
-                res["default_config"] = list(sm90_triton.CUDA_DECODE_CONFIG)
+                default = sm90_triton.CUDA_DECODE_CONFIG
+                try:
+                    for cfg in CUDA_DECODE_CONFIGS:
+                        res[f"cuda_gemm{cfg}"] = round(timer.time_us(
+                            lambda cfg=cfg: lib.gemm(
+                                q, xs, layer.weight, layer.weight_scale, layer.w4a8_row_scale,
+                                None, y, i8, False, *cfg, False)), 2)
+                        # the whole op (quantization + GEMM with PDL) with this config
+                        sm90_triton.CUDA_DECODE_CONFIG = cfg
+                        kern.decode_cuda = True
+                        res[f"op_cuda{cfg}"] = round(timer.time_us(
+                            lambda: kern.apply(layer, x, None)), 2)
+                finally:
+                    sm90_triton.CUDA_DECODE_CONFIG = default
+                kern.decode_cuda = False
+                res["op_triton"] = round(timer.time_us(lambda: kern.apply(layer, x, None)), 2)
+                res["default_config"] = list(default)
                 log(json.dumps(res))
 
 
@@ -494,6 +564,9 @@ def main(argv=None):
     ap.add_argument("--sweep-cuda", action="store_true",
                     help="time the CUDA decode kernel's configs against the Triton decode GEMM")
     ap.add_argument("--log", default=None, help="also append log lines to this file")
+    ap.add_argument("--timing", default="flush", choices=sorted(TIMING),
+                    help="flush: one layer, L2 flushed before each call; sequence: distinct "
+                    "layers back to back, no flush (as in a decode step)")
     ap.add_argument("--block-spread", type=float, default=BLOCK_SPREAD,
                     help="std (binades) of the random weights' per-block magnitudes")
     args = ap.parse_args(argv)
@@ -511,6 +584,7 @@ def main(argv=None):
         return
     meta = run_metadata()
     meta["block_spread"] = args.block_spread
+    meta["timing"] = args.timing
     log(json.dumps(meta))
     use_humming = not args.no_humming
     if use_humming:
@@ -524,7 +598,8 @@ def main(argv=None):
     ms = [int(v) for v in args.ms.split(",")]
     rows = []
     for n, k in shapes:
-        rows += bench_shape(timer, n, k, ms, use_humming, log, args.block_spread)
+        rows += bench_shape(timer, n, k, ms, use_humming, log, args.block_spread,
+                            sequence=args.timing == "sequence")
         write_report(rows, Path(args.out), meta)
     print(write_report(rows, Path(args.out), meta))
 

@@ -363,8 +363,11 @@ def cuda_sweep(timer, log, tokens=(1, 2, 4, 8)):
     """The CUDA decode path against the Triton kernels on the same layer: GEMM2's configs, each
     launch alone, and the weight bytes the layer reads (the data for MAX_TOKENS and
     gemm2_config)."""
-    configs1 = ((4, 2), (8, 2))
-    configs2 = ((8, 2), (16, 2))
+    # GEMM1's configs with GEMM2's default rule, then GEMM2's with GEMM1's default
+    # (instantiated configs only; (4, 3), (4, 4), (8, 3), (16, 3) were measured slower on an
+    # H100, benchmarks/results/moe_cuda_sweep_configs_h100_20261123.jsonl, and removed)
+    combos = [(c1, None) for c1 in ((4, 2), (8, 2))]
+    combos += [(mc.GEMM1_CONFIG, c2) for c2 in ((8, 2), (16, 2))]
     saved = mc.MAX_TOKENS, mc.GEMM1_CONFIG, mc.GEMM2_CONFIG, mc.MAX_PAIR_FRACTION
     mc.MAX_TOKENS, mc.MAX_PAIR_FRACTION = max(tokens), float("inf")
     try:
@@ -385,20 +388,19 @@ def cuda_sweep(timer, log, tokens=(1, 2, 4, 8)):
                     res["cuda default"] = round(timer.time_us(
                         lambda: kern.apply(layer, x, tw, ti, None, False)), 2)
                     res.update(cuda_parts(timer, kern, layer, x, tw, ti))
-                    for c1 in configs1:
-                        for c2 in configs2:
-                            mc.GEMM1_CONFIG, mc.GEMM2_CONFIG = c1, c2
-                            key = f"{c1} {c2}"
-                            try:
-                                y = kern.apply(layer, x, tw, ti, None, False).float()
-                                res[key] = round(timer.time_us(
-                                    lambda: kern.apply(layer, x, tw, ti, None, False)), 2)
-                                res["diff " + key] = round(
-                                    ((y - ref).norm() / ref.norm()).item(), 5)
-                            except Exception as exc:
-                                res[key] = f"ERR {type(exc).__name__}: {exc}"
-                            finally:
-                                mc.GEMM1_CONFIG, mc.GEMM2_CONFIG = saved[1:3]
+                    for c1, c2 in combos:
+                        mc.GEMM1_CONFIG, mc.GEMM2_CONFIG = c1, c2
+                        key = f"{c1} {c2 or 'rule'}"
+                        try:
+                            y = kern.apply(layer, x, tw, ti, None, False).float()
+                            res[key] = round(timer.time_us(
+                                lambda: kern.apply(layer, x, tw, ti, None, False)), 2)
+                            res["diff " + key] = round(
+                                ((y - ref).norm() / ref.norm()).item(), 5)
+                        except Exception as exc:
+                            res[key] = f"ERR {type(exc).__name__}: {exc}"
+                        finally:
+                            mc.GEMM1_CONFIG, mc.GEMM2_CONFIG = saved[1:3]
                     log(json.dumps(res))
     finally:
         mc.MAX_TOKENS, mc.GEMM1_CONFIG, mc.GEMM2_CONFIG, mc.MAX_PAIR_FRACTION = saved
@@ -408,7 +410,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--tokens", default=None,
+                    help=f"comma-separated token counts (default {','.join(map(str, TOKENS))}; "
+                    "with --cuda-sweep 1,2,4,8)")
     ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time Triton tile configs only")
     ap.add_argument("--cuda-sweep", action="store_true",
@@ -423,8 +427,10 @@ def main(argv=None):
         sweep(timer, log)
         return
     if args.cuda_sweep:
-        cuda_sweep(timer, log)
+        cuda_sweep(timer, log, *([tuple(int(v) for v in args.tokens.split(","))]
+                                 if args.tokens else []))
         return
+    args.tokens = args.tokens or ",".join(map(str, TOKENS))
     meta = run_metadata()
     fused_experts = None
     if not args.no_vllm:

@@ -11,7 +11,8 @@
 //                      and the "high" elements 32+4i+j (j = 0..3), bits as _sm90_repack.WORD_BITS:
 //                      magnitudes of low j at bit 4j, of high j at 16+4j; signs at 8j+7 / 8j+3
 //   codes  [NP, KP/32] one byte per MX block: FP8 d+21 (d in [-5, 6]), INT8 d+22 (d in [0, 3]),
-//                      0 = skip (out-of-range block, added back by the correction kernel)
+//                      0 = skip (out-of-range block, added back exactly in the epilogue from
+//                      a CSR over the rows: struct Corrections)
 //   row_scale          FP8: float32 [NP] = 2**r[n];  INT8: uint8 [KP/256, NP] biased exponent
 //
 // Work split: one CTA per 16 weight rows, its warps take the 256-wide K steps in turn (split-K
@@ -209,6 +210,41 @@ __device__ __forceinline__ __half from_float<__half>(float v) {
   return __float2half_rn(v);
 }
 
+// The value of a quantized activation byte
+template <bool kInt8>
+__device__ __forceinline__ float act_value(uint8_t q) {
+  if constexpr (kInt8) {
+    return float(int8_t(q));
+  } else {
+    return __half2float(__half(__nv_cvt_fp8_to_halfraw(q, __NV_E4M3)));
+  }
+}
+
+// Out-of-range blocks (code 0: zeros in the main pass) as a CSR over the weight's rows: row n's
+// blocks are [row_ptr[n], row_ptr[n + 1]), each an MX block index along K (K offset / 32) and its
+// 32 exact weight values. row_ptr null: the weight has none.
+struct Corrections {
+  const int32_t* row_ptr;
+  const int32_t* blocks;
+  const float* values;
+};
+
+// sum over blocks [b_first, b_end) (one row's) of their exact values times the quantized
+// activations of activation row xrow, unscaled, one lane alone (the MoE epilogue, which has one
+// lane per row; the dense epilogue spreads each block over a warp instead)
+template <bool kInt8>
+__device__ __forceinline__ float correction_dot(const Corrections& corr, int b_first, int b_end,
+                                                const uint8_t* xrow) {
+  float dot = 0.f;
+  for (int b = b_first; b < b_end; ++b) {
+    const uint8_t* xa = xrow + 32 * corr.blocks[b];
+    const float* val = corr.values + size_t(b) * 32;
+#pragma unroll 8
+    for (int e = 0; e < 32; ++e) dot = fmaf(val[e], act_value<kInt8>(xa[e]), dot);
+  }
+  return dot;
+}
+
 // ----------------------------------------------------------------------------------------------
 // GEMM
 // ----------------------------------------------------------------------------------------------
@@ -264,12 +300,15 @@ template <bool kInt8, int kNT, int kWarps, int kStages, typename OutT>
 __global__ void __launch_bounds__(kWarps * 32)
     decode_gemm_kernel(const uint8_t* __restrict__ xq, const float* __restrict__ xs,
                        const uint8_t* __restrict__ packed, const uint8_t* __restrict__ codes,
-                       const void* __restrict__ row_scale, const OutT* __restrict__ bias,
-                       OutT* __restrict__ y, int M, int N, int K, int KP, int NP, int ldy,
-                       int per_token) {
+                       const void* __restrict__ row_scale, const Corrections corr,
+                       const OutT* __restrict__ bias, OutT* __restrict__ y, int M, int N, int K,
+                       int KP, int NP, int ldy, int per_token) {
   constexpr int kCols = 8 * kNT;
   extern __shared__ __align__(16) uint8_t ring_all[];
   __shared__ float partial[kWarps][16][kCols + 1];
+  constexpr int kCorrChunk = 32;  // out-of-range blocks summed per round of the epilogue
+  __shared__ float corr_blk[kCorrChunk][kCols];  // one round's sums per (block, token)
+  __shared__ float corr_sum[16][kCols];          // their totals per (row, token), unscaled
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -322,6 +361,21 @@ __global__ void __launch_bounds__(kWarps * 32)
     if (s < steps) issue(s, i);
     cp_async_commit();
   }
+  // The CTA's out-of-range blocks are [c_first, c_end) of the CSR (its rows are consecutive);
+  // lanes 0..16 of every warp hold the rows' offsets row_ptr[n0 + lane] (n0 + 16 <= NP). Each
+  // warp prefetches the index and values (one per lane) of the first block it sums in the
+  // epilogue, so that the epilogue waits only for the activations. (Waiting for row_ptr here
+  // costs nothing: the weight copies are in flight and the activations are not ready yet.)
+  int corr_off = 0;
+  if (corr.row_ptr != nullptr && lane <= 16) corr_off = corr.row_ptr[n0 + lane];
+  const int c_first = __shfl_sync(0xffffffffu, corr_off, 0);
+  const int c_count = __shfl_sync(0xffffffffu, corr_off, 16) - c_first;
+  float pre_val = 0.f;
+  int pre_blk = 0;
+  if (warp < c_count) {
+    pre_val = corr.values[size_t(c_first + warp) * 32 + lane];
+    pre_blk = corr.blocks[c_first + warp];
+  }
   pdl_wait();
 
   int stage = 0;
@@ -357,6 +411,37 @@ __global__ void __launch_bounds__(kWarps * 32)
     partial[warp][g + 8][8 * j + 2 * t] = acc[j][2];
     partial[warp][g + 8][8 * j + 2 * t + 1] = acc[j][3];
   }
+  // The exact sums of the out-of-range blocks, in rounds of kCorrChunk blocks: warp w takes the
+  // round's blocks w, w + kWarps, ..., each with its 32 lanes on the block's 32 values and a
+  // fixed reduction tree; then each (row, token) adds its row's blocks in order (deterministic).
+  // Most CTAs have none and skip this (c_count is the same in every warp).
+  for (int base = 0; base < c_count; base += kCorrChunk) {
+    const int count = min(c_count - base, kCorrChunk);
+    for (int i = warp; i < count; i += kWarps) {
+      const bool prefetched = base == 0 && i == warp;
+      const size_t b = size_t(c_first + base + i);
+      const float val = prefetched ? pre_val : corr.values[b * 32 + lane];
+      const uint8_t* xb = xq + 32 * size_t(prefetched ? pre_blk : corr.blocks[b]) + lane;
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) {
+        float p = m0 + j < M ? val * act_value<kInt8>(xb[size_t(m0 + j) * K]) : 0.f;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) p += __shfl_xor_sync(0xffffffffu, p, o);
+        if (lane == 0) corr_blk[i][j] = p;
+      }
+    }
+    __syncthreads();
+    // (the lanes of a warp run the same number of iterations: 16 * kCols is a multiple of 32)
+    for (int idx = threadIdx.x; idx < 16 * kCols; idx += kWarps * 32) {
+      const int r = idx & 15, col = idx >> 4;
+      const int lo = max(__shfl_sync(0xffffffffu, corr_off, r) - c_first - base, 0);
+      const int hi = min(__shfl_sync(0xffffffffu, corr_off, r + 1) - c_first - base, count);
+      float c = base == 0 ? 0.f : corr_sum[r][col];
+      for (int i = lo; i < hi; ++i) c += corr_blk[i][col];
+      corr_sum[r][col] = c;
+    }
+    __syncthreads();
+  }
   __syncthreads();
   for (int idx = threadIdx.x; idx < 16 * kCols; idx += kWarps * 32) {
     const int r = idx & 15, col = idx >> 4;
@@ -365,8 +450,10 @@ __global__ void __launch_bounds__(kWarps * 32)
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) v += partial[w][r][col];
-    v *= per_token ? xs[m] : xs[0];
+    const float x_scale = per_token ? xs[m] : xs[0];
+    v *= x_scale;
     if constexpr (!kInt8) v *= static_cast<const float*>(row_scale)[n];
+    if (c_count > 0) v = fmaf(corr_sum[r][col], x_scale, v);
     if (bias != nullptr) v += to_float(bias[n]);
     y[size_t(m) * ldy + n] = from_float<OutT>(v);
   }
@@ -520,15 +607,6 @@ struct MoeArgs {
   int ids64, top_k, E, K, KP, rows, rows_per_expert, up_offset, n_out, lda, ldo, a_per_row,
       out_dtype;
 };
-
-template <bool kInt8>
-__device__ __forceinline__ float act_value(uint8_t q) {
-  if constexpr (kInt8) {
-    return float(int8_t(q));
-  } else {
-    return __half2float(__half(__nv_cvt_fp8_to_halfraw(q, __NV_E4M3)));
-  }
-}
 
 __device__ __forceinline__ void store_out(void* out, int dtype, size_t i, float v) {
   if (dtype == 0) {
@@ -743,13 +821,9 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
     for (int j = 0; j < kPerHalf; ++j) {
       if (b_first[j] == b_end[j]) continue;
       const int grp = 2 * j + half;
-      const uint8_t* arow = args.a + size_t(s_arow[grp]) * args.lda;
-      float dot = 0.f;
-      for (int b = b_first[j]; b < b_end[j]; ++b) {
-        const uint8_t* xa = arow + 32 * args.corr_blocks[b];
-        const float* val = args.corr_values + size_t(b) * 32;
-        for (int e = 0; e < 32; ++e) dot = fmaf(val[e], act_value<kInt8>(xa[e]), dot);
-      }
+      const Corrections table = {args.corr_row_ptr, args.corr_blocks, args.corr_values};
+      const float dot = correction_dot<kInt8>(table, b_first[j], b_end[j],
+                                              args.a + size_t(s_arow[grp]) * args.lda);
       corr = fmaf(dot, args.a_scale[args.a_per_row ? s_arow[grp] : 0] * s_w[grp], corr);
     }
     v += corr + __shfl_xor_sync(0xffffffffu, corr, 16);
@@ -778,7 +852,8 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
 // ----------------------------------------------------------------------------------------------
 template <bool kInt8, int kNT, int kWarps, int kStages, typename OutT>
 cudaError_t launch_gemm(const uint8_t* xq, const float* xs, const uint8_t* packed,
-                        const uint8_t* codes, const void* row_scale, const void* bias, void* y,
+                        const uint8_t* codes, const void* row_scale, const Corrections& corr,
+                        const void* bias, void* y,
                         int M, int N, int K, int KP, int NP, int ldy, int per_token, bool pdl,
                         cudaStream_t stream) {
   auto kernel = decode_gemm_kernel<kInt8, kNT, kWarps, kStages, OutT>;
@@ -796,7 +871,7 @@ cudaError_t launch_gemm(const uint8_t* xq, const float* xs, const uint8_t* packe
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, xq, xs, packed, codes, row_scale,
+  return cudaLaunchKernelEx(&cfg, kernel, xq, xs, packed, codes, row_scale, corr,
                             static_cast<const OutT*>(bias), static_cast<OutT*>(y), M, N, K, KP, NP,
                             ldy, per_token);
 }
@@ -804,12 +879,12 @@ cudaError_t launch_gemm(const uint8_t* xq, const float* xs, const uint8_t* packe
 template <bool kInt8, int kNT, typename OutT>
 cudaError_t pick_warps(int warps, int stages, const uint8_t* xq, const float* xs,
                        const uint8_t* packed, const uint8_t* codes, const void* row_scale,
-                       const void* bias, void* y, int M, int N, int K, int KP, int NP, int ldy,
-                       int per_token, bool pdl, cudaStream_t stream) {
+                       const Corrections& corr, const void* bias, void* y, int M, int N, int K,
+                       int KP, int NP, int ldy, int per_token, bool pdl, cudaStream_t stream) {
 #define W4A8_LAUNCH(W, D)                                                                       \
   if (warps == W && stages == D)                                                                 \
-    return launch_gemm<kInt8, kNT, W, D, OutT>(xq, xs, packed, codes, row_scale, bias, y, M, N, \
-                                               K, KP, NP, ldy, per_token, pdl, stream);
+    return launch_gemm<kInt8, kNT, W, D, OutT>(xq, xs, packed, codes, row_scale, corr, bias, y, \
+                                               M, N, K, KP, NP, ldy, per_token, pdl, stream);
   W4A8_LAUNCH(4, 2)
   W4A8_LAUNCH(4, 3)
   W4A8_LAUNCH(8, 2)
@@ -821,13 +896,13 @@ cudaError_t pick_warps(int warps, int stages, const uint8_t* xq, const float* xs
 template <bool kInt8, typename OutT>
 cudaError_t pick_tiles(int warps, int stages, const uint8_t* xq, const float* xs,
                        const uint8_t* packed, const uint8_t* codes, const void* row_scale,
-                       const void* bias, void* y, int M, int N, int K, int KP, int NP, int ldy,
-                       int per_token, bool pdl, cudaStream_t stream) {
+                       const Corrections& corr, const void* bias, void* y, int M, int N, int K,
+                       int KP, int NP, int ldy, int per_token, bool pdl, cudaStream_t stream) {
   if (M <= 8)
-    return pick_warps<kInt8, 1, OutT>(warps, stages, xq, xs, packed, codes, row_scale,
+    return pick_warps<kInt8, 1, OutT>(warps, stages, xq, xs, packed, codes, row_scale, corr,
                                       bias, y, M, N, K, KP, NP, ldy, per_token, pdl, stream);
-  return pick_warps<kInt8, 2, OutT>(warps, stages, xq, xs, packed, codes, row_scale, bias,
-                                    y, M, N, K, KP, NP, ldy, per_token, pdl, stream);
+  return pick_warps<kInt8, 2, OutT>(warps, stages, xq, xs, packed, codes, row_scale, corr,
+                                    bias, y, M, N, K, KP, NP, ldy, per_token, pdl, stream);
 }
 
 template <bool kInt8, bool kGated, int kWarps, int kStages>
@@ -870,33 +945,40 @@ const char* w4a8_error_string(int code) { return cudaGetErrorString(cudaError_t(
 
 // Returns a cudaError_t code (0 = launched). out_dtype: 0 bf16, 1 fp16, 2 fp32.
 // (warps, stages) is one of the instantiated launch configs (CUDA_DECODE_CONFIG in
-// sm90_triton.py).
+// sm90_triton.py). corr_row_ptr [NP + 1] / corr_blocks / corr_values: the weight's out-of-range
+// blocks (struct Corrections), added in the epilogue; corr_row_ptr null when it has none.
 int w4a8_decode_gemm(const void* xq, const void* xs, const void* packed, const void* codes,
-                     const void* row_scale, const void* bias, void* y, int M, int N, int K, int KP,
-                     int NP, int ldy, int act_int8, int per_token, int out_dtype, int warps,
-                     int stages, int pdl, void* stream) {
+                     const void* row_scale, const void* corr_row_ptr, const void* corr_blocks,
+                     const void* corr_values, const void* bias, void* y, int M, int N, int K,
+                     int KP, int NP, int ldy, int act_int8, int per_token, int out_dtype,
+                     int warps, int stages, int pdl, void* stream) {
   if (M <= 0 || M > 16 || NP % 16 || KP % (2 * kStepK) || K % 32 || K > KP || N > NP)
     return int(cudaErrorInvalidValue);
+  const Corrections corr = {static_cast<const int32_t*>(corr_row_ptr),
+                            static_cast<const int32_t*>(corr_blocks),
+                            static_cast<const float*>(corr_values)};
   auto xq8 = static_cast<const uint8_t*>(xq);
   auto xsf = static_cast<const float*>(xs);
   auto w = static_cast<const uint8_t*>(packed);
   auto c = static_cast<const uint8_t*>(codes);
   auto st = static_cast<cudaStream_t>(stream);
   const bool use_pdl = pdl != 0;
-#define W4A8_DTYPE(INT8)                                                                         \
-  switch (out_dtype) {                                                                           \
-    case 0:                                                                                      \
-      return int(pick_tiles<INT8, __nv_bfloat16>(warps, stages, xq8, xsf, w, c, row_scale, bias, \
-                                                 y, M, N, K, KP, NP, ldy, per_token, use_pdl,    \
-                                                 st));                                           \
-    case 1:                                                                                      \
-      return int(pick_tiles<INT8, __half>(warps, stages, xq8, xsf, w, c, row_scale, bias, y, M,  \
-                                          N, K, KP, NP, ldy, per_token, use_pdl, st));           \
-    case 2:                                                                                      \
-      return int(pick_tiles<INT8, float>(warps, stages, xq8, xsf, w, c, row_scale, bias, y, M,   \
-                                         N, K, KP, NP, ldy, per_token, use_pdl, st));            \
-    default:                                                                                     \
-      return int(cudaErrorInvalidValue);                                                         \
+#define W4A8_DTYPE(INT8)                                                                     \
+  switch (out_dtype) {                                                                       \
+    case 0:                                                                                  \
+      return int(pick_tiles<INT8, __nv_bfloat16>(warps, stages, xq8, xsf, w, c, row_scale,   \
+                                                 corr, bias, y, M, N, K, KP, NP, ldy,        \
+                                                 per_token, use_pdl, st));                   \
+    case 1:                                                                                  \
+      return int(pick_tiles<INT8, __half>(warps, stages, xq8, xsf, w, c, row_scale, corr,    \
+                                          bias, y, M, N, K, KP, NP, ldy, per_token, use_pdl, \
+                                          st));                                              \
+    case 2:                                                                                  \
+      return int(pick_tiles<INT8, float>(warps, stages, xq8, xsf, w, c, row_scale, corr,     \
+                                         bias, y, M, N, K, KP, NP, ldy, per_token, use_pdl,  \
+                                         st));                                               \
+    default:                                                                                 \
+      return int(cudaErrorInvalidValue);                                                     \
   }
   if (act_int8) {
     W4A8_DTYPE(true)

@@ -83,15 +83,13 @@ def test_every_launch_config(act, config):
     kern = make_kernel(act, ActivationScheme.DYNAMIC_PER_TOKEN, n, k)
     layer = make_layer(packed, scale)
     kern.process_weights_after_loading(layer)
+    assert layer.w4a8_corr_blocks.numel() > 0  # the epilogue's corrections are exercised
+    corr = (layer.w4a8_corr_row_ptr, layer.w4a8_corr_blocks, layer.w4a8_corr_values)
     for m in (1, 5, 16):
         x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
         y, q, xs = cuda_decode(x, layer.weight, layer.weight_scale, layer.w4a8_row_scale, None,
                                None, n, act == INT8, int(ActivationScheme.DYNAMIC_PER_TOKEN),
-                               torch.bfloat16, config=config)
-        from w4a8_backend.kernels import triton_w4a8 as tk
-
-        tk.correction(y, q, xs, True, layer.w4a8_corr_rows, layer.w4a8_corr_ptr,
-                      layer.w4a8_corr_blocks, layer.w4a8_corr_values)
+                               torch.bfloat16, corr, config=config)
         ref = reference_linear(x, packed, scale, act, ActivationScheme.DYNAMIC_PER_TOKEN)
         assert rel_err(y, ref) <= REL_TOL, (config, m)
 

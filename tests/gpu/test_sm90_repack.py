@@ -126,7 +126,7 @@ def test_fp8_window_keeps_the_majority():
 def test_row_offsets_list_each_rows_side_table_blocks(act_int8):
     """The MoE CUDA kernels' per-row CSR (every row, empty ones included) points at exactly the
     blocks the side table lists for that row, and the dense values there equal the weights."""
-    from w4a8_backend.kernels._sm90_moe_cuda import row_offsets
+    from w4a8_backend.kernels._sm90_repack import row_offsets
 
     packed, scale = _weights(96, 512, 14, 9)
     rp = repack_mxfp4(packed, scale, act_int8)

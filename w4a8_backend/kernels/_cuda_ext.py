@@ -147,7 +147,7 @@ class DecodeGemmLib:
         self.capability = capability
         self._lib = ctypes.CDLL(str(path))
         p, i = ctypes.c_void_p, ctypes.c_int
-        self._lib.w4a8_decode_gemm.argtypes = [p, p, p, p, p, p, p] + [i] * 12 + [p]
+        self._lib.w4a8_decode_gemm.argtypes = [p] * 10 + [i] * 12 + [p]
         self._lib.w4a8_decode_gemm.restype = i
         self._lib.w4a8_quant_act.argtypes = [p, i, p, p, p, i, i, i, i, i, p]
         self._lib.w4a8_quant_act.restype = i
@@ -176,14 +176,18 @@ class DecodeGemmLib:
 
     def gemm(self, q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
              row_scale: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, act_int8: bool,
-             per_token: bool, warps: int, stages: int, pdl: bool) -> None:
+             per_token: bool, warps: int, stages: int, pdl: bool,
+             corr: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+        """The decode GEMM; ``corr`` = (row_ptr [N_pad + 1], blocks, values): out-of-range blocks
+        added in its epilogue."""
         m, k = q.shape
         n = y.shape[1]
         n_pad, kp = packed.shape[0], packed.shape[1] * 2
         stream = torch.cuda.current_stream(q.device).cuda_stream
         self._check(self._lib.w4a8_decode_gemm(
             q.data_ptr(), xs.data_ptr(), packed.data_ptr(), codes.data_ptr(),
-            row_scale.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
+            row_scale.data_ptr(), *((t.data_ptr() for t in corr) if corr else (None,) * 3),
+            bias.data_ptr() if bias is not None else None, y.data_ptr(),
             m, n, k, kp, n_pad, y.stride(0), int(act_int8), int(per_token),
             _DTYPE_CODE[y.dtype], warps, stages, int(pdl), stream), "GEMM launch")
 

@@ -51,17 +51,6 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def row_offsets(corr_rows: torch.Tensor, corr_ptr: torch.Tensor, rows: int) -> torch.Tensor:
-    """The repacking's side table (listed rows + CSR over them) as a CSR over every row:
-    ``int32 [rows + 1]``; row r's out-of-range blocks are ``[out[r], out[r + 1])``."""
-    counts = torch.zeros(rows, dtype=torch.int32, device=corr_rows.device)
-    if corr_rows.numel():
-        counts[corr_rows.long()] = (corr_ptr[1:] - corr_ptr[:-1]).to(torch.int32)
-    out = torch.zeros(rows + 1, dtype=torch.int32, device=corr_rows.device)
-    out[1:] = counts.cumsum(0)
-    return out
-
-
 def usable(num_tokens: int, top_k: int, num_experts: int, act_int8: bool) -> bool:
     """Whether a call takes this path. One token's top-k experts are distinct, so nothing is
     read twice; more tokens may share experts, which costs FP8 more than Triton's reads."""

@@ -269,6 +269,18 @@ def _side_table(out: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
     return rows, ptr, bb.to(torch.int32).contiguous(), values
 
 
+def row_offsets(corr_rows: torch.Tensor, corr_ptr: torch.Tensor, rows: int) -> torch.Tensor:
+    """The side table (listed rows + CSR over them) as a CSR over every row, the form the CUDA
+    kernels' epilogues read: ``int32 [rows + 1]``; row r's out-of-range blocks are
+    ``[out[r], out[r + 1])``."""
+    counts = torch.zeros(rows, dtype=torch.int32, device=corr_rows.device)
+    if corr_rows.numel():
+        counts[corr_rows.long()] = (corr_ptr[1:] - corr_ptr[:-1]).to(torch.int32)
+    out = torch.zeros(rows + 1, dtype=torch.int32, device=corr_rows.device)
+    out[1:] = counts.cumsum(0)
+    return out
+
+
 @dataclasses.dataclass
 class Int8PrefillRows:
     """The INT8 prefill path's per-row reference (module docstring) and its side table."""

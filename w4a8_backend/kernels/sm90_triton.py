@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from ..formats import ActivationDtype, ActivationScheme
-from ._sm90_repack import decode_lut, int8_prefill_rows, repack_mxfp4
+from ._sm90_repack import decode_lut, int8_prefill_rows, repack_mxfp4, row_offsets
 from .base import DeviceInfo, LinearKernelConfig, Mxfp4LinearKernel, Verdict
 
 logger = logging.getLogger("vllm.w4a8_mxfp4")  # reaches vLLM's handlers (see dispatch.py)
@@ -184,8 +184,11 @@ def aligned_rows(x2: torch.Tensor) -> torch.Tensor:
 def cuda_decode(x2: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
                 row_scale: torch.Tensor, input_scale: torch.Tensor | None,
                 bias: torch.Tensor | None, n: int, act_int8: bool, scheme: int,
-                out_dtype: torch.dtype, config: tuple[int, int] | None = None):
+                out_dtype: torch.dtype, corr: tuple | None = None,
+                config: tuple[int, int] | None = None):
     """Quantize ``x2`` [M <= 16, K] and run the CUDA decode GEMM; returns (y, q, x_scale).
+    ``corr``: the weight's out-of-range blocks as (row_ptr [N_pad + 1] over every row, blocks,
+    values), added in the GEMM's epilogue; None when it has none.
     (Callers pick M <= cuda_decode_max_m; the kernel itself takes any M <= 16.)"""
     from . import _cuda_ext
     from . import triton_w4a8 as tk
@@ -202,7 +205,7 @@ def cuda_decode(x2: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
     warps, stages = config or CUDA_DECODE_CONFIG
     per_token = scheme == int(ActivationScheme.DYNAMIC_PER_TOKEN)
     lib.gemm(q, s_out, packed, codes, row_scale, bias, y, act_int8, per_token, warps, stages,
-             pdl=capability >= 90)
+             pdl=capability >= 90, corr=corr)
     return y, q, s_out
 
 
@@ -231,6 +234,7 @@ def mxfp4_w4a8_linear(
     corr_ptr: torch.Tensor,
     corr_blocks: torch.Tensor,
     corr_values: torch.Tensor,
+    corr_row_ptr: torch.Tensor,
     prefill_row_scale: Optional[torch.Tensor],
     prefill_corr: list[torch.Tensor],
     input_scale: Optional[torch.Tensor],
@@ -243,7 +247,10 @@ def mxfp4_w4a8_linear(
     decode_cuda: bool,
 ) -> torch.Tensor:
     """``y [M, N] = W4A8(x [M, K]) (+ bias)``. ``counters`` is split-K scratch that every launch
-    leaves all-zero again (so it is not declared mutated). ``prefill_row_scale`` and
+    leaves all-zero again (so it is not declared mutated). ``corr_rows/ptr/blocks/values``: the
+    out-of-range blocks (rows that have any + CSR over them, for the Triton correction kernel);
+    ``corr_row_ptr``: a CSR over every row into the same blocks, for the CUDA decode GEMM's
+    epilogue. ``prefill_row_scale`` and
     ``prefill_corr`` (rows, ptr, blocks, values): the INT8 prefill path's per-row reference and
     side table (``int8_prefill_rows``), or None and []."""
     from . import triton_w4a8 as tk
@@ -256,9 +263,10 @@ def mxfp4_w4a8_linear(
     if (decode_cuda and 0 < m <= CUDA_DECODE_MAX_M[act_int8]
             and (bias is None or (bias.dtype == out_dtype and bias.is_contiguous()))
             and _cuda_decode_loaded(x.device)):
-        y, q, xs = cuda_decode(x, packed, codes, row_scale, input_scale, bias, n, act_int8,
-                               scheme, out_dtype)
-        tk.correction(y, q, xs, per_token, corr_rows, corr_ptr, corr_blocks, corr_values)
+        # the out-of-range blocks are added in the CUDA GEMM's epilogue (no correction launch)
+        corr = (corr_row_ptr, corr_blocks, corr_values) if corr_blocks.numel() else None
+        y, _, _ = cuda_decode(x, packed, codes, row_scale, input_scale, bias, n, act_int8,
+                              scheme, out_dtype, corr)
         return y
     q, xs = tk.quantize_activation_gpu(x, act_int8, scheme, input_scale)
     if m >= prefill_m:
@@ -279,7 +287,7 @@ def mxfp4_w4a8_linear(
 
 @mxfp4_w4a8_linear.register_fake
 def _(x, packed, codes, row_scale, counters, lut, corr_rows, corr_ptr, corr_blocks, corr_values,
-      prefill_row_scale, prefill_corr, input_scale, bias, n, act_int8, scheme, out_dtype_code,
+      corr_row_ptr, prefill_row_scale, prefill_corr, input_scale, bias, n, act_int8, scheme, out_dtype_code,
       prefill_m, decode_cuda):
     return x.new_empty((x.shape[0], n), dtype=_CODE_DTYPE[out_dtype_code])
 
@@ -367,6 +375,7 @@ class Sm90TritonLinearKernel(Mxfp4LinearKernel):
         layer.w4a8_corr_ptr = rp.corr_ptr
         layer.w4a8_corr_blocks = rp.corr_blocks
         layer.w4a8_corr_values = rp.corr_values
+        layer.w4a8_corr_row_ptr = row_offsets(rp.corr_rows, rp.corr_ptr, n_pad)
         layer.w4a8_prefill_row_scale = None
         layer.w4a8_prefill_corr = []
         if act_int8:
@@ -413,6 +422,7 @@ class Sm90TritonLinearKernel(Mxfp4LinearKernel):
             layer.w4a8_corr_ptr,
             layer.w4a8_corr_blocks,
             layer.w4a8_corr_values,
+            layer.w4a8_corr_row_ptr,
             layer.w4a8_prefill_row_scale,
             layer.w4a8_prefill_corr,
             input_scale if cfg.act_scheme == ActivationScheme.STATIC_PER_TENSOR else None,

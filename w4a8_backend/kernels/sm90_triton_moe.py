@@ -31,7 +31,7 @@ import torch
 
 from ..formats import ActivationDtype, ActivationScheme
 from . import _sm90_moe_cuda as mc
-from ._sm90_repack import N_ALIGN, repack_mxfp4
+from ._sm90_repack import N_ALIGN, repack_mxfp4, row_offsets
 from .base import DeviceInfo, Verdict
 from .moe_base import MoEKernelConfig, Mxfp4MoEKernel
 from .sm90_triton import (
@@ -234,7 +234,7 @@ class Sm90TritonMoEKernel(Mxfp4MoEKernel):
             setattr(layer, f"w4a8_{name}_row_scale", rp.row_scale)
             setattr(layer, f"w4a8_{name}_corr", [rp.corr_rows, rp.corr_ptr, rp.corr_blocks,
                                                   rp.corr_values,
-                                                  mc.row_offsets(rp.corr_rows, rp.corr_ptr,
+                                                  row_offsets(rp.corr_rows, rp.corr_ptr,
                                                                  rp.packed.shape[0])])
         # a few tokens: the CUDA decode kernels (built here on first use), else Triton (logged)
         self.decode_cuda = w13.is_cuda and _use_cuda_decode(w13.device)
