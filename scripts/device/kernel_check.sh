@@ -22,7 +22,7 @@ if [ -z "$mode" ] || [ -z "$out" ]; then
   awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"
   exit 2
 fi
-export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 W4A8_MXFP4_CACHE_DIR=${W4A8_MXFP4_CACHE_DIR:-/tmp/w4a8cache}
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 rc=0
