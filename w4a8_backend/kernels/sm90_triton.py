@@ -287,8 +287,8 @@ def mxfp4_w4a8_linear(
 
 @mxfp4_w4a8_linear.register_fake
 def _(x, packed, codes, row_scale, counters, lut, corr_rows, corr_ptr, corr_blocks, corr_values,
-      corr_row_ptr, prefill_row_scale, prefill_corr, input_scale, bias, n, act_int8, scheme, out_dtype_code,
-      prefill_m, decode_cuda):
+      corr_row_ptr, prefill_row_scale, prefill_corr, input_scale, bias, n, act_int8, scheme,
+      out_dtype_code, prefill_m, decode_cuda):
     return x.new_empty((x.shape[0], n), dtype=_CODE_DTYPE[out_dtype_code])
 
 
