@@ -371,7 +371,8 @@ def write_report(rows, out_dir: Path, meta):
             ax.set_xlabel("M")
             ax.set_ylabel("speed-up vs cuBLAS BF16")
         axes[0][0].legend(fontsize=7)
-        fig.suptitle(f"{meta['device']} {meta['date']} ({meta.get('timing', 'flush')} timing)", fontsize=9)
+        timing = meta.get("timing", "flush")
+        fig.suptitle(f"{meta['device']} {meta['date']} ({timing} timing)", fontsize=9)
         fig.tight_layout()
         fig.savefig(out_dir / f"{stem}.png", dpi=110)
     except Exception:

@@ -385,7 +385,8 @@ def test_custom_op_opcheck_and_compile(monkeypatch, act, prefill_m):
     args = (
         x, layer.weight, layer.weight_scale, layer.w4a8_row_scale, layer.w4a8_counters,
         layer.w4a8_lut, layer.w4a8_corr_rows, layer.w4a8_corr_ptr, layer.w4a8_corr_blocks,
-        layer.w4a8_corr_values, layer.w4a8_corr_row_ptr, layer.w4a8_prefill_row_scale, layer.w4a8_prefill_corr, None,
+        layer.w4a8_corr_values, layer.w4a8_corr_row_ptr, layer.w4a8_prefill_row_scale,
+        layer.w4a8_prefill_corr, None,
         None, n, act == INT8, int(scheme), 0, kern.prefill_m, kern.decode_cuda,
     )
     triton_w4a8.POISON_OUTPUTS = False  # opcheck compares repeated runs
