@@ -42,6 +42,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include "quant_modes.h"
@@ -480,48 +481,81 @@ __device__ __forceinline__ uint8_t quantize_value(float v, float scale) {
   }
 }
 
-// One CTA per row; 16-byte loads, kUnroll of them in flight per thread.
+// The scale of a dynamic amax as the reference computes it: amax.clamp(min=1e-12) / qmax, where
+// torch divides a CUDA tensor by a Python scalar as a multiplication by the float32 reciprocal.
+// A NaN amax gives a NaN scale, as in the reference.
+template <bool kInt8>
+__device__ __forceinline__ float dynamic_scale(float amax) {
+  constexpr float kInvQmax = kInt8 ? float(1.0 / 127.0) : float(1.0 / 448.0);
+  return (amax != amax ? amax : fmaxf(amax, 1e-12f)) * kInvQmax;
+}
+
+// Eight (bf16/fp16) or four (fp32) input values: one 16-byte load.
 template <typename InT>
 struct Vec16 {
   static constexpr int kN = 16 / sizeof(InT);
   InT v[kN];
 };
 
+// Quantize one input vector into q's vector i (q rows are contiguous, K bytes each).
+template <bool kInt8, typename InT>
+__device__ __forceinline__ void store_quantized(uint8_t* q, int i, const Vec16<InT>& v,
+                                                float scale) {
+  constexpr int kN = Vec16<InT>::kN;
+  uint8_t out[kN];
+#pragma unroll
+  for (int e = 0; e < kN; ++e) out[e] = quantize_value<kInt8>(to_float(v.v[e]), scale);
+  if constexpr (kN == 8) {
+    uint2 o;
+    o.x = out[0] | (out[1] << 8) | (out[2] << 16) | (uint32_t(out[3]) << 24);
+    o.y = out[4] | (out[5] << 8) | (out[6] << 16) | (uint32_t(out[7]) << 24);
+    reinterpret_cast<uint2*>(q)[i] = o;
+  } else {
+    reinterpret_cast<uint32_t*>(q)[i] =
+        out[0] | (out[1] << 8) | (out[2] << 16) | (uint32_t(out[3]) << 24);
+  }
+}
+
 // One CTA per row; 16-byte loads, kUnroll of them in flight per thread. A dynamic per-tensor
-// scale comes either from s_in (a torch amax run first) or, with s_in null, from this kernel in
-// a single CTA over all `rows` rows (small inputs: one launch instead of two).
+// scale (small inputs; larger ones go to quant_act_grid_kernel) comes from this kernel in a
+// single CTA over all `rows` rows.
 template <bool kInt8, typename InT>
 __global__ void __launch_bounds__(256)
     quant_act_kernel(const InT* __restrict__ x, int ldx, uint8_t* __restrict__ q,
                      const float* __restrict__ s_in, float* __restrict__ s_out, int rows, int K,
                      int mode) {
   pdl_release();  // the GEMM may start copying weights now
+  const bool is_static = mode == int(w4a8::ActivationScheme::STATIC_PER_TENSOR);
   using V = Vec16<InT>;
   constexpr int kN = V::kN;
   constexpr int kUnroll = 8;
-  // torch divides a CUDA tensor by a Python scalar as a multiplication by the float32 reciprocal
-  constexpr float kInvQmax = kInt8 ? float(1.0 / 127.0) : float(1.0 / 448.0);
-  const bool whole = mode == int(w4a8::ActivationScheme::DYNAMIC_PER_TENSOR) && s_in == nullptr;
+  const bool whole = mode == int(w4a8::ActivationScheme::DYNAMIC_PER_TENSOR);
   const int nvec = K / kN;
   // this CTA's 16-byte vectors, numbered across its rows (so that the single CTA of `whole` keeps
   // kUnroll loads in flight across row ends instead of one row after another)
   const int v0 = whole ? 0 : blockIdx.x * nvec, v1 = whole ? rows * nvec : v0 + nvec;
-  const int stride = blockDim.x * kUnroll;
+  const int first = v0 + threadIdx.x, stride = blockDim.x * kUnroll;
   auto vec = [&](int i) {
     const int r = i / nvec;
     return reinterpret_cast<const V*>(x + size_t(r) * ldx)[i - r * nvec];
   };
+  // the first round of vectors (all of them up to 16384 bf16 values) stays in registers
+  V kept[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u)
+    if (first + u * int(blockDim.x) < v1) kept[u] = vec(first + u * blockDim.x);
   float scale;
-  if (mode == int(w4a8::ActivationScheme::STATIC_PER_TENSOR)) {
+  if (is_static) {
     scale = s_in[0];
-  } else if (mode == int(w4a8::ActivationScheme::DYNAMIC_PER_TENSOR) && !whole) {
-    const float amax = s_in[0];  // a NaN amax gives a NaN scale, as in the reference
-    scale = (amax != amax ? amax : fmaxf(amax, 1e-12f)) * kInvQmax;
-    if (blockIdx.x == 0 && threadIdx.x == 0) s_out[0] = scale;
   } else {
     __shared__ float red[8];
     float amax = 0.f;
-    for (int base = v0 + threadIdx.x; base < v1; base += stride) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (first + u * int(blockDim.x) < v1)
+#pragma unroll
+        for (int e = 0; e < kN; ++e) amax = nan_max(amax, fabsf(to_float(kept[u].v[e])));
+    for (int base = first + stride; base < v1; base += stride) {
       V v[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u)
@@ -538,33 +572,89 @@ __global__ void __launch_bounds__(256)
     __syncthreads();
     amax = red[0];
     for (int w = 1; w < int(blockDim.x >> 5); ++w) amax = nan_max(amax, red[w]);
-    scale = (amax != amax ? amax : fmaxf(amax, 1e-12f)) * kInvQmax;
+    scale = dynamic_scale<kInt8>(amax);
     if (threadIdx.x == 0) s_out[whole ? 0 : blockIdx.x] = scale;
   }
   // q rows are contiguous (K bytes each), so q's vector i is vector i of this numbering
-  for (int base = v0 + threadIdx.x; base < v1; base += stride) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u)
+    if (first + u * int(blockDim.x) < v1)
+      store_quantized<kInt8>(q, first + u * blockDim.x, kept[u], scale);
+  for (int base = first + stride; base < v1; base += stride) {
     V v[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
       if (base + u * int(blockDim.x) < v1) v[u] = vec(base + u * blockDim.x);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int i = base + u * blockDim.x;
-      if (i >= v1) continue;
-      uint8_t out[kN];
-#pragma unroll
-      for (int e = 0; e < kN; ++e) out[e] = quantize_value<kInt8>(to_float(v[u].v[e]), scale);
-      if constexpr (kN == 8) {
-        uint2 o;
-        o.x = out[0] | (out[1] << 8) | (out[2] << 16) | (uint32_t(out[3]) << 24);
-        o.y = out[4] | (out[5] << 8) | (out[6] << 16) | (uint32_t(out[7]) << 24);
-        reinterpret_cast<uint2*>(q)[i] = o;
-      } else {
-        reinterpret_cast<uint32_t*>(q)[i] =
-            out[0] | (out[1] << 8) | (out[2] << 16) | (uint32_t(out[3]) << 24);
-      }
-    }
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * int(blockDim.x) < v1)
+        store_quantized<kInt8>(q, base + u * blockDim.x, v[u], scale);
   }
+}
+
+// Dynamic per-tensor quantization over a grid of CTAs (a cooperative launch, at most one CTA per
+// SM): each CTA takes the amax of its grid-strided share of the vectors into partials[blockIdx],
+// the grid syncs, every CTA reduces all partials (max is exact in any order, so all get the same
+// scale) and quantizes its share, kept in registers when it fits in kUnroll vectors per thread.
+// One launch, and all SMs' bandwidth for the amax instead of one CTA's. The GEMM is released at
+// the start, or with release_late once the amax is known: measured faster from 8 rows up on an
+// H100 (up to 5.7 us at K = 14336), slower below (benchmarks/results/quant_pdl_release_*.jsonl).
+template <bool kInt8, typename InT>
+__global__ void __launch_bounds__(256)
+    quant_act_grid_kernel(const InT* __restrict__ x, int ldx, uint8_t* __restrict__ q,
+                          float* __restrict__ partials, float* __restrict__ s_out, int rows,
+                          int K, int release_late) {
+  if (!release_late) pdl_release();  // the GEMM may start copying weights now
+  using V = Vec16<InT>;
+  constexpr int kN = V::kN;
+  constexpr int kUnroll = 4;
+  const int nvec = K / kN, total = rows * nvec;
+  const int first = blockIdx.x * blockDim.x + threadIdx.x, stride = gridDim.x * blockDim.x;
+  auto vec = [&](int i) {
+    const int r = i / nvec;
+    return reinterpret_cast<const V*>(x + size_t(r) * ldx)[i - r * nvec];
+  };
+  V kept[kUnroll];
+  float amax = 0.f;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u)
+    if (first + u * stride < total) kept[u] = vec(first + u * stride);
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u)
+    if (first + u * stride < total)
+#pragma unroll
+      for (int e = 0; e < kN; ++e) amax = nan_max(amax, fabsf(to_float(kept[u].v[e])));
+  for (int i = first + kUnroll * stride; i < total; i += stride) {
+    const V v = vec(i);
+#pragma unroll
+    for (int e = 0; e < kN; ++e) amax = nan_max(amax, fabsf(to_float(v.v[e])));
+  }
+  __shared__ float red[8];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = amax;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < int(blockDim.x >> 5); ++w) amax = nan_max(amax, red[w]);
+    partials[blockIdx.x] = amax;
+  }
+  cooperative_groups::this_grid().sync();
+  if (threadIdx.x < 32) {
+    amax = 0.f;
+    for (int b = threadIdx.x; b < int(gridDim.x); b += 32) amax = nan_max(amax, partials[b]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if (threadIdx.x == 0) red[0] = amax;
+  }
+  __syncthreads();
+  if (release_late) pdl_release();
+  const float scale = dynamic_scale<kInt8>(red[0]);
+  if (blockIdx.x == 0 && threadIdx.x == 0) s_out[0] = scale;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u)
+    if (first + u * stride < total) store_quantized<kInt8>(q, first + u * stride, kept[u], scale);
+  for (int i = first + kUnroll * stride; i < total; i += stride)
+    store_quantized<kInt8>(q, i, vec(i), scale);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -989,8 +1079,8 @@ int w4a8_decode_gemm(const void* xq, const void* xs, const void* packed, const v
 }
 
 // in_dtype: 0 bf16, 1 fp16, 2 fp32. mode: w4a8::ActivationScheme. x rows and q must be 16-byte
-// aligned and K a multiple of 8 (the caller checks). Dynamic per tensor with s_in null: one CTA
-// computes the amax of all M rows itself (for small M * K).
+// aligned and K a multiple of 8 (the caller checks). s_in: the static scale (ignored otherwise).
+// Dynamic per tensor: one CTA computes the amax of all M rows itself (for small M * K).
 int w4a8_quant_act(const void* x, int ldx, void* q, const void* s_in, void* s_out, int M, int K,
                    int act_int8, int mode, int in_dtype, void* stream) {
   if (M <= 0 || K <= 0 || K % 8) return int(cudaErrorInvalidValue);
@@ -998,7 +1088,7 @@ int w4a8_quant_act(const void* x, int ldx, void* q, const void* s_in, void* s_ou
   auto qq = static_cast<uint8_t*>(q);
   auto si = static_cast<const float*>(s_in);
   auto so = static_cast<float*>(s_out);
-  const bool whole = mode == int(w4a8::ActivationScheme::DYNAMIC_PER_TENSOR) && si == nullptr;
+  const bool whole = mode == int(w4a8::ActivationScheme::DYNAMIC_PER_TENSOR);
 #define W4A8_QUANT(INT8, T)                                                                   \
   quant_act_kernel<INT8, T><<<whole ? 1 : M, 256, 0, st>>>(static_cast<const T*>(x), ldx, qq, \
                                                            si, so, M, K, mode);               \
@@ -1013,6 +1103,42 @@ int w4a8_quant_act(const void* x, int ldx, void* q, const void* s_in, void* s_ou
     if (in_dtype == 2) { W4A8_QUANT(false, float) }
   }
 #undef W4A8_QUANT
+  return int(cudaErrorInvalidValue);
+}
+
+// Dynamic per-tensor quantization of x [M, K] by quant_act_grid_kernel on `grid` CTAs (a
+// cooperative launch; at most one CTA per SM, which the caller picks); partials: `grid` floats
+// of scratch; release_late: release a following PDL launch once the amax is known, not at the
+// start. Same alignment rules as w4a8_quant_act.
+int w4a8_quant_act_grid(const void* x, int ldx, void* q, void* partials, void* s_out, int M,
+                        int K, int act_int8, int in_dtype, int grid, int release_late,
+                        void* stream) {
+  if (M <= 0 || K <= 0 || K % 8 || grid <= 0) return int(cudaErrorInvalidValue);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid, 1, 1);
+  cfg.blockDim = dim3(256, 1, 1);
+  cfg.stream = static_cast<cudaStream_t>(stream);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  auto qq = static_cast<uint8_t*>(q);
+  auto pp = static_cast<float*>(partials);
+  auto so = static_cast<float*>(s_out);
+#define W4A8_QUANT_GRID(INT8, T)                                                             \
+  return int(cudaLaunchKernelEx(&cfg, quant_act_grid_kernel<INT8, T>, static_cast<const T*>(x), \
+                                ldx, qq, pp, so, M, K, release_late));
+  if (act_int8) {
+    if (in_dtype == 0) { W4A8_QUANT_GRID(true, __nv_bfloat16) }
+    if (in_dtype == 1) { W4A8_QUANT_GRID(true, __half) }
+    if (in_dtype == 2) { W4A8_QUANT_GRID(true, float) }
+  } else {
+    if (in_dtype == 0) { W4A8_QUANT_GRID(false, __nv_bfloat16) }
+    if (in_dtype == 1) { W4A8_QUANT_GRID(false, __half) }
+    if (in_dtype == 2) { W4A8_QUANT_GRID(false, float) }
+  }
+#undef W4A8_QUANT_GRID
   return int(cudaErrorInvalidValue);
 }
 

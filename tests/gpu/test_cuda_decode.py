@@ -121,11 +121,13 @@ def test_activation_quant_bit_exact(act, scheme, x_dtype):
 
 
 @pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
-@pytest.mark.parametrize("one_cta", [True, False], ids=["amax-in-kernel", "torch-amax"])
-def test_per_tensor_amax_both_ways_bit_exact(act, one_cta, monkeypatch):
-    """A dynamic per-tensor scale from the kernel's own single-CTA amax (small inputs) and from a
-    torch amax first (large ones): both bit-exact, the largest value in the last row; both
-    propagate a NaN input to the scale as the reference does."""
+@pytest.mark.parametrize("one_cta", [True, False], ids=["one-cta", "grid"])
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_per_tensor_amax_both_ways_bit_exact(act, one_cta, in_dtype, monkeypatch):
+    """A dynamic per-tensor scale from the single-CTA kernel (small inputs) and from the grid
+    kernel (a cooperative launch, per-CTA amaxes then a grid sync): both bit-exact, with the
+    largest value in the last row; the grid shapes include one whose values do not fit in the
+    kernel's registers (a second pass over the input). Both propagate a NaN to the scale."""
     from w4a8_backend.kernels import _cuda_ext, sm90_triton
 
     monkeypatch.setattr(sm90_triton, "ONE_CTA_AMAX_MAX", 1 << 30 if one_cta else 0)
@@ -133,10 +135,13 @@ def test_per_tensor_amax_both_ways_bit_exact(act, one_cta, monkeypatch):
     lib = _cuda_ext.load(major * 10 + minor)
     g = _gen(17 + one_cta + 2 * (act == INT8))
     scheme = ActivationScheme.DYNAMIC_PER_TENSOR
-    for m, k in ((1, 2048), (4, 8192), (16, 4096 + 32)):
-        x = (torch.randn(m, k, device="cuda", generator=g) * 3).to(torch.bfloat16)
-        x[m - 1, k // 3] = 77.0
-        q, s = sm90_triton.cuda_quantize(lib, x, act == INT8, int(scheme), None)
+    shapes = [(1, 2048), (4, 8192), (16, 4096 + 32)]
+    if not one_cta:
+        shapes += [(1, 32), (3, 14336 + 96), (64, 14336), (160, 8192)]
+    for m, k in shapes:
+        x = (torch.randn(m, k, device="cuda", generator=g) * 3).to(in_dtype)
+        x[m - 1, (k * 2) // 3] = -77.0
+        q, s = sm90_triton.cuda_quantize(lib, x, act == INT8, int(scheme), None, poison=True)
         q_ref, s_ref = quantize_activation(x, act, scheme, None)
         assert torch.equal(s.reshape(-1), s_ref.reshape(-1)), (m, k)
         assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), (m, k)

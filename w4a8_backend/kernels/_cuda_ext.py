@@ -151,6 +151,8 @@ class DecodeGemmLib:
         self._lib.w4a8_decode_gemm.restype = i
         self._lib.w4a8_quant_act.argtypes = [p, i, p, p, p, i, i, i, i, i, p]
         self._lib.w4a8_quant_act.restype = i
+        self._lib.w4a8_quant_act_grid.argtypes = [p, i, p, p, p, i, i, i, i, i, i, p]
+        self._lib.w4a8_quant_act_grid.restype = i
         self._lib.w4a8_moe_decode_gemm.argtypes = [p] * 13 + [i] * 19 + [p]
         self._lib.w4a8_moe_decode_gemm.restype = i
         self._lib.w4a8_error_string.argtypes = [i]
@@ -165,14 +167,27 @@ class DecodeGemmLib:
 
     def quant_act(self, x2: torch.Tensor, q: torch.Tensor, s_in: torch.Tensor | None,
                   s_out: torch.Tensor, act_int8: bool, mode: int) -> None:
-        """Quantize ``x2`` into ``q``; a dynamic per-tensor ``s_in`` of None: the kernel takes
-        the amax itself, in one CTA."""
+        """Quantize ``x2`` into ``q``; ``s_in``: the static scale (None otherwise). A dynamic
+        per-tensor amax is taken by one CTA (small inputs; see :meth:`quant_act_grid`)."""
         m, k = x2.shape
         stream = torch.cuda.current_stream(x2.device).cuda_stream
         self._check(self._lib.w4a8_quant_act(
             x2.data_ptr(), x2.stride(0), q.data_ptr(),
             s_in.data_ptr() if s_in is not None else None, s_out.data_ptr(), m, k,
             int(act_int8), mode, _DTYPE_CODE[x2.dtype], stream), "activation quantization")
+
+    def quant_act_grid(self, x2: torch.Tensor, q: torch.Tensor, partials: torch.Tensor,
+                       s_out: torch.Tensor, act_int8: bool, release_late: bool) -> None:
+        """Dynamic per-tensor quantization of ``x2`` into ``q`` on ``partials.numel()`` CTAs (a
+        cooperative launch: at most one per SM); ``partials``: float32 scratch. ``release_late``:
+        a following PDL launch is released once the amax is known, not at the start."""
+        m, k = x2.shape
+        stream = torch.cuda.current_stream(x2.device).cuda_stream
+        self._check(self._lib.w4a8_quant_act_grid(
+            x2.data_ptr(), x2.stride(0), q.data_ptr(), partials.data_ptr(), s_out.data_ptr(),
+            m, k, int(act_int8), _DTYPE_CODE[x2.dtype], partials.numel(),
+            int(release_late), stream),
+            "activation quantization (grid amax)")
 
     def gemm(self, q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
              row_scale: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, act_int8: bool,

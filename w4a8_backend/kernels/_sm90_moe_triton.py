@@ -382,15 +382,16 @@ def quantize_h(h: torch.Tensor, act_int8: bool, scheme: int, input_scale, amax: 
     if scheme == 1:
         s_in = s_out = input_scale
     elif scheme == 2:
-        s_in = amax
+        s_in = amax  # (one partial amax: GEMM1's)
         s_out = torch.empty(1, dtype=torch.float32, device=h.device)
     else:
         s_in = h
         s_out = torch.empty(m, dtype=torch.float32, device=h.device)
     one_pass = k <= 16384
     block = triton.next_power_of_2(k) if one_pass else 4096
-    tk._quant_act[(m,)](h, q, s_in, s_out, k, h.stride(0), ACT_INT8=act_int8, MODE=scheme,
-                        ONE_PASS=one_pass, BLOCK=block, num_warps=8 if block >= 4096 else 4)
+    tk._quant_act[(m,)](h, q, s_in, s_out, k, h.stride(0), 1, ACT_INT8=act_int8, MODE=scheme,
+                        ONE_PASS=one_pass, BLOCK=block, PART_P2=1,
+                        num_warps=8 if block >= 4096 else 4)
     return q, s_out
 
 

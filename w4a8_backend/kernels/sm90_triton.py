@@ -140,17 +140,23 @@ def cuda_decode_max_m(act_int8: bool) -> int:
     return CUDA_DECODE_MAX_M[act_int8]
 
 
-# A dynamic per-tensor amax of at most this many elements is taken inside the quantization
-# kernel (one CTA, one launch); larger inputs get a torch amax first.
-ONE_CTA_AMAX_MAX = 1 << 15
+# A dynamic per-tensor amax of at most this many elements is taken by one CTA of the quantization
+# kernel; larger inputs are quantized by the grid kernel (every SM takes part of the amax, then a
+# grid sync), also one launch. The grid kernel releases the GEMM (PDL) once the amax is known
+# from GRID_RELEASE_LATE_MIN_M rows up, at its start below. Both from the whole op on an H100
+# (benchmarks/results/quant_pdl_release_h100_20261123.jsonl).
+ONE_CTA_AMAX_MAX = 1 << 13
+GRID_RELEASE_LATE_MIN_M = 8
 
 
 def cuda_quantize(lib, x2: torch.Tensor, act_int8: bool, scheme: int,
                   input_scale: torch.Tensor | None, poison: bool = False):
-    """``x2`` [M, K] -> (q, scale) with the CUDA library's bit-exact quantization kernel (which
-    releases a following PDL launch at its start); a dynamic per-tensor amax is taken in the
-    same kernel for small inputs, by torch first otherwise. Rows must start 16-byte aligned
-    (callers copy otherwise)."""
+    """``x2`` [M, K] -> (q, scale) with the CUDA library's bit-exact quantization kernels (which
+    release a following PDL launch at their start); a dynamic per-tensor amax is taken in the
+    same launch, by one CTA for small inputs, by a grid of CTAs otherwise. Rows must start
+    16-byte aligned (callers copy otherwise)."""
+    from .triton_w4a8 import num_sms
+
     dev = x2.device
     m, k = x2.shape
     q = torch.empty((m, k), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn, device=dev)
@@ -159,8 +165,6 @@ def cuda_quantize(lib, x2: torch.Tensor, act_int8: bool, scheme: int,
         s_out = s_in
     elif scheme == int(ActivationScheme.DYNAMIC_PER_TENSOR):
         s_in = None
-        if m * k > ONE_CTA_AMAX_MAX:
-            s_in = torch.linalg.vector_norm(x2, float("inf"), dtype=torch.float32).reshape(1)
         s_out = torch.empty(1, dtype=torch.float32, device=dev)
     else:
         s_out = torch.empty(m, dtype=torch.float32, device=dev)
@@ -169,7 +173,13 @@ def cuda_quantize(lib, x2: torch.Tensor, act_int8: bool, scheme: int,
         q.view(torch.uint8).fill_(0x80 if act_int8 else 0x7F)
         if scheme != int(ActivationScheme.STATIC_PER_TENSOR):
             s_out.fill_(float("nan"))
-    lib.quant_act(x2, q, s_in, s_out, act_int8, scheme)
+    if scheme == int(ActivationScheme.DYNAMIC_PER_TENSOR) and m * k > ONE_CTA_AMAX_MAX:
+        vectors = m * k * x2.element_size() // 16
+        ctas = min(num_sms(dev.index or 0), -(-vectors // 256))
+        partials = torch.empty(ctas, dtype=torch.float32, device=dev)
+        lib.quant_act_grid(x2, q, partials, s_out, act_int8, m >= GRID_RELEASE_LATE_MIN_M)
+    else:
+        lib.quant_act(x2, q, s_in, s_out, act_int8, scheme)
     return q, s_out
 
 

@@ -90,6 +90,22 @@ def nan_amax(v, axis: tl.constexpr):
 
 
 @triton.jit
+def _amax_partials(x_ptr, part_ptr, K, stride_xm, CHUNKS, TILES, BLOCK: tl.constexpr):
+    """Program p: the amax over the tiles (row, BLOCK-wide chunk of it) p, p + G, ... of x,
+    into ``part_ptr[p]`` (a dynamic per-tensor scale's first pass, spread over G programs)."""
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for t in range(pid, TILES, tl.num_programs(0)):
+        row = t // CHUNKS
+        k0 = (t - row * CHUNKS) * BLOCK
+        xv = tl.load(x_ptr + row.to(tl.int64) * stride_xm + k0 + offs, mask=k0 + offs < K,
+                     other=0.0)
+        acc = nan_max(acc, tl.abs(xv.to(tl.float32)))
+    tl.store(part_ptr + pid, nan_amax(acc, 0))
+
+
+@triton.jit
 def _quant_act(
     x_ptr,
     q_ptr,
@@ -97,10 +113,12 @@ def _quant_act(
     s_out_ptr,
     K,
     stride_xm,
+    n_part,
     ACT_INT8: tl.constexpr,
-    MODE: tl.constexpr,  # 1 static scale, 2 scale from a global amax, 3 per-token amax
+    MODE: tl.constexpr,  # 1 static scale, 2 scale from n_part partial amaxes, 3 per-token amax
     ONE_PASS: tl.constexpr,
     BLOCK: tl.constexpr,
+    PART_P2: tl.constexpr,
 ):
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
@@ -109,7 +127,8 @@ def _quant_act(
     if MODE == 1:
         scale = tl.load(s_in_ptr).to(tl.float32)
     elif MODE == 2:
-        amax = tl.load(s_in_ptr).to(tl.float32)
+        p = tl.arange(0, PART_P2)
+        amax = nan_amax(tl.load(s_in_ptr + p, mask=p < n_part, other=0.0).to(tl.float32), 0)
         scale = dynamic_scale(amax, ACT_INT8)
         if row == 0:
             tl.store(s_out_ptr, scale)
@@ -433,31 +452,40 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# A dynamic per-tensor amax: tiles of AMAX_BLOCK elements of a row, over at most
+# AMAX_PARTIALS_MAX programs (each quantization program reads all their partial amaxes).
+AMAX_BLOCK = 2048
+AMAX_PARTIALS_MAX = 512
+
+
 def quantize_activation_gpu(x2: torch.Tensor, act_int8: bool, scheme: int,
                             input_scale: torch.Tensor | None):
     """x2 [M, K] (bf16/fp16/fp32, last dim contiguous) -> (q [M, K], scale fp32 [M] or [1])."""
     m, k = x2.shape
-    q = torch.empty((m, k), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn,
-                    device=x2.device)
+    dev = x2.device
+    q = torch.empty((m, k), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn, device=dev)
     if POISON_OUTPUTS:
         q.view(torch.uint8).fill_(0x7F if not act_int8 else 0x80)  # E4M3 NaN / int8 -128
-    if scheme == 1:
-        s_in = input_scale
-        s_out = input_scale
-    elif scheme == 2:
-        s_in = torch.linalg.vector_norm(x2, float("inf")).reshape(1)
-        s_out = torch.empty(1, dtype=torch.float32, device=x2.device)
-    else:
-        s_in = x2  # unused
-        s_out = torch.empty(m, dtype=torch.float32, device=x2.device)
+    s_out = input_scale if scheme == 1 else torch.empty(1 if scheme == 2 else m,
+                                                        dtype=torch.float32, device=dev)
     if POISON_OUTPUTS and scheme != 1:
         s_out.fill_(float("nan"))
     if m == 0:
         return q, s_out
+    s_in, n_part = input_scale if scheme == 1 else x2, 1  # (x2: unused by the per-token mode)
+    if scheme == 2:
+        # the amax in two launches, neither a single CTA: partial amaxes over the whole GPU,
+        # reduced again by every program of the quantization
+        chunks = triton.cdiv(k, AMAX_BLOCK)
+        n_part = min(m * chunks, AMAX_PARTIALS_MAX)
+        s_in = torch.empty(n_part, dtype=torch.float32, device=dev)
+        _amax_partials[(n_part,)](x2, s_in, k, x2.stride(0), chunks, m * chunks,
+                                  BLOCK=AMAX_BLOCK, num_warps=4)
     one_pass = k <= 16384
     block = triton.next_power_of_2(k) if one_pass else 4096
-    _quant_act[(m,)](x2, q, s_in, s_out, k, x2.stride(0), ACT_INT8=act_int8, MODE=scheme,
-                     ONE_PASS=one_pass, BLOCK=block, num_warps=8 if block >= 4096 else 4)
+    _quant_act[(m,)](x2, q, s_in, s_out, k, x2.stride(0), n_part, ACT_INT8=act_int8, MODE=scheme,
+                     ONE_PASS=one_pass, BLOCK=block, PART_P2=triton.next_power_of_2(n_part),
+                     num_warps=8 if block >= 4096 else 4)
     return q, s_out
 
 
