@@ -240,7 +240,7 @@ __device__ __forceinline__ float correction_dot(const Corrections& corr, int b_f
   for (int b = b_first; b < b_end; ++b) {
     const uint8_t* xa = xrow + 32 * corr.blocks[b];
     const float* val = corr.values + size_t(b) * 32;
-#pragma unroll 8
+#pragma unroll  // all 64 loads of a block in flight at once: this runs on the few-token path
     for (int e = 0; e < 32; ++e) dot = fmaf(val[e], act_value<kInt8>(xa[e]), dot);
   }
   return dot;
