@@ -340,7 +340,10 @@ def test_cuda_graph_replay_matches_eager(act):
     kern = make_kernel(act, ActivationScheme.DYNAMIC_PER_TENSOR, n, k)
     layer = make_layer(packed, scale)
     kern.process_weights_after_loading(layer)
-    for m in (1, 16, 64):  # split-K paths (in-kernel counters must return to zero)
+    # split-K paths (in-kernel counters must return to zero); on the CUDA decode path M = 1 takes
+    # the one-CTA amax, M = 4 the grid kernel (GEMM released at its start), INT8 M = 16 the grid
+    # kernel releasing the GEMM after its grid sync
+    for m in (1, 4, 16, 64):
         check_graph_replay(kern, layer, m, k, g, lambda x: reference_linear(
             x, packed, scale, act, ActivationScheme.DYNAMIC_PER_TENSOR))
         assert int(layer.w4a8_counters.abs().sum()) == 0

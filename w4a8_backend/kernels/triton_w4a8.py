@@ -130,7 +130,7 @@ def _quant_act(
         p = tl.arange(0, PART_P2)
         amax = nan_amax(tl.load(s_in_ptr + p, mask=p < n_part, other=0.0).to(tl.float32), 0)
         scale = dynamic_scale(amax, ACT_INT8)
-        if row == 0:
+        if row == 0 and tl.program_id(1) == 0:
             tl.store(s_out_ptr, scale)
     else:
         if ONE_PASS:
@@ -144,7 +144,8 @@ def _quant_act(
             amax = nan_amax(amax_v, 0)
         scale = dynamic_scale(amax, ACT_INT8)
         tl.store(s_out_ptr + row, scale)
-    for k0 in range(0, K, BLOCK):
+    # (a known scale: the row's BLOCK-wide chunks may be spread over the grid's second axis)
+    for k0 in range(tl.program_id(1) * BLOCK, K, BLOCK * tl.num_programs(1)):
         if not ONE_PASS or MODE != 3:
             xv = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         tl.store(q_row + k0 + offs, quantize_values(xv, scale, ACT_INT8), mask=k0 + offs < K)
@@ -456,6 +457,10 @@ def num_sms(device_index: int) -> int:
 # AMAX_PARTIALS_MAX programs (each quantization program reads all their partial amaxes).
 AMAX_BLOCK = 2048
 AMAX_PARTIALS_MAX = 512
+# Static and dynamic per-tensor quantization: one program per QUANT_CHUNK values of a row (more
+# programs than rows at decode sizes; one per row took 5.7-6.5 us at K = 14336, M = 1-64 on an
+# H100, this 2.1-3.3 us: benchmarks/results/dynamic_amax_h100_20261123_*.jsonl).
+QUANT_CHUNK = 2048
 
 
 def quantize_activation_gpu(x2: torch.Tensor, act_int8: bool, scheme: int,
@@ -481,9 +486,14 @@ def quantize_activation_gpu(x2: torch.Tensor, act_int8: bool, scheme: int,
         s_in = torch.empty(n_part, dtype=torch.float32, device=dev)
         _amax_partials[(n_part,)](x2, s_in, k, x2.stride(0), chunks, m * chunks,
                                   BLOCK=AMAX_BLOCK, num_warps=4)
-    one_pass = k <= 16384
-    block = triton.next_power_of_2(k) if one_pass else 4096
-    _quant_act[(m,)](x2, q, s_in, s_out, k, x2.stride(0), n_part, ACT_INT8=act_int8, MODE=scheme,
+    if scheme == 3:  # one program per row: it needs the row's amax
+        one_pass = k <= 16384
+        block = triton.next_power_of_2(k) if one_pass else 4096
+        grid = (m, 1)
+    else:  # a known scale: a program per QUANT_CHUNK of a row
+        one_pass, block = False, QUANT_CHUNK
+        grid = (m, triton.cdiv(k, QUANT_CHUNK))
+    _quant_act[grid](x2, q, s_in, s_out, k, x2.stride(0), n_part, ACT_INT8=act_int8, MODE=scheme,
                      ONE_PASS=one_pass, BLOCK=block, PART_P2=triton.next_power_of_2(n_part),
                      num_warps=8 if block >= 4096 else 4)
     return q, s_out
