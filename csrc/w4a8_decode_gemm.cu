@@ -938,6 +938,230 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
 }
 
 // ----------------------------------------------------------------------------------------------
+// Mid-M GEMM (M = 17..128): the decode kernel's decode and MMAs, tiled for reuse. A CTA takes
+// 16 * kWarps consecutive weight rows (warp w rows 16w..16w+15, the same A operand as the decode
+// kernel) and 8 * kNT tokens, so each decoded weight meets 8 * kNT tokens and each activation
+// byte staged in shared memory meets 16 * kWarps weight rows. The CTA's threads fill one
+// cp.async ring together (a stage: one 256-wide K step of the rows' weights, codes and INT8 tile
+// exponents, and of the tokens' activations), one __syncthreads per step. Every warp holds whole
+// sums over its K range, so there is no reduction inside the CTA. gridDim.z > 1 splits K: each
+// split writes float32 partials, the last CTA of a tile to arrive (a counter that it resets)
+// adds them in split order, so the result does not depend on arrival order.
+// Activations in a stage: row r (256 bytes) holds 16-byte unit u of the step at unit
+// u ^ (((u >> 3) & 1) << 1) ^ (r & 1); a lane reads units 4t + c (c fixed per load) of rows g
+// and g + 1 of a quarter warp, and that swizzle puts those 8 loads on 8 distinct bank groups.
+// Out-of-range blocks are not added here (the caller runs the correction kernel).
+// ----------------------------------------------------------------------------------------------
+__device__ __forceinline__ int mid_x_unit(int u, int r) { return u ^ (((u >> 3) & 1) << 1) ^ (r & 1); }
+
+__device__ __forceinline__ float load_val(const void* p, int dtype, size_t i) {
+  if (dtype == 0) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  if (dtype == 1) return __half2float(static_cast<const __half*>(p)[i]);
+  return static_cast<const float*>(p)[i];
+}
+
+__device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+
+struct MidArgs {
+  const uint8_t* xq;      // [M, K] quantized activations, rows 16-byte aligned
+  const float* xs;        // [1] or [M] (per_token)
+  const uint8_t* packed;  // [NP, KP/2]
+  const uint8_t* codes;   // [NP, KP/32]
+  const void* row_scale;  // FP8: float [NP]; INT8: uint8 [KP/256, NP]
+  const void* bias;       // [N] of out_dtype, or null
+  void* y;                // [M, ldy] of out_dtype
+  float* partials;        // split K: [splits, M, NP] float32 scratch
+  int32_t* counters;      // split K: one per (row block, token block), all zero between calls
+  int M, N, K, KP, NP, ldy, per_token, out_dtype;
+};
+
+template <int kWarps, int kNT>
+struct MidStage {
+  static constexpr int kRows = 16 * kWarps;
+  static constexpr int kTokens = 8 * kNT;
+  static constexpr int kWeights = kRows * kRowStride;
+  static constexpr int kCodes = kRows * 8;
+  static constexpr int kTiles = kRows;
+  static constexpr int kX = kTokens * kStepK;
+  static constexpr int kBytes = kWeights + kCodes + kTiles + kX;
+  static_assert(kWeights % 16 == 0 && kCodes % 16 == 0 && kTiles % 16 == 0, "16-byte regions");
+};
+
+template <bool kInt8, int kWarps, int kNT, int kStages>
+__global__ void __launch_bounds__(kWarps * 32) mid_gemm_kernel(const MidArgs a) {
+  using S = MidStage<kWarps, kNT>;
+  constexpr int kThreads = kWarps * 32;
+  extern __shared__ __align__(16) uint8_t ring[];
+  __shared__ int s_last;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * S::kRows, m0 = blockIdx.y * S::kTokens;
+  const size_t kp2 = size_t(a.KP) / 2, kp32 = size_t(a.KP) / 32;
+  const int steps = (a.K + kStepK - 1) / kStepK;
+  const int per_split = (steps + gridDim.z - 1) / gridDim.z;
+  const int s_begin = blockIdx.z * per_split;
+  const int nsteps = max(0, min(steps, s_begin + per_split) - s_begin);
+  const uint8_t* tiles = static_cast<const uint8_t*>(a.row_scale);
+
+  auto issue_w = [&](int s, int stage) {
+    uint8_t* st = ring + stage * S::kBytes;
+    static_assert(S::kRows * 8 % kThreads == 0, "whole copies per thread");
+#pragma unroll
+    for (int i = 0; i < S::kRows * 8 / kThreads; ++i) {
+      const int c = threadIdx.x + i * kThreads, row = c >> 3, col = (c & 7) * 16;
+      cp_async16(st + row * kRowStride + col,
+                 a.packed + size_t(n0 + row) * kp2 + size_t(s) * (kStepK / 2) + col);
+    }
+    if (threadIdx.x < S::kRows)
+      cp_async8(st + S::kWeights + threadIdx.x * 8,
+                a.codes + size_t(n0 + threadIdx.x) * kp32 + size_t(s) * (kStepK / 32));
+    if (kInt8 && threadIdx.x < S::kTiles / 16)
+      cp_async16(st + S::kWeights + S::kCodes + threadIdx.x * 16,
+                 tiles + size_t(s) * a.NP + n0 + threadIdx.x * 16);
+  };
+  auto issue_x = [&](int s, int stage) {
+    uint8_t* st = ring + stage * S::kBytes + S::kWeights + S::kCodes + S::kTiles;
+    static_assert(S::kTokens * 16 % kThreads == 0, "whole copies per thread");
+#pragma unroll
+    for (int i = 0; i < S::kTokens * 16 / kThreads; ++i) {
+      const int c = threadIdx.x + i * kThreads, r = c >> 4, u = c & 15;
+      const int m = m0 + r, k = s * kStepK + u * 16;
+      const bool valid = m < a.M && k < a.K;
+      cp_async16_zfill(st + r * kStepK + mid_x_unit(u, r) * 16,
+                       valid ? a.xq + size_t(m) * a.K + k : a.xq, valid);
+    }
+  };
+
+  // The weights do not depend on the previous kernel: start their copies before waiting (PDL).
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i)
+    if (i < nsteps) issue_w(s_begin + i, i);
+  pdl_wait();
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (i < nsteps) issue_x(s_begin + i, i);
+    cp_async_commit();
+  }
+
+  float acc[kNT][4];
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  const int wrow = warp * 16 + g;  // this lane's weight rows in the stage: wrow, wrow + 8
+
+  for (int it = 0; it < nsteps; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // stage it is in; every warp is done with the stage the next copy reuses
+    const int nxt = it + kStages - 1;
+    if (nxt < nsteps) {
+      issue_w(s_begin + nxt, nxt % kStages);
+      issue_x(s_begin + nxt, nxt % kStages);
+    }
+    cp_async_commit();
+
+    const uint8_t* st = ring + (it % kStages) * S::kBytes;
+    const uint8_t* sx = st + S::kWeights + S::kCodes + S::kTiles;
+    const uint4 wa0 = *reinterpret_cast<const uint4*>(st + wrow * kRowStride + 32 * t);
+    const uint4 wa1 = *reinterpret_cast<const uint4*>(st + wrow * kRowStride + 32 * t + 16);
+    const uint4 wb0 = *reinterpret_cast<const uint4*>(st + (wrow + 8) * kRowStride + 32 * t);
+    const uint4 wb1 = *reinterpret_cast<const uint4*>(st + (wrow + 8) * kRowStride + 32 * t + 16);
+    const uint32_t ca = *reinterpret_cast<const uint16_t*>(st + S::kWeights + wrow * 8 + t * 2);
+    const uint32_t cb =
+        *reinterpret_cast<const uint16_t*>(st + S::kWeights + (wrow + 8) * 8 + t * 2);
+    const Lut la_lo = make_lut<kInt8>(ca & 0xFF), la_hi = make_lut<kInt8>(ca >> 8);
+    const Lut lb_lo = make_lut<kInt8>(cb & 0xFF), lb_hi = make_lut<kInt8>(cb >> 8);
+    int32_t iacc[kNT][4];
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) iacc[j][0] = iacc[j][1] = iacc[j][2] = iacc[j][3] = 0;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      // this half's weights: words 4h .. 4h + 3 of the lane's K group, rows wrow and wrow + 8
+      uint32_t dec[4][4];
+#pragma unroll
+      for (int i4 = 0; i4 < 4; ++i4) {
+        const int i8 = 4 * h + i4;
+        decode8<kInt8>(word(wa0, wa1, i8), la_lo, la_hi, dec[i4][0], dec[i4][2]);
+        decode8<kInt8>(word(wb0, wb1, i8), lb_lo, lb_hi, dec[i4][1], dec[i4][3]);
+      }
+      // the tokens' bytes of the same words; then the MMAs with the token tiles innermost, so
+      // that consecutive MMAs do not wait for each other's accumulators
+      uint4 xlo[kNT], xhi[kNT];
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        const int r = 8 * j + g;  // token row in the stage
+        xlo[j] = *reinterpret_cast<const uint4*>(sx + r * kStepK + mid_x_unit(4 * t + h, r) * 16);
+        xhi[j] =
+            *reinterpret_cast<const uint4*>(sx + r * kStepK + mid_x_unit(4 * t + 2 + h, r) * 16);
+      }
+#pragma unroll
+      for (int i4 = 0; i4 < 4; ++i4)
+#pragma unroll
+        for (int j = 0; j < kNT; ++j)
+          mma_16x8x32<kInt8>(acc[j], iacc[j], dec[i4][0], dec[i4][1], dec[i4][2], dec[i4][3],
+                             word(xlo[j], xlo[j], i4), word(xhi[j], xhi[j], i4));
+    }
+    if constexpr (kInt8) {
+      // exact: |tile sum| < 256 * 96 * 127 < 2**24
+      const uint8_t* stt = st + S::kWeights + S::kCodes;
+      const float sa = __int_as_float(int(stt[wrow]) << 23);
+      const float sb = __int_as_float(int(stt[wrow + 8]) << 23);
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        acc[j][0] = fmaf(float(iacc[j][0]), sa, acc[j][0]);
+        acc[j][1] = fmaf(float(iacc[j][1]), sa, acc[j][1]);
+        acc[j][2] = fmaf(float(iacc[j][2]), sb, acc[j][2]);
+        acc[j][3] = fmaf(float(iacc[j][3]), sb, acc[j][3]);
+      }
+    }
+  }
+  cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
+
+  const int n_a = n0 + wrow;  // rows of acc[j][0..1]; acc[j][2..3] are n_a + 8
+  if (gridDim.z > 1) {
+    const size_t plane = size_t(a.M) * a.NP;
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = m0 + 8 * j + 2 * t + (e & 1), n = n_a + 8 * (e >> 1);
+        if (m < a.M) a.partials[blockIdx.z * plane + size_t(m) * a.NP + n] = acc[j][e];
+      }
+    __threadfence();
+    __syncthreads();
+    int32_t* counter = a.counters + blockIdx.y * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0) s_last = atomicAdd(counter, 1) == int(gridDim.z) - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = m0 + 8 * j + 2 * t + (e & 1), n = n_a + 8 * (e >> 1);
+        float v = 0.f;
+        if (m < a.M)
+          for (int z = 0; z < int(gridDim.z); ++z)
+            v += __ldcg(a.partials + z * plane + size_t(m) * a.NP + n);
+        acc[j][e] = v;
+      }
+    if (threadIdx.x == 0) *counter = 0;  // for the next call
+  }
+#pragma unroll
+  for (int j = 0; j < kNT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int m = m0 + 8 * j + 2 * t + (e & 1), n = n_a + 8 * (e >> 1);
+      if (m >= a.M || n >= a.N) continue;
+      float v = acc[j][e] * (a.per_token ? a.xs[m] : a.xs[0]);
+      if constexpr (!kInt8) v *= static_cast<const float*>(a.row_scale)[n];
+      if (a.bias != nullptr) v += load_val(a.bias, a.out_dtype, n);
+      store_out(a.y, a.out_dtype, size_t(m) * a.ldy + n, v);
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
 // host side
 // ----------------------------------------------------------------------------------------------
 template <bool kInt8, int kNT, int kWarps, int kStages, typename OutT>
@@ -991,8 +1215,47 @@ cudaError_t pick_tiles(int warps, int stages, const uint8_t* xq, const float* xs
   if (M <= 8)
     return pick_warps<kInt8, 1, OutT>(warps, stages, xq, xs, packed, codes, row_scale, corr,
                                       bias, y, M, N, K, KP, NP, ldy, per_token, pdl, stream);
-  return pick_warps<kInt8, 2, OutT>(warps, stages, xq, xs, packed, codes, row_scale, corr,
+  if (M <= 16)
+    return pick_warps<kInt8, 2, OutT>(warps, stages, xq, xs, packed, codes, row_scale, corr,
+                                      bias, y, M, N, K, KP, NP, ldy, per_token, pdl, stream);
+  return pick_warps<kInt8, 4, OutT>(warps, stages, xq, xs, packed, codes, row_scale, corr,
                                     bias, y, M, N, K, KP, NP, ldy, per_token, pdl, stream);
+}
+
+template <bool kInt8, int kWarps, int kNT, int kStages>
+cudaError_t launch_mid(const MidArgs& args, int splits, bool pdl, cudaStream_t stream) {
+  auto kernel = mid_gemm_kernel<kInt8, kWarps, kNT, kStages>;
+  constexpr int kSmem = kStages * MidStage<kWarps, kNT>::kBytes;
+  static const cudaError_t attr_status =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (attr_status != cudaSuccess) return attr_status;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(args.NP / (16 * kWarps), (args.M + 8 * kNT - 1) / (8 * kNT), splits);
+  cfg.blockDim = dim3(kWarps * 32, 1, 1);
+  cfg.dynamicSmemBytes = kSmem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, args);
+}
+
+template <bool kInt8>
+cudaError_t pick_mid_config(int warps, int tokens, int stages, const MidArgs& args, int splits,
+                            bool pdl, cudaStream_t stream) {
+#define W4A8_MID(W, T, D) \
+  if (warps == W && tokens == 8 * T && stages == D) \
+    return launch_mid<kInt8, W, T, D>(args, splits, pdl, stream);
+  W4A8_MID(4, 8, 2)
+  W4A8_MID(4, 8, 3)
+  W4A8_MID(4, 8, 4)
+  W4A8_MID(4, 4, 3)
+  W4A8_MID(8, 8, 3)
+  W4A8_MID(8, 4, 3)
+#undef W4A8_MID
+  return cudaErrorInvalidConfiguration;
 }
 
 template <bool kInt8, bool kGated, int kWarps, int kStages>
@@ -1042,7 +1305,7 @@ int w4a8_decode_gemm(const void* xq, const void* xs, const void* packed, const v
                      const void* corr_values, const void* bias, void* y, int M, int N, int K,
                      int KP, int NP, int ldy, int act_int8, int per_token, int out_dtype,
                      int warps, int stages, int pdl, void* stream) {
-  if (M <= 0 || M > 16 || NP % 16 || KP % (2 * kStepK) || K % 32 || K > KP || N > NP)
+  if (M <= 0 || M > 32 || NP % 16 || KP % (2 * kStepK) || K % 32 || K > KP || N > NP)
     return int(cudaErrorInvalidValue);
   const Corrections corr = {static_cast<const int32_t*>(corr_row_ptr),
                             static_cast<const int32_t*>(corr_blocks),
@@ -1140,6 +1403,43 @@ int w4a8_quant_act_grid(const void* x, int ldx, void* q, void* partials, void* s
   }
 #undef W4A8_QUANT_GRID
   return int(cudaErrorInvalidValue);
+}
+
+// The mid-M GEMM (mid_gemm_kernel): y [M, N] = xq [M, K] @ W^T, scaled, + bias, without the
+// out-of-range blocks (the caller adds them). (warps, tokens per CTA, stages) is one of the
+// instantiated configs; splits > 1 splits K over that many CTAs per tile, with partials
+// [splits, M, NP] float32 scratch and counters (one int32 per tile, zero, left zero).
+// Returns a cudaError_t code (0 = launched).
+int w4a8_mid_gemm(const void* xq, const void* xs, const void* packed, const void* codes,
+                  const void* row_scale, const void* bias, void* y, void* partials,
+                  void* counters, int M, int N, int K, int KP, int NP, int ldy, int act_int8,
+                  int per_token, int out_dtype, int warps, int tokens, int stages, int splits,
+                  int pdl, void* stream) {
+  if (M <= 0 || NP % (16 * warps) || KP % (2 * kStepK) || K % 32 || K > KP || N > NP ||
+      splits < 1 || (splits > 1 && (partials == nullptr || counters == nullptr)) ||
+      out_dtype < 0 || out_dtype > 2)
+    return int(cudaErrorInvalidValue);
+  MidArgs args;
+  args.xq = static_cast<const uint8_t*>(xq);
+  args.xs = static_cast<const float*>(xs);
+  args.packed = static_cast<const uint8_t*>(packed);
+  args.codes = static_cast<const uint8_t*>(codes);
+  args.row_scale = row_scale;
+  args.bias = bias;
+  args.y = y;
+  args.partials = static_cast<float*>(partials);
+  args.counters = static_cast<int32_t*>(counters);
+  args.M = M;
+  args.N = N;
+  args.K = K;
+  args.KP = KP;
+  args.NP = NP;
+  args.ldy = ldy;
+  args.per_token = per_token;
+  args.out_dtype = out_dtype;
+  auto st = static_cast<cudaStream_t>(stream);
+  return int(act_int8 ? pick_mid_config<true>(warps, tokens, stages, args, splits, pdl != 0, st)
+                      : pick_mid_config<false>(warps, tokens, stages, args, splits, pdl != 0, st));
 }
 
 // One MoE decode GEMM (see moe_decode_kernel). gated = 1: GEMM1 over tokens * top_k pairs,
