@@ -1,9 +1,10 @@
-"""Same-run timing of the CUDA mid-M GEMM (``mid_gemm_kernel``) against the Triton path it would
-replace, for M above the decode kernel's range.
+"""Same-run timing of the CUDA wgmma GEMM (``wg_gemm_kernel``) against the op's current path and
+the CUDA decode kernel.
 
-Per (N, K, activation dtype, M): cuBLAS BF16, the whole op on its current path (``op``), and the
-whole CUDA mid-M path (CUDA quantization, mid-M GEMM, correction kernel) for each launch config
-(warps, tokens per CTA, stages, K splits), with its relative difference from the op's output. All
+Per (N, K, activation dtype, M): cuBLAS BF16, the whole op on its current path (``op``), the whole
+wgmma path (CUDA quantization, wgmma GEMM, correction kernel) for each launch config (warps,
+tokens per CTA, stages, K splits), and up to 16 rows the CUDA decode kernel, each with its
+relative difference from the op's output. All
 under `bench_linear.Timer` (CUDA graphs, L2 flushed before each call), static activation scales.
 
     python benchmarks/tools/mid_m.py > benchmarks/results/mid_m.jsonl
@@ -40,13 +41,21 @@ from bench_linear import (  # noqa: E402
 from w4a8_backend.formats import dequantize_mxfp4  # noqa: E402
 from w4a8_backend.kernels import sm90_triton  # noqa: E402
 
-CONFIGS = [(4, 32, 3, 1), (4, 32, 3, 2), (4, 32, 3, 4), (4, 64, 3, 1), (4, 64, 3, 2),
-           (4, 64, 4, 1), (4, 64, 4, 2), (8, 32, 3, 1), (8, 64, 3, 1), (8, 64, 3, 2)]
+# instantiated (warps, tokens per CTA) -> stages
+STAGES = {(4, 8): (4,), (4, 16): (4,), (4, 32): (4,), (4, 64): (3, 4), (8, 32): (4,),
+          (8, 64): (3, 4)}
+
+
+def configs_for(m: int) -> list[tuple[int, int, int, int]]:
+    """(warps, tokens per CTA, stages, K splits) of the wgmma GEMM worth timing at ``m`` rows."""
+    tokens = next(t for t in (8, 16, 32, 64) if m <= t or t == 64)
+    return [(w, tokens, st, sp) for w in (4, 8) for st in STAGES.get((w, tokens), ())
+            for sp in (1, 2, 4)]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--ms", default="16,24,32,64,128")
+    ap.add_argument("--ms", default="1,4,8,16,32,64,128")
     ap.add_argument("--shapes", default="all", help="'all' or '8192' (N = K = 8192 only)")
     args = ap.parse_args(argv)
     ms = [int(v) for v in args.ms.split(",")]
@@ -80,7 +89,7 @@ def main(argv=None):
                     res["op_us"] = round(timer.time_us(lambda: kern.apply(layer, x, None)), 2)
                 finally:
                     sm90_triton.CUDA_MID_MAX_M.update(saved)
-                for config in CONFIGS:
+                for config in configs_for(m):
 
                     def call(config=config):
                         return sm90_triton.cuda_mid(
@@ -97,8 +106,8 @@ def main(argv=None):
                         res[key] = f"ERR {type(exc).__name__}: {exc}"
                         continue
                     res[key] = us
-                if m <= 32:  # the decode kernel with 32 tokens per CTA (an experiment)
-                    for config in ((4, 2), (8, 2), (4, 3)):
+                if m <= 16:  # the CUDA decode kernel (mma.sync), default config
+                    for config in ((4, 2),):
                         def dec(config=config):
                             return sm90_triton.cuda_decode(
                                 x, layer.weight, layer.weight_scale, layer.w4a8_row_scale,

@@ -32,8 +32,9 @@ from test_sm90_triton import (
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=str(_REASON))]
 
 # every instantiated (warps, tokens per CTA, stages), with and without split K
-CONFIGS = [(4, 32, 3, 1), (4, 64, 2, 1), (4, 64, 3, 1), (4, 64, 4, 1), (8, 32, 3, 1),
-           (8, 64, 3, 1), (4, 64, 3, 2), (8, 32, 3, 3), (4, 32, 3, 4)]
+CONFIGS = [(4, 8, 4, 1), (4, 16, 4, 1), (4, 32, 4, 1), (4, 64, 3, 1), (4, 64, 4, 1),
+           (8, 32, 4, 1), (8, 64, 3, 1), (8, 64, 4, 1), (4, 8, 4, 4), (4, 16, 4, 2),
+           (4, 32, 4, 3), (4, 64, 3, 2), (8, 64, 4, 2)]
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +78,7 @@ def test_every_launch_config(act, config):
     assert layer.w4a8_corr_blocks.numel() > 0
     corr = (layer.w4a8_corr_rows, layer.w4a8_corr_ptr, layer.w4a8_corr_blocks,
             layer.w4a8_corr_values)
-    for m in (17, 40, 64, 100, 128):
+    for m in (3, 17, 40, 64):
         x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
         run = (lambda: cuda_mid(x, layer.weight, layer.weight_scale, layer.w4a8_row_scale, None,
                                 None, n, act == INT8, int(scheme), torch.bfloat16,

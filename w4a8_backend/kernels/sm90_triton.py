@@ -74,8 +74,8 @@ CUDA_DECODE_CONFIG = (4, 2)
 # Largest M of the CUDA mid-M GEMM (keyed by act_int8; it takes M above CUDA_DECODE_MAX_M), and
 # its (warps, tokens per CTA, stages, K splits) per M range: see cuda_mid_config.
 CUDA_MID_MAX_M = {False: 0, True: 0}
-CUDA_MID_CONFIGS = {False: ((32, (4, 32, 3, 1)), (128, (4, 64, 3, 1))),
-                    True: ((32, (4, 32, 3, 1)), (128, (4, 64, 3, 1)))}
+CUDA_MID_CONFIGS = {False: ((16, (4, 16, 4, 1)), (32, (4, 32, 4, 1)), (128, (4, 64, 4, 1))),
+                    True: ((16, (4, 16, 4, 1)), (32, (4, 32, 4, 1)), (128, (4, 64, 4, 1)))}
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
