@@ -38,6 +38,7 @@
 // waits (griddepcontrol.wait) before it reads the quantized activations.
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -938,6 +939,455 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
 }
 
 // ----------------------------------------------------------------------------------------------
+// wgmma GEMM (SM90; M above the decode kernel's range), warp-specialized. A CTA takes 64 * kWG
+// consecutive weight rows and 8 * kNT tokens: one producer warp copies K steps into a ring of
+// kStages stages (cp.async; a stage holds one 256-wide K step of the rows' weights, codes and
+// INT8 tile exponents, and of the tokens' activations laid out as wgmma core matrices without
+// swizzle: 16-byte unit u of token r at (u * kNT + r / 8) * 128 + (r % 8) * 16), signalling
+// each stage on an mbarrier once its copies land; kWG consumer warpgroups each decode their
+// 64 rows in registers into the A operand of wgmma m64n(8 kNT)k32 (per warp the same fragment
+// as mma.sync m16n8k32: rows g and g + 8; k = 4t..4t+3 and 16+4t..16+4t+3) and release the
+// stage on a second mbarrier when done. In A's natural K order, k32 chunk 2G + h of a step is,
+// for lane t, the low (h = 0) or high (h = 1) halves of words t and 4 + t of the step's 64-wide
+// group G (the word layout, _sm90_repack.WORD_BITS): no K permutation on either side.
+// A step's 8 wgmmas sum into fresh accumulators (the first one zeroes them), which are folded
+// into float32 sums once they complete: INT8 scaled by the rows' 2**t (exact, as in the decode
+// kernel), FP8 as they are (which also moves the tensor cores' FP8 sums to float32 every 256
+// products). gridDim.z > 1 splits K: each split writes float32 partials, and the last CTA of a
+// tile to arrive (a counter that it resets) adds them in split order. Out-of-range blocks are
+// not added here (the caller runs the correction kernel).
+// ----------------------------------------------------------------------------------------------
+__device__ __forceinline__ float load_val(const void* p, int dtype, size_t i) {
+  if (dtype == 0) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  if (dtype == 1) return __half2float(static_cast<const __half*>(p)[i]);
+  return static_cast<const float*>(p)[i];
+}
+
+__device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+
+struct MidArgs {
+  const uint8_t* xq;      // [M, K] quantized activations, rows 16-byte aligned
+  const float* xs;        // [1] or [M] (per_token)
+  const uint8_t* packed;  // [NP, KP/2]
+  const uint8_t* codes;   // [NP, KP/32]
+  const void* row_scale;  // FP8: float [NP]; INT8: uint8 [KP/256, NP]
+  const void* bias;       // [N] of out_dtype, or null
+  void* y;                // [M, ldy] of out_dtype
+  float* partials;        // split K: [splits, M, NP] float32 scratch
+  int32_t* counters;      // split K: one per (row block, token block), all zero between calls
+  int M, N, K, KP, NP, ldy, per_token, out_dtype;
+};
+
+template <int kWG, int kNT>
+struct WgStage {
+  static constexpr int kRows = 64 * kWG;
+  static constexpr int kTokens = 8 * kNT;
+  static constexpr int kWeights = kRows * kRowStride;
+  static constexpr int kCodes = kRows * 8;
+  static constexpr int kTiles = 2 * kRows;  // (64 used: keeps the activations 128-byte aligned)
+  static constexpr int kX = kTokens * kStepK;
+  static constexpr int kBytes = kWeights + kCodes + kTiles + kX;
+  static_assert(kWeights % 128 == 0 && (kCodes + kTiles) % 128 == 0, "128-byte aligned parts");
+};
+
+// wgmma shared-memory descriptor without swizzle; strides between core matrices adjacent along
+// K and along N, in bytes (multiples of 16)
+__device__ __forceinline__ uint64_t wg_desc(uint32_t addr, uint32_t k_stride, uint32_t n_stride) {
+  return uint64_t((addr >> 4) & 0x3FFF) | (uint64_t((k_stride >> 4) & 0x3FFF) << 16) |
+         (uint64_t((n_stride >> 4) & 0x3FFF) << 32);
+}
+
+__device__ __forceinline__ void wg_fence() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wg_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int kPending>
+__device__ __forceinline__ void wg_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// d (+)= A (registers) x B (descriptor): one wgmma m64n(8 kNT)k32, FP8 or INT8 (the same
+// instruction at each N; accumulate = false zeroes d first)
+template <int kNT>
+__device__ __forceinline__ void wg_mma_fp8(float (&d)[kNT][4], const uint32_t (&a)[4],
+                                           uint64_t desc, bool accumulate);
+template <int kNT>
+__device__ __forceinline__ void wg_mma_int8(int32_t (&d)[kNT][4], const uint32_t (&a)[4],
+                                            uint64_t desc, bool accumulate);
+
+template <>
+__device__ __forceinline__ void wg_mma_fp8<1>(
+    float (&d)[1][4], const uint32_t (&a)[4], uint64_t desc, bool accumulate) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{ .reg .pred p; setp.ne.b32 p, %9, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, %8, p, 1, 1; }\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(int(accumulate))
+      : "memory");
+#else
+  __trap();
+#endif
+}
+
+template <>
+__device__ __forceinline__ void wg_mma_fp8<2>(
+    float (&d)[2][4], const uint32_t (&a)[4], uint64_t desc, bool accumulate) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{ .reg .pred p; setp.ne.b32 p, %13, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, "
+      "{%8, %9, %10, %11}, %12, p, 1, 1; }\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(int(accumulate))
+      : "memory");
+#else
+  __trap();
+#endif
+}
+
+template <>
+__device__ __forceinline__ void wg_mma_fp8<4>(
+    float (&d)[4][4], const uint32_t (&a)[4], uint64_t desc, bool accumulate) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{ .reg .pred p; setp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+      "{%16, %17, %18, %19}, %20, p, 1, 1; }\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(int(accumulate))
+      : "memory");
+#else
+  __trap();
+#endif
+}
+
+template <>
+__device__ __forceinline__ void wg_mma_fp8<8>(
+    float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc, bool accumulate) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{ .reg .pred p; setp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p, 1, 1; }\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(int(accumulate))
+      : "memory");
+#else
+  __trap();
+#endif
+}
+
+template <>
+__device__ __forceinline__ void wg_mma_int8<1>(
+    int32_t (&d)[1][4], const uint32_t (&a)[4], uint64_t desc, bool accumulate) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{ .reg .pred p; setp.ne.b32 p, %9, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n8k32.s32.s8.s8 "
+      "{%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, %8, p; }\n"
+      : "+r"(d[0][0]), "+r"(d[0][1]), "+r"(d[0][2]), "+r"(d[0][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(int(accumulate))
+      : "memory");
+#else
+  __trap();
+#endif
+}
+
+template <>
+__device__ __forceinline__ void wg_mma_int8<2>(
+    int32_t (&d)[2][4], const uint32_t (&a)[4], uint64_t desc, bool accumulate) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{ .reg .pred p; setp.ne.b32 p, %13, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, "
+      "{%8, %9, %10, %11}, %12, p; }\n"
+      : "+r"(d[0][0]), "+r"(d[0][1]), "+r"(d[0][2]), "+r"(d[0][3]), "+r"(d[1][0]), "+r"(d[1][1]), "+r"(d[1][2]), "+r"(d[1][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(int(accumulate))
+      : "memory");
+#else
+  __trap();
+#endif
+}
+
+template <>
+__device__ __forceinline__ void wg_mma_int8<4>(
+    int32_t (&d)[4][4], const uint32_t (&a)[4], uint64_t desc, bool accumulate) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{ .reg .pred p; setp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+      "{%16, %17, %18, %19}, %20, p; }\n"
+      : "+r"(d[0][0]), "+r"(d[0][1]), "+r"(d[0][2]), "+r"(d[0][3]), "+r"(d[1][0]), "+r"(d[1][1]), "+r"(d[1][2]), "+r"(d[1][3]), "+r"(d[2][0]), "+r"(d[2][1]), "+r"(d[2][2]), "+r"(d[2][3]), "+r"(d[3][0]), "+r"(d[3][1]), "+r"(d[3][2]), "+r"(d[3][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(int(accumulate))
+      : "memory");
+#else
+  __trap();
+#endif
+}
+
+template <>
+__device__ __forceinline__ void wg_mma_int8<8>(
+    int32_t (&d)[8][4], const uint32_t (&a)[4], uint64_t desc, bool accumulate) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{ .reg .pred p; setp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p; }\n"
+      : "+r"(d[0][0]), "+r"(d[0][1]), "+r"(d[0][2]), "+r"(d[0][3]), "+r"(d[1][0]), "+r"(d[1][1]), "+r"(d[1][2]), "+r"(d[1][3]), "+r"(d[2][0]), "+r"(d[2][1]), "+r"(d[2][2]), "+r"(d[2][3]), "+r"(d[3][0]), "+r"(d[3][1]), "+r"(d[3][2]), "+r"(d[3][3]), "+r"(d[4][0]), "+r"(d[4][1]), "+r"(d[4][2]), "+r"(d[4][3]), "+r"(d[5][0]), "+r"(d[5][1]), "+r"(d[5][2]), "+r"(d[5][3]), "+r"(d[6][0]), "+r"(d[6][1]), "+r"(d[6][2]), "+r"(d[6][3]), "+r"(d[7][0]), "+r"(d[7][1]), "+r"(d[7][2]), "+r"(d[7][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(int(accumulate))
+      : "memory");
+#else
+  __trap();
+#endif
+}
+
+template <bool kInt8>
+using WgAcc = typename std::conditional<kInt8, int32_t, float>::type;
+
+template <bool kInt8, int kNT>
+__device__ __forceinline__ void wg_mma(WgAcc<kInt8> (&d)[kNT][4], const uint32_t (&a)[4],
+                                       uint64_t desc, bool accumulate) {
+  if constexpr (kInt8) {
+    wg_mma_int8<kNT>(d, a, desc, accumulate);
+  } else {
+    wg_mma_fp8<kNT>(d, a, desc, accumulate);
+  }
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+// waits until the phase of parity `parity` has completed
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
+  asm volatile(
+      "{ .reg .pred p;\n"
+      "WAIT: mbarrier.try_wait.parity.shared.b64 p, [%0], %1;\n"
+      "@!p bra WAIT; }\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+// one arrival on bar once all of this thread's earlier cp.async have landed
+__device__ __forceinline__ void cp_async_arrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];\n" ::"r"(smem_addr(bar))
+               : "memory");
+}
+
+constexpr int kWgProducers = 128;  // threads of the producer warpgroup
+
+template <bool kInt8, int kWG, int kNT, int kStages>
+__global__ void __launch_bounds__(128 * kWG + kWgProducers) wg_gemm_kernel(const MidArgs a) {
+  using S = WgStage<kWG, kNT>;
+  constexpr int kConsumerWarps = 4 * kWG;
+  extern __shared__ __align__(128) uint8_t ring[];
+  __shared__ __align__(8) uint64_t full[kStages], empty[kStages];
+  __shared__ int s_last;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * S::kRows, m0 = blockIdx.y * S::kTokens;
+  const size_t kp2 = size_t(a.KP) / 2, kp32 = size_t(a.KP) / 32;
+  const int steps = (a.K + kStepK - 1) / kStepK;
+  const int per_split = (steps + gridDim.z - 1) / gridDim.z;
+  const int s_begin = blockIdx.z * per_split;
+  const int nsteps = max(0, min(steps, s_begin + per_split) - s_begin);
+  const uint8_t* tiles = static_cast<const uint8_t*>(a.row_scale);
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int i = 0; i < kStages; ++i) {
+      mbar_init(&full[i], kWgProducers);     // the producer's threads, once their copies land
+      mbar_init(&empty[i], kConsumerWarps);  // each consumer warp, once done with the stage
+    }
+  }
+  __syncthreads();
+
+  float acc[kNT][4];
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  const int wrow = warp * 16 + g;  // a consumer lane's weight rows in a stage: wrow, wrow + 8
+
+  if (warp >= kConsumerWarps) {
+    // Producer warpgroup: copies step it into stage it % kStages once the consumers released it.
+    const int pt = threadIdx.x - 32 * kConsumerWarps;  // 0 .. kWgProducers - 1
+    auto issue_w = [&](int it) {
+      const int s = s_begin + it;
+      uint8_t* st = ring + (it % kStages) * S::kBytes;
+      static_assert(S::kRows * 8 % kWgProducers == 0 && S::kRows % kWgProducers == 0 ||
+                    S::kRows < kWgProducers, "whole copies per thread");
+#pragma unroll
+      for (int i = 0; i < S::kRows * 8 / kWgProducers; ++i) {
+        const int c = pt + kWgProducers * i, row = c >> 3, col = (c & 7) * 16;
+        cp_async16(st + row * kRowStride + col,
+                   a.packed + size_t(n0 + row) * kp2 + size_t(s) * (kStepK / 2) + col);
+      }
+      for (int row = pt; row < S::kRows; row += kWgProducers)
+        cp_async8(st + S::kWeights + row * 8,
+                  a.codes + size_t(n0 + row) * kp32 + size_t(s) * (kStepK / 32));
+      if (kInt8 && pt < S::kRows / 16)
+        cp_async16(st + S::kWeights + S::kCodes + pt * 16,
+                   tiles + size_t(s) * a.NP + n0 + pt * 16);
+    };
+    auto issue_x = [&](int it) {
+      const int s = s_begin + it;
+      uint8_t* st = ring + (it % kStages) * S::kBytes + S::kWeights + S::kCodes + S::kTiles;
+      // 16 lanes copy units 2p and 2p + 1 (one sector) of 8 token rows: whole sectors from
+      // global memory, and each 8 lanes one whole core matrix (no bank conflicts)
+#pragma unroll
+      for (int i = 0; i < (S::kTokens * 16 + kWgProducers - 1) / kWgProducers; ++i) {
+        const int c = pt + kWgProducers * i, grp = c >> 4;
+        if (S::kTokens * 16 % kWgProducers != 0 && c >= S::kTokens * 16) break;
+        const int r = (grp % kNT) * 8 + (c & 7), u = 2 * (grp / kNT) + ((c >> 3) & 1);
+        const int m = m0 + r, k = s * kStepK + u * 16;
+        const bool valid = m < a.M && k < a.K;
+        cp_async16_zfill(st + (u * kNT + (r >> 3)) * 128 + (r & 7) * 16,
+                         valid ? a.xq + size_t(m) * a.K + k : a.xq, valid);
+      }
+    };
+    // the weights do not depend on the previous kernel: their first copies go before the wait
+    const int first = min(nsteps, kStages);
+    for (int it = 0; it < first; ++it) issue_w(it);
+    pdl_wait();
+    for (int it = 0; it < nsteps; ++it) {
+      if (it >= kStages) {
+        mbar_wait(&empty[it % kStages], ((it / kStages) & 1) ^ 1);
+        issue_w(it);
+      }
+      issue_x(it);
+      cp_async_arrive(&full[it % kStages]);
+    }
+    cp_async_wait<0>();
+  } else {
+    // Consumer warpgroups: decode this warp's 16 rows into wgmma's A operand, 8 wgmmas per step.
+    const uint32_t ring_addr = smem_addr(ring);
+    for (int it = 0; it < nsteps; ++it) {
+      const int stage = it % kStages;
+      mbar_wait(&full[stage], (it / kStages) & 1);
+      fence_proxy_async();  // the producer's cp.async writes, seen by wgmma (async proxy)
+      const uint8_t* st = ring + stage * S::kBytes;
+      const uint8_t* ra = st + wrow * kRowStride + 4 * t;
+      const uint8_t* rb = ra + 8 * kRowStride;
+      const uint2 ca = *reinterpret_cast<const uint2*>(st + S::kWeights + wrow * 8);
+      const uint2 cb = *reinterpret_cast<const uint2*>(st + S::kWeights + (wrow + 8) * 8);
+      uint32_t frag[8][4];  // A of the step's 8 k32 chunks
+#pragma unroll
+      for (int grp = 0; grp < 4; ++grp) {
+        const uint32_t code_a = (grp < 2 ? ca.x : ca.y) >> (16 * (grp & 1));
+        const uint32_t code_b = (grp < 2 ? cb.x : cb.y) >> (16 * (grp & 1));
+        const Lut la_lo = make_lut<kInt8>(code_a & 0xFF);
+        const Lut la_hi = make_lut<kInt8>((code_a >> 8) & 0xFF);
+        const Lut lb_lo = make_lut<kInt8>(code_b & 0xFF);
+        const Lut lb_hi = make_lut<kInt8>((code_b >> 8) & 0xFF);
+        const uint32_t wa0 = *reinterpret_cast<const uint32_t*>(ra + 32 * grp);
+        const uint32_t wa1 = *reinterpret_cast<const uint32_t*>(ra + 32 * grp + 16);
+        const uint32_t wb0 = *reinterpret_cast<const uint32_t*>(rb + 32 * grp);
+        const uint32_t wb1 = *reinterpret_cast<const uint32_t*>(rb + 32 * grp + 16);
+        // word t: k 4t..4t+3 of chunks 2grp (low half) and 2grp + 1 (high); word 4 + t: k 16+4t..
+        decode8<kInt8>(wa0, la_lo, la_hi, frag[2 * grp][0], frag[2 * grp + 1][0]);
+        decode8<kInt8>(wb0, lb_lo, lb_hi, frag[2 * grp][1], frag[2 * grp + 1][1]);
+        decode8<kInt8>(wa1, la_lo, la_hi, frag[2 * grp][2], frag[2 * grp + 1][2]);
+        decode8<kInt8>(wb1, lb_lo, lb_hi, frag[2 * grp][3], frag[2 * grp + 1][3]);
+      }
+      float scale_a = 1.f, scale_b = 1.f;  // INT8: the rows' 2**t for this step
+      if constexpr (kInt8) {
+        const uint8_t* stt = st + S::kWeights + S::kCodes;
+        scale_a = __int_as_float(int(stt[wrow]) << 23);
+        scale_b = __int_as_float(int(stt[wrow + 8]) << 23);
+      }
+      const uint32_t x_addr =
+          ring_addr + stage * S::kBytes + S::kWeights + S::kCodes + S::kTiles;
+      WgAcc<kInt8> d[kNT][4];
+      wg_fence();
+#pragma unroll
+      for (int c = 0; c < 8; ++c)
+        wg_mma<kInt8, kNT>(d, frag[c], wg_desc(x_addr + 2 * c * kNT * 128, kNT * 128, 128),
+                           c > 0);
+      wg_commit();
+      wg_wait<0>();
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[stage]);  // this warp is done with the stage
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        acc[j][0] = fmaf(float(d[j][0]), scale_a, acc[j][0]);
+        acc[j][1] = fmaf(float(d[j][1]), scale_a, acc[j][1]);
+        acc[j][2] = fmaf(float(d[j][2]), scale_b, acc[j][2]);
+        acc[j][3] = fmaf(float(d[j][3]), scale_b, acc[j][3]);
+      }
+    }
+  }
+  const bool consumer = warp < kConsumerWarps;
+
+  const int n_a = n0 + wrow;  // rows of acc[j][0..1]; acc[j][2..3] are n_a + 8
+  if (gridDim.z > 1) {
+    const size_t plane = size_t(a.M) * a.NP;
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = m0 + 8 * j + 2 * t + (e & 1), n = n_a + 8 * (e >> 1);
+        if (consumer && m < a.M) a.partials[blockIdx.z * plane + size_t(m) * a.NP + n] = acc[j][e];
+      }
+    __threadfence();
+    __syncthreads();
+    int32_t* counter = a.counters + blockIdx.y * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0) s_last = atomicAdd(counter, 1) == int(gridDim.z) - 1;
+    __syncthreads();
+    if (!s_last || !consumer) return;
+    __threadfence();
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = m0 + 8 * j + 2 * t + (e & 1), n = n_a + 8 * (e >> 1);
+        float v = 0.f;
+        if (m < a.M)
+          for (int z = 0; z < int(gridDim.z); ++z)
+            v += __ldcg(a.partials + z * plane + size_t(m) * a.NP + n);
+        acc[j][e] = v;
+      }
+    if (threadIdx.x == 0) *counter = 0;  // for the next call
+  }
+  if (!consumer) return;
+#pragma unroll
+  for (int j = 0; j < kNT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int m = m0 + 8 * j + 2 * t + (e & 1), n = n_a + 8 * (e >> 1);
+      if (m >= a.M || n >= a.N) continue;
+      float v = acc[j][e] * (a.per_token ? a.xs[m] : a.xs[0]);
+      if constexpr (!kInt8) v *= static_cast<const float*>(a.row_scale)[n];
+      if (a.bias != nullptr) v += load_val(a.bias, a.out_dtype, n);
+      store_out(a.y, a.out_dtype, size_t(m) * a.ldy + n, v);
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
 // host side
 // ----------------------------------------------------------------------------------------------
 template <bool kInt8, int kNT, int kWarps, int kStages, typename OutT>
@@ -993,6 +1443,44 @@ cudaError_t pick_tiles(int warps, int stages, const uint8_t* xq, const float* xs
                                       bias, y, M, N, K, KP, NP, ldy, per_token, pdl, stream);
   return pick_warps<kInt8, 2, OutT>(warps, stages, xq, xs, packed, codes, row_scale, corr,
                                     bias, y, M, N, K, KP, NP, ldy, per_token, pdl, stream);
+}
+
+template <bool kInt8, int kWG, int kNT, int kStages>
+cudaError_t launch_wg(const MidArgs& args, int splits, bool pdl, cudaStream_t stream) {
+  auto kernel = wg_gemm_kernel<kInt8, kWG, kNT, kStages>;
+  constexpr int kSmem = kStages * WgStage<kWG, kNT>::kBytes;
+  static const cudaError_t attr_status =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (attr_status != cudaSuccess) return attr_status;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(args.NP / (64 * kWG), (args.M + 8 * kNT - 1) / (8 * kNT), splits);
+  cfg.blockDim = dim3(128 * kWG + kWgProducers, 1, 1);  // consumer warpgroups + a producer one
+  cfg.dynamicSmemBytes = kSmem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, args);
+}
+
+template <bool kInt8>
+cudaError_t pick_wg_config(int warps, int tokens, int stages, const MidArgs& args, int splits,
+                           bool pdl, cudaStream_t stream) {
+#define W4A8_WG(G, T, D)                                      \
+  if (warps == 4 * G && tokens == 8 * T && stages == D) \
+    return launch_wg<kInt8, G, T, D>(args, splits, pdl, stream);
+  W4A8_WG(1, 1, 4)
+  W4A8_WG(1, 2, 4)
+  W4A8_WG(1, 4, 4)
+  W4A8_WG(1, 8, 3)
+  W4A8_WG(1, 8, 4)
+  W4A8_WG(2, 4, 4)
+  W4A8_WG(2, 8, 3)
+  W4A8_WG(2, 8, 4)
+#undef W4A8_WG
+  return cudaErrorInvalidConfiguration;
 }
 
 template <bool kInt8, bool kGated, int kWarps, int kStages>
@@ -1140,6 +1628,43 @@ int w4a8_quant_act_grid(const void* x, int ldx, void* q, void* partials, void* s
   }
 #undef W4A8_QUANT_GRID
   return int(cudaErrorInvalidValue);
+}
+
+// The mid-M GEMM (mid_gemm_kernel): y [M, N] = xq [M, K] @ W^T, scaled, + bias, without the
+// out-of-range blocks (the caller adds them). (warps, tokens per CTA, stages) is one of the
+// instantiated configs; splits > 1 splits K over that many CTAs per tile, with partials
+// [splits, M, NP] float32 scratch and counters (one int32 per tile, zero, left zero).
+// Returns a cudaError_t code (0 = launched).
+int w4a8_mid_gemm(const void* xq, const void* xs, const void* packed, const void* codes,
+                  const void* row_scale, const void* bias, void* y, void* partials,
+                  void* counters, int M, int N, int K, int KP, int NP, int ldy, int act_int8,
+                  int per_token, int out_dtype, int warps, int tokens, int stages, int splits,
+                  int pdl, void* stream) {
+  if (M <= 0 || (warps != 4 && warps != 8) || NP % (16 * warps) || KP % (2 * kStepK) || K % 32 || K > KP || N > NP ||
+      splits < 1 || (splits > 1 && (partials == nullptr || counters == nullptr)) ||
+      out_dtype < 0 || out_dtype > 2)
+    return int(cudaErrorInvalidValue);
+  MidArgs args;
+  args.xq = static_cast<const uint8_t*>(xq);
+  args.xs = static_cast<const float*>(xs);
+  args.packed = static_cast<const uint8_t*>(packed);
+  args.codes = static_cast<const uint8_t*>(codes);
+  args.row_scale = row_scale;
+  args.bias = bias;
+  args.y = y;
+  args.partials = static_cast<float*>(partials);
+  args.counters = static_cast<int32_t*>(counters);
+  args.M = M;
+  args.N = N;
+  args.K = K;
+  args.KP = KP;
+  args.NP = NP;
+  args.ldy = ldy;
+  args.per_token = per_token;
+  args.out_dtype = out_dtype;
+  auto st = static_cast<cudaStream_t>(stream);
+  return int(act_int8 ? pick_wg_config<true>(warps, tokens, stages, args, splits, pdl != 0, st)
+                      : pick_wg_config<false>(warps, tokens, stages, args, splits, pdl != 0, st));
 }
 
 // One MoE decode GEMM (see moe_decode_kernel). gated = 1: GEMM1 over tokens * top_k pairs,
