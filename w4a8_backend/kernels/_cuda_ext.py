@@ -153,8 +153,6 @@ class DecodeGemmLib:
         self._lib.w4a8_quant_act.restype = i
         self._lib.w4a8_quant_act_grid.argtypes = [p, i, p, p, p, i, i, i, i, i, i, p]
         self._lib.w4a8_quant_act_grid.restype = i
-        self._lib.w4a8_mid_gemm.argtypes = [p] * 9 + [i] * 14 + [p]
-        self._lib.w4a8_mid_gemm.restype = i
         self._lib.w4a8_moe_decode_gemm.argtypes = [p] * 13 + [i] * 19 + [p]
         self._lib.w4a8_moe_decode_gemm.restype = i
         self._lib.w4a8_error_string.argtypes = [i]
@@ -208,26 +206,6 @@ class DecodeGemmLib:
             m, n, k, kp, n_pad, y.stride(0), int(act_int8), int(per_token),
             _DTYPE_CODE[y.dtype], warps, stages, int(pdl), stream), "GEMM launch")
 
-    def mid_gemm(self, q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor,
-                 codes: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None,
-                 y: torch.Tensor, partials: torch.Tensor | None, counters: torch.Tensor,
-                 act_int8: bool, per_token: bool, config: tuple[int, int, int, int],
-                 pdl: bool) -> None:
-        """The mid-M GEMM (no out-of-range blocks: the caller adds them). ``config`` =
-        (warps, tokens per CTA, stages, K splits); more than one split needs ``partials``
-        [splits, M, N_pad] float32 and ``counters`` (int32, one per tile, zero; left zero)."""
-        m, k = q.shape
-        n = y.shape[1]
-        n_pad, kp = packed.shape[0], packed.shape[1] * 2
-        warps, tokens, stages, splits = config
-        stream = torch.cuda.current_stream(q.device).cuda_stream
-        self._check(self._lib.w4a8_mid_gemm(
-            q.data_ptr(), xs.data_ptr(), packed.data_ptr(), codes.data_ptr(),
-            row_scale.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
-            partials.data_ptr() if partials is not None else None, counters.data_ptr(),
-            m, n, k, kp, n_pad, y.stride(0), int(act_int8), int(per_token),
-            _DTYPE_CODE[y.dtype], warps, tokens, stages, splits, int(pdl), stream),
-            "mid-M GEMM launch")
 
     def moe_gemm(self, a: torch.Tensor, a_scale: torch.Tensor, weights: MoeWeights,
                  topk_ids: torch.Tensor, expert_map: torch.Tensor | None,

@@ -71,11 +71,6 @@ CUDA_DECODE_MAX_M = {False: 8, True: 16}
 # bench_linear --sweep-cuda): the kernel is bound by latency at low occupancy, so more warps beat
 # deeper copy rings.
 CUDA_DECODE_CONFIG = (4, 2)
-# Largest M of the CUDA mid-M GEMM (keyed by act_int8; it takes M above CUDA_DECODE_MAX_M), and
-# its (warps, tokens per CTA, stages, K splits) per M range: see cuda_mid_config.
-CUDA_MID_MAX_M = {False: 0, True: 0}
-CUDA_MID_CONFIGS = {False: ((16, (4, 16, 4, 1)), (32, (4, 32, 4, 1)), (128, (4, 64, 4, 1))),
-                    True: ((16, (4, 16, 4, 1)), (32, (4, 32, 4, 1)), (128, (4, 64, 4, 1)))}
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
@@ -224,50 +219,6 @@ def cuda_decode(x2: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
     return y, q, s_out
 
 
-def cuda_mid_config(m: int, act_int8: bool) -> tuple[int, int, int, int]:
-    """(warps, tokens per CTA, stages, K splits) of the CUDA mid-M GEMM for ``m`` rows."""
-    for max_m, config in CUDA_MID_CONFIGS[act_int8]:
-        if m <= max_m:
-            return config
-    return CUDA_MID_CONFIGS[act_int8][-1][1]
-
-
-def cuda_mid(x2: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
-             row_scale: torch.Tensor, input_scale: torch.Tensor | None,
-             bias: torch.Tensor | None, n: int, act_int8: bool, scheme: int,
-             out_dtype: torch.dtype, counters: torch.Tensor, corr: tuple,
-             config: tuple[int, int, int, int] | None = None):
-    """Quantize ``x2`` [M, K] (the CUDA kernels) and run the CUDA mid-M GEMM, then the correction
-    kernel for the out-of-range blocks ``corr`` = (rows, ptr, blocks, values); returns
-    (y, q, x_scale). ``counters``: the layer's zeroed split-K counters."""
-    from . import _cuda_ext
-    from . import triton_w4a8 as tk
-
-    dev = x2.device
-    capability = _capability(dev.index or 0)
-    lib = _cuda_ext.load(capability)
-    x2 = aligned_rows(x2)
-    m = x2.shape[0]
-    config = config or cuda_mid_config(m, act_int8)
-    warps, tokens, _, splits = config
-    n_pad = packed.shape[0]
-    tiles = (n_pad // (16 * warps)) * -(-m // tokens)
-    if splits > 1 and tiles > counters.numel():
-        raise ValueError(f"the mid-M GEMM needs {tiles} split-K counters for M={m}, the layer "
-                         f"has {counters.numel()}")
-    q, s_out = cuda_quantize(lib, x2, act_int8, scheme, input_scale, tk.POISON_OUTPUTS)
-    y = torch.empty((m, n), dtype=out_dtype, device=dev)
-    if tk.POISON_OUTPUTS:
-        y.fill_(float("nan"))
-    partials = (torch.empty((splits, m, n_pad), dtype=torch.float32, device=dev)
-                if splits > 1 else None)
-    per_token = scheme == int(ActivationScheme.DYNAMIC_PER_TOKEN)
-    lib.mid_gemm(q, s_out, packed, codes, row_scale, bias, y, partials, counters, act_int8,
-                 per_token, config, pdl=capability >= 90)
-    tk.correction(y, q, s_out, per_token, *corr)
-    return y, q, s_out
-
-
 def _prefill_m(act_int8: bool) -> int:
     env = os.environ.get(PREFILL_M_ENV)
     if env:
@@ -326,12 +277,6 @@ def mxfp4_w4a8_linear(
         corr = (corr_row_ptr, corr_blocks, corr_values) if corr_blocks.numel() else None
         y, _, _ = cuda_decode(x, packed, codes, row_scale, input_scale, bias, n, act_int8,
                               scheme, out_dtype, corr)
-        return y
-    if (decode_cuda and m <= CUDA_MID_MAX_M[act_int8]
-            and (bias is None or (bias.dtype == out_dtype and bias.is_contiguous()))
-            and _cuda_decode_loaded(x.device)):
-        y, _, _ = cuda_mid(x, packed, codes, row_scale, input_scale, bias, n, act_int8, scheme,
-                           out_dtype, counters, (corr_rows, corr_ptr, corr_blocks, corr_values))
         return y
     q, xs = tk.quantize_activation_gpu(x, act_int8, scheme, input_scale)
     if m >= prefill_m:
