@@ -129,7 +129,7 @@ def triton_bf16_moe(x, tw, ti, w13s, w2s, m, ip, hp, config=None):
 
     return mk.moe_forward(x, tw, ti, None, (w13s,), (w2s,), None, None, m["experts"],
                           m["hidden"], m["inter"], ip, hp, False, 0, 0, torch.bfloat16, False,
-                          True, bf16_weights=True, config1=config, config2=config)
+                          bf16_weights=True, config1=config, config2=config)
 
 
 def vllm_fused_experts():
@@ -166,7 +166,7 @@ def bench_model(timer, name, m, tokens, fused_experts, log):
         ours[label] = our_layer(weights, m, act, scheme, x_cal, r_cal)
         k = ours[label][0]
         log(f"# {name} {label}: load {time.time() - t0:.1f}s, out-of-range blocks "
-            f"{k.num_out_of_range}, fuse_silu={getattr(k, 'fuse_silu', None)}")
+            f"{k.num_out_of_range}")
     rows = []
     for t in tokens:
         x = torch.randn(t, m["hidden"], device="cuda").to(torch.bfloat16)

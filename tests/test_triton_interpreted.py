@@ -64,7 +64,7 @@ MOE_SCRIPT = textwrap.dedent("""
         ids[0] = ids[0, 0]  # more pairs on one expert than there are tokens
         tw = torch.softmax(torch.rand(t, k), -1)
         y = mk.moe_forward(x, tw, ids, None, (w13,), (w2,), None, None, e, h, i, ip, hp, False,
-                           0, 0, torch.float32, False, True, bf16_weights=True)
+                           0, 0, torch.float32, False, bf16_weights=True)
         ref = torch.zeros(t, h, dtype=torch.float64)
         for tt in range(t):
             for kk in range(k):
@@ -146,7 +146,7 @@ from w4a8_backend.formats import (ActivationDtype, ActivationScheme, dequantize_
                                   quantize_activation, quantize_mxfp4)
 from w4a8_backend.kernels import _sm90_moe_triton as mk
 from w4a8_backend.kernels import triton_w4a8 as tk
-from w4a8_backend.kernels._sm90_repack import repack_mxfp4
+from w4a8_backend.kernels._sm90_repack import repack_mxfp4, row_offsets
 from w4a8_backend.kernels.sm90_triton_moe import stack_expert_rows
 
 torch.manual_seed(1)
@@ -167,8 +167,8 @@ def mx(w, planted):
 
 silu = torch.nn.functional.silu
 act, i8 = ActivationDtype.INT8, True
-# planted out-of-range blocks: the routing table and the correction kernel; without them (and a
-# per-token intermediate) small calls find their pairs inside the GEMMs (inline routing)
+# planted out-of-range blocks: added back in both GEMMs' epilogues; a per-tensor intermediate
+# takes the routing table, small per-token calls find their pairs inside the GEMMs (inline)
 for planted in (True, False):
     p13, s13 = mx(torch.randn(e, 2 * i, h) * 0.05, planted)
     p2, s2 = mx(torch.randn(e, h, i) * 0.05, planted)
@@ -180,7 +180,8 @@ for planted in (True, False):
                                           hp), i8)
     assert bool(rp13.num_out_of_range and rp2.num_out_of_range) == planted
     ws = [tuple(getattr(rp, f) for f in ("packed", "codes", "row_scale", "corr_rows", "corr_ptr",
-                                         "corr_blocks", "corr_values")) for rp in (rp13, rp2)]
+                                         "corr_blocks", "corr_values"))
+          + (row_offsets(rp.corr_rows, rp.corr_ptr, rp.packed.shape[0]),) for rp in (rp13, rp2)]
     schemes = (ActivationScheme.DYNAMIC_PER_TENSOR, ActivationScheme.DYNAMIC_PER_TOKEN)
     for sch in schemes if planted else schemes[1:]:
         for t in (1, 5, 40):
@@ -189,7 +190,7 @@ for planted in (True, False):
             ids[0] = ids[0, 0]  # one token names an expert k times
             tw = torch.softmax(torch.rand(t, k), -1)
             y = mk.moe_forward(x, tw, ids, None, *ws, None, None, e, h, i, ip, hp, i8, int(sch),
-                               int(sch), torch.float32, False, not planted)
+                               int(sch), torch.float32, False)
             q1, sc1 = quantize_activation(x, act, sch)
             xq = q1.float() * sc1
             flat, tok = ids.reshape(-1), torch.arange(t).repeat_interleave(k)
@@ -212,8 +213,7 @@ for planted in (True, False):
         tw = torch.softmax(torch.rand(t, k), -1)
         y = mk.moe_forward(x, tw, ids, None, *ws, None, None, e, h, i, ip, hp, i8,
                            int(ActivationScheme.DYNAMIC_PER_TOKEN),
-                           int(ActivationScheme.DYNAMIC_PER_TENSOR), torch.float32, False,
-                           not planted)
+                           int(ActivationScheme.DYNAMIC_PER_TENSOR), torch.float32, False)
         assert torch.isnan(y).all(), ("NaN intermediate amax", planted, t, y.isnan().sum())
 print("ok")
 """
@@ -237,8 +237,8 @@ def test_moe_routing_table_holds_repeated_experts():
 
 
 def test_moe_int8_layer_with_corrections_and_repeated_experts():
-    """The quantized INT8 MoE path (routing table, GEMM1, the correction kernel over the
-    table, SiLU-and-mul, the intermediate's quantization, GEMM2, the top-k sum) with planted
+    """The quantized INT8 MoE path (routing, GEMM1 with the corrections and SiLU-and-mul in
+    its epilogue, the intermediate's quantization, GEMM2 with its corrections, the top-k sum) with planted
     out-of-range blocks in both matrices, per-tensor and per-token scales, against the exact
     per-pair reference; and a NaN input under a per-tensor intermediate scale, which must make
     the whole output NaN as in the reference (the intermediate's amax used to drop NaN)."""

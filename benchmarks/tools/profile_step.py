@@ -30,7 +30,7 @@ GROUPS = (  # first match wins; lower-case substrings of kernel names
     # Inductor names its fused kernels after the ops around them ("..._mxfp4_w4a8_linear_1" is a
     # norm fused next to our op), so they are matched first, by their prefix.
     ("inductor-fused elementwise/norms", ("triton_poi_", "triton_red_", "triton_per_")),
-    ("w4a8 (ours)", ("w4a8", "_moe_gemm", "_moe_route", "_moe_reduce", "_moe_corr", "_moe_silu",
+    ("w4a8 (ours)", ("w4a8", "_moe_gemm", "_moe_route", "_moe_reduce",
                      "_quant_act", "::quant_act_kernel", "decode_gemm")),
     ("attention", ("attn", "attention", "flash", "paged", "reshape_and_cache", "rotary")),
     ("gemm (cuBLAS/CUTLASS/Triton)", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "fused_moe")),

@@ -14,13 +14,12 @@ to the experts' rows stacked into one matrix, and decoded in registers by the de
   the counts (a prefix sum over E values in registers), so the grid size depends only on shapes
   (``min(ceil(P / BM) + E, E * ceil(T / BM))`` M blocks; the surplus programs return at once).
   GEMM1 gathers token rows of the quantized input, decodes the gate and the up tile of the
-  expert and applies ``silu(gate) * up`` in the epilogue (writes the float32 intermediate, and
-  its amax by atomics when the GEMM2 input scale is dynamic per tensor). GEMM2 reads the
-  quantized intermediate rows of the expert and writes one output row per pair.
-- ``_moe_corr``: exact contribution of the weight blocks outside the repacking's exact range
-  (same side table as the dense backend), per (expert, row), over that expert's routed rows.
-  When GEMM1 has such blocks, SiLU cannot be fused (the correction must come first): GEMM1
-  then writes gate and up, ``_moe_corr`` adds to them and ``_moe_silu_mul`` finishes.
+  expert and applies ``silu(gate) * up`` in the epilogue (writes the intermediate, quantized
+  when its scale is static, with its amax by atomics when it is dynamic per tensor). GEMM2 reads
+  the quantized intermediate rows of the expert and writes one output row per pair.
+  Weight blocks outside the repacking's exact range (same side table as the dense backend, as a
+  CSR over the stacked rows) are added back exactly in both GEMMs' epilogues, before SiLU: a
+  program loops over the blocks of its tile's rows (most tiles have none).
 - ``_moe_reduce``: ``out[t] = sum_j w[t, j] * y[t * top_k + j]`` over the valid pairs.
 
 Everything is sized by the shapes alone (no host synchronisation), so one call can be captured
@@ -153,8 +152,12 @@ def _mma_step(acc, w_ptr, c_ptr, rs_ptr, rows, it, k0, x_lo, x_hi, xt, K, KP2, K
         else:
             # Hopper's FP8 MMA accumulates with ~14 mantissa bits unless promoted; the MoE
             # re-quantizes the GEMM1 output to FP8, which turns that into ~1e-2 output error
-            acc = tl.dot(w_lo, x_lo, acc, max_num_imprecise_acc=FP8_PROMOTE)
-            acc = tl.dot(w_hi, x_hi, acc, max_num_imprecise_acc=FP8_PROMOTE)
+            if FP8_PROMOTE == 0:
+                acc = tl.dot(w_lo, x_lo, acc)
+                acc = tl.dot(w_hi, x_hi, acc)
+            else:
+                acc = tl.dot(w_lo, x_lo, acc, max_num_imprecise_acc=FP8_PROMOTE)
+                acc = tl.dot(w_hi, x_hi, acc, max_num_imprecise_acc=FP8_PROMOTE)
     return acc
 
 
@@ -169,10 +172,11 @@ def _scale_out(acc, rs_ptr, rows, a_scale, ACT_INT8: tl.constexpr, W_BF16: tl.co
 
 @triton.jit
 def _moe_gemm(
-    a_ptr, as_ptr, w_ptr, c_ptr, rs_ptr, out_ptr, amax_ptr, tab_ptr, cnt_ptr, off_ptr, ids_ptr,
-    map_ptr, qs_ptr, E, N, K, KP2, KP32, NPT, WR, UP_OFF, UP_COL, TOPK, stride_out, P,
+    a_ptr, as_ptr, w_ptr, c_ptr, rs_ptr, crp_ptr, cblk_ptr, cval_ptr, out_ptr, amax_ptr, tab_ptr,
+    cnt_ptr, off_ptr, ids_ptr, map_ptr, qs_ptr, E, N, K, KP2, KP32, NPT, WR, UP_OFF, TOPK,
+    stride_out, P,
     ACT_INT8: tl.constexpr, PER_ROW: tl.constexpr, A_BY_TOKEN: tl.constexpr,
-    GATED: tl.constexpr, FUSE_SILU: tl.constexpr, AMAX: tl.constexpr,
+    GATED: tl.constexpr, CORR: tl.constexpr, AMAX: tl.constexpr,
     W_BF16: tl.constexpr, DECODE_LUT: tl.constexpr, FP8_PROMOTE: tl.constexpr,
     OUT_QUANT: tl.constexpr, ROUTE_INLINE: tl.constexpr, HAS_MAP: tl.constexpr, PP2: tl.constexpr,
     EP2: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
@@ -182,8 +186,8 @@ def _moe_gemm(
     a: quantized [rows, K] (token rows for GEMM1, pair rows for GEMM2); W_BF16: float rows, cast to the dense weights' dtype (bf16 for the baseline).
     w/c/rs: the repacked stack, expert e's rows at [e * WR, (e + 1) * WR); gated: gate rows
     [0, UP_OFF) and up rows [UP_OFF, 2 * UP_OFF) of each expert.
-    out: one row per pair (stride_out); unfused gated: gate at columns [0, N), up at UP_COL + n;
-    OUT_QUANT: ``silu(gate) * up`` quantized with the static scale in ``qs_ptr``.
+    crp/cblk/cval (CORR): the out-of-range blocks, a CSR over the stacked rows (``row_offsets``).
+    out: one row per pair (stride_out); OUT_QUANT: ``silu(gate) * up`` quantized with the static scale in ``qs_ptr``.
     ROUTE_INLINE: the expert's pairs found from the P ids here instead of ``_moe_route``'s
     table (small P: every program scans them; the same pair order).
     """
@@ -246,101 +250,56 @@ def _moe_gemm(
     else:
         a_scale = tl.load(as_ptr)
     acc = _scale_out(acc, rs_ptr, rows_g, a_scale, ACT_INT8, W_BF16)
+    if CORR:
+        acc += _tile_corrections(crp_ptr, cblk_ptr, cval_ptr, a_rows, rows_g, m_mask, BN,
+                                 BM) * a_scale
     n_mask = offs_n < N
     o_mask = n_mask[:, None] & m_mask[None, :]
     o_rows = out_ptr + pair.to(tl.int64)[None, :] * stride_out
     if GATED:
         acc_u = _scale_out(acc_u, rs_ptr, rows_u, a_scale, ACT_INT8, W_BF16)
-        if FUSE_SILU:
-            h = acc / (1.0 + tl.exp(-acc)) * acc_u
-            if OUT_QUANT:
-                h = tk.quantize_values(h, tl.load(qs_ptr).to(tl.float32), ACT_INT8)
-            tl.store(o_rows + offs_n[:, None], h, mask=o_mask)
-            if AMAX:
-                hmax = tk.nan_amax(tk.nan_amax(tl.where(o_mask, h, 0.0), 1), 0)
-                # |h| >= 0: its float32 bits order like the values, and a NaN's above +inf
-                tl.atomic_max(amax_ptr, hmax.to(tl.int32, bitcast=True))
-        else:
-            tl.store(o_rows + offs_n[:, None], acc, mask=o_mask)
-            tl.store(o_rows + (UP_COL + offs_n)[:, None], acc_u, mask=o_mask)
+        if CORR:
+            acc_u += _tile_corrections(crp_ptr, cblk_ptr, cval_ptr, a_rows, rows_u, m_mask, BN,
+                                       BM) * a_scale
+        h = acc / (1.0 + tl.exp(-acc)) * acc_u
+        if OUT_QUANT:
+            h = tk.quantize_values(h, tl.load(qs_ptr).to(tl.float32), ACT_INT8)
+        tl.store(o_rows + offs_n[:, None], h, mask=o_mask)
+        if AMAX:
+            hmax = tk.nan_amax(tk.nan_amax(tl.where(o_mask, h, 0.0), 1), 0)
+            # |h| >= 0: its float32 bits order like the values, and a NaN's above +inf
+            tl.atomic_max(amax_ptr, hmax.to(tl.int32, bitcast=True))
     else:
         tl.store(o_rows + offs_n[:, None], acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-# --------------------------------------------------------------------------------------------
-# out-of-range blocks, unfused SiLU, top-k reduction
-# --------------------------------------------------------------------------------------------
 @triton.jit
-def _moe_corr(a_ptr, as_ptr, out_ptr, rows_ptr, ptr_ptr, blk_ptr, val_ptr, tab_ptr, cnt_ptr,
-              off_ptr, K, WR, UP_OFF, UP_COL, TOPK, stride_out,
-              PER_ROW: tl.constexpr, A_BY_TOKEN: tl.constexpr, GATED: tl.constexpr,
-              BM: tl.constexpr):
-    """out[pair, col(row)] += (a[src(pair), blocks] @ values) * a_scale for one stacked weight
-    row with out-of-range blocks, over every pair routed to the row's expert."""
-    pid = tl.program_id(0)
-    r = tl.load(rows_ptr + pid)
-    e = r // WR
-    n = r - e * WR
-    if GATED:
-        col = tl.where(n < UP_OFF, n, UP_COL + n - UP_OFF)
-    else:
-        col = n
-    b0 = tl.load(ptr_ptr + pid)
-    b1 = tl.load(ptr_ptr + pid + 1)
-    cnt = tl.load(cnt_ptr + e)
-    first = tl.load(off_ptr + e)
+def _tile_corrections(crp_ptr, cblk_ptr, cval_ptr, a_rows, rows, m_mask, BN: tl.constexpr,
+                      BM: tl.constexpr):
+    """[BN, BM] exact contribution (before the activation scale) of the out-of-range blocks of
+    the consecutive stacked rows ``rows``: their blocks are one contiguous range of the CSR."""
+    lo = tl.load(crp_ptr + rows)
+    hi = tl.load(crp_ptr + rows + 1)
     j = tl.arange(0, 32)
-    for m0 in range(0, cnt, BM):
-        slots = m0 + tl.arange(0, BM)
-        mm = slots < cnt
-        pair = tl.load(tab_ptr + first + slots, mask=mm, other=0)
-        if A_BY_TOKEN:
-            src = pair // TOPK
-        else:
-            src = pair
-        acc = tl.zeros([BM], dtype=tl.float32)
-        for b in range(b0, b1):
-            blk = tl.load(blk_ptr + b)
-            v = tl.load(val_ptr + b * 32 + j)
-            xq = tl.load(a_ptr + src.to(tl.int64)[:, None] * K + blk * 32 + j[None, :],
-                         mask=mm[:, None], other=0.0).to(tl.float32)
-            acc += tl.sum(xq * v[None, :], axis=1)
-        if PER_ROW:
-            acc = acc * tl.load(as_ptr + src, mask=mm, other=0.0)
-        else:
-            acc = acc * tl.load(as_ptr)
-        yp = out_ptr + pair.to(tl.int64) * stride_out + col
-        y = tl.load(yp, mask=mm, other=0.0).to(tl.float32)
-        tl.store(yp, (y + acc).to(out_ptr.dtype.element_ty), mask=mm)
+    corr = tl.zeros([BN, BM], dtype=tl.float32)
+    for b in range(tl.min(lo, 0), tl.max(hi, 0)):
+        k0 = tl.load(cblk_ptr + b) * 32
+        v = tl.load(cval_ptr + b * 32 + j)
+        xq = tl.load(a_rows + (k0 + j)[:, None], mask=m_mask[None, :], other=0.0)
+        d = tl.sum(xq.to(tl.float32) * v[:, None], axis=0)
+        corr += tl.where(((lo <= b) & (b < hi))[:, None], d[None, :], 0.0)
+    return corr
 
 
+# --------------------------------------------------------------------------------------------
+# top-k reduction
+# --------------------------------------------------------------------------------------------
 @triton.jit
 def _valid_pair(ids_ptr, map_ptr, p, E, HAS_MAP: tl.constexpr):
     lid = tl.load(ids_ptr + p).to(tl.int32)
     if HAS_MAP:
         lid = tl.load(map_ptr + lid, mask=lid >= 0, other=-1).to(tl.int32)
     return (lid >= 0) & (lid < E)
-
-
-@triton.jit
-def _moe_silu_mul(gu_ptr, h_ptr, amax_ptr, ids_ptr, map_ptr, I, E,
-                  HAS_MAP: tl.constexpr, AMAX: tl.constexpr, BLOCK: tl.constexpr):
-    p = tl.program_id(0)
-    if _valid_pair(ids_ptr, map_ptr, p, E, HAS_MAP):
-        offs = tl.arange(0, BLOCK)
-        am = tl.zeros([BLOCK], dtype=tl.float32)
-        g_row = gu_ptr + p.to(tl.int64) * (2 * I)
-        h_row = h_ptr + p.to(tl.int64) * I
-        for c0 in range(0, I, BLOCK):
-            o = c0 + offs
-            m = o < I
-            g = tl.load(g_row + o, mask=m, other=0.0)
-            u = tl.load(g_row + I + o, mask=m, other=0.0)
-            h = g / (1.0 + tl.exp(-g)) * u
-            tl.store(h_row + o, h, mask=m)
-            am = tk.nan_max(am, tl.where(m, tl.abs(h), 0.0))
-        if AMAX:
-            tl.atomic_max(amax_ptr, tk.nan_amax(am, 0).to(tl.int32, bitcast=True))
 
 
 @triton.jit
@@ -419,16 +378,26 @@ def pick_config(num_tokens: int, num_pairs: int, num_experts: int, n_tiles_64: i
     return 64, bm, 4, 3
 
 
-def fusion_plan(p: int, e: int, scheme2: int, fuse_silu: bool, corr1: bool,
-                corr2: bool) -> tuple[bool, bool]:
+def fp8_promote(bm: int, requantized: bool) -> int:
+    """Products per FP8 MMA partial sum before it joins the float32 accumulator; 0: none (sm_90
+    fast accumulation, ~14 mantissa bits, as the dense FP8 GEMM). GEMM1's output is quantized
+    again, where a 1e-3 perturbation flips FP8 roundings: every MMA instruction (32) at decode
+    sizes, every dot (128) at prefill sizes; 128 at decode sizes measured up to 1.4e-2 output
+    error on an H100 (2026-11-24). GEMM2's output is not quantized again: none."""
+    if not requantized:
+        return 0
+    return 32 if bm <= 32 else 128
+
+
+def fusion_plan(p: int, e: int, scheme2: int) -> tuple[bool, bool]:
     """Which launches one call saves, both bit-identical to the separate ones:
     ``(h_out_quant, route_inline)``.
 
     - h_out_quant: a static GEMM2 input scale applied in GEMM1's epilogue: no float32
-      intermediate through memory, no quantize launch; needs SiLU fused.
+      intermediate through memory, no quantize launch.
     - route_inline: both GEMMs find their pairs from the ids, no routing launch; not when the
-      correction kernels need the table or the GEMM2 amax needs zeroing (the routing launch
-      does that), and only while (experts x pairs, padded) <= ROUTE_INLINE_MAX.
+      GEMM2 amax needs zeroing (the routing launch does that), and only while (experts x pairs,
+      padded) <= ROUTE_INLINE_MAX.
 
     Quantizing the layer input inside GEMM1 instead (every N tile's program dividing its rows
     again, IEEE division for bit-exactness) was tried and measured 2x slower at 1-64 tokens on
@@ -436,11 +405,27 @@ def fusion_plan(p: int, e: int, scheme2: int, fuse_silu: bool, corr1: bool,
     """
     if not FUSE_DECODE:
         return False, False
-    h_out_quant = fuse_silu and scheme2 == 1
+    h_out_quant = scheme2 == 1
     ep2 = max(16, triton.next_power_of_2(e))
     pp2 = max(16, triton.next_power_of_2(p))
-    route_inline = ep2 * pp2 <= ROUTE_INLINE_MAX and not (corr1 or corr2) and scheme2 != 2
+    route_inline = ep2 * pp2 <= ROUTE_INLINE_MAX and scheme2 != 2
     return h_out_quant, route_inline
+
+
+def _stack_args(w: tuple, bf16_weights: bool):
+    """(packed, codes, row_scale, corr_row_ptr, corr_blocks, corr_values, has_corrections) of
+    one repacked stack; a bf16 stack ``(rows,)`` fills every slot with its rows (unused)."""
+    if bf16_weights:
+        rows, = w
+        return rows, rows, rows, rows, rows, rows, False
+    return w[0], w[1], w[2], w[7], w[5], w[6], w[5].numel() > 0
+
+
+def _kp(packed: torch.Tensor, codes: torch.Tensor, bf16_weights: bool) -> tuple[int, int, int]:
+    """(KP2, KP32, NPT): packed bytes and code bytes per row, stacked rows."""
+    if bf16_weights:
+        return 0, 0, 0
+    return packed.shape[1], codes.shape[1], packed.shape[0]
 
 
 def moe_forward(
@@ -448,7 +433,8 @@ def moe_forward(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     expert_map: torch.Tensor | None,
-    w13: tuple,  # (packed, codes, row_scale, corr_rows, corr_ptr, corr_blocks, corr_values)
+    w13: tuple,  # (packed, codes, row_scale, corr_rows, corr_ptr, corr_blocks, corr_values,
+    #               corr_row_ptr): repacked stack, side table, and its CSR over every row
     w2: tuple,
     w13_input_scale: torch.Tensor | None,
     w2_input_scale: torch.Tensor | None,
@@ -462,7 +448,6 @@ def moe_forward(
     scheme2: int,
     out_dtype: torch.dtype,
     apply_router_weight_on_input: bool,
-    fuse_silu: bool,
     bf16_weights: bool = False,
     config1=None,
     config2=None,
@@ -491,14 +476,12 @@ def moe_forward(
     amax_needed = scheme2 == 2 and not bf16_weights
     f32 = torch.float32
 
-    fused = fuse_silu or bf16_weights
     ep2 = max(16, triton.next_power_of_2(e))
     pp2 = max(16, triton.next_power_of_2(p))
     if bf16_weights:
         h_out_quant, route_inline = False, False
     else:
-        h_out_quant, route_inline = fusion_plan(p, e, scheme2, fuse_silu, w13[3].numel() > 0,
-                                                w2[3].numel() > 0)
+        h_out_quant, route_inline = fusion_plan(p, e, scheme2)
 
     # GEMM1 input
     if bf16_weights:
@@ -524,11 +507,6 @@ def moe_forward(
     k1, k2 = hidden, inter
     bk = 64 if bf16_weights else BK_MOE  # bf16 tiles of 256 overflow shared memory
 
-    def promote(bm):
-        # FP8 partial sums promoted to float32 every PROMOTE products (sm_90 fast accumulation
-        # otherwise): every MMA instruction at decode sizes, every dot (128) at prefill sizes
-        return 32 if bm <= 32 else 128
-
     def grid_m(bm):
         # sum_e ceil(c_e / BM) <= min(ceil(P / BM) + E - 1, P) (c_e may exceed T: a token can
         # name an expert twice)
@@ -546,40 +524,17 @@ def moe_forward(
             hbuf.view(torch.uint8).fill_(0x80 if act_int8 else 0x7F)
         else:
             hbuf.fill_(float("nan"))
-    if fused:
-        out1, stride1 = hbuf, inter
-    else:
-        out1 = torch.empty((p, 2 * inter), dtype=f32, device=dev)
-        if POISON_OUTPUTS:
-            out1.fill_(float("nan"))
-        stride1 = 2 * inter
-    if bf16_weights:
-        wst1, = w13
-        codes1 = rs1 = wst1
-        kp2_1 = kp32_1 = npt1 = 0
-    else:
-        wst1, codes1, rs1 = w13[0], w13[1], w13[2]
-        kp2_1, kp32_1, npt1 = wst1.shape[1], codes1.shape[1], wst1.shape[0]
+    wst1, codes1, rs1, crp1, cblk1, cval1, corr1 = _stack_args(w13, bf16_weights)
     _moe_gemm[(triton.cdiv(inter, bn1), grid_m(bm1))](
-        a1, s1, wst1, codes1, rs1, out1, amax.view(torch.int32), tab, cnt, off, topk_ids, emap,
-        w2_input_scale if h_out_quant else s1,
-        e, inter, k1, kp2_1, kp32_1, npt1, 2 * ip, ip, inter, top_k, stride1, p,
-        ACT_INT8=act_int8, PER_ROW=per_row1, A_BY_TOKEN=True, GATED=True, FUSE_SILU=fused,
-        AMAX=amax_needed and fused, W_BF16=bf16_weights, DECODE_LUT=lut,
-        FP8_PROMOTE=promote(bm1), OUT_QUANT=h_out_quant,
+        a1, s1, wst1, codes1, rs1, crp1, cblk1, cval1, hbuf, amax.view(torch.int32), tab, cnt,
+        off, topk_ids, emap, w2_input_scale if h_out_quant else s1,
+        e, inter, k1, *_kp(wst1, codes1, bf16_weights), 2 * ip, ip, top_k, inter, p,
+        ACT_INT8=act_int8, PER_ROW=per_row1, A_BY_TOKEN=True, GATED=True, CORR=corr1,
+        AMAX=amax_needed, W_BF16=bf16_weights, DECODE_LUT=lut,
+        FP8_PROMOTE=fp8_promote(bm1, True), OUT_QUANT=h_out_quant,
         ROUTE_INLINE=route_inline, HAS_MAP=has_map, PP2=pp2, EP2=ep2, BN=bn1, BM=bm1, BK=bk,
         num_warps=w1_, num_stages=st1,
     )
-    if not fused:
-        rows, ptr, blocks, values = w13[3], w13[4], w13[5], w13[6]
-        if rows.numel():
-            _moe_corr[(rows.numel(),)](
-                a1, s1, out1, rows, ptr, blocks, values, tab, cnt, off,
-                k1, 2 * ip, ip, inter, top_k, stride1,
-                PER_ROW=per_row1, A_BY_TOKEN=True, GATED=True, BM=64, num_warps=4)
-        blk = min(4096, triton.next_power_of_2(inter))
-        _moe_silu_mul[(p,)](out1, hbuf, amax.view(torch.int32), topk_ids, emap, inter, e,
-                            HAS_MAP=has_map, AMAX=amax_needed, BLOCK=blk, num_warps=4)
 
     # GEMM2 input
     if bf16_weights:
@@ -597,29 +552,17 @@ def moe_forward(
     if POISON_OUTPUTS:
         y.fill_(float("nan"))
     bn2, bm2, w2_, st2 = config2 or pick_config(t, p, e, triton.cdiv(hidden, 64), sms)
-    if bf16_weights:
-        wst2, = w2
-        codes2 = rs2 = wst2
-        kp2_2 = kp32_2 = npt2 = 0
-    else:
-        wst2, codes2, rs2 = w2[0], w2[1], w2[2]
-        kp2_2, kp32_2, npt2 = wst2.shape[1], codes2.shape[1], wst2.shape[0]
+    wst2, codes2, rs2, crp2, cblk2, cval2, corr2 = _stack_args(w2, bf16_weights)
     _moe_gemm[(triton.cdiv(hidden, bn2), grid_m(bm2))](
-        a2, s2, wst2, codes2, rs2, y, amax.view(torch.int32), tab, cnt, off, topk_ids, emap, s2,
-        e, hidden, k2, kp2_2, kp32_2, npt2, hp, 0, 0, top_k, hidden, p,
-        ACT_INT8=act_int8, PER_ROW=per_row2, A_BY_TOKEN=False, GATED=False, FUSE_SILU=False,
-        AMAX=False, W_BF16=bf16_weights, DECODE_LUT=lut, FP8_PROMOTE=promote(bm2),
+        a2, s2, wst2, codes2, rs2, crp2, cblk2, cval2, y, amax.view(torch.int32), tab, cnt, off,
+        topk_ids, emap, s2,
+        e, hidden, k2, *_kp(wst2, codes2, bf16_weights), hp, 0, top_k, hidden, p,
+        ACT_INT8=act_int8, PER_ROW=per_row2, A_BY_TOKEN=False, GATED=False, CORR=corr2,
+        AMAX=False, W_BF16=bf16_weights, DECODE_LUT=lut, FP8_PROMOTE=fp8_promote(bm2, False),
         OUT_QUANT=False, ROUTE_INLINE=route_inline,
         HAS_MAP=has_map, PP2=pp2, EP2=ep2, BN=bn2, BM=bm2, BK=bk, num_warps=w2_,
         num_stages=st2,
     )
-    if not bf16_weights:
-        rows, ptr, blocks, values = w2[3], w2[4], w2[5], w2[6]
-        if rows.numel():
-            _moe_corr[(rows.numel(),)](
-                a2, s2, y, rows, ptr, blocks, values, tab, cnt, off,
-                k2, hp, 0, 0, top_k, hidden,
-                PER_ROW=per_row2, A_BY_TOKEN=False, GATED=False, BM=64, num_warps=4)
 
     # top-k reduction
     bh = min(1024, triton.next_power_of_2(hidden))

@@ -6,16 +6,16 @@ an exact side table for out-of-range blocks) applied to all experts' rows stacke
 matrix (each expert's gate, up and down rows padded to a multiple of 128 rows, so that expert e
 starts at a fixed row); the kernels decode with ``triton_w4a8._load_decoded`` and quantize
 activations with ``triton_w4a8._quant_act``. The grouping (routing without a sort, grouped GEMMs
-with SiLU-and-mul fused into GEMM1, correction, top-k reduction) is in ``_sm90_moe_triton``.
+with SiLU-and-mul fused into GEMM1, out-of-range blocks added back in both GEMMs' epilogues,
+top-k reduction) is in ``_sm90_moe_triton``.
 
 Activation semantics (``moe_base``): the layer input is quantized once for all experts (static,
 dynamic per tensor over the call's tokens, or per token); the intermediate rows of all routed
 pairs once (static, dynamic per tensor over the routed pairs, or per pair).
 
 Routing is this module's own (one Triton program per expert scans the ``T * top_k`` ids), not
-vLLM's ``moe_align_block_size``: the kernels need no vLLM and the GPU tests run without it. It
-assumes, as every vLLM router guarantees, that a token's ``top_k`` ids are distinct (an expert
-receives at most ``T`` pairs).
+vLLM's ``moe_align_block_size``: the kernels need no vLLM and the GPU tests run without it. A
+token may name an expert several times (vLLM's routers never do); its pairs are all kept.
 
 The module imports without triton (CPU machines): ``is_supported`` then says why it cannot run.
 Design and measurements: docs/moe_kernels.md.
@@ -103,7 +103,6 @@ def mxfp4_w4a8_moe(
     scheme2: int,
     out_dtype_code: int,
     apply_router_weight_on_input: bool,
-    fuse_silu: bool,
     decode_cuda: bool,
 ) -> torch.Tensor:
     """``[T, H]`` routed-expert output. ``w13``/``w2``: (packed, codes, row_scale, corr_rows,
@@ -123,14 +122,13 @@ def mxfp4_w4a8_moe(
     return mk.moe_forward(
         x, topk_weights, topk_ids, expert_map, tuple(w13), tuple(w2), w13_input_scale,
         w2_input_scale, e, h, i, ip, hp, act_int8, scheme1, scheme2, _CODE_DTYPE[out_dtype_code],
-        apply_router_weight_on_input, fuse_silu,
+        apply_router_weight_on_input,
     )
 
 
 @mxfp4_w4a8_moe.register_fake
 def _(x, topk_weights, topk_ids, expert_map, w13, w2, w13_input_scale, w2_input_scale, dims,
-      act_int8, scheme1, scheme2, out_dtype_code, apply_router_weight_on_input, fuse_silu,
-      decode_cuda):
+      act_int8, scheme1, scheme2, out_dtype_code, apply_router_weight_on_input, decode_cuda):
     return x.new_empty((x.shape[0], dims[1]), dtype=_CODE_DTYPE[out_dtype_code])
 
 
@@ -220,12 +218,9 @@ class Sm90TritonMoEKernel(Mxfp4MoEKernel):
             self.delegate.process_weights_after_loading(layer)
             return
         if n_out:
-            logger.info("%s; they are added back exactly by the correction kernel%s", msg,
-                        " (SiLU not fused into GEMM1)" if rp13.num_out_of_range else "")
+            logger.info("%s; the GEMMs' epilogues add them back exactly", msg)
         else:
             logger.debug("%s", msg)
-        # SiLU-and-mul is fused into GEMM1 unless w13 has blocks to correct before it.
-        self.fuse_silu = rp13.num_out_of_range == 0
         self.dims = [e, h, i, ip, hp]
         for name, rp in (("w13", rp13), ("w2", rp2)):
             setattr(layer, f"{name}_weight", torch.nn.Parameter(rp.packed, requires_grad=False))
@@ -273,5 +268,5 @@ class Sm90TritonMoEKernel(Mxfp4MoEKernel):
             None if s2 is None else s2.float().reshape(1),
             self.dims, cfg.act_dtype == ActivationDtype.INT8, int(cfg.w13_scheme),
             int(cfg.w2_scheme), _DTYPE_CODE[cfg.out_dtype], bool(apply_router_weight_on_input),
-            self.fuse_silu, self.decode_cuda,
+            self.decode_cuda,
         )
