@@ -301,7 +301,8 @@ def sweep(timer, log, tokens=(1, 16, 64, 512, 4096)):
                 x = torch.randn(t, m["hidden"], device="cuda").to(torch.bfloat16)
                 tw, ti = routing(t, m, 100 + t)
                 res = {"model": name, "variant": label, "T": t,
-                       "default": orig(t, t * m["top_k"], m["experts"], 1, 132)}
+                       "default": orig(t, t * m["top_k"], m["experts"],
+                                       OURS[label][0] == INT8)}
                 cfgs = (((64, 16, 4, 3), (64, 16, 4, 4), (128, 16, 4, 3), (64, 32, 4, 3))
                         if t <= 64 else ((64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3)))
                 for cfg in cfgs:

@@ -354,28 +354,25 @@ def quantize_h(h: torch.Tensor, act_int8: bool, scheme: int, input_scale, amax: 
     return q, s_out
 
 
-def _sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    return tk.num_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def pick_config(num_tokens: int, num_pairs: int, num_experts: int, n_tiles_64: int,
-                sms: int) -> tuple[int, int, int, int]:
+def pick_config(num_tokens: int, num_pairs: int, num_experts: int,
+                act_int8: bool) -> tuple[int, int, int, int]:
     """(BN, BM, num_warps, num_stages) of one grouped GEMM, from the H100 sweeps
-    (benchmarks/results/moe_sweep*.jsonl, both model shapes, FP8 and INT8):
+    (benchmarks/results/moe_sweep*.jsonl and moe_tiles_*.jsonl, both model shapes, FP8 and INT8):
 
     - BM follows the expected rows per expert (P / E), capped at 64: (64, 64, 4, 3) beat
       (64, 128, 8, 3) by 1.6-2.3x at T = 512 and 4096 and (128, 64, 8, 3) by 5-10 %.
-    - BN = 64 and 3 stages at decode sizes: BN = 32 was 1.5-2x slower, BN = 128 or BM = 32
+    - BN = 64 and 4 warps at decode sizes: BN = 32 was 1.5-2x slower, BN = 128 or BM = 32
       10-25 % slower at T = 1, 16, 64.
+    - Stages at decode sizes (BM = 16): 4 for FP8 (gpt-oss-20b GEMM1, K = 2880: 101.0 vs 106.9 us
+      at T = 4, 1-2 % at T = 16 and 64, medians of 3; Qwen3-30B-A3B within one sample's spread),
+      3 for INT8 (4 was 1-3 % slower), as the dense decode tiles (``triton_w4a8.pick_config``).
     """
     per_expert = num_pairs / max(num_experts, 1)
     bm = 16
     while bm < 64 and bm < per_expert * 1.5:
         bm *= 2
     bm = min(bm, max(16, triton.next_power_of_2(num_tokens)))
-    return 64, bm, 4, 3
+    return 64, bm, 4, 4 if bm == 16 and not act_int8 else 3
 
 
 def fp8_promote(bm: int, requantized: bool) -> int:
@@ -502,7 +499,6 @@ def moe_forward(
         _moe_route[(e,)](topk_ids, emap, tab, cnt, off, amax.view(torch.int32), p,
                          HAS_MAP=has_map, ZERO_AMAX=amax_needed, CHUNK=chunk, num_warps=4)
 
-    sms = _sms(dev)
     lut = tk.DECODE_LUT
     k1, k2 = hidden, inter
     bk = 64 if bf16_weights else BK_MOE  # bf16 tiles of 256 overflow shared memory
@@ -513,7 +509,7 @@ def moe_forward(
         return min(triton.cdiv(p, bm) + e, p)
 
     # GEMM1 (+ SiLU)
-    bn1, bm1, w1_, st1 = config1 or pick_config(t, p, e, triton.cdiv(inter, 64), sms)
+    bn1, bm1, w1_, st1 = config1 or pick_config(t, p, e, act_int8)
     if h_out_quant:
         hbuf = torch.empty((p, inter), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn,
                            device=dev)
@@ -551,7 +547,7 @@ def moe_forward(
     y = torch.empty((p, hidden), dtype=f32, device=dev)
     if POISON_OUTPUTS:
         y.fill_(float("nan"))
-    bn2, bm2, w2_, st2 = config2 or pick_config(t, p, e, triton.cdiv(hidden, 64), sms)
+    bn2, bm2, w2_, st2 = config2 or pick_config(t, p, e, act_int8)
     wst2, codes2, rs2, crp2, cblk2, cval2, corr2 = _stack_args(w2, bf16_weights)
     _moe_gemm[(triton.cdiv(hidden, bn2), grid_m(bm2))](
         a2, s2, wst2, codes2, rs2, crp2, cblk2, cval2, y, amax.view(torch.int32), tab, cnt, off,
