@@ -251,16 +251,15 @@ def _moe_gemm(
         a_scale = tl.load(as_ptr)
     acc = _scale_out(acc, rs_ptr, rows_g, a_scale, ACT_INT8, W_BF16)
     if CORR:
-        acc += _tile_corrections(crp_ptr, cblk_ptr, cval_ptr, a_rows, rows_g, m_mask, BN,
-                                 BM) * a_scale
+        acc = _add_corrections(acc, crp_ptr, cblk_ptr, cval_ptr, a_rows, rows_g, m_mask, a_scale)
     n_mask = offs_n < N
     o_mask = n_mask[:, None] & m_mask[None, :]
     o_rows = out_ptr + pair.to(tl.int64)[None, :] * stride_out
     if GATED:
         acc_u = _scale_out(acc_u, rs_ptr, rows_u, a_scale, ACT_INT8, W_BF16)
         if CORR:
-            acc_u += _tile_corrections(crp_ptr, cblk_ptr, cval_ptr, a_rows, rows_u, m_mask, BN,
-                                       BM) * a_scale
+            acc_u = _add_corrections(acc_u, crp_ptr, cblk_ptr, cval_ptr, a_rows, rows_u, m_mask,
+                                     a_scale)
         h = acc / (1.0 + tl.exp(-acc)) * acc_u
         if OUT_QUANT:
             h = tk.quantize_values(h, tl.load(qs_ptr).to(tl.float32), ACT_INT8)
@@ -274,21 +273,20 @@ def _moe_gemm(
 
 
 @triton.jit
-def _tile_corrections(crp_ptr, cblk_ptr, cval_ptr, a_rows, rows, m_mask, BN: tl.constexpr,
-                      BM: tl.constexpr):
-    """[BN, BM] exact contribution (before the activation scale) of the out-of-range blocks of
-    the consecutive stacked rows ``rows``: their blocks are one contiguous range of the CSR."""
+def _add_corrections(acc, crp_ptr, cblk_ptr, cval_ptr, a_rows, rows, m_mask, a_scale):
+    """``acc`` [BN, BM] plus the exact contribution (times the activation scale) of the
+    out-of-range blocks of the consecutive stacked rows ``rows``: their blocks are one
+    contiguous range of the CSR. Added block by block into ``acc``, with no second tile live."""
     lo = tl.load(crp_ptr + rows)
     hi = tl.load(crp_ptr + rows + 1)
     j = tl.arange(0, 32)
-    corr = tl.zeros([BN, BM], dtype=tl.float32)
     for b in range(tl.min(lo, 0), tl.max(hi, 0)):
         k0 = tl.load(cblk_ptr + b) * 32
         v = tl.load(cval_ptr + b * 32 + j)
         xq = tl.load(a_rows + (k0 + j)[:, None], mask=m_mask[None, :], other=0.0)
-        d = tl.sum(xq.to(tl.float32) * v[:, None], axis=0)
-        corr += tl.where(((lo <= b) & (b < hi))[:, None], d[None, :], 0.0)
-    return corr
+        d = tl.sum(xq.to(tl.float32) * v[:, None], axis=0)[None, :] * a_scale
+        acc += tl.where(((lo <= b) & (b < hi))[:, None], d, 0.0)
+    return acc
 
 
 # --------------------------------------------------------------------------------------------
