@@ -238,8 +238,9 @@ def test_moe_routing_table_holds_repeated_experts():
 
 def test_moe_int8_layer_with_corrections_and_repeated_experts():
     """The quantized INT8 MoE path (routing, GEMM1 with the corrections and SiLU-and-mul in
-    its epilogue, the intermediate's quantization, GEMM2 with its corrections, the top-k sum) with planted
-    out-of-range blocks in both matrices, per-tensor and per-token scales, against the exact
-    per-pair reference; and a NaN input under a per-tensor intermediate scale, which must make
-    the whole output NaN as in the reference (the intermediate's amax used to drop NaN)."""
+    its epilogue, the intermediate's quantization, GEMM2 with its corrections, the top-k sum)
+    with planted out-of-range blocks in both matrices, per-tensor and per-token scales, against
+    the exact per-pair reference; and a NaN input under a per-tensor intermediate scale, which
+    must make the whole output NaN as in the reference (the intermediate's amax used to drop
+    NaN)."""
     _run_interpreted(MOE_QUANTIZED_SCRIPT)

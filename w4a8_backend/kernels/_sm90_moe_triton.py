@@ -183,11 +183,13 @@ def _moe_gemm(
 ):
     """out^T tile [BN, BM] = W_e[rows] @ A[rows of the block]^T, see the module docstring.
 
-    a: quantized [rows, K] (token rows for GEMM1, pair rows for GEMM2); W_BF16: float rows, cast to the dense weights' dtype (bf16 for the baseline).
+    a: quantized [rows, K] (token rows for GEMM1, pair rows for GEMM2); W_BF16: float rows,
+    cast to the dense weights' dtype (bf16 for the baseline).
     w/c/rs: the repacked stack, expert e's rows at [e * WR, (e + 1) * WR); gated: gate rows
     [0, UP_OFF) and up rows [UP_OFF, 2 * UP_OFF) of each expert.
     crp/cblk/cval (CORR): the out-of-range blocks, a CSR over the stacked rows (``row_offsets``).
-    out: one row per pair (stride_out); OUT_QUANT: ``silu(gate) * up`` quantized with the static scale in ``qs_ptr``.
+    out: one row per pair (stride_out); OUT_QUANT: ``silu(gate) * up`` quantized with the
+    static scale in ``qs_ptr``.
     ROUTE_INLINE: the expert's pairs found from the P ids here instead of ``_moe_route``'s
     table (small P: every program scans them; the same pair order).
     """
