@@ -48,8 +48,9 @@ INT8 prefill: one reference per row
 Out-of-range blocks (nothing is silently clamped)
     A block whose offset falls outside the exact range, whose E8M0 byte is 0xFF (NaN), or whose
     reference would leave float32's normal range, gets ``code = 0`` in the main pass and is listed
-    in a row-compressed side table with its exact float32 values; the correction kernel adds
-    ``x[:, block] @ values`` to the output rows afterwards. The count is logged at load.
+    in a row-compressed side table with its exact float32 values; the GEMMs add
+    ``x[:, block] @ values`` to the output rows (in their epilogues, or a correction kernel
+    after the dense Triton GEMM). The count is logged at load.
 """
 
 from __future__ import annotations
