@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 import traceback
@@ -153,7 +154,7 @@ def bytes_touched(ids, m):
     return params * 4.25 / 8, params * 2
 
 
-def bench_model(timer, name, m, tokens, fused_experts, log):
+def bench_model(timer, name, m, tokens, fused_experts, log, repeat=1):
     weights = make_moe_weights(m, seed=len(name))
     w13_bf16 = dequantize_mxfp4(weights[0], weights[1], torch.bfloat16)
     w2_bf16 = dequantize_mxfp4(weights[2], weights[3], torch.bfloat16)
@@ -175,12 +176,12 @@ def bench_model(timer, name, m, tokens, fused_experts, log):
         res = {"model": name, "T": t, "fp4_MB": round(fp4_b / 1e6, 2),
                "bf16_MB": round(bf16_b / 1e6, 2)}
 
-        outs = {}
+        outs, fns = {}, {}
 
         def tm(label, fn):
             try:
                 outs[label] = fn()
-                res[label] = round(timer.time_us(fn), 2)
+                fns[label] = fn
             except Exception:
                 log(f"{label} {name} T={t} failed:\n{traceback.format_exc()}")
                 res[label] = None
@@ -193,6 +194,15 @@ def bench_model(timer, name, m, tokens, fused_experts, log):
         for label, variant in TRITON_PATH.items():
             if mc.usable(t, m["top_k"], m["experts"], OURS[variant][0] == INT8):
                 tm(label, lambda k_l=ours[variant]: triton_path(*k_l, x, tw, ti))
+        # every column timed `repeat` times, round robin, so that a slow spell of the machine
+        # falls on all columns alike; the table shows medians, the json every sample
+        samples = {label: [] for label in fns}
+        for _ in range(repeat):
+            for label, fn in fns.items():
+                samples[label].append(round(timer.time_us(fn), 2))
+        for label, vals in samples.items():
+            res[label] = round(statistics.median(vals), 2)
+        res["samples_us"] = samples
         # sanity: every output close to the BF16 baseline (quantization error only)
         if outs:
             ref = outs.get(VLLM, outs.get(TRITON_BF16, next(iter(outs.values())))).float()
@@ -236,9 +246,12 @@ def write_report(rows, out_dir: Path, meta):
         f"- measured copy bandwidth: {meta['copy_tbs']:.2f} TB/s (read + write)",
         "- each entry: one whole MoE layer call (activation quantization, routing, gate-up GEMM "
         "+ SiLU, down GEMM, top-k reduction) under CUDA-graph replay, L2 flushed before each "
-        "call; uniform random top-k routing; speed-up in parentheses vs " + base + ".",
-        f"- `ours`: the CUDA decode kernels up to {mc.MAX_TOKENS} tokens (FP8: while the routed "
-        f"pairs are fewer than {mc.MAX_PAIR_FRACTION} x the experts), the Triton grouped "
+        "call; uniform random top-k routing; speed-up in parentheses vs " + base + ". "
+        f"Each entry is the median of {meta.get('repeat', 1)} samples taken round robin over "
+        "the columns (all samples in moe_bench.json).",
+        f"- `ours`: the CUDA decode kernels up to {mc.MAX_TOKENS} tokens and {mc.MAX_PAIRS} routed "
+        f"pairs (FP8: while the pairs are fewer than {mc.MAX_PAIR_FRACTION} x the experts), "
+        "the Triton grouped "
         "kernels otherwise; `Triton kernels`: the same layers forced onto Triton where the "
         "default is CUDA.",
         "- `floor` = MXFP4 weight bytes of the experts the routing touches / copy bandwidth "
@@ -339,7 +352,7 @@ def cuda_parts(timer, kern, layer, x, tw, ti):
     xs2 = h_scale if static else torch.ones(t * top_k, device="cuda")
     out = torch.empty((t, h), dtype=torch.bfloat16, device="cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    w2_, st2 = mc.gemm2_config(h, t, sms)
+    w2_, st2 = mc.gemm2_config(h, sms)
     per_row = not static
     common = dict(num_experts=e, act_int8=act_int8, pdl=True)
     g1 = lambda: lib.moe_gemm(q1, xs1, w13, ti, None, None, h_scale, hq, gated=True, k=h,  # noqa
@@ -419,6 +432,8 @@ def main(argv=None):
     ap.add_argument("--cuda-sweep", action="store_true",
                     help="time the CUDA decode path's launch configs against Triton only")
     ap.add_argument("--log", default=None, help="also append log lines to this file")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="samples per column, taken round robin; the table shows medians")
     args = ap.parse_args(argv)
     log = make_logger(args.log)
 
@@ -433,6 +448,7 @@ def main(argv=None):
         return
     args.tokens = args.tokens or ",".join(map(str, TOKENS))
     meta = run_metadata()
+    meta["repeat"] = args.repeat
     fused_experts = None
     if not args.no_vllm:
         try:
@@ -449,7 +465,7 @@ def main(argv=None):
     tokens = [int(v) for v in args.tokens.split(",")]
     rows = []
     for name in args.models.split(","):
-        rows += bench_model(timer, name, MODELS[name], tokens, fused_experts, log)
+        rows += bench_model(timer, name, MODELS[name], tokens, fused_experts, log, args.repeat)
         write_report(rows, Path(args.out), meta)
     print(write_report(rows, Path(args.out), meta))
 
