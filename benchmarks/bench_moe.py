@@ -249,9 +249,8 @@ def write_report(rows, out_dir: Path, meta):
         "call; uniform random top-k routing; speed-up in parentheses vs " + base + ". "
         f"Each entry is the median of {meta.get('repeat', 1)} samples taken round robin over "
         "the columns (all samples in moe_bench.json).",
-        f"- `ours`: the CUDA decode kernels up to {mc.MAX_TOKENS} tokens and {mc.MAX_PAIRS} routed "
-        f"pairs (FP8: while the pairs are fewer than {mc.MAX_PAIR_FRACTION} x the experts), "
-        "the Triton grouped "
+        f"- `ours`: the CUDA decode kernels up to {mc.MAX_TOKENS} tokens (FP8: while the routed "
+        f"pairs are fewer than {mc.MAX_PAIR_FRACTION} x the experts), the Triton grouped "
         "kernels otherwise; `Triton kernels`: the same layers forced onto Triton where the "
         "default is CUDA.",
         "- `floor` = MXFP4 weight bytes of the experts the routing touches / copy bandwidth "
@@ -352,7 +351,7 @@ def cuda_parts(timer, kern, layer, x, tw, ti):
     xs2 = h_scale if static else torch.ones(t * top_k, device="cuda")
     out = torch.empty((t, h), dtype=torch.bfloat16, device="cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    w2_, st2 = mc.gemm2_config(h, sms)
+    w2_, st2 = mc.gemm2_config(h, t, sms)
     per_row = not static
     common = dict(num_experts=e, act_int8=act_int8, pdl=True)
     g1 = lambda: lib.moe_gemm(q1, xs1, w13, ti, None, None, h_scale, hq, gated=True, k=h,  # noqa

@@ -658,34 +658,27 @@ __global__ void __launch_bounds__(256)
 }
 
 // ----------------------------------------------------------------------------------------------
-// MoE decode GEMMs (a few tokens): the dense kernel's copies, decode and MMA, one expert's rows
-// per work item and the activation rows routed to that expert as the MMA's 8 token columns, so
-// an expert that several tokens share is read once. Stacked expert matrices
-// (sm90_triton_moe.py): expert e owns rows [e * rows_per_expert, (e + 1) * rows_per_expert); in
-// w13 its gate rows start at 0 and its up rows at up_offset. At most kMoeMaxPairs routed pairs
-// (tokens x top_k) per call: warp 0 reads them all straight from topk_ids (no routing pass).
+// MoE decode GEMMs (a few tokens): the dense kernel's copies, decode and MMA, with one routed
+// expert's rows per work item. Stacked expert matrices (sm90_triton_moe.py): expert e owns rows
+// [e * rows_per_expert, (e + 1) * rows_per_expert); in w13 its gate rows start at 0 and its up
+// rows at up_offset.
 //
-// GEMM1 (kGated): one CTA per (8 intermediate columns, routed pair), but only the CTA of an
-//   expert's first pair (and of its 9th, 17th, ...) works, on that pair and the next 7 of the
-//   same expert as its columns; the other CTAs exit at once. Its 16 MMA rows are the expert's
-//   8 gate rows (MMA rows 0-7) and the 8 matching up rows (8-15), so the epilogue has gate and
-//   up of each column at hand: SiLU-and-mul, and with a static intermediate scale the
-//   quantization, happen there. Output h [pairs, I]: float32, or quantized bytes; the row of a
-//   pair routed to no local expert is zeros (a dynamic intermediate scale reads it).
-// GEMM2: one CTA per 16 output rows. Its work items are (group, K step); a group is an expert
-//   with the tokens routed to it as columns (a token that names an expert twice puts its second
-//   pair in a second group), so the router-weighted sum over each token's experts happens
-//   inside the CTA: no per-pair output and no reduction launch. (Splitting the experts over
-//   several CTAs with a last-CTA reduction, for more CTAs at one token, was measured slower on
-//   an H100: 19.9 -> 21.6-40.5 us for the Qwen3-30B-A3B layer; docs/moe_kernels.md.)
+// GEMM1 (kGated): one CTA per (8 intermediate columns, routed pair). Its 16 MMA rows are the
+//   expert's 8 gate rows (MMA rows 0-7) and the 8 matching up rows (8-15), so the epilogue has
+//   gate and up of each column at hand: SiLU-and-mul, and with a static intermediate scale the
+//   quantization, happen there. Output h [pairs, I]: float32, or quantized bytes.
+// GEMM2: one CTA per (16 output rows, token); its work items are (the token's j-th expert,
+//   K step), so the router-weighted sum over the top-k experts happens inside the CTA: no
+//   per-pair output and no reduction launch. (Splitting the experts over several CTAs with a
+//   last-CTA reduction, for more CTAs at one token, was measured slower on an H100: 19.9 ->
+//   21.6-40.5 us for the Qwen3-30B-A3B layer; docs/moe_kernels.md.)
+// Only MMA column 0 carries a token; the B operand's other 7 columns are zeros.
 // FP8 sums are moved to float32 after every MMA (32 products): the MoE re-quantizes h, and the
 // tensor cores' longer FP8 accumulation perturbs h enough to flip its FP8 roundings
 // (docs/moe_kernels.md). Out-of-range blocks (code 0, zeros in the main pass) are added back
 // exactly in the epilogue from a per-row CSR over the repacking's side table.
 // ----------------------------------------------------------------------------------------------
-constexpr int kMoeMaxPairs = 32;  // routed pairs per call: one lane of warp 0 each
-constexpr int kMoeCols = 8;       // MMA token columns (GEMM2: tokens per call)
-constexpr int kMoeMaxTopK = 16;   // GEMM2's epilogue loads a token's top-k row bounds at once
+constexpr int kMoeMaxGroups = 16;  // largest top-k that GEMM2 takes
 
 struct MoeArgs {
   const uint8_t* a;             // quantized activations: GEMM1 x [T, K], GEMM2 h [pairs, K]
@@ -701,8 +694,8 @@ struct MoeArgs {
   const float* topk_w;          // [T, top_k] router weights (GEMM2), or null: unweighted
   const float* h_scale;         // GEMM1: static scale to quantize h with, or null: float32 h
   void* out;                    // GEMM1: h [pairs, ldo]; GEMM2: y [T, ldo] of out_dtype
-  int ids64, tokens, top_k, E, K, KP, rows, rows_per_expert, up_offset, n_out, lda, ldo,
-      a_per_row, out_dtype;
+  int ids64, top_k, E, K, KP, rows, rows_per_expert, up_offset, n_out, lda, ldo, a_per_row,
+      out_dtype;
 };
 
 __device__ __forceinline__ void store_out(void* out, int dtype, size_t i, float v) {
@@ -715,98 +708,50 @@ __device__ __forceinline__ void store_out(void* out, int dtype, size_t i, float 
   }
 }
 
-// Warp 0: the CTA's groups from the routing (GEMM1: the CTA's pair's expert and up to 8 of its
-// pairs, or nothing; GEMM2: every routed expert). Lane p reads pair p.
-template <bool kGated, int kMaxGroups>
-__device__ __forceinline__ void moe_groups(const MoeArgs& args, int lane, int* s_row,
-                                           int (*s_arow)[kMoeCols], float (*s_w)[kMoeCols],
-                                           int* s_out, int* s_pair_group, int& s_groups,
-                                           int& s_cols) {
-  const int pairs = args.tokens * args.top_k;
-  int id = -1;
-  float w = 1.f;
-  if (lane < pairs) {
-    id = args.ids64 ? int(static_cast<const int64_t*>(args.ids)[lane])
-                    : static_cast<const int32_t*>(args.ids)[lane];
-    if (args.topk_w != nullptr) w = args.topk_w[lane];
-    if (args.expert_map != nullptr) id = id >= 0 ? args.expert_map[id] : -1;
-  }
-  const bool routed = lane < pairs && id >= 0 && id < args.E;
-  const int token = lane / args.top_k;
-  const uint32_t below = (1u << lane) - 1u;
-  for (int i = lane; i < kMaxGroups * kMoeCols; i += 32) s_arow[i / kMoeCols][i % kMoeCols] = -1;
-  __syncwarp();
-  if constexpr (kGated) {
-    // this CTA's pair p, ranked among the pairs of its expert: ranks 0, 8, 16, ... own a group
-    const int p = blockIdx.y;
-    const uint32_t same = __match_any_sync(0xffffffffu, routed ? id : -1);
-    const uint32_t same_p = __shfl_sync(0xffffffffu, same, p);
-    const int rank_p = __popc(same_p & ((1u << p) - 1u));
-    const int col = __popc(same & below) - rank_p;
-    const bool routed_p = __shfl_sync(0xffffffffu, int(routed), p) != 0;
-    if (routed_p && rank_p % kMoeCols == 0 && (same_p >> lane & 1u) && col >= 0 &&
-        col < kMoeCols) {
-      s_arow[0][col] = token;
-      s_w[0][col] = w;
-      s_out[col] = lane;
-    }
-    if (lane == p) {
-      s_row[0] = routed ? id * args.rows_per_expert : 0;
-      s_groups = routed_p ? 1 : 0;
-      // an unrouted pair writes its zero row itself; a routed one is some owner's column
-      s_cols = !routed_p ? 1 : rank_p % kMoeCols ? 0 : min(kMoeCols, __popc(same_p) - rank_p);
-      if (!routed_p) s_out[0] = p;
-    }
-  } else {
-    // the occurrence of the expert within the token (0 unless the token names it twice)
-    const uint32_t same_token = __match_any_sync(0xffffffffu, routed ? id * 32 + token : -1);
-    const int occurrence = __popc(same_token & below);
-    const uint32_t same = __match_any_sync(0xffffffffu, routed ? id * 32 + occurrence : -1);
-    const bool owner = routed && (same & below) == 0;
-    const uint32_t owners = __ballot_sync(0xffffffffu, owner);
-    const int group = __shfl_sync(0xffffffffu, __popc(owners & below), __ffs(same) - 1);
-    if (owner) s_row[group] = id * args.rows_per_expert;
-    if (routed) {
-      s_arow[group][token] = lane;  // h row = pair
-      s_w[group][token] = w;
-    }
-    if (lane < kMoeMaxPairs) s_pair_group[lane] = routed ? group : -1;
-    if (lane == 0) {
-      s_groups = __popc(owners);
-      s_cols = args.tokens;
-    }
-  }
-}
-
 template <bool kInt8, bool kGated, int kWarps, int kStages>
 __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs args) {
-  static_assert(2 * kWarps >= kMoeCols, "the epilogue's warps take two columns each");
-  constexpr int kMaxGroups = kGated ? 1 : kMoeMaxPairs;
   extern __shared__ __align__(16) uint8_t ring_all[];
-  __shared__ float partial[kWarps][16][kMoeCols];
-  __shared__ int s_row[kMaxGroups];             // group -> first stacked row of its expert
-  __shared__ int s_arow[kMaxGroups][kMoeCols];  // group, column -> activation row, or -1
-  __shared__ float s_w[kMaxGroups][kMoeCols];   // group, column -> router weight
-  __shared__ int s_out[kMoeCols];               // GEMM1: column -> h row (its pair)
-  __shared__ int s_pair_group[kMoeMaxPairs];    // GEMM2: pair -> group, or -1 (unrouted)
-  __shared__ int s_groups, s_cols;
+  __shared__ float partial[kWarps][16];
+  __shared__ int s_row[kMoeMaxGroups];   // first stacked row of the group's expert
+  __shared__ int s_arow[kMoeMaxGroups];  // the group's activation row
+  __shared__ float s_w[kMoeMaxGroups];   // the group's router weight
+  __shared__ int s_groups;
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int g = lane >> 2;  // MMA rows g and g + 8; B operand: token column g
-  const int t = lane & 3;   // which 64-wide K group of a step; C: token columns 2t and 2t + 1
+  const int g = lane >> 2;  // MMA rows g and g + 8; token column g (only g == 0 is real)
+  const int t = lane & 3;   // which 64-wide K group of a step
   const int col0 = blockIdx.x * (kGated ? 8 : 16);  // first h column / first output row
   const int steps = (args.K + kStepK - 1) / kStepK;
   const size_t kp2 = size_t(args.KP) / 2, kp32 = size_t(args.KP) / 32;
 
   // The routing was finished before the previous kernel started, so it may be read before
-  // griddepcontrol.wait.
-  if (warp == 0)
-    moe_groups<kGated, kMaxGroups>(args, lane, s_row, s_arow, s_w, s_out, s_pair_group,
-                                   s_groups, s_cols);
+  // griddepcontrol.wait. GEMM1: the CTA's pair; GEMM2: the token's top-k pairs, one per lane
+  // of warp 0 (loaded in parallel), compacted in pair order; pairs routed to no local expert
+  // are dropped.
+  if (warp == 0) {
+    const int first = kGated ? blockIdx.y : blockIdx.y * args.top_k;
+    const int count = kGated ? 1 : args.top_k;
+    const int p = first + lane;
+    int id = -1;
+    float w = 1.f;
+    if (lane < count) {
+      id = args.ids64 ? int(static_cast<const int64_t*>(args.ids)[p])
+                      : static_cast<const int32_t*>(args.ids)[p];
+      if (args.topk_w != nullptr) w = args.topk_w[p];
+      if (args.expert_map != nullptr) id = id >= 0 ? args.expert_map[id] : -1;
+    }
+    const bool routed = lane < count && id >= 0 && id < args.E;
+    const uint32_t mask = __ballot_sync(0xffffffffu, routed);
+    if (routed) {
+      const int slot = __popc(mask & ((1u << lane) - 1u));
+      s_row[slot] = id * args.rows_per_expert;
+      s_arow[slot] = kGated ? p / args.top_k : p;
+      s_w[slot] = w;
+    }
+    if (lane == 0) s_groups = __popc(mask);
+  }
   __syncthreads();
-  const int cols = s_cols;
-  if (cols == 0) return;  // GEMM1: another CTA has this pair as a column
   const int groups = s_groups;
   const int items = groups * steps;
 
@@ -818,34 +763,27 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
       return col0 + r;
     }
   };
-  // activation scale x router weight of a column (0 for an empty one)
-  auto col_factor = [&](int grp, int c) {
-    const int arow = s_arow[grp][c];
-    return arow < 0 ? 0.f : args.a_scale[args.a_per_row ? arow : 0] * s_w[grp][c];
-  };
 
-  // activations of item it: lane column g's row, this lane's K group (64 bytes)
+  // activations of item it: the lanes of token column 0 load their K group's 64 bytes
   auto load_x = [&](int it, StepRegs<1>& r) {
     const int grp = it / steps, s = it - grp * steps;
     const int kx = s * kStepK + t * 64;
-    const int arow = s_arow[grp][g];
     const uint4* px =
-        reinterpret_cast<const uint4*>(args.a + size_t(max(arow, 0)) * args.lda + kx);
+        reinterpret_cast<const uint4*>(args.a + size_t(s_arow[grp]) * args.lda + kx);
 #pragma unroll
     for (int q = 0; q < 4; ++q)
-      r.x[0][q] = (arow >= 0 && kx + 16 * q < args.K) ? __ldg(px + q) : make_uint4(0, 0, 0, 0);
+      r.x[0][q] = (g == 0 && kx + 16 * q < args.K) ? __ldg(px + q) : make_uint4(0, 0, 0, 0);
   };
 
-  // The decode and MMAs of item it, folded into float32 with the factor of each (MMA row,
-  // column): weight exponent x activation scale x router weight; r.ta / r.tb: the rows' INT8
-  // tile exponents, or (FP8) their float32 2**r bits. acc: rows g, g + 8 x columns 2t, 2t + 1.
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  // The decode and MMAs of item it, folded into float32 with the item's factor per MMA row
+  // (activation scale x router weight x weight exponent); r.ta / r.tb: the rows' INT8 tile
+  // exponents, or (FP8) their float32 2**r bits.
+  float acc_lo = 0.f, acc_hi = 0.f;  // MMA rows g and g + 8, token column 0 (lanes t == 0)
   auto consume = [&](int it, const StepRegs<1>& r) {
     const int grp = it / steps;
-    const float x0 = col_factor(grp, 2 * t), x1 = col_factor(grp, 2 * t + 1);
-    const float r_lo = kInt8 ? __int_as_float(int(r.ta) << 23) : __uint_as_float(r.ta);
-    const float r_hi = kInt8 ? __int_as_float(int(r.tb) << 23) : __uint_as_float(r.tb);
-    const float f[4] = {r_lo * x0, r_lo * x1, r_hi * x0, r_hi * x1};
+    const float xs = args.a_scale[args.a_per_row ? s_arow[grp] : 0] * s_w[grp];
+    const float f_lo = xs * (kInt8 ? __int_as_float(int(r.ta) << 23) : __uint_as_float(r.ta));
+    const float f_hi = xs * (kInt8 ? __int_as_float(int(r.tb) << 23) : __uint_as_float(r.tb));
     const Lut la_lo = make_lut<kInt8>(r.ca & 0xFF);
     const Lut la_hi = make_lut<kInt8>(r.ca >> 8);
     const Lut lb_lo = make_lut<kInt8>(r.cb & 0xFF);
@@ -862,13 +800,13 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
       c[0] = c[1] = c[2] = c[3] = 0.f;
       mma_16x8x32<kInt8>(c, ci, a0, a1, a2, a3, b0, b1);
       if constexpr (!kInt8) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[j] = fmaf(c[j], f[j], acc[j]);
+        acc_lo = fmaf(c[0], f_lo, acc_lo);
+        acc_hi = fmaf(c[2], f_hi, acc_hi);
       }
     }
     if constexpr (kInt8) {  // exact: |step sum| < 256 * 96 * 127 < 2**24
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[j] = fmaf(float(ci[j]), f[j], acc[j]);
+      acc_lo = fmaf(float(ci[0]), f_lo, acc_lo);
+      acc_hi = fmaf(float(ci[2]), f_hi, acc_hi);
     }
   };
 
@@ -942,55 +880,50 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
   }
   cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
 
-  partial[warp][g][2 * t] = acc[0];
-  partial[warp][g][2 * t + 1] = acc[1];
-  partial[warp][g + 8][2 * t] = acc[2];
-  partial[warp][g + 8][2 * t + 1] = acc[3];
+  if (t == 0) {
+    partial[warp][g] = acc_lo;
+    partial[warp][g + 8] = acc_hi;
+  }
   __syncthreads();
-  // Warp w finishes columns 2w (lanes 0-15) and 2w + 1 (lanes 16-31), MMA row r = lane & 15.
-  if (2 * warp >= cols) return;
-  const int r = lane & 15;
-  const int c = 2 * warp + (lane >> 4);
-  const bool live = c < cols;
+  if (warp != 0) return;
+  const int r = lane & 15;  // MMA row; lanes 16-31 take the same rows' odd groups below
   float v = 0.f;
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) v += partial[w][r][c];
-  if (args.corr_row_ptr != nullptr && live) {
-    // Out-of-range blocks of row r for column c: GEMM1 the one group; GEMM2 the groups of
-    // token c's pairs, the CSR bounds of kChunk of them loaded at once (independent loads).
-    constexpr int kChunk = kGated ? 1 : 4;
-    const Corrections table = {args.corr_row_ptr, args.corr_blocks, args.corr_values};
-    for (int j0 = 0; j0 < (kGated ? 1 : args.top_k); j0 += kChunk) {
-      int grp[kChunk], b_first[kChunk], b_end[kChunk];
+  for (int w = 0; w < kWarps; ++w) v += partial[w][r];
+  if (args.corr_row_ptr != nullptr) {
+    // Out-of-range blocks of row r: group 2j + half, the CSR bounds of all groups loaded first
+    // (independent loads, one latency instead of one per group).
+    constexpr int kPerHalf = kGated ? 1 : kMoeMaxGroups / 2;
+    const int half = lane >> 4;
+    int b_first[kPerHalf], b_end[kPerHalf];
 #pragma unroll
-      for (int j = 0; j < kChunk; ++j) {
-        if constexpr (kGated) {
-          grp[j] = groups > 0 ? 0 : -1;
-        } else {
-          grp[j] = j0 + j < args.top_k ? s_pair_group[c * args.top_k + j0 + j] : -1;
-        }
-        b_first[j] = b_end[j] = 0;
-        if (grp[j] >= 0 && s_arow[grp[j]][c] >= 0) {
-          const int row = s_row[grp[j]] + expert_row(r);
-          b_first[j] = args.corr_row_ptr[row];
-          b_end[j] = args.corr_row_ptr[row + 1];
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kChunk; ++j) {
-        if (b_first[j] == b_end[j]) continue;
-        const float dot = correction_dot<kInt8>(table, b_first[j], b_end[j],
-                                                args.a + size_t(s_arow[grp[j]][c]) * args.lda);
-        v = fmaf(dot, col_factor(grp[j], c), v);
+    for (int j = 0; j < kPerHalf; ++j) {
+      const int grp = 2 * j + half;
+      b_first[j] = b_end[j] = 0;
+      if (grp < groups) {
+        const int row = s_row[grp] + expert_row(r);
+        b_first[j] = args.corr_row_ptr[row];
+        b_end[j] = args.corr_row_ptr[row + 1];
       }
     }
+    float corr = 0.f;
+#pragma unroll
+    for (int j = 0; j < kPerHalf; ++j) {
+      if (b_first[j] == b_end[j]) continue;
+      const int grp = 2 * j + half;
+      const Corrections table = {args.corr_row_ptr, args.corr_blocks, args.corr_values};
+      const float dot = correction_dot<kInt8>(table, b_first[j], b_end[j],
+                                              args.a + size_t(s_arow[grp]) * args.lda);
+      corr = fmaf(dot, args.a_scale[args.a_per_row ? s_arow[grp] : 0] * s_w[grp], corr);
+    }
+    v += corr + __shfl_xor_sync(0xffffffffu, corr, 16);
   }
   if constexpr (kGated) {
-    const float up = __shfl_down_sync(0xffffffffu, v, 8);  // rows 8-15 of the same column
-    const int col = col0 + r;
-    if (live && r < 8 && col < args.n_out) {
+    const float up = __shfl_down_sync(0xffffffffu, v, 8);
+    const int col = col0 + lane;
+    if (lane < 8 && col < args.n_out) {
       const float h = v / (1.f + expf(-v)) * up;  // silu(gate) * up; 0 for an unrouted pair
-      const size_t o = size_t(s_out[c]) * args.ldo + col;
+      const size_t o = size_t(blockIdx.y) * args.ldo + col;
       if (args.h_scale != nullptr) {
         static_cast<uint8_t*>(args.out)[o] = quantize_value<kInt8>(h, args.h_scale[0]);
       } else {
@@ -998,8 +931,9 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
       }
     }
   } else {
-    const int n = col0 + r;
-    if (live && n < args.n_out) store_out(args.out, args.out_dtype, size_t(c) * args.ldo + n, v);
+    const int n = col0 + lane;
+    if (lane < 16 && n < args.n_out)
+      store_out(args.out, args.out_dtype, size_t(blockIdx.y) * args.ldo + n, v);
   }
 }
 
@@ -1220,8 +1154,7 @@ int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
                          int rows, int rows_per_expert, int up_offset, int n_out, int lda,
                          int ldo, int a_per_row, int out_dtype, int act_int8, int gated,
                          int warps, int stages, int pdl, void* stream) {
-  if (tokens <= 0 || top_k <= 0 || tokens * top_k > kMoeMaxPairs ||
-      (!gated && (top_k > kMoeMaxTopK || tokens > kMoeCols)) || K % 32 || K > KP ||
+  if (tokens <= 0 || top_k <= 0 || (!gated && top_k > kMoeMaxGroups) || K % 32 || K > KP ||
       KP % (2 * kStepK) || rows % 16 || rows_per_expert % 16 || up_offset % 8 || lda % 16 ||
       out_dtype < 0 || out_dtype > 2)
     return int(cudaErrorInvalidValue);
@@ -1240,7 +1173,6 @@ int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
   args.h_scale = static_cast<const float*>(h_scale);
   args.out = out;
   args.ids64 = ids64;
-  args.tokens = tokens;
   args.top_k = top_k;
   args.E = E;
   args.K = K;
@@ -1254,7 +1186,7 @@ int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
   args.a_per_row = a_per_row;
   args.out_dtype = out_dtype;
   const dim3 grid = gated ? dim3((n_out + 7) / 8, tokens * top_k, 1)
-                          : dim3((n_out + 15) / 16, 1, 1);
+                          : dim3((n_out + 15) / 16, tokens, 1);
   auto st = static_cast<cudaStream_t>(stream);
   const bool use_pdl = pdl != 0;
   if (act_int8) {

@@ -65,8 +65,6 @@ def test_cpu_takes_the_fallback_with_reasons():
     (1, 2, 4, False, True),      # one token: its experts are distinct, nothing is read twice
     (2, 2, 4, False, False),
     (1, 17, 256, True, False),   # more experts per token than GEMM2's table holds
-    (2, 16, 256, True, True),    # 32 routed pairs: what one warp reads
-    (4, 16, 256, True, False),   # 64 routed pairs
     (0, 8, 128, False, False),
 ])
 def test_small_calls_take_the_cuda_moe_path(tokens, top_k, experts, int8, cuda):

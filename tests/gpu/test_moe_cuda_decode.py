@@ -128,12 +128,11 @@ def test_out_of_range_blocks_added_back(act, schemes, _cuda_path):
 @pytest.mark.parametrize("schemes", [(D, D), (P, P), (S, S)], ids=lambda p: p[0].name)
 def test_shared_and_repeated_experts(act, schemes, _cuda_path):
     """Routings the random distinct top-k ids do not make, on both paths: every token on the
-    same experts (one expert read for several token columns); all pairs on one expert (more
-    than the MMA's 8 columns); a token naming one expert twice (vLLM's routers never do, but
-    nothing may be lost: the Triton path's per-expert table once held at most T pairs per
-    expert and left such outputs unwritten; GEMM2 puts the second pair in a second group);
-    pairs routed off this rank next to routed ones (their h rows, which a dynamic
-    intermediate scale reads, must be zeros); planted out-of-range blocks."""
+    same experts; all pairs on one expert; a token naming one expert twice (vLLM's routers
+    never do, but nothing may be lost: the Triton path's per-expert table once held at most T
+    pairs per expert and left such outputs unwritten); pairs routed off this rank next to
+    routed ones (their h rows, which a dynamic intermediate scale reads, must be zeros);
+    planted out-of-range blocks."""
     _need_fp8(act)
     e, k = 8, 4
     kern, layer, dense, g = build(act, *schemes, e, 512, 192, k, seed=90 + int(act),
@@ -142,7 +141,6 @@ def test_shared_and_repeated_experts(act, schemes, _cuda_path):
     ids_all_shared = torch.tensor([[1, 2, 3, 4]] * 4, dtype=torch.int32, device=DEV)
     ids_repeats = torch.tensor([[5, 5, 5, 2], [2, 5, 0, 1], [7, 6, 5, 4], [5, 2, 2, 2]],
                                dtype=torch.int64, device=DEV)
-    # 16 pairs on one expert: GEMM1 takes them as two groups of 8 columns
     ids_one_expert = torch.full((4, k), 3, dtype=torch.int32, device=DEV)
     w = torch.softmax(torch.rand(4, k, device=DEV, generator=g) * 4.0, dim=-1)
     for ids in (ids_all_shared, ids_repeats, ids_one_expert):

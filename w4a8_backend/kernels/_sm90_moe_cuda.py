@@ -6,22 +6,20 @@ three launches (static scales), with the same semantics as ``_sm90_moe_triton.mo
 
 1. the layer input's quantization (the dense decode path's kernel; it releases the next launch
    at its start, so GEMM1 copies weights while it runs: PDL);
-2. GEMM1: one CTA per (8 intermediate columns, expert) reads the routing straight from
-   ``topk_ids`` (no routing pass) and takes the pairs routed to its expert as the MMA's token
-   columns, fuses SiLU-and-mul and, with a static intermediate scale, the intermediate's
-   quantization;
-3. GEMM2: one CTA per 16 output rows sums each token's top-k experts, router-weighted, inside
-   the CTA (no per-pair output, no reduction launch), again one pass over each routed expert
-   with its tokens as the columns.
+2. GEMM1: one CTA per (8 intermediate columns, routed pair) reads the pair's expert straight
+   from ``topk_ids`` (no routing pass), fuses SiLU-and-mul and, with a static intermediate
+   scale, the intermediate's quantization;
+3. GEMM2: one CTA per (16 output rows, token) sums the token's top-k experts, router-weighted,
+   inside the CTA (no per-pair output, no reduction launch).
 
-So an expert that several tokens share is read once. A dynamic intermediate scale adds its
-quantization launch between 2 and 3 (a per-tensor amax: inside that launch for small
-intermediates, ``sm90_triton.cuda_quantize``). Out-of-range blocks are added back inside the
-GEMMs' epilogues.
+A dynamic intermediate scale adds its quantization launch between 2 and 3 (a per-tensor amax:
+inside that launch for small intermediates, ``sm90_triton.cuda_quantize``). Out-of-range blocks
+are added back inside the GEMMs' epilogues.
 
-This path is for ``tokens <= MAX_TOKENS`` and at most ``MAX_PAIRS`` routed pairs (one warp
-reads the routing), with FP8 above one token only while the routed pairs are fewer than
-``MAX_PAIR_FRACTION`` of the experts; other calls take the Triton kernels (``usable``).
+Each pair reads its expert's weights, so pairs that share an expert read them again (mostly
+from L2): this path is for ``tokens <= MAX_TOKENS``, with FP8 above one token only while the
+routed pairs are fewer than ``MAX_PAIR_FRACTION`` of the experts; other calls take the Triton
+kernels (``usable``).
 """
 
 from __future__ import annotations
@@ -40,12 +38,11 @@ from .sm90_triton import _capability, aligned_rows, cuda_quantize
 # with INT8 (whose Triton kernels are slower); Qwen3-30B-A3B (32 pairs over 128) was faster
 # with both.
 MAX_TOKENS = 4
-MAX_PAIRS = 32  # kMoeMaxPairs in the source: warp 0's lanes read the routed pairs
 MAX_PAIR_FRACTION = 0.5
 # (warps per CTA, cp.async stages per warp) of GEMM1; GEMM2's from gemm2_config unless set.
 GEMM1_CONFIG = (4, 2)
 GEMM2_CONFIG: tuple[int, int] | None = None
-MAX_TOP_K = 16  # kMoeMaxTopK: GEMM2's epilogue holds a token's top-k row bounds at once
+MAX_TOP_K = 16  # GEMM2's per-CTA table of the token's experts
 POISON_OUTPUTS = False  # tests: fill intermediates with NaN / 0x7F first
 
 
@@ -55,20 +52,19 @@ def _num_sms(device_index: int) -> int:
 
 
 def usable(num_tokens: int, top_k: int, num_experts: int, act_int8: bool) -> bool:
-    """Whether a call takes this path (the rule and its measurements: the comment above)."""
+    """Whether a call takes this path. One token's top-k experts are distinct, so nothing is
+    read twice; more tokens may share experts, which costs FP8 more than Triton's reads."""
     return (0 < num_tokens <= MAX_TOKENS and top_k <= MAX_TOP_K
-            and num_tokens * top_k <= MAX_PAIRS
             and (num_tokens == 1 or act_int8
                  or num_tokens * top_k < MAX_PAIR_FRACTION * num_experts))
 
 
-def gemm2_config(hidden: int, sms: int) -> tuple[int, int]:
-    """GEMM2's launch config: 16 warps while its CTAs (one per 16 output rows) fit on the SMs at
-    once, else 8 (H100 sweep, docs/moe_kernels.md: Qwen3 T=1 19.9 vs 25.5 us; 8 warps at every
-    larger grid)."""
+def gemm2_config(hidden: int, tokens: int, sms: int) -> tuple[int, int]:
+    """GEMM2's launch config: 16 warps while its CTAs fit on the SMs at once, else 8 (H100
+    sweep, docs/moe_kernels.md: Qwen3 T=1 19.9 vs 25.5 us; 8 warps at every larger grid)."""
     if GEMM2_CONFIG is not None:
         return GEMM2_CONFIG
-    return (16, 2) if -(-hidden // 16) <= sms else (8, 2)
+    return (16, 2) if -(-hidden // 16) * tokens <= sms else (8, 2)
 
 
 def moe_forward(
@@ -99,7 +95,7 @@ def moe_forward(
     t = x.shape[0]
     top_k = topk_ids.shape[1]
     w1, s1 = GEMM1_CONFIG
-    w2_, s2_ = gemm2_config(hidden, _num_sms(dev.index or 0))
+    w2_, s2_ = gemm2_config(hidden, t, _num_sms(dev.index or 0))
 
     weights = topk_weights
     if apply_router_weight_on_input:  # vLLM allows it for top-1 only
