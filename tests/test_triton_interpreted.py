@@ -3,10 +3,9 @@
 defined), against the exact references:
 
 - the dense W4A8 GEMM on every path (fused, fused with split-K, materialized per-tile, INT8
-  materialized with one reference per row) with planted out-of-range blocks, added in the
-  fused GEMM's epilogue or by the correction kernel after a materialized one, FP8 and INT8,
-  using the float16-arithmetic decode (``DECODE_LUT = False``: the default ``prmt`` decode is
-  inline PTX, which the interpreter cannot run);
+  materialized with one reference per row) plus the correction kernel with planted
+  out-of-range blocks, FP8 and INT8, using the float16-arithmetic decode (``DECODE_LUT =
+  False``: the default ``prmt`` decode is inline PTX, which the interpreter cannot run);
 - the MoE path's routing table, GEMMs and top-k sum with float16 expert weights (the
   benchmark's BF16 baseline mode of ``moe_forward``, which always takes the routing table) and
   top-k ids where a token names one expert several times; and the whole INT8 MoE layer with
@@ -85,8 +84,7 @@ DENSE_SCRIPT = textwrap.dedent("""
     from w4a8_backend.formats import (ActivationDtype, ActivationScheme, quantize_activation,
                                       quantize_mxfp4, reference_linear)
     from w4a8_backend.kernels import triton_w4a8 as tk
-    from w4a8_backend.kernels._sm90_repack import (decode_lut, int8_prefill_rows, repack_mxfp4,
-                                                   row_offsets)
+    from w4a8_backend.kernels._sm90_repack import decode_lut, int8_prefill_rows, repack_mxfp4
 
     torch.manual_seed(0)
     tk.DECODE_LUT = False
@@ -122,15 +120,8 @@ DENSE_SCRIPT = textwrap.dedent("""
             # worst relative error of one output feature (the planted blocks dominate theirs)
             per_n = lambda y: ((y - ref).norm(dim=0) / ref.norm(dim=0)).max().item()  # noqa
             missing = per_n(y)
-            if dense is None:  # the fused GEMM adds them in its epilogue
-                corr = (row_offsets(rp.corr_rows, rp.corr_ptr, rp.packed.shape[0]),
-                        rp.corr_blocks, rp.corr_values)
-                y = tk.w4a8_gemm(q, xs, rp.packed, rp.codes, rp.row_scale, counters,
-                                 decode_lut(i8), n, i8, True, None, torch.float32, config=cfg,
-                                 corr=corr)
-            else:
-                tk.correction(y, q, xs, True, table.corr_rows, table.corr_ptr,
-                              table.corr_blocks, table.corr_values)
+            tk.correction(y, q, xs, True, table.corr_rows, table.corr_ptr, table.corr_blocks,
+                          table.corr_values)
             err = per_n(y)
             assert err < 1e-5 < missing, (act.name, name, err, missing)
     print("ok")

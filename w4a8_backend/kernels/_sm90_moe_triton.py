@@ -37,7 +37,6 @@ from . import triton_w4a8 as tk
 from ._sm90_repack import INT8_TILE
 
 _load_decoded = tk._load_decoded
-_add_corrections = tk._add_corrections
 # the leading arguments this module passes (later ones, such as code_shift, keep defaults)
 _EXPECTED_DECODE_ARGS = ["w_ptr", "c_ptr", "offs_n", "k0", "KP2", "KP32", "BN", "BK", "ACT_INT8",
                          "DECODE_LUT"]
@@ -273,6 +272,23 @@ def _moe_gemm(
             tl.atomic_max(amax_ptr, hmax.to(tl.int32, bitcast=True))
     else:
         tl.store(o_rows + offs_n[:, None], acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _add_corrections(acc, crp_ptr, cblk_ptr, cval_ptr, a_rows, rows, m_mask, a_scale):
+    """``acc`` [BN, BM] plus the exact contribution (times the activation scale) of the
+    out-of-range blocks of the consecutive stacked rows ``rows``: their blocks are one
+    contiguous range of the CSR. Added block by block into ``acc``, with no second tile live."""
+    lo = tl.load(crp_ptr + rows)
+    hi = tl.load(crp_ptr + rows + 1)
+    j = tl.arange(0, 32)
+    for b in range(tl.min(lo, 0), tl.max(hi, 0)):
+        k0 = tl.load(cblk_ptr + b) * 32
+        v = tl.load(cval_ptr + b * 32 + j)
+        xq = tl.load(a_rows + (k0 + j)[:, None], mask=m_mask[None, :], other=0.0)
+        d = tl.sum(xq.to(tl.float32) * v[:, None], axis=0)[None, :] * a_scale
+        acc += tl.where(((lo <= b) & (b < hi))[:, None], d, 0.0)
+    return acc
 
 
 # --------------------------------------------------------------------------------------------

@@ -285,14 +285,14 @@ def mxfp4_w4a8_linear(
         dense = tk.materialize(packed, codes, row_scale, act_int8, prefill_row_scale)
         y = tk.w4a8_gemm(q, xs, packed, codes, row_scale, counters, lut, n, act_int8, per_token,
                          bias, out_dtype, dense=dense, prefill_row_scale=prefill_row_scale)
-        table = (prefill_corr if prefill_row_scale is not None
-                 else (corr_rows, corr_ptr, corr_blocks, corr_values))
-        tk.correction(y, q, xs, per_token, *table)
-        return y
-    # the fused GEMM adds the out-of-range blocks in its epilogue (no correction launch)
-    corr = (corr_row_ptr, corr_blocks, corr_values) if corr_blocks.numel() else None
-    return tk.w4a8_gemm(q, xs, packed, codes, row_scale, counters, lut, n, act_int8, per_token,
-                        bias, out_dtype, corr=corr)
+        if prefill_row_scale is not None:
+            tk.correction(y, q, xs, per_token, *prefill_corr)
+            return y
+    else:
+        y = tk.w4a8_gemm(q, xs, packed, codes, row_scale, counters, lut, n, act_int8, per_token,
+                         bias, out_dtype)
+    tk.correction(y, q, xs, per_token, corr_rows, corr_ptr, corr_blocks, corr_values)
+    return y
 
 
 @mxfp4_w4a8_linear.register_fake

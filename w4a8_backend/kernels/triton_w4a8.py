@@ -278,9 +278,8 @@ def _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN: tl.constexpr, BK: tl.
 @triton.jit
 def _w4a8_gemm(
     x_ptr, xs_ptr, w_ptr, c_ptr, rs_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, lut_ptr,
-    crp_ptr, cblk_ptr, cval_ptr,
     M, N, K, KP, KP2, KP32, NP, stride_ym, iters_per_split,
-    ACT_INT8: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, CORR: tl.constexpr,
+    ACT_INT8: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_DENSE: tl.constexpr, ROW_REF: tl.constexpr, SPLIT_K: tl.constexpr,
     DECODE_LUT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
@@ -361,50 +360,24 @@ def _w4a8_gemm(
                                cache_modifier=".cg")
             tl.atomic_xchg(cnt, 0)
             _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, rs_ptr, y_ptr, bias_ptr, N, stride_ym,
-                      crp_ptr, cblk_ptr, cval_ptr, x_rows, ACT_INT8 and not ROW_REF, PER_TOKEN,
-                      HAS_BIAS, CORR)
+                      ACT_INT8 and not ROW_REF, PER_TOKEN, HAS_BIAS)
     else:
         _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, rs_ptr, y_ptr, bias_ptr, N, stride_ym,
-                  crp_ptr, cblk_ptr, cval_ptr, x_rows, ACT_INT8 and not ROW_REF, PER_TOKEN,
-                  HAS_BIAS, CORR)
-
-
-@triton.jit
-def _add_corrections(acc, crp_ptr, cblk_ptr, cval_ptr, a_rows, rows, m_mask, a_scale):
-    """``acc`` [BN, BM] (output units) plus the exact contribution, times the activation scale
-    ``a_scale`` ([1, BM] or a scalar), of the out-of-range blocks of the consecutive weight rows
-    ``rows``: a CSR over every row (``crp``, ``row_offsets``) puts their blocks in one contiguous
-    range. Added block by block into ``acc``, with no second [BN, BM] tile live (one was measured
-    13-56 % slower in the INT8 GEMM at M = 128-256: 64 more registers per thread)."""
-    lo = tl.load(crp_ptr + rows)
-    hi = tl.load(crp_ptr + rows + 1)
-    j = tl.arange(0, 32)
-    for b in range(tl.min(lo, 0), tl.max(hi, 0)):
-        k0 = tl.load(cblk_ptr + b) * 32
-        v = tl.load(cval_ptr + b * 32 + j)
-        xq = tl.load(a_rows + (k0 + j)[:, None], mask=m_mask[None, :], other=0.0)
-        d = tl.sum(xq.to(tl.float32) * v[:, None], axis=0)[None, :] * a_scale
-        acc += tl.where(((lo <= b) & (b < hi))[:, None], d, 0.0)
-    return acc
+                  ACT_INT8 and not ROW_REF, PER_TOKEN, HAS_BIAS)
 
 
 @triton.jit
 def _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, rs_ptr, y_ptr, bias_ptr, N, stride_ym,
-              crp_ptr, cblk_ptr, cval_ptr, x_rows,
-              TILE_SCALED: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
-              CORR: tl.constexpr):
+              TILE_SCALED: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr):
     """``TILE_SCALED``: the per-tile INT8 loop already applied the weight's scales; otherwise
-    ``rs_ptr`` holds one float32 scale per row. ``CORR``: add the out-of-range blocks (a CSR
-    over every row) here, once per tile, instead of a correction launch afterwards."""
+    ``rs_ptr`` holds one float32 scale per row."""
     if PER_TOKEN:
-        xs = tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
+        xs = tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)
+        acc = acc * xs[None, :]
     else:
-        xs = tl.load(xs_ptr)
-    acc = acc * xs
+        acc = acc * tl.load(xs_ptr)
     if not TILE_SCALED:
         acc = acc * tl.load(rs_ptr + offs_n)[:, None]
-    if CORR:
-        acc = _add_corrections(acc, crp_ptr, cblk_ptr, cval_ptr, x_rows, offs_n, m_mask, xs)
     n_mask = offs_n < N
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
@@ -559,21 +532,13 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
               act_int8: bool, per_token: bool, bias: torch.Tensor | None,
               out_dtype: torch.dtype, config=None,
               dense: torch.Tensor | None = None,
-              prefill_row_scale: torch.Tensor | None = None,
-              corr: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-              ) -> torch.Tensor:
+              prefill_row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``dense``: the materialized weight (prefill); INT8 with ``prefill_row_scale``: it was
-    materialized against one reference per row (``materialize(..., prefill_row_scale)``).
-    ``corr`` (fused path only): the out-of-range blocks as (CSR over every row
-    (``row_offsets``), block indices, values), added in the epilogue; without it the caller
-    runs :func:`correction` afterwards."""
+    materialized against one reference per row (``materialize(..., prefill_row_scale)``)."""
     m, k = q.shape
     row_ref = prefill_row_scale is not None
     if row_ref and (dense is None or not act_int8):
         raise ValueError("prefill_row_scale is for the INT8 dense (materialized) GEMM")
-    if corr is not None and dense is not None:
-        raise ValueError("corr is added by the fused GEMM only; the dense GEMM takes "
-                         "correction() afterwards")
     n_pad, kp = packed.shape[0], packed.shape[1] * 2
     y = torch.empty((m, n), dtype=out_dtype, device=q.device)
     if POISON_OUTPUTS:
@@ -597,13 +562,12 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
             ws.fill_(float("nan"))
     else:
         ws = y
-    crp, cblk, cval = corr if corr is not None else (counters, counters, ws)
     _w4a8_gemm[grid](
         q, xs, packed if dense is None else dense, codes,
         prefill_row_scale if row_ref else row_scale, y,
-        bias if bias is not None else y, ws, counters, lut, crp, cblk, cval,
+        bias if bias is not None else y, ws, counters, lut,
         m, n, k, kp, kp // 2, kp // 32, n_pad, y.stride(0), per_split,
-        ACT_INT8=act_int8, PER_TOKEN=per_token, HAS_BIAS=bias is not None, CORR=corr is not None,
+        ACT_INT8=act_int8, PER_TOKEN=per_token, HAS_BIAS=bias is not None,
         W_DENSE=dense is not None, ROW_REF=row_ref, SPLIT_K=split, DECODE_LUT=DECODE_LUT,
         BN=bn, BM=bm, BK=bk,
         num_warps=warps, num_stages=stages,
