@@ -309,6 +309,11 @@ def _w4a8_gemm(
     else:
         jj = tl.arange(0, BK // 2)
         kx = (jj // 32) * 64 + (jj % 32)
+    # Every split has at least one K step (w4a8_gemm sizes them so). Telling the compiler removes
+    # the loop's zero-trip path, whose zeroed accumulator made ptxas serialize every wgmma of the
+    # FP8 tiles (C7515; H100, same call: N=K=8192 FP8 M=128 42.5 -> 39.7 us, INT8 M=32 36.3 ->
+    # 32.6 us)
+    tl.assume(it1 > it0)
     for it in range(it0, it1):
         k0 = it * BK
         if W_DENSE:
