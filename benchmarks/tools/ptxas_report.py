@@ -1,0 +1,164 @@
+"""What ptxas makes of the SM90 Triton kernels, without a GPU.
+
+Compiles the dense GEMM (`triton_w4a8._w4a8_gemm`) at the tile configs `pick_config` chooses and
+the MoE GEMMs (`_sm90_moe_triton._moe_gemm`) at their decode tiles for `sm_90a`
+(`triton.compile` with a `GPUTarget`; needs only triton with its NVIDIA backend, which ships
+ptxas), then runs ptxas on the PTX and reports per kernel: registers, spills, shared memory,
+`wgmma` instructions and `wgmma.wait_group` counts, and ptxas's notes on `wgmma`:
+
+- C7514 / C7515: every `wgmma` of the kernel is serialized (non-`wgmma` instructions read or
+  define accumulator registers while a `wgmma` group is in flight);
+- C7517 / C7519: a wait / arrive injected by ptxas (informational).
+
+Found this way on 2026-11-24: the dense FP8 tiles were serialized by the K loop's zero-trip
+path (docs/kernels.md, "The K loop's zero-trip path serialized the FP8 wgmmas").
+
+    python benchmarks/tools/ptxas_report.py [--json out.jsonl]
+
+On a CPU machine, put triton on the path first, e.g. ``PYTHONPATH=.venv/triton-interpreter``
+(scripts/setup.sh installs it there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from w4a8_backend.kernels import _sm90_moe_triton as mk  # noqa: E402
+from w4a8_backend.kernels import triton_w4a8 as tk  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+H100_SMS = 132
+# integer arguments the host code always passes as multiples of 16 (Triton specializes them so)
+ALIGNED_INTS = {"K", "N", "KP", "KP2", "KP32", "NP", "NPT", "WR", "UP_OFF", "stride_ym",
+                "stride_out"}
+SERIALIZED = ("C7514", "C7515")
+
+
+@dataclasses.dataclass
+class Report:
+    kernel: str
+    config: dict
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int
+    wgmma: int
+    waits: list[int]
+    notes: list[str]
+
+    @property
+    def serialized(self) -> bool:
+        return any(n in SERIALIZED for n in self.notes)
+
+
+def _ptxas_info(ptx: str) -> tuple[int, int, int, list[str]]:
+    """(registers, spill store bytes, spill load bytes, sorted distinct C75xx notes)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        out = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o",
+                              "/dev/null"], capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    return (int(regs[1]) if regs else 0, int(spills[1]) if spills else 0,
+            int(spills[2]) if spills else 0, sorted(set(re.findall(r"\((C75\d\d)\)", out))))
+
+
+def _compile(fn, types: dict, const: dict, warps: int, stages: int, name: str) -> Report:
+    names = fn.arg_names
+    sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n.endswith("_ptr") or n in ALIGNED_INTS}
+    kernel = triton.compile(ASTSource(fn, sig, const, attrs=attrs), target=TARGET,
+                            options=dict(num_warps=warps, num_stages=stages))
+    ptx = kernel.asm["ptx"]
+    regs, st, ld, notes = _ptxas_info(ptx)
+    waits = [int(w) for w in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)]
+    config = {k: v for k, v in const.items() if k in ("ACT_INT8", "BN", "BM", "BK", "SPLIT_K",
+                                                      "W_DENSE", "GATED", "FP8_PROMOTE")}
+    config.update(warps=warps, stages=stages)
+    return Report(name, config, regs, st, ld, kernel.metadata.shared,
+                  len(re.findall(r"wgmma\.mma_async", ptx)), waits, notes)
+
+
+def dense_gemm(act_int8: bool, config: tuple, dense: bool = False) -> Report:
+    """`_w4a8_gemm` at ``config`` = (BN, BM, BK, split_k, warps, stages), per-tensor scale."""
+    bn, bm, bk, split, warps, stages = config
+    act = "*i8" if act_int8 else "*fp8e4nv"
+    types = {"x_ptr": act, "xs_ptr": "*fp32", "w_ptr": act if dense else "*u8", "c_ptr": "*u8",
+             "rs_ptr": "*u8" if act_int8 else "*fp32", "y_ptr": "*bf16", "bias_ptr": "*bf16",
+             "ws_ptr": "*fp32", "cnt_ptr": "*i32", "lut_ptr": "*i32"}
+    const = dict(ACT_INT8=act_int8, PER_TOKEN=False, HAS_BIAS=False, W_DENSE=dense,
+                 ROW_REF=False, SPLIT_K=split, DECODE_LUT=True, BN=bn, BM=bm, BK=bk)
+    return _compile(tk._w4a8_gemm, types, const, warps, stages,
+                    "dense materialized" if dense else "dense fused")
+
+
+def moe_gemm(act_int8: bool, gated: bool, bn: int = 64, bm: int = 16, warps: int = 4,
+             stages: int | None = None) -> Report:
+    """`_moe_gemm` at a decode tile: GEMM1 (``gated``, static intermediate scale) or GEMM2."""
+    act = "*i8" if act_int8 else "*fp8e4nv"
+    stages = stages or mk.pick_config(16, 128, 128, act_int8)[3]
+    types = {"a_ptr": act, "as_ptr": "*fp32", "w_ptr": "*u8", "c_ptr": "*u8",
+             "rs_ptr": "*u8" if act_int8 else "*fp32", "crp_ptr": "*i32", "cblk_ptr": "*i32",
+             "cval_ptr": "*fp32", "out_ptr": act if gated else "*fp32", "amax_ptr": "*i32",
+             "tab_ptr": "*i32", "cnt_ptr": "*i32", "off_ptr": "*i32", "ids_ptr": "*i64",
+             "map_ptr": "*i32", "qs_ptr": "*fp32"}
+    const = dict(ACT_INT8=act_int8, PER_ROW=False, A_BY_TOKEN=gated, GATED=gated, CORR=False,
+                 AMAX=False, W_BF16=False, DECODE_LUT=True,
+                 FP8_PROMOTE=0 if act_int8 else mk.fp8_promote(bm, gated),
+                 OUT_QUANT=gated, ROUTE_INLINE=False, HAS_MAP=False, PP2=128, EP2=128, BN=bn,
+                 BM=bm, BK=256)
+    return _compile(mk._moe_gemm, types, const, warps, stages,
+                    "moe gemm1" if gated else "moe gemm2")
+
+
+def default_reports() -> list[Report]:
+    reports = []
+    for act_int8 in (False, True):
+        seen = set()
+        for m in (1, 16, 32, 64, 128, 256):
+            cfg = tk.pick_config(m, 8192, 8192, act_int8, H100_SMS)
+            if cfg not in seen:
+                seen.add(cfg)
+                reports.append(dense_gemm(act_int8, cfg))
+        reports.append(dense_gemm(act_int8, tk.pick_config(4096, 8192, 8192, act_int8,
+                                                           H100_SMS, dense=True), dense=True))
+        for gated in (True, False):
+            reports.append(moe_gemm(act_int8, gated))
+    return reports
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", default=None, help="also write one JSON line per kernel here")
+    args = ap.parse_args(argv)
+    reports = default_reports()
+    print(f"{'kernel':<20} {'config':<62} regs spill smem   wgmma waits notes")
+    for r in reports:
+        cfg = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in r.config.items())
+        print(f"{r.kernel:<20} {cfg:<62} {r.registers:>4} {r.spill_stores:>5} "
+              f"{r.shared_bytes:>6} {r.wgmma:>5} {len(r.waits):>5} "
+              f"{','.join(r.notes) or '-'}{'  SERIALIZED' if r.serialized else ''}")
+    if args.json:
+        with open(args.json, "w") as f:
+            for r in reports:
+                f.write(json.dumps(dataclasses.asdict(r)) + "\n")
+
+
+if __name__ == "__main__":
+    main()

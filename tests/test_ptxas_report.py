@@ -1,0 +1,50 @@
+"""The SM90 Triton kernels compiled for sm_90a on this machine (no GPU needed:
+benchmarks/tools/ptxas_report.py): the dense GEMM's FP8 tiles must not have their `wgmma`s
+serialized by ptxas (C7514/C7515; the K loop's zero-trip path once did that and cost 7 % at
+M = 128 on an H100, docs/kernels.md), and the detector must see a known serialized kernel (the
+MoE GEMM1's FP8 promotion, C7514), so that a clean report means something.
+
+Needs triton with its NVIDIA backend (it ships ptxas), importable here or in
+``W4A8_TRITON_INTERPRETER_PATH`` (as for test_triton_interpreted.py); run in a subprocess so
+that vLLM's CPU build never sees that triton.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_triton_interpreted import REPO, TRITON_PATH_ENV, _triton_dir
+
+pytestmark = pytest.mark.skipif(
+    _triton_dir() is None,
+    reason=f"triton is neither importable nor in ${TRITON_PATH_ENV} (scripts/setup.sh installs it)")
+
+SCRIPT = """
+import dataclasses, json, sys
+sys.path.insert(0, "benchmarks/tools")
+import ptxas_report as pr
+from w4a8_backend.kernels import triton_w4a8 as tk
+out = []
+for m in (16, 64, 128):
+    out.append(pr.dense_gemm(False, tk.pick_config(m, 8192, 8192, False, pr.H100_SMS)))
+out.append(pr.moe_gemm(False, gated=True))
+print(json.dumps([dict(dataclasses.asdict(r), serialized=r.serialized) for r in out]))
+"""
+
+
+def test_fp8_dense_tiles_not_serialized_and_detector_sees_moe_promotion():
+    path = os.pathsep.join(p for p in (str(REPO), _triton_dir(), os.environ.get("PYTHONPATH"))
+                           if p)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, PYTHONPATH=path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    *dense, moe1 = json.loads(proc.stdout.strip().splitlines()[-1])
+    for r in dense:
+        assert r["registers"] > 0 and r["wgmma"] > 0, r
+        assert not r["serialized"], f"ptxas serializes the FP8 tile's wgmmas: {r}"
+    assert moe1["serialized"] and "C7514" in moe1["notes"], moe1
