@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -71,7 +72,7 @@ def _ptxas_info(ptx: str) -> tuple[int, int, int, list[str]]:
         f.write(ptx)
         f.flush()
         out = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o",
-                              "/dev/null"], capture_output=True, text=True, check=True).stderr
+                              os.devnull], capture_output=True, text=True, check=True).stderr
     regs = re.search(r"Used (\d+) registers", out)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
     return (int(regs[1]) if regs else 0, int(spills[1]) if spills else 0,
