@@ -351,7 +351,8 @@ def cuda_parts(timer, kern, layer, x, tw, ti):
     xs2 = h_scale if static else torch.ones(t * top_k, device="cuda")
     out = torch.empty((t, h), dtype=torch.bfloat16, device="cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    w2_, st2 = mc.gemm2_config(h, t, sms)
+    w2_, st2 = mc.gemm2_config(h, t, sms,
+                               lambda warps: lib.moe_blocks_per_sm(act_int8, False, warps, 2))
     per_row = not static
     common = dict(num_experts=e, act_int8=act_int8, pdl=True)
     g1 = lambda: lib.moe_gemm(q1, xs1, w13, ti, None, None, h_scale, hq, gated=True, k=h,  # noqa

@@ -121,10 +121,38 @@ __device__ __forceinline__ void decode8(uint32_t p, const Lut& tl, const Lut& th
   hi = lookup4<kInt8>(sel >> 16, p << 4, th);
 }
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+// The four E4M3 bytes of v as f16x2: bytes 0, 1 in lo, bytes 2, 3 in hi (exact)
+__device__ __forceinline__ void e4m3x4_to_f16(uint32_t v, uint32_t& lo, uint32_t& hi) {
+  asm("{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.rn.f16x2.e4m3x2 %0, l; "
+      "cvt.rn.f16x2.e4m3x2 %1, h; }"
+      : "=r"(lo), "=r"(hi)
+      : "r"(v));
+}
+
+__device__ __forceinline__ void mma_f16_16x8x16(float (&c)[4], uint32_t a0, uint32_t a1,
+                                                uint32_t a2, uint32_t a3, uint32_t b0,
+                                                uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+#endif
+
+// One m16n8k32 MMA of 8-bit operands (a0/a2: row g, a1/a3: row g + 8; a0/a1 and b0 hold this
+// lane's first 4 k slots, a2/a3 and b1 its last 4). INT8: into ci. FP8: the first k16 half
+// into c, the second into c2 (summed by the caller at the end).
+// sm_90 has no E4M3 mma.sync: ptxas runs one as 12 F2FP unpacks, two f16 HMMAs into a zero
+// accumulator and 4 FADDs into c. Unpacking here and accumulating in place saves the FADDs
+// (exact: every E4M3 value is an f16, and the HMMAs still multiply and add in float32). Two
+// accumulators keep consecutive MMAs independent. Each f16 MMA pairs this lane's k slots of A
+// and B in the same order (bytes 0, 1 then 2, 3), which is all a dot product needs.
 template <bool kInt8>
-__device__ __forceinline__ void mma_16x8x32(float (&c)[4], int32_t (&ci)[4], uint32_t a0,
-                                            uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                            uint32_t b1) {
+__device__ __forceinline__ void mma_16x8x32(float (&c)[4], float (&c2)[4], int32_t (&ci)[4],
+                                            uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                            uint32_t b0, uint32_t b1) {
   if constexpr (kInt8) {
     asm volatile(
         "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
@@ -133,11 +161,15 @@ __device__ __forceinline__ void mma_16x8x32(float (&c)[4], int32_t (&ci)[4], uin
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   } else {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    uint32_t a0l, a0h, a1l, a1h, a2l, a2h, a3l, a3h, b0l, b0h, b1l, b1h;
+    e4m3x4_to_f16(a0, a0l, a0h);
+    e4m3x4_to_f16(a1, a1l, a1h);
+    e4m3x4_to_f16(b0, b0l, b0h);
+    mma_f16_16x8x16(c, a0l, a1l, a0h, a1h, b0l, b0h);
+    e4m3x4_to_f16(a2, a2l, a2h);
+    e4m3x4_to_f16(a3, a3l, a3h);
+    e4m3x4_to_f16(b1, b1l, b1h);
+    mma_f16_16x8x16(c2, a2l, a3l, a2h, a3h, b1l, b1h);
 #else
     __trap();  // the host never launches FP8 below sm_89
 #endif
@@ -262,7 +294,8 @@ struct StepRegs {
 // The decode and MMAs of one step. acc (FP8) accumulates across steps; INT8 sums a step exactly
 // in int32 and adds it to acc once, scaled by the rows' tile exponents.
 template <bool kInt8, int kNT>
-__device__ __forceinline__ void step_mma(const StepRegs<kNT>& r, float (&acc)[kNT][4]) {
+__device__ __forceinline__ void step_mma(const StepRegs<kNT>& r, float (&acc)[kNT][4],
+                                         float (&acc2)[kNT][4]) {
   const Lut la_lo = make_lut<kInt8>(r.ca & 0xFF);
   const Lut la_hi = make_lut<kInt8>(r.ca >> 8);
   const Lut lb_lo = make_lut<kInt8>(r.cb & 0xFF);
@@ -280,7 +313,7 @@ __device__ __forceinline__ void step_mma(const StepRegs<kNT>& r, float (&acc)[kN
     for (int j = 0; j < kNT; ++j) {
       const uint32_t b0 = word(r.x[j][0], r.x[j][1], i8);
       const uint32_t b1 = word(r.x[j][2], r.x[j][3], i8);
-      mma_16x8x32<kInt8>(acc[j], iacc[j], a0, a1, a2, a3, b0, b1);
+      mma_16x8x32<kInt8>(acc[j], acc2[j], iacc[j], a0, a1, a2, a3, b0, b1);
     }
   }
   if constexpr (kInt8) {
@@ -322,7 +355,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const uint8_t* tiles = static_cast<const uint8_t*>(row_scale);
 
   // activations: token m0 + 8j + g, the 64 bytes of this lane's K group (L2-resident)
-  auto load_x = [&](int s, StepRegs<kNT>& r) {
+  auto load_x = [&](int s, uint4 (&x)[kNT][4]) {
     const int kx = s * kStepK + t * 64;
 #pragma unroll
     for (int j = 0; j < kNT; ++j) {
@@ -330,13 +363,16 @@ __global__ void __launch_bounds__(kWarps * 32)
       const uint4* px = reinterpret_cast<const uint4*>(xq + size_t(m) * K + kx);
 #pragma unroll
       for (int q = 0; q < 4; ++q)
-        r.x[j][q] = (m < M && kx + 16 * q < K) ? __ldg(px + q) : make_uint4(0, 0, 0, 0);
+        x[j][q] = (m < M && kx + 16 * q < K) ? __ldg(px + q) : make_uint4(0, 0, 0, 0);
     }
   };
 
-  float acc[kNT][4];
+  float acc[kNT][4], acc2[kNT][4];  // acc2: FP8's second k16 halves (mma_16x8x32)
 #pragma unroll
-  for (int j = 0; j < kNT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  for (int j = 0; j < kNT; ++j) {
+    acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    acc2[j][0] = acc2[j][1] = acc2[j][2] = acc2[j][3] = 0.f;
+  }
 
   uint8_t* ring = ring_all + warp * (kStages * kStageBytes);
   // copies: instruction i moves rows 4i .. 4i+3 (lane: row 4i + lane/8, 16-byte chunk
@@ -379,10 +415,18 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   pdl_wait();
 
+  // The activations of a step are loaded one step ahead: loaded in the step itself, their L2
+  // latency was the largest stall (ncu, H100: 36 % of the warps' cycles on L1TEX scoreboard).
+  uint4 x_next[kNT][4];
+  if (warp < steps) load_x(warp, x_next);
   int stage = 0;
   for (int s = warp; s < steps; s += kWarps) {
     StepRegs<kNT> r;
-    load_x(s, r);
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) r.x[j][q] = x_next[j][q];
+    if (s + kWarps < steps) load_x(s + kWarps, x_next);
     __syncwarp();  // every lane is done reading the stage that the next copy overwrites
     const int s_next = s + (kStages - 1) * kWarps;
     if (s_next < steps) issue(s_next, stage == 0 ? kStages - 1 : stage - 1);
@@ -400,13 +444,17 @@ __global__ void __launch_bounds__(kWarps * 32)
     r.cb = *reinterpret_cast<const uint16_t*>(st + kStageWeights + (g + 8) * 8 + t * 2);
     r.ta = st[kStageWeights + kStageCodes + g];
     r.tb = st[kStageWeights + kStageCodes + g + 8];
-    step_mma<kInt8, kNT>(r, acc);
+    step_mma<kInt8, kNT>(r, acc, acc2);
   }
   cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
 
   // split-K reduction across the CTA's warps, then the epilogue
 #pragma unroll
   for (int j = 0; j < kNT; ++j) {
+    if constexpr (!kInt8) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[j][q] += acc2[j][q];
+    }
     partial[warp][g][8 * j + 2 * t] = acc[j][0];
     partial[warp][g][8 * j + 2 * t + 1] = acc[j][1];
     partial[warp][g + 8][8 * j + 2 * t] = acc[j][2];
@@ -673,9 +721,11 @@ __global__ void __launch_bounds__(256)
 //   last-CTA reduction, for more CTAs at one token, was measured slower on an H100: 19.9 ->
 //   21.6-40.5 us for the Qwen3-30B-A3B layer; docs/moe_kernels.md.)
 // Only MMA column 0 carries a token; the B operand's other 7 columns are zeros.
-// FP8 sums are moved to float32 after every MMA (32 products): the MoE re-quantizes h, and the
-// tensor cores' longer FP8 accumulation perturbs h enough to flip its FP8 roundings
-// (docs/moe_kernels.md). Out-of-range blocks (code 0, zeros in the main pass) are added back
+// FP8 products are summed in float32 by the f16 MMAs (mma_16x8x32) over a work item's 256-wide
+// K step and scaled once per item (rows' 2**r, activation scale, router weight). The MoE
+// re-quantizes h, where the Triton kernels' wgmma needs explicit promotion to keep its FP8
+// roundings (docs/moe_kernels.md); mma.sync's f16 path accumulates in float32 throughout, as
+// the E4M3 mma.sync that ptxas expands into it did. Out-of-range blocks (code 0, zeros in the main pass) are added back
 // exactly in the epilogue from a per-row CSR over the repacking's side table.
 // ----------------------------------------------------------------------------------------------
 constexpr int kMoeMaxGroups = 16;  // largest top-k that GEMM2 takes
@@ -788,7 +838,9 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
     const Lut la_hi = make_lut<kInt8>(r.ca >> 8);
     const Lut lb_lo = make_lut<kInt8>(r.cb & 0xFF);
     const Lut lb_hi = make_lut<kInt8>(r.cb >> 8);
-    float c[4];
+    // the item's sums: FP8 in float32 (the f16 MMAs' accumulators), INT8 exact in int32
+    // (|step sum| < 256 * 96 * 127 < 2**24)
+    float c[4] = {0.f, 0.f, 0.f, 0.f}, c2[4] = {0.f, 0.f, 0.f, 0.f};
     int32_t ci[4] = {0, 0, 0, 0};
 #pragma unroll
     for (int i8 = 0; i8 < 8; ++i8) {
@@ -797,16 +849,14 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
       decode8<kInt8>(pa, la_lo, la_hi, a0, a2);
       decode8<kInt8>(pb, lb_lo, lb_hi, a1, a3);
       const uint32_t b0 = word(r.x[0][0], r.x[0][1], i8), b1 = word(r.x[0][2], r.x[0][3], i8);
-      c[0] = c[1] = c[2] = c[3] = 0.f;
-      mma_16x8x32<kInt8>(c, ci, a0, a1, a2, a3, b0, b1);
-      if constexpr (!kInt8) {
-        acc_lo = fmaf(c[0], f_lo, acc_lo);
-        acc_hi = fmaf(c[2], f_hi, acc_hi);
-      }
+      mma_16x8x32<kInt8>(c, c2, ci, a0, a1, a2, a3, b0, b1);
     }
-    if constexpr (kInt8) {  // exact: |step sum| < 256 * 96 * 127 < 2**24
+    if constexpr (kInt8) {
       acc_lo = fmaf(float(ci[0]), f_lo, acc_lo);
       acc_hi = fmaf(float(ci[2]), f_hi, acc_hi);
+    } else {
+      acc_lo = fmaf(c[0] + c2[0], f_lo, acc_lo);
+      acc_hi = fmaf(c[2] + c2[2], f_hi, acc_hi);
     }
   };
 
@@ -849,6 +899,9 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
   if constexpr (kGated) pdl_release();  // GEMM2 may start copying its weights
   pdl_wait();
 
+  // (Loading the activations one item ahead, as decode_gemm_kernel does, cost these kernels
+  // 13-25 more registers and was slower on an H100: gpt-oss-20b INT8 per-token T=4 layer
+  // 111.5 -> 120.4 us in one call.)
   int stage = 0;
   for (int it = warp; it < items; it += kWarps) {
     StepRegs<1> r;
@@ -1022,8 +1075,32 @@ cudaError_t pick_moe_config(int warps, int stages, const MoeArgs& args, dim3 gri
   if (warps == W && stages == D) return launch_moe<kInt8, kGated, W, D>(args, grid, pdl, stream);
   W4A8_MOE_LAUNCH(4, 2)
   W4A8_MOE_LAUNCH(8, 2)
+  W4A8_MOE_LAUNCH(12, 2)
   W4A8_MOE_LAUNCH(16, 2)
 #undef W4A8_MOE_LAUNCH
+  return cudaErrorInvalidConfiguration;
+}
+
+// How many CTAs of a launch config fit on one SM (registers, shared memory, warps)
+template <bool kInt8, bool kGated, int kWarps, int kStages>
+cudaError_t moe_occupancy(int* blocks) {
+  auto kernel = moe_decode_kernel<kInt8, kGated, kWarps, kStages>;
+  constexpr int kSmem = kWarps * kStages * kStageBytes;
+  const cudaError_t st =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (st != cudaSuccess) return st;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, kWarps * 32, kSmem);
+}
+
+template <bool kInt8, bool kGated>
+cudaError_t pick_moe_occupancy(int warps, int stages, int* blocks) {
+#define W4A8_MOE_OCC(W, D) \
+  if (warps == W && stages == D) return moe_occupancy<kInt8, kGated, W, D>(blocks);
+  W4A8_MOE_OCC(4, 2)
+  W4A8_MOE_OCC(8, 2)
+  W4A8_MOE_OCC(12, 2)
+  W4A8_MOE_OCC(16, 2)
+#undef W4A8_MOE_OCC
   return cudaErrorInvalidConfiguration;
 }
 
@@ -1146,6 +1223,15 @@ int w4a8_quant_act_grid(const void* x, int ldx, void* q, void* partials, void* s
 // writing h (float32, or quantized with h_scale); gated = 0: GEMM2 over tokens, writing the
 // router-weighted sum of the top-k experts' outputs in out_dtype (0 bf16, 1 fp16, 2 fp32).
 // Returns a cudaError_t code (0 = launched).
+int w4a8_moe_blocks_per_sm(int act_int8, int gated, int warps, int stages, int* blocks) {
+  if (act_int8) {
+    return int(gated ? pick_moe_occupancy<true, true>(warps, stages, blocks)
+                     : pick_moe_occupancy<true, false>(warps, stages, blocks));
+  }
+  return int(gated ? pick_moe_occupancy<false, true>(warps, stages, blocks)
+                   : pick_moe_occupancy<false, false>(warps, stages, blocks));
+}
+
 int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
                          const void* codes, const void* row_scale, const void* corr_row_ptr,
                          const void* corr_blocks, const void* corr_values, const void* ids,

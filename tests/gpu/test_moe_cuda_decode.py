@@ -34,7 +34,7 @@ from test_sm90_moe import (
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=str(_REASON))]
 
-CONFIGS = [(4, 2), (8, 2), (16, 2)]  # (warps, stages): every instantiated launch config
+CONFIGS = [(4, 2), (8, 2), (12, 2), (16, 2)]  # (warps, stages): every instantiated launch config
 
 
 @pytest.fixture(autouse=True)

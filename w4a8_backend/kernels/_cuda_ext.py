@@ -16,6 +16,7 @@ logs why.
 from __future__ import annotations
 
 import ctypes
+import functools
 import fcntl
 import hashlib
 import logging
@@ -155,6 +156,8 @@ class DecodeGemmLib:
         self._lib.w4a8_quant_act_grid.restype = i
         self._lib.w4a8_moe_decode_gemm.argtypes = [p] * 13 + [i] * 19 + [p]
         self._lib.w4a8_moe_decode_gemm.restype = i
+        self._lib.w4a8_moe_blocks_per_sm.argtypes = [i, i, i, i, ctypes.POINTER(i)]
+        self._lib.w4a8_moe_blocks_per_sm.restype = i
         self._lib.w4a8_error_string.argtypes = [i]
         self._lib.w4a8_error_string.restype = ctypes.c_char_p
 
@@ -206,6 +209,15 @@ class DecodeGemmLib:
             m, n, k, kp, n_pad, y.stride(0), int(act_int8), int(per_token),
             _DTYPE_CODE[y.dtype], warps, stages, int(pdl), stream), "GEMM launch")
 
+
+    @functools.lru_cache(maxsize=None)  # noqa: B019 (one library object per process)
+    def moe_blocks_per_sm(self, act_int8: bool, gated: bool, warps: int, stages: int) -> int:
+        """CTAs of one MoE decode GEMM launch config that fit on an SM at once."""
+        blocks = ctypes.c_int(0)
+        self._check(self._lib.w4a8_moe_blocks_per_sm(int(act_int8), int(gated), warps, stages,
+                                                     ctypes.byref(blocks)),
+                    "MoE GEMM occupancy query")
+        return blocks.value
 
     def moe_gemm(self, a: torch.Tensor, a_scale: torch.Tensor, weights: MoeWeights,
                  topk_ids: torch.Tensor, expert_map: torch.Tensor | None,

@@ -25,6 +25,7 @@ kernels (``usable``).
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 
@@ -59,12 +60,19 @@ def usable(num_tokens: int, top_k: int, num_experts: int, act_int8: bool) -> boo
                  or num_tokens * top_k < MAX_PAIR_FRACTION * num_experts))
 
 
-def gemm2_config(hidden: int, tokens: int, sms: int) -> tuple[int, int]:
-    """GEMM2's launch config: 16 warps while its CTAs fit on the SMs at once, else 8 (H100
-    sweep, docs/moe_kernels.md: Qwen3 T=1 19.9 vs 25.5 us; 8 warps at every larger grid)."""
+def gemm2_config(hidden: int, tokens: int, sms: int,
+                 blocks_per_sm: Callable[[int], int]) -> tuple[int, int]:
+    """GEMM2's launch config: the most warps per CTA (16, 12, 8) whose CTAs all fit on the SMs
+    at once (``blocks_per_sm(warps)``: CTAs per SM), else 8. Its CTAs are latency chains over
+    the token's experts, so more warps per chain pay while nothing waits for a second wave
+    (H100, docs/moe_kernels.md: Qwen3 T=1 19.9 vs 25.5 us with 16 warps instead of 8)."""
     if GEMM2_CONFIG is not None:
         return GEMM2_CONFIG
-    return (16, 2) if -(-hidden // 16) * tokens <= sms else (8, 2)
+    ctas = -(-hidden // 16) * tokens
+    for warps in (16, 12):
+        if ctas <= sms * blocks_per_sm(warps):
+            return warps, 2
+    return 8, 2
 
 
 def moe_forward(
@@ -95,7 +103,8 @@ def moe_forward(
     t = x.shape[0]
     top_k = topk_ids.shape[1]
     w1, s1 = GEMM1_CONFIG
-    w2_, s2_ = gemm2_config(hidden, t, _num_sms(dev.index or 0))
+    w2_, s2_ = gemm2_config(hidden, t, _num_sms(dev.index or 0),
+                            lambda warps: lib.moe_blocks_per_sm(act_int8, False, warps, 2))
 
     weights = topk_weights
     if apply_router_weight_on_input:  # vLLM allows it for top-1 only
