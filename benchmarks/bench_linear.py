@@ -222,10 +222,12 @@ OUR_VARIANTS = (
 )
 
 
-def bench_shape(timer, n, k, ms, use_humming, log, spread=BLOCK_SPREAD, sequence=False):
+def bench_shape(timer, n, k, ms, use_humming, log, spread=BLOCK_SPREAD, sequence=False,
+                repeat=1):
     """One row per M. ``sequence``: each entry is the time per call of ``sequence_layers(n, k)``
     distinct layers run back to back (``Timer.time_sequence_us``), else one layer with the L2
-    flushed before each call (``Timer.time_us``)."""
+    flushed before each call (``Timer.time_us``). Each column is timed ``repeat`` times, round
+    robin over the columns; the row holds the medians (and with ``repeat`` > 1 every sample)."""
     n_layers = sequence_layers(n, k) if sequence else 1
     x_cal = torch.randn(64, k, device="cuda").to(torch.bfloat16)
     bf16, fp8 = [], []
@@ -252,13 +254,10 @@ def bench_shape(timer, n, k, ms, use_humming, log, spread=BLOCK_SPREAD, sequence
         res = {"N": n, "K": k, "M": m, "layers": n_layers,
                "int8_prefill_rows": ours["ours INT8 static"][0][0].prefill_rows}
 
+        columns = {}  # label -> the calls one sample times
+
         def t(label, fns):
-            try:
-                res[label] = (timer.time_sequence_us(fns) if sequence
-                              else timer.time_us(fns[0]))
-            except Exception:
-                log(f"{label} M={m} N={n} K={k} failed:\n{traceback.format_exc()}")
-                res[label] = None
+            columns[label] = fns
 
         t("cuBLAS BF16", [lambda w=w: torch.mm(x, w.t()) for w in bf16])
         xq = (x.float() / (x.float().abs().amax() / 448)).to(torch.float8_e4m3fn)
@@ -283,6 +282,23 @@ def bench_shape(timer, n, k, ms, use_humming, log, spread=BLOCK_SPREAD, sequence
                     x8, _, ts = may_process_input(layers[0].humming_config, x)
                     t("Humming W4A8", [lambda layer=layer: layer(
                         x8, input_scale=ts, tuning_config=tc) for layer in layers])
+        # round robin, so that a slow spell of the machine falls on all columns alike
+        samples = {label: [] for label in columns}
+        for _ in range(repeat):
+            for label, fns in columns.items():
+                if samples[label] is None:
+                    continue
+                try:
+                    samples[label].append(timer.time_sequence_us(fns) if sequence
+                                          else timer.time_us(fns[0]))
+                except Exception:
+                    log(f"{label} M={m} N={n} K={k} failed:\n{traceback.format_exc()}")
+                    samples[label] = None
+        for label, vals in samples.items():
+            res[label] = statistics.median(vals) if vals else None
+        if repeat > 1:
+            res["samples_us"] = {label: [round(v, 2) for v in vals]
+                                 for label, vals in samples.items() if vals}
         log(json.dumps(res))
         rows.append(res)
     return rows
@@ -327,7 +343,9 @@ def write_report(rows, out_dir: Path, meta):
         + (", ".join(f"{n}x{k}" for n, k in sorted({(r['N'], r['K']) for r in rows
                                                     if r.get('int8_prefill_rows')}))
            or "no shape") + ", per-tile references otherwise (chosen at load)",
-        f"- {TIMING[meta.get('timing', 'flush')]}; "
+        f"- {TIMING[meta.get('timing', 'flush')]}"
+        + (f"; each entry is the median of {meta['repeat']} samples taken round robin over the "
+           "columns (all samples in the json)" if meta.get("repeat", 1) > 1 else "") + "; "
         "`ours` includes activation quantization (dynamic schemes compute the scale per call); "
         "`_scaled_mm FP8` and `Humming W4A8` exclude it, `Humming W4A8+quant` includes "
         "Humming's per-token FP8 quantization.",
@@ -565,6 +583,9 @@ def main(argv=None):
     ap.add_argument("--sweep-cuda", action="store_true",
                     help="time the CUDA decode kernel's configs against the Triton decode GEMM")
     ap.add_argument("--log", default=None, help="also append log lines to this file")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="samples per column, taken round robin; the table shows medians "
+                    "(the whole run at 3 takes ~13 min on an H100: use --shapes to split it)")
     ap.add_argument("--timing", default="flush", choices=sorted(TIMING),
                     help="flush: one layer, L2 flushed before each call; sequence: distinct "
                     "layers back to back, no flush (as in a decode step)")
@@ -586,6 +607,7 @@ def main(argv=None):
     meta = run_metadata()
     meta["block_spread"] = args.block_spread
     meta["timing"] = args.timing
+    meta["repeat"] = args.repeat
     log(json.dumps(meta))
     use_humming = not args.no_humming
     if use_humming:
@@ -600,7 +622,7 @@ def main(argv=None):
     rows = []
     for n, k in shapes:
         rows += bench_shape(timer, n, k, ms, use_humming, log, args.block_spread,
-                            sequence=args.timing == "sequence")
+                            sequence=args.timing == "sequence", repeat=args.repeat)
         write_report(rows, Path(args.out), meta)
     print(write_report(rows, Path(args.out), meta))
 
