@@ -72,3 +72,17 @@ def test_small_calls_take_the_cuda_moe_path(tokens, top_k, experts, int8, cuda):
     from w4a8_backend.kernels import _sm90_moe_cuda as mc
 
     assert mc.usable(tokens, top_k, experts, int8) is cuda
+
+
+@pytest.mark.parametrize("hidden,tokens,per_sm,warps", [
+    (2048, 1, {16: 1, 12: 2}, 16),   # Qwen3-30B-A3B, one token: 128 CTAs, one per SM
+    (2880, 1, {16: 1, 12: 2}, 12),   # gpt-oss-20b: 180 CTAs fit in one wave only at 2 per SM
+    (2048, 2, {16: 1, 12: 2}, 12),   # 256 CTAs
+    (2048, 4, {16: 1, 12: 2}, 8),    # 512 CTAs: more than one wave either way
+    (2880, 1, {16: 1, 12: 1}, 8),    # a GPU where 12 warps fit only once per SM
+])
+def test_gemm2_warps_fill_one_wave(hidden, tokens, per_sm, warps):
+    """GEMM2 takes the most warps per CTA whose CTAs all fit on the SMs at once (132 SMs)."""
+    from w4a8_backend.kernels import _sm90_moe_cuda as mc
+
+    assert mc.gemm2_config(hidden, tokens, 132, per_sm.__getitem__) == (warps, 2)
