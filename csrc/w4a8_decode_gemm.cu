@@ -416,7 +416,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   pdl_wait();
 
   // The activations of a step are loaded one step ahead: loaded in the step itself, their L2
-  // latency was the largest stall (ncu, H100: 36 % of the warps' cycles on L1TEX scoreboard).
+  // latency added to the largest stall (ncu, H100: 36 % of the warps' cycles on the L1TEX
+  // scoreboard, with the cp.async ring's waits).
   uint4 x_next[kNT][4];
   if (warp < steps) load_x(warp, x_next);
   int stage = 0;
@@ -725,8 +726,9 @@ __global__ void __launch_bounds__(256)
 // K step and scaled once per item (rows' 2**r, activation scale, router weight). The MoE
 // re-quantizes h, where the Triton kernels' wgmma needs explicit promotion to keep its FP8
 // roundings (docs/moe_kernels.md); mma.sync's f16 path accumulates in float32 throughout, as
-// the E4M3 mma.sync that ptxas expands into it did. Out-of-range blocks (code 0, zeros in the main pass) are added back
-// exactly in the epilogue from a per-row CSR over the repacking's side table.
+// the E4M3 mma.sync that ptxas expands into it did. Out-of-range blocks (code 0, zeros in the
+// main pass) are added back exactly in the epilogue from a per-row CSR over the repacking's
+// side table.
 // ----------------------------------------------------------------------------------------------
 constexpr int kMoeMaxGroups = 16;  // largest top-k that GEMM2 takes
 
@@ -1219,10 +1221,8 @@ int w4a8_quant_act_grid(const void* x, int ldx, void* q, void* partials, void* s
   return int(cudaErrorInvalidValue);
 }
 
-// One MoE decode GEMM (see moe_decode_kernel). gated = 1: GEMM1 over tokens * top_k pairs,
-// writing h (float32, or quantized with h_scale); gated = 0: GEMM2 over tokens, writing the
-// router-weighted sum of the top-k experts' outputs in out_dtype (0 bf16, 1 fp16, 2 fp32).
-// Returns a cudaError_t code (0 = launched).
+// How many CTAs of a MoE decode GEMM launch config fit on one SM at once, into *blocks (the
+// host's GEMM2 warp rule). Returns a cudaError_t code.
 int w4a8_moe_blocks_per_sm(int act_int8, int gated, int warps, int stages, int* blocks) {
   if (act_int8) {
     return int(gated ? pick_moe_occupancy<true, true>(warps, stages, blocks)
@@ -1232,6 +1232,10 @@ int w4a8_moe_blocks_per_sm(int act_int8, int gated, int warps, int stages, int* 
                    : pick_moe_occupancy<false, false>(warps, stages, blocks));
 }
 
+// One MoE decode GEMM (see moe_decode_kernel). gated = 1: GEMM1 over tokens * top_k pairs,
+// writing h (float32, or quantized with h_scale); gated = 0: GEMM2 over tokens, writing the
+// router-weighted sum of the top-k experts' outputs in out_dtype (0 bf16, 1 fp16, 2 fp32).
+// Returns a cudaError_t code (0 = launched).
 int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
                          const void* codes, const void* row_scale, const void* corr_row_ptr,
                          const void* corr_blocks, const void* corr_values, const void* ids,
