@@ -70,6 +70,11 @@ class Timer:
 
     @staticmethod
     def _replay_ms(g, n=7):
+        # one untimed replay first: without it the first timing of a freshly built MoE layer
+        # read up to 14 us high (H100, gpt-oss-20b T=1: 52.5 then 38.2-39.5 us; with it 38.1
+        # first; benchmarks/results/timer_first_replay_h100_20261124_0655.jsonl)
+        g.replay()
+        torch.cuda.synchronize()
         times = []
         for _ in range(n):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
