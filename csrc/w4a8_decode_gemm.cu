@@ -149,23 +149,6 @@ __device__ __forceinline__ void mma_f16_16x8x16(float (&c)[4], uint32_t a0, uint
 // (exact: every E4M3 value is an f16, and the HMMAs still multiply and add in float32). Two
 // accumulators keep consecutive MMAs independent. Each f16 MMA pairs this lane's k slots of A
 // and B in the same order (bytes 0, 1 then 2, 3), which is all a dot product needs.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-// mma_16x8x32's FP8 half with B already in f16 (b0l, b0h: this lane's first 4 k slots; b1l,
-// b1h: its last 4)
-__device__ __forceinline__ void mma_e4m3_f16b(float (&c)[4], float (&c2)[4], uint32_t a0,
-                                              uint32_t a1, uint32_t a2, uint32_t a3,
-                                              uint32_t b0l, uint32_t b0h, uint32_t b1l,
-                                              uint32_t b1h) {
-  uint32_t a0l, a0h, a1l, a1h, a2l, a2h, a3l, a3h;
-  e4m3x4_to_f16(a0, a0l, a0h);
-  e4m3x4_to_f16(a1, a1l, a1h);
-  mma_f16_16x8x16(c, a0l, a1l, a0h, a1h, b0l, b0h);
-  e4m3x4_to_f16(a2, a2l, a2h);
-  e4m3x4_to_f16(a3, a3l, a3h);
-  mma_f16_16x8x16(c2, a2l, a3l, a2h, a3h, b1l, b1h);
-}
-#endif
-
 template <bool kInt8>
 __device__ __forceinline__ void mma_16x8x32(float (&c)[4], float (&c2)[4], int32_t (&ci)[4],
                                             uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -178,10 +161,15 @@ __device__ __forceinline__ void mma_16x8x32(float (&c)[4], float (&c2)[4], int32
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   } else {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-    uint32_t b0l, b0h, b1l, b1h;
+    uint32_t a0l, a0h, a1l, a1h, a2l, a2h, a3l, a3h, b0l, b0h, b1l, b1h;
+    e4m3x4_to_f16(a0, a0l, a0h);
+    e4m3x4_to_f16(a1, a1l, a1h);
     e4m3x4_to_f16(b0, b0l, b0h);
+    mma_f16_16x8x16(c, a0l, a1l, a0h, a1h, b0l, b0h);
+    e4m3x4_to_f16(a2, a2l, a2h);
+    e4m3x4_to_f16(a3, a3l, a3h);
     e4m3x4_to_f16(b1, b1l, b1h);
-    mma_e4m3_f16b(c, c2, a0, a1, a2, a3, b0l, b0h, b1l, b1h);
+    mma_f16_16x8x16(c2, a2l, a3l, a2h, a3h, b1l, b1h);
 #else
     __trap();  // the host never launches FP8 below sm_89
 #endif
@@ -733,8 +721,7 @@ __global__ void __launch_bounds__(256)
 //   per-pair output and no reduction launch. (Splitting the experts over several CTAs with a
 //   last-CTA reduction, for more CTAs at one token, was measured slower on an H100: 19.9 ->
 //   21.6-40.5 us for the Qwen3-30B-A3B layer; docs/moe_kernels.md.)
-// Only MMA column 0 is used; the B operand's other 7 columns are zeros (FP8 GEMM1: copies of
-// column 0).
+// Only MMA column 0 carries a token; the B operand's other 7 columns are zeros.
 // FP8 products are summed in float32 by the f16 MMAs (mma_16x8x32) over a work item's 256-wide
 // K step and scaled once per item (rows' 2**r, activation scale, router weight). The MoE
 // re-quantizes h, where the Triton kernels' wgmma needs explicit promotion to keep its FP8
@@ -744,13 +731,6 @@ __global__ void __launch_bounds__(256)
 // side table.
 // ----------------------------------------------------------------------------------------------
 constexpr int kMoeMaxGroups = 16;  // largest top-k that GEMM2 takes
-// FP8 GEMM1 stages its token's activations in shared memory as f16 once per CTA (instead of
-// each warp loading and unpacking them on every MMA): per 256-wide K step, the 4 K groups of
-// 64 values at a stride of 144 bytes, so that the 4 groups the lanes read at once sit on
-// distinct banks.
-constexpr int kXGroupStride = 144;
-constexpr int kXStepBytes = 4 * kXGroupStride;
-constexpr int kMoeMaxStagedK = 16384;  // largest hidden size of FP8 GEMM1 (37 KB staged)
 
 struct MoeArgs {
   const uint8_t* a;             // quantized activations: GEMM1 x [T, K], GEMM2 h [pairs, K]
@@ -782,9 +762,7 @@ __device__ __forceinline__ void store_out(void* out, int dtype, size_t i, float 
 
 template <bool kInt8, bool kGated, int kWarps, int kStages>
 __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs args) {
-  constexpr bool kStageX = kGated && !kInt8;  // see kXGroupStride
   extern __shared__ __align__(16) uint8_t ring_all[];
-  [[maybe_unused]] uint8_t* const x_f16 = ring_all + kWarps * kStages * kStageBytes;  // kStageX
   __shared__ float partial[kWarps][16];
   __shared__ int s_row[kMoeMaxGroups];   // first stacked row of the group's expert
   __shared__ int s_arow[kMoeMaxGroups];  // the group's activation row
@@ -872,21 +850,8 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
       uint32_t a0, a1, a2, a3;
       decode8<kInt8>(pa, la_lo, la_hi, a0, a2);
       decode8<kInt8>(pb, lb_lo, lb_hi, a1, a3);
-      if constexpr (kStageX) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-        // this lane's K group of the step in f16 (every lane reads the token: B's columns are
-        // independent, and only column 0 is used)
-        const uint8_t* xg = x_f16 + (it - grp * steps) * kXStepBytes + t * kXGroupStride;
-        const uint2 b0 = *reinterpret_cast<const uint2*>(xg + 8 * i8);
-        const uint2 b1 = *reinterpret_cast<const uint2*>(xg + 64 + 8 * i8);
-        mma_e4m3_f16b(c, c2, a0, a1, a2, a3, b0.x, b0.y, b1.x, b1.y);
-#else
-        __trap();  // the host never launches FP8 below sm_89
-#endif
-      } else {
-        const uint32_t b0 = word(r.x[0][0], r.x[0][1], i8), b1 = word(r.x[0][2], r.x[0][3], i8);
-        mma_16x8x32<kInt8>(c, c2, ci, a0, a1, a2, a3, b0, b1);
-      }
+      const uint32_t b0 = word(r.x[0][0], r.x[0][1], i8), b1 = word(r.x[0][2], r.x[0][3], i8);
+      mma_16x8x32<kInt8>(c, c2, ci, a0, a1, a2, a3, b0, b1);
     }
     if constexpr (kInt8) {
       acc_lo = fmaf(float(ci[0]), f_lo, acc_lo);
@@ -935,28 +900,6 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
   }
   if constexpr (kGated) pdl_release();  // GEMM2 may start copying its weights
   pdl_wait();
-  if constexpr (kStageX) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-    if (groups > 0) {  // the pair's token row, 16 bytes (16 values) per thread and round
-      const uint8_t* xrow = args.a + size_t(s_arow[0]) * args.lda;
-      for (int c = threadIdx.x; c < steps * (kStepK / 16); c += kWarps * 32) {
-        const int kb = 16 * c;  // K is a multiple of 32: a chunk is all in or all out
-        const uint4 v = kb < args.K ? __ldg(reinterpret_cast<const uint4*>(xrow + kb))
-                                    : make_uint4(0, 0, 0, 0);
-        uint4 lo, hi;
-        e4m3x4_to_f16(v.x, lo.x, lo.y);
-        e4m3x4_to_f16(v.y, lo.z, lo.w);
-        e4m3x4_to_f16(v.z, hi.x, hi.y);
-        e4m3x4_to_f16(v.w, hi.z, hi.w);
-        uint8_t* dst = x_f16 + (kb / kStepK) * kXStepBytes + ((kb % kStepK) / 64) * kXGroupStride +
-                       (kb % 64) * 2;
-        *reinterpret_cast<uint4*>(dst) = lo;
-        *reinterpret_cast<uint4*>(dst + 16) = hi;
-      }
-    }
-#endif
-    __syncthreads();
-  }
 
   // (Loading the activations one item ahead, as decode_gemm_kernel does, cost these kernels
   // 13-25 more registers and was slower on an H100: gpt-oss-20b INT8 per-token T=4 layer
@@ -964,7 +907,7 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
   int stage = 0;
   for (int it = warp; it < items; it += kWarps) {
     StepRegs<1> r;
-    if constexpr (!kStageX) load_x(it, r);
+    load_x(it, r);
     __syncwarp();  // every lane is done reading the stage that the next copy overwrites
     const int it_next = it + (kStages - 1) * kWarps;
     if (it_next < items) issue(it_next, stage == 0 ? kStages - 1 : stage - 1);
@@ -1110,17 +1053,14 @@ cudaError_t pick_tiles(int warps, int stages, const uint8_t* xq, const float* xs
 template <bool kInt8, bool kGated, int kWarps, int kStages>
 cudaError_t launch_moe(const MoeArgs& args, dim3 grid, bool pdl, cudaStream_t stream) {
   auto kernel = moe_decode_kernel<kInt8, kGated, kWarps, kStages>;
-  constexpr bool kStageX = kGated && !kInt8;
   constexpr int kSmem = kWarps * kStages * kStageBytes;
-  constexpr int kSmemMax = kSmem + (kStageX ? kMoeMaxStagedK / kStepK * kXStepBytes : 0);
   static const cudaError_t attr_status =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemMax);
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (attr_status != cudaSuccess) return attr_status;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(kWarps * 32, 1, 1);
-  cfg.dynamicSmemBytes =
-      kSmem + (kStageX ? (args.K + kStepK - 1) / kStepK * kXStepBytes : 0);
+  cfg.dynamicSmemBytes = kSmem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -1306,7 +1246,6 @@ int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
                          int warps, int stages, int pdl, void* stream) {
   if (tokens <= 0 || top_k <= 0 || (!gated && top_k > kMoeMaxGroups) || K % 32 || K > KP ||
       KP % (2 * kStepK) || rows % 16 || rows_per_expert % 16 || up_offset % 8 || lda % 16 ||
-      (gated && !act_int8 && K > kMoeMaxStagedK) ||
       out_dtype < 0 || out_dtype > 2)
     return int(cudaErrorInvalidValue);
   MoeArgs args;
