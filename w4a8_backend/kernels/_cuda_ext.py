@@ -16,8 +16,8 @@ logs why.
 from __future__ import annotations
 
 import ctypes
-import functools
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -208,7 +208,6 @@ class DecodeGemmLib:
             bias.data_ptr() if bias is not None else None, y.data_ptr(),
             m, n, k, kp, n_pad, y.stride(0), int(act_int8), int(per_token),
             _DTYPE_CODE[y.dtype], warps, stages, int(pdl), stream), "GEMM launch")
-
 
     @functools.lru_cache(maxsize=None)  # noqa: B019 (one library object per process)
     def moe_blocks_per_sm(self, act_int8: bool, gated: bool, warps: int, stages: int) -> int:
