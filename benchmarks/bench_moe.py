@@ -192,7 +192,7 @@ def bench_model(timer, name, m, tokens, fused_experts, log, repeat=1):
         for label, (kern, layer) in ours.items():
             tm(label, lambda kern=kern, layer=layer: kern.apply(layer, x, tw, ti, None, False))
         for label, variant in TRITON_PATH.items():
-            if mc.usable(t, m["top_k"], m["experts"], OURS[variant][0] == INT8):
+            if mc.usable(t, m["top_k"], m["experts"], OURS[variant][0] == INT8, m["hidden"]):
                 tm(label, lambda k_l=ours[variant]: triton_path(*k_l, x, tw, ti))
         # every column timed `repeat` times, round robin, so that a slow spell of the machine
         # falls on all columns alike; the table shows medians, the json every sample

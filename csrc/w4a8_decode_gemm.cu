@@ -149,6 +149,23 @@ __device__ __forceinline__ void mma_f16_16x8x16(float (&c)[4], uint32_t a0, uint
 // (exact: every E4M3 value is an f16, and the HMMAs still multiply and add in float32). Two
 // accumulators keep consecutive MMAs independent. Each f16 MMA pairs this lane's k slots of A
 // and B in the same order (bytes 0, 1 then 2, 3), which is all a dot product needs.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+// mma_16x8x32's FP8 half with B already in f16 (b0l, b0h: this lane's first 4 k slots; b1l,
+// b1h: its last 4)
+__device__ __forceinline__ void mma_e4m3_f16b(float (&c)[4], float (&c2)[4], uint32_t a0,
+                                              uint32_t a1, uint32_t a2, uint32_t a3,
+                                              uint32_t b0l, uint32_t b0h, uint32_t b1l,
+                                              uint32_t b1h) {
+  uint32_t a0l, a0h, a1l, a1h, a2l, a2h, a3l, a3h;
+  e4m3x4_to_f16(a0, a0l, a0h);
+  e4m3x4_to_f16(a1, a1l, a1h);
+  mma_f16_16x8x16(c, a0l, a1l, a0h, a1h, b0l, b0h);
+  e4m3x4_to_f16(a2, a2l, a2h);
+  e4m3x4_to_f16(a3, a3l, a3h);
+  mma_f16_16x8x16(c2, a2l, a3l, a2h, a3h, b1l, b1h);
+}
+#endif
+
 template <bool kInt8>
 __device__ __forceinline__ void mma_16x8x32(float (&c)[4], float (&c2)[4], int32_t (&ci)[4],
                                             uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -161,15 +178,10 @@ __device__ __forceinline__ void mma_16x8x32(float (&c)[4], float (&c2)[4], int32
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   } else {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-    uint32_t a0l, a0h, a1l, a1h, a2l, a2h, a3l, a3h, b0l, b0h, b1l, b1h;
-    e4m3x4_to_f16(a0, a0l, a0h);
-    e4m3x4_to_f16(a1, a1l, a1h);
+    uint32_t b0l, b0h, b1l, b1h;
     e4m3x4_to_f16(b0, b0l, b0h);
-    mma_f16_16x8x16(c, a0l, a1l, a0h, a1h, b0l, b0h);
-    e4m3x4_to_f16(a2, a2l, a2h);
-    e4m3x4_to_f16(a3, a3l, a3h);
     e4m3x4_to_f16(b1, b1l, b1h);
-    mma_f16_16x8x16(c2, a2l, a3l, a2h, a3h, b1l, b1h);
+    mma_e4m3_f16b(c, c2, a0, a1, a2, a3, b0l, b0h, b1l, b1h);
 #else
     __trap();  // the host never launches FP8 below sm_89
 #endif
@@ -721,7 +733,8 @@ __global__ void __launch_bounds__(256)
 //   per-pair output and no reduction launch. (Splitting the experts over several CTAs with a
 //   last-CTA reduction, for more CTAs at one token, was measured slower on an H100: 19.9 ->
 //   21.6-40.5 us for the Qwen3-30B-A3B layer; docs/moe_kernels.md.)
-// Only MMA column 0 carries a token; the B operand's other 7 columns are zeros.
+// Only MMA column 0 is used; the B operand's other 7 columns are zeros (FP8 GEMM1: copies of
+// column 0).
 // FP8 products are summed in float32 by the f16 MMAs (mma_16x8x32) over a work item's 256-wide
 // K step and scaled once per item (rows' 2**r, activation scale, router weight). The MoE
 // re-quantizes h, where the Triton kernels' wgmma needs explicit promotion to keep its FP8
@@ -731,6 +744,22 @@ __global__ void __launch_bounds__(256)
 // side table.
 // ----------------------------------------------------------------------------------------------
 constexpr int kMoeMaxGroups = 16;  // largest top-k that GEMM2 takes
+// GEMM1 stages its token's activations in shared memory once per CTA, instead of each warp
+// loading them (and, FP8, unpacking them) on every MMA. Per 256-wide K step: the 4 K groups of
+// 64 values, FP8 as f16 (128 bytes) at a stride of 144 bytes, INT8 as they are (64 bytes) at a
+// stride of 80, so that the 4 groups the lanes read at once sit on distinct banks.
+template <bool kInt8>
+__host__ __device__ constexpr int x_group_stride() { return kInt8 ? 80 : 144; }
+template <bool kInt8>
+__host__ __device__ constexpr int x_step_bytes() { return 4 * x_group_stride<kInt8>(); }
+constexpr int kMoeMaxStagedK = 16384;  // largest hidden size of GEMM1 (FP8: 37 KB staged)
+
+// dynamic shared memory of a MoE launch config: the weight rings, and GEMM1's staged row of K
+template <bool kInt8, bool kGated, int kWarps, int kStages>
+constexpr int moe_smem_bytes(int K) {
+  return kWarps * kStages * kStageBytes +
+         (kGated ? (K + kStepK - 1) / kStepK * x_step_bytes<kInt8>() : 0);
+}
 
 struct MoeArgs {
   const uint8_t* a;             // quantized activations: GEMM1 x [T, K], GEMM2 h [pairs, K]
@@ -762,7 +791,10 @@ __device__ __forceinline__ void store_out(void* out, int dtype, size_t i, float 
 
 template <bool kInt8, bool kGated, int kWarps, int kStages>
 __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs args) {
+  constexpr bool kStageX = kGated;  // see x_group_stride
   extern __shared__ __align__(16) uint8_t ring_all[];
+  // GEMM1: the staged token row (FP8 as f16)
+  [[maybe_unused]] uint8_t* const x_staged = ring_all + kWarps * kStages * kStageBytes;
   __shared__ float partial[kWarps][16];
   __shared__ int s_row[kMoeMaxGroups];   // first stacked row of the group's expert
   __shared__ int s_arow[kMoeMaxGroups];  // the group's activation row
@@ -850,8 +882,28 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
       uint32_t a0, a1, a2, a3;
       decode8<kInt8>(pa, la_lo, la_hi, a0, a2);
       decode8<kInt8>(pb, lb_lo, lb_hi, a1, a3);
-      const uint32_t b0 = word(r.x[0][0], r.x[0][1], i8), b1 = word(r.x[0][2], r.x[0][3], i8);
-      mma_16x8x32<kInt8>(c, c2, ci, a0, a1, a2, a3, b0, b1);
+      if constexpr (kStageX) {
+        // this lane's K group of the step (every lane reads the token: B's columns are
+        // independent, and only column 0 is used)
+        const uint8_t* xg = x_staged + (it - grp * steps) * x_step_bytes<kInt8>() +
+                            t * x_group_stride<kInt8>();
+        if constexpr (kInt8) {
+          const uint32_t b0 = *reinterpret_cast<const uint32_t*>(xg + 4 * i8);
+          const uint32_t b1 = *reinterpret_cast<const uint32_t*>(xg + 32 + 4 * i8);
+          mma_16x8x32<true>(c, c2, ci, a0, a1, a2, a3, b0, b1);
+        } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+          const uint2 b0 = *reinterpret_cast<const uint2*>(xg + 8 * i8);
+          const uint2 b1 = *reinterpret_cast<const uint2*>(xg + 64 + 8 * i8);
+          mma_e4m3_f16b(c, c2, a0, a1, a2, a3, b0.x, b0.y, b1.x, b1.y);
+#else
+          __trap();  // the host never launches FP8 below sm_89
+#endif
+        }
+      } else {
+        const uint32_t b0 = word(r.x[0][0], r.x[0][1], i8), b1 = word(r.x[0][2], r.x[0][3], i8);
+        mma_16x8x32<kInt8>(c, c2, ci, a0, a1, a2, a3, b0, b1);
+      }
     }
     if constexpr (kInt8) {
       acc_lo = fmaf(float(ci[0]), f_lo, acc_lo);
@@ -900,6 +952,51 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
   }
   if constexpr (kGated) pdl_release();  // GEMM2 may start copying its weights
   pdl_wait();
+  if constexpr (kStageX) {
+    if (groups > 0) {  // the pair's token row, 16 bytes (16 values) per thread and round
+      // All of a pass's loads are issued before the first store: a row of K = 2880 takes two
+      // rounds at 4 warps, and one at a time they put two L2 latencies before the barrier.
+      constexpr int kRounds = 4;
+      constexpr int kThreads = kWarps * 32;
+      const int chunks = steps * (kStepK / 16);
+      const uint8_t* xrow = args.a + size_t(s_arow[0]) * args.lda;
+      for (int c0 = threadIdx.x; c0 < chunks; c0 += kRounds * kThreads) {
+        uint4 v[kRounds];
+#pragma unroll
+        for (int q = 0; q < kRounds; ++q) {
+          // K is a multiple of 32: a chunk is all in or all out (past the row's steps too)
+          const int kb = 16 * (c0 + q * kThreads);
+          v[q] = kb < args.K ? __ldg(reinterpret_cast<const uint4*>(xrow + kb))
+                             : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int q = 0; q < kRounds; ++q) {
+          const int c = c0 + q * kThreads;
+          if (c >= chunks) break;
+          const int kb = 16 * c;
+          uint8_t* dst = x_staged + (kb / kStepK) * x_step_bytes<kInt8>() +
+                         ((kb % kStepK) / 64) * x_group_stride<kInt8>() +
+                         (kb % 64) * (kInt8 ? 1 : 2);
+          if constexpr (kInt8) {
+            *reinterpret_cast<uint4*>(dst) = v[q];
+          } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+            uint4 lo, hi;
+            e4m3x4_to_f16(v[q].x, lo.x, lo.y);
+            e4m3x4_to_f16(v[q].y, lo.z, lo.w);
+            e4m3x4_to_f16(v[q].z, hi.x, hi.y);
+            e4m3x4_to_f16(v[q].w, hi.z, hi.w);
+            *reinterpret_cast<uint4*>(dst) = lo;
+            *reinterpret_cast<uint4*>(dst + 16) = hi;
+#else
+            __trap();  // the host never launches FP8 below sm_89
+#endif
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
 
   // (Loading the activations one item ahead, as decode_gemm_kernel does, cost these kernels
   // 13-25 more registers and was slower on an H100: gpt-oss-20b INT8 per-token T=4 layer
@@ -907,7 +1004,7 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
   int stage = 0;
   for (int it = warp; it < items; it += kWarps) {
     StepRegs<1> r;
-    load_x(it, r);
+    if constexpr (!kStageX) load_x(it, r);
     __syncwarp();  // every lane is done reading the stage that the next copy overwrites
     const int it_next = it + (kStages - 1) * kWarps;
     if (it_next < items) issue(it_next, stage == 0 ? kStages - 1 : stage - 1);
@@ -1053,14 +1150,14 @@ cudaError_t pick_tiles(int warps, int stages, const uint8_t* xq, const float* xs
 template <bool kInt8, bool kGated, int kWarps, int kStages>
 cudaError_t launch_moe(const MoeArgs& args, dim3 grid, bool pdl, cudaStream_t stream) {
   auto kernel = moe_decode_kernel<kInt8, kGated, kWarps, kStages>;
-  constexpr int kSmem = kWarps * kStages * kStageBytes;
+  constexpr int kSmemMax = moe_smem_bytes<kInt8, kGated, kWarps, kStages>(kMoeMaxStagedK);
   static const cudaError_t attr_status =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemMax);
   if (attr_status != cudaSuccess) return attr_status;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(kWarps * 32, 1, 1);
-  cfg.dynamicSmemBytes = kSmem;
+  cfg.dynamicSmemBytes = moe_smem_bytes<kInt8, kGated, kWarps, kStages>(args.K);
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -1087,11 +1184,13 @@ cudaError_t pick_moe_config(int warps, int stages, const MoeArgs& args, dim3 gri
 template <bool kInt8, bool kGated, int kWarps, int kStages>
 cudaError_t moe_occupancy(int* blocks) {
   auto kernel = moe_decode_kernel<kInt8, kGated, kWarps, kStages>;
-  constexpr int kSmem = kWarps * kStages * kStageBytes;
+  // the same attribute as launch_moe sets (the query may come first); GEMM1 counted with the
+  // largest staged row
+  constexpr int kSmemMax = moe_smem_bytes<kInt8, kGated, kWarps, kStages>(kMoeMaxStagedK);
   const cudaError_t st =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemMax);
   if (st != cudaSuccess) return st;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, kWarps * 32, kSmem);
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, kWarps * 32, kSmemMax);
 }
 
 template <bool kInt8, bool kGated>
@@ -1246,6 +1345,7 @@ int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
                          int warps, int stages, int pdl, void* stream) {
   if (tokens <= 0 || top_k <= 0 || (!gated && top_k > kMoeMaxGroups) || K % 32 || K > KP ||
       KP % (2 * kStepK) || rows % 16 || rows_per_expert % 16 || up_offset % 8 || lda % 16 ||
+      (gated && K > kMoeMaxStagedK) ||
       out_dtype < 0 || out_dtype > 2)
     return int(cudaErrorInvalidValue);
   MoeArgs args;

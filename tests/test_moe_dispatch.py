@@ -55,23 +55,26 @@ def test_cpu_takes_the_fallback_with_reasons():
     assert choose_moe_kernel(_config(), cpu).name == "fallback"
 
 
-@pytest.mark.parametrize("tokens,top_k,experts,int8,cuda", [
-    (1, 8, 128, False, True),    # Qwen3-30B-A3B, one token
-    (4, 8, 128, False, True),    # 32 pairs over 128 experts
-    (8, 8, 128, True, False),    # more than MAX_TOKENS
-    (1, 4, 32, False, True),     # gpt-oss-20b, one token
-    (4, 4, 32, False, False),    # FP8, 16 pairs over 32 experts: many pairs share an expert
-    (4, 4, 32, True, True),      # INT8: measured faster than its Triton kernels even so
-    (1, 2, 4, False, True),      # one token: its experts are distinct, nothing is read twice
-    (2, 2, 4, False, False),
-    (1, 17, 256, True, False),   # more experts per token than GEMM2's table holds
-    (0, 8, 128, False, False),
+@pytest.mark.parametrize("tokens,top_k,experts,int8,cuda,hidden", [
+    (1, 8, 128, False, True, 2048),    # Qwen3-30B-A3B, one token
+    (4, 8, 128, False, True, 2048),    # 32 pairs over 128 experts
+    (8, 8, 128, True, False, 2048),    # more than MAX_TOKENS
+    (1, 4, 32, False, True, 2048),     # gpt-oss-20b, one token
+    (4, 4, 32, False, False, 2048),    # FP8, 16 pairs over 32 experts: many pairs share an expert
+    (4, 4, 32, True, True, 2048),      # INT8: measured faster than its Triton kernels even so
+    (1, 2, 4, False, True, 2048),      # one token: its experts are distinct, nothing is read twice
+    (2, 2, 4, False, False, 2048),
+    (1, 17, 256, True, False, 2048),   # more experts per token than GEMM2's table holds
+    (0, 8, 128, False, False, 2048),
+    (1, 8, 128, False, False, 20480),  # GEMM1 stages at most 16384 activations
+    (1, 8, 128, True, False, 20480),
+    (1, 8, 128, True, True, 16384),
 ])
-def test_small_calls_take_the_cuda_moe_path(tokens, top_k, experts, int8, cuda):
+def test_small_calls_take_the_cuda_moe_path(tokens, top_k, experts, int8, cuda, hidden):
     """Inside the sm90 MoE op: which calls the CUDA decode kernels take (the rest: Triton)."""
     from w4a8_backend.kernels import _sm90_moe_cuda as mc
 
-    assert mc.usable(tokens, top_k, experts, int8) is cuda
+    assert mc.usable(tokens, top_k, experts, int8, hidden) is cuda
 
 
 @pytest.mark.parametrize("hidden,tokens,per_sm,warps", [

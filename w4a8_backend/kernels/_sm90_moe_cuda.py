@@ -44,6 +44,7 @@ MAX_PAIR_FRACTION = 0.5
 GEMM1_CONFIG = (4, 2)
 GEMM2_CONFIG: tuple[int, int] | None = None
 MAX_TOP_K = 16  # GEMM2's per-CTA table of the token's experts
+MAX_HIDDEN = 16384  # GEMM1's staged token row (kMoeMaxStagedK in the source)
 POISON_OUTPUTS = False  # tests: fill intermediates with NaN / 0x7F first
 
 
@@ -52,10 +53,12 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def usable(num_tokens: int, top_k: int, num_experts: int, act_int8: bool) -> bool:
+def usable(num_tokens: int, top_k: int, num_experts: int, act_int8: bool, hidden: int) -> bool:
     """Whether a call takes this path. One token's top-k experts are distinct, so nothing is
-    read twice; more tokens may share experts, which costs FP8 more than Triton's reads."""
+    read twice; more tokens may share experts, which costs FP8 more than Triton's reads. GEMM1
+    stages its token's activations in shared memory, up to MAX_HIDDEN values."""
     return (0 < num_tokens <= MAX_TOKENS and top_k <= MAX_TOP_K
+            and hidden <= MAX_HIDDEN
             and (num_tokens == 1 or act_int8
                  or num_tokens * top_k < MAX_PAIR_FRACTION * num_experts))
 
