@@ -799,6 +799,9 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
   __shared__ int s_row[kMoeMaxGroups];   // first stacked row of the group's expert
   __shared__ int s_arow[kMoeMaxGroups];  // the group's activation row
   __shared__ float s_w[kMoeMaxGroups];   // the group's router weight
+  // FP8: the group's activation scale x router weight, and its 16 MMA rows' 2**r
+  __shared__ float s_xs[kInt8 ? 1 : kMoeMaxGroups];
+  __shared__ float s_rs[kGated || kInt8 ? 1 : kMoeMaxGroups][kInt8 ? 1 : 16];
   __shared__ int s_groups;
 
   const int lane = threadIdx.x & 31;
@@ -860,14 +863,16 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
   };
 
   // The decode and MMAs of item it, folded into float32 with the item's factor per MMA row
-  // (activation scale x router weight x weight exponent); r.ta / r.tb: the rows' INT8 tile
-  // exponents, or (FP8) their float32 2**r bits.
+  // (activation scale x router weight x weight exponent: INT8's tile exponents r.ta / r.tb
+  // from the stage, FP8's factors from s_xs and s_rs).
   float acc_lo = 0.f, acc_hi = 0.f;  // MMA rows g and g + 8, token column 0 (lanes t == 0)
   auto consume = [&](int it, const StepRegs<1>& r) {
     const int grp = it / steps;
-    const float xs = args.a_scale[args.a_per_row ? s_arow[grp] : 0] * s_w[grp];
-    const float f_lo = xs * (kInt8 ? __int_as_float(int(r.ta) << 23) : __uint_as_float(r.ta));
-    const float f_hi = xs * (kInt8 ? __int_as_float(int(r.tb) << 23) : __uint_as_float(r.tb));
+    const float xs =
+        kInt8 ? args.a_scale[args.a_per_row ? s_arow[grp] : 0] * s_w[grp] : s_xs[grp];
+    const int rs_grp = kGated ? 0 : grp;  // GEMM1 has one group
+    const float f_lo = xs * (kInt8 ? __int_as_float(int(r.ta) << 23) : s_rs[rs_grp][g]);
+    const float f_hi = xs * (kInt8 ? __int_as_float(int(r.tb) << 23) : s_rs[rs_grp][g + 8]);
     const Lut la_lo = make_lut<kInt8>(r.ca & 0xFF);
     const Lut la_hi = make_lut<kInt8>(r.ca >> 8);
     const Lut lb_lo = make_lut<kInt8>(r.cb & 0xFF);
@@ -950,8 +955,25 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
     if (it < items) issue(it, i);
     cp_async_commit();
   }
+  // FP8's factors wait in shared memory, not on global loads in each item (that wait was the
+  // kernels' largest single stall under ncu, ~11 % of the samples). The row scales are
+  // weights: loaded now, stored after the staging loads (a store here would hold the warp
+  // until they arrive); the activation scales may come from the previous kernel. (INT8 has
+  // its tile exponents in the stage; moving its activation factor too was slower on an H100,
+  // docs/moe_kernels.md.)
+  constexpr int kRsPerThread = kInt8 ? 0 : (kMoeMaxGroups * 16 + kWarps * 32 - 1) / (kWarps * 32);
+  float rs_v[kRsPerThread > 0 ? kRsPerThread : 1];
+#pragma unroll
+  for (int j = 0; j < kRsPerThread; ++j) {
+    const int i = threadIdx.x + j * kWarps * 32;
+    if (i < groups * 16)
+      rs_v[j] = static_cast<const float*>(args.row_scale)[s_row[i / 16] + expert_row(i % 16)];
+  }
   if constexpr (kGated) pdl_release();  // GEMM2 may start copying its weights
   pdl_wait();
+  const float a_scale_v = !kInt8 && threadIdx.x < groups
+                              ? args.a_scale[args.a_per_row ? s_arow[threadIdx.x] : 0]
+                              : 0.f;
   if constexpr (kStageX) {
     if (groups > 0) {  // the pair's token row, 16 bytes (16 values) per thread and round
       // All of a pass's loads are issued before the first store: a row of K = 2880 takes two
@@ -995,8 +1017,15 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
         }
       }
     }
-    __syncthreads();
   }
+  // the factors' stores after the staging loads, so that no load waits behind them
+#pragma unroll
+  for (int j = 0; j < kRsPerThread; ++j) {
+    const int i = threadIdx.x + j * kWarps * 32;
+    if (i < groups * 16) s_rs[i / 16][i % 16] = rs_v[j];
+  }
+  if (!kInt8 && threadIdx.x < groups) s_xs[threadIdx.x] = a_scale_v * s_w[threadIdx.x];
+  if constexpr (kStageX || !kInt8) __syncthreads();
 
   // (Loading the activations one item ahead, as decode_gemm_kernel does, cost these kernels
   // 13-25 more registers and was slower on an H100: gpt-oss-20b INT8 per-token T=4 layer
@@ -1023,10 +1052,6 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
     if constexpr (kInt8) {
       r.ta = st[kStageWeights + kStageCodes + g];
       r.tb = st[kStageWeights + kStageCodes + g + 8];
-    } else {
-      const float* rs = static_cast<const float*>(args.row_scale) + s_row[it / steps];
-      r.ta = __float_as_uint(rs[expert_row(g)]);
-      r.tb = __float_as_uint(rs[expert_row(g + 8)]);
     }
     consume(it, r);
   }
