@@ -89,3 +89,23 @@ def test_gemm2_warps_fill_one_wave(hidden, tokens, per_sm, warps):
     from w4a8_backend.kernels import _sm90_moe_cuda as mc
 
     assert mc.gemm2_config(hidden, tokens, 132, per_sm.__getitem__) == (warps, 2)
+
+
+def test_cuda_moe_limits_mirror_the_source():
+    """usable()'s limits are the CUDA source's: GEMM2's table of the token's experts and the
+    longest token row GEMM1 stages in shared memory (a drift would send calls the library
+    refuses, or keep shapes it takes on Triton)."""
+    import re
+    from pathlib import Path
+
+    from w4a8_backend.kernels import _sm90_moe_cuda as mc
+
+    source = (Path(__file__).resolve().parents[1] / "csrc" / "w4a8_decode_gemm.cu").read_text()
+
+    def constant(name):
+        found = re.findall(rf"constexpr int {name} = (\d+);", source)
+        assert len(found) == 1, f"{name}: expected one definition, found {found}"
+        return int(found[0])
+
+    assert mc.MAX_TOP_K == constant("kMoeMaxGroups")
+    assert mc.MAX_HIDDEN == constant("kMoeMaxStagedK")
