@@ -733,8 +733,8 @@ __global__ void __launch_bounds__(256)
 //   per-pair output and no reduction launch. (Splitting the experts over several CTAs with a
 //   last-CTA reduction, for more CTAs at one token, was measured slower on an H100: 19.9 ->
 //   21.6-40.5 us for the Qwen3-30B-A3B layer; docs/moe_kernels.md.)
-// Only MMA column 0 is used; the B operand's other 7 columns are zeros (FP8 GEMM1: copies of
-// column 0).
+// Only MMA column 0 is used; the B operand's other 7 columns are zeros (GEMM1, which reads
+// its staged row in every lane: copies of column 0).
 // FP8 products are summed in float32 by the f16 MMAs (mma_16x8x32) over a work item's 256-wide
 // K step and scaled once per item (rows' 2**r, activation scale, router weight). The MoE
 // re-quantizes h, where the Triton kernels' wgmma needs explicit promotion to keep its FP8
@@ -976,8 +976,8 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
                               : 0.f;
   if constexpr (kStageX) {
     if (groups > 0) {  // the pair's token row, 16 bytes (16 values) per thread and round
-      // All of a pass's loads are issued before the first store: a row of K = 2880 takes two
-      // rounds at 4 warps, and one at a time they put two L2 latencies before the barrier.
+      // All of a pass's loads are issued before its first store, so that a row longer than one
+      // round (K = 2880 at 4 warps) waits for one L2 latency, not one per round.
       constexpr int kRounds = 4;
       constexpr int kThreads = kWarps * 32;
       const int chunks = steps * (kStepK / 16);
