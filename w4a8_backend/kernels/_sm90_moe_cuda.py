@@ -7,8 +7,9 @@ three launches (static scales), with the same semantics as ``_sm90_moe_triton.mo
 1. the layer input's quantization (the dense decode path's kernel; it releases the next launch
    at its start, so GEMM1 copies weights while it runs: PDL);
 2. GEMM1: one CTA per (8 intermediate columns, routed pair) reads the pair's expert straight
-   from ``topk_ids`` (no routing pass), fuses SiLU-and-mul and, with a static intermediate
-   scale, the intermediate's quantization;
+   from ``topk_ids`` (no routing pass), stages the pair's token row in shared memory once
+   (hence ``MAX_HIDDEN``), fuses SiLU-and-mul and, with a static intermediate scale, the
+   intermediate's quantization;
 3. GEMM2: one CTA per (16 output rows, token) sums the token's top-k experts, router-weighted,
    inside the CTA (no per-pair output, no reduction launch).
 
