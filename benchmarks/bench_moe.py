@@ -192,7 +192,8 @@ def bench_model(timer, name, m, tokens, fused_experts, log, repeat=1):
         for label, (kern, layer) in ours.items():
             tm(label, lambda kern=kern, layer=layer: kern.apply(layer, x, tw, ti, None, False))
         for label, variant in TRITON_PATH.items():
-            if mc.usable(t, m["top_k"], m["experts"], OURS[variant][0] == INT8, m["hidden"]):
+            if mc.usable(t, m["top_k"], m["experts"], OURS[variant][0] == INT8, m["hidden"],
+                         m["inter"]):
                 tm(label, lambda k_l=ours[variant]: triton_path(*k_l, x, tw, ti))
         # every column timed `repeat` times, round robin, so that a slow spell of the machine
         # falls on all columns alike; the table shows medians, the json every sample
@@ -330,8 +331,10 @@ def sweep(timer, log, tokens=(1, 16, 64, 512, 4096)):
 
 
 def cuda_parts(timer, kern, layer, x, tw, ti):
-    """Each launch of the CUDA decode path alone (quantize x, GEMM1, GEMM2; static or per-token
-    schemes), in us, at the default plan."""
+    """Each launch of the CUDA decode path alone (quantize x, GEMM1, GEMM2), in us, at the
+    default plan. A dynamic intermediate scale fused into GEMM2 (``fuse_h_quantization``):
+    GEMM1 writes float32 h and its amaxes, GEMM2 quantizes h itself; otherwise the quantization
+    launch between them is not timed."""
     from w4a8_backend.kernels import _cuda_ext
     from w4a8_backend.kernels.sm90_triton import cuda_quantize
     from w4a8_backend.kernels.sm90_triton_moe import _cuda_weights
@@ -341,32 +344,36 @@ def cuda_parts(timer, kern, layer, x, tw, ti):
     act_int8 = cfg.act_dtype == INT8
     e, h, i, ip, hp = kern.dims
     t, top_k = ti.shape
-    static = cfg.w13_scheme == S
-    s1 = layer.w13_input_scale.float().reshape(1) if static else None
+    s1 = layer.w13_input_scale.float().reshape(1) if cfg.w13_scheme == S else None
     w13, w2 = _cuda_weights(kern._weights(layer, "w13")), _cuda_weights(kern._weights(layer, "w2"))
     q1, xs1 = cuda_quantize(lib, x, act_int8, int(cfg.w13_scheme), s1)
-    hq = torch.empty((t * top_k, i), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn,
-                     device="cuda")
-    h_scale = layer.w2_input_scale.float().reshape(1) if static else None
-    xs2 = h_scale if static else torch.ones(t * top_k, device="cuda")
     out = torch.empty((t, h), dtype=torch.bfloat16, device="cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    w2_, st2 = mc.gemm2_config(h, t, sms,
-                               lambda warps: lib.moe_blocks_per_sm(act_int8, False, warps, 2))
-    per_row = not static
+    fused = cfg.w2_scheme != S and mc.fuse_h_quantization(top_k, i)
+    stage2 = mc.stage_gemm2(t, top_k, i, cfg.w2_scheme == S)
+    w2_, st2 = mc.gemm2_config(h, t, sms, lambda warps: lib.moe_blocks_per_sm(
+        act_int8, False, warps, 2, mc.staged_steps(i, top_k) if stage2 else 0))
     common = dict(num_experts=e, act_int8=act_int8, pdl=True)
-    g1 = lambda: lib.moe_gemm(q1, xs1, w13, ti, None, None, h_scale, hq, gated=True, k=h,  # noqa
-                              rows_per_expert=2 * ip, up_offset=ip, n_out=i, a_per_row=per_row,
-                              warps=mc.GEMM1_CONFIG[0], stages=mc.GEMM1_CONFIG[1], **common)
-    if not static:  # GEMM1's float32 output variant, timed into a float buffer
-        hf = torch.empty((t * top_k, i), dtype=torch.float32, device="cuda")
-        g1 = lambda: lib.moe_gemm(q1, xs1, w13, ti, None, None, None, hf, gated=True,  # noqa
-                                  k=h, rows_per_expert=2 * ip, up_offset=ip, n_out=i,
-                                  a_per_row=per_row, warps=mc.GEMM1_CONFIG[0],
-                                  stages=mc.GEMM1_CONFIG[1], **common)
-    g2 = lambda: lib.moe_gemm(hq, xs2, w2, ti, None, tw, None, out, gated=False, k=i,  # noqa
-                              rows_per_expert=hp, up_offset=0, n_out=h, a_per_row=per_row,
-                              warps=w2_, stages=st2, **common)
+    q_dtype = torch.int8 if act_int8 else torch.float8_e4m3fn
+    static = cfg.w2_scheme == S
+    h_scale = layer.w2_input_scale.float().reshape(1) if static else None
+    h_out = torch.empty((t * top_k, i), dtype=q_dtype if static else torch.float32,
+                        device="cuda")
+    amax = (torch.empty((t * top_k, -(-i // 8)), dtype=torch.float32, device="cuda")
+            if fused else None)
+    g1 = lambda: lib.moe_gemm(q1, xs1, w13, ti, None, None, h_scale, h_out, gated=True,  # noqa
+                              k=h, rows_per_expert=2 * ip, up_offset=ip, n_out=i,
+                              a_per_row=cfg.w13_scheme == P, warps=mc.GEMM1_CONFIG[0],
+                              stages=mc.GEMM1_CONFIG[1], amax=amax, **common)
+    g1()  # GEMM2 reads a real h
+    a2, s2 = h_out, h_scale
+    if not static and not fused:  # bytes from the quantization launch of h (not timed here)
+        a2 = torch.zeros((t * top_k, i), dtype=q_dtype, device="cuda")
+        s2 = torch.ones(t * top_k if cfg.w2_scheme == P else 1, device="cuda")
+    g2 = lambda: lib.moe_gemm(a2, s2, w2, ti, None, tw, None, out, gated=False,  # noqa
+                              k=i, rows_per_expert=hp, up_offset=0, n_out=h,
+                              a_per_row=cfg.w2_scheme == P, warps=w2_, stages=st2,
+                              stage_a=stage2, amax=amax, **common)
     return {"quant_x": round(timer.time_us(
                 lambda: cuda_quantize(lib, x, act_int8, int(cfg.w13_scheme), s1)), 2),
             "gemm1": round(timer.time_us(g1), 2), "gemm2": round(timer.time_us(g2), 2),

@@ -275,17 +275,18 @@ struct Corrections {
 };
 
 // sum over blocks [b_first, b_end) (one row's) of their exact values times the quantized
-// activations of activation row xrow, unscaled, one lane alone (the MoE epilogue, which has one
-// lane per row; the dense epilogue spreads each block over a warp instead)
-template <bool kInt8>
+// activations, unscaled, one lane alone (the MoE epilogue, which has one lane per row; the
+// dense epilogue spreads each block over a warp instead). block_act(k0) gives the block at K
+// index k0's activations as an accessor of its 32 values.
+template <typename BlockAct>
 __device__ __forceinline__ float correction_dot(const Corrections& corr, int b_first, int b_end,
-                                                const uint8_t* xrow) {
+                                                BlockAct block_act) {
   float dot = 0.f;
   for (int b = b_first; b < b_end; ++b) {
-    const uint8_t* xa = xrow + 32 * corr.blocks[b];
+    const auto act = block_act(32 * corr.blocks[b]);
     const float* val = corr.values + size_t(b) * 32;
-#pragma unroll  // all 64 loads of a block in flight at once: this runs on the few-token path
-    for (int e = 0; e < 32; ++e) dot = fmaf(val[e], act_value<kInt8>(xa[e]), dot);
+#pragma unroll  // all loads of a block in flight at once: this runs on the few-token path
+    for (int e = 0; e < 32; ++e) dot = fmaf(val[e], act(e), dot);
   }
   return dot;
 }
@@ -727,14 +728,17 @@ __global__ void __launch_bounds__(256)
 // GEMM1 (kGated): one CTA per (8 intermediate columns, routed pair). Its 16 MMA rows are the
 //   expert's 8 gate rows (MMA rows 0-7) and the 8 matching up rows (8-15), so the epilogue has
 //   gate and up of each column at hand: SiLU-and-mul, and with a static intermediate scale the
-//   quantization, happen there. Output h [pairs, I]: float32, or quantized bytes.
+//   quantization, happen there. Output h [pairs, I]: quantized bytes, or (dynamic scales)
+//   float32 h and each CTA's amax of |h| [pairs, ceil(I / 8)].
 // GEMM2: one CTA per (16 output rows, token); its work items are (the token's j-th expert,
 //   K step), so the router-weighted sum over the top-k experts happens inside the CTA: no
-//   per-pair output and no reduction launch. (Splitting the experts over several CTAs with a
+//   per-pair output and no reduction launch. Float32 h it quantizes itself while staging it,
+//   with the scales (per pair row or per tensor) that GEMM1's amaxes give: no quantization
+//   launch in between. (Splitting the experts over several CTAs with a
 //   last-CTA reduction, for more CTAs at one token, was measured slower on an H100: 19.9 ->
 //   21.6-40.5 us for the Qwen3-30B-A3B layer; docs/moe_kernels.md.)
-// Only MMA column 0 is used; the B operand's other 7 columns are zeros (GEMM1, which reads
-// its staged row in every lane: copies of column 0).
+// Only MMA column 0 is used (every lane reads the staged row, so B's other 7 columns are
+// copies of column 0).
 // FP8 products are summed in float32 by the f16 MMAs (mma_16x8x32) over a work item's 256-wide
 // K step and scaled once per item (rows' 2**r, activation scale, router weight). The MoE
 // re-quantizes h, where the Triton kernels' wgmma needs explicit promotion to keep its FP8
@@ -744,26 +748,65 @@ __global__ void __launch_bounds__(256)
 // side table.
 // ----------------------------------------------------------------------------------------------
 constexpr int kMoeMaxGroups = 16;  // largest top-k that GEMM2 takes
-// GEMM1 stages its token's activations in shared memory once per CTA, instead of each warp
-// loading them (and, FP8, unpacking them) on every MMA. Per 256-wide K step: the 4 K groups of
-// 64 values, FP8 as f16 (128 bytes) at a stride of 144 bytes, INT8 as they are (64 bytes) at a
-// stride of 80, so that the 4 groups the lanes read at once sit on distinct banks.
+// Both GEMMs stage their activations in shared memory once per CTA (GEMM1 its pair's token row,
+// GEMM2 its token's top-k rows of h), instead of each warp loading them (and, FP8, unpacking
+// them) on every MMA. Per 256-wide K step: the 4 K groups of 64 values, FP8 as f16 (128
+// bytes) at a stride of 144 bytes, INT8 as they are (64 bytes) at a stride of 80, so that the
+// 4 groups the lanes read at once sit on distinct banks. Work item it (group grp, step s) finds
+// its step at it * x_step_bytes (it = grp * steps + s).
 template <bool kInt8>
 __host__ __device__ constexpr int x_group_stride() { return kInt8 ? 80 : 144; }
 template <bool kInt8>
 __host__ __device__ constexpr int x_step_bytes() { return 4 * x_group_stride<kInt8>(); }
-constexpr int kMoeMaxStagedK = 16384;  // largest hidden size of GEMM1 (FP8: 37 KB staged)
+// Most values one CTA stages: GEMM1's hidden size, GEMM2's top_k x (intermediate size rounded
+// up to 256). FP8: 37 KB.
+constexpr int kMoeMaxStagedK = 16384;
 
-// dynamic shared memory of a MoE launch config: the weight rings, and GEMM1's staged row of K
-template <bool kInt8, bool kGated, int kWarps, int kStages>
-constexpr int moe_smem_bytes(int K) {
-  return kWarps * kStages * kStageBytes +
-         (kGated ? (K + kStepK - 1) / kStepK * x_step_bytes<kInt8>() : 0);
+// dynamic shared memory of a MoE launch config: the weight rings and `staged_steps` staged K
+// steps
+template <bool kInt8, int kWarps, int kStages>
+constexpr int moe_smem_bytes(int staged_steps) {
+  return kWarps * kStages * kStageBytes + staged_steps * x_step_bytes<kInt8>();
+}
+
+// The staged activations of the MX block at K index k0 (a multiple of 32, so the block lies in
+// one 64-wide group) of the group whose first item is item0: an accessor of its 32 values.
+template <bool kInt8>
+__device__ __forceinline__ auto staged_block(const uint8_t* x_staged, int item0, int k0) {
+  const uint8_t* p = x_staged + (item0 + k0 / kStepK) * x_step_bytes<kInt8>() +
+                     (k0 % kStepK) / 64 * x_group_stride<kInt8>() + (k0 % 64) * (kInt8 ? 1 : 2);
+  return [p](int e) {
+    if constexpr (kInt8) {
+      return float(int8_t(p[e]));
+    } else {
+      return __half2float(reinterpret_cast<const __half*>(p)[e]);
+    }
+  };
+}
+
+// nan_max of p[first], p[first + stride], ... below n (and 0), 8 loads in flight
+__device__ __forceinline__ float strided_nan_max(const float* p, int n, int first, int stride) {
+  float m = 0.f;
+  for (int i0 = first; i0 < n; i0 += 8 * stride) {
+    float v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) v[u] = i0 + u * stride < n ? p[i0 + u * stride] : 0.f;
+#pragma unroll
+    for (int u = 0; u < 8; ++u) m = nan_max(m, v[u]);
+  }
+  return m;
+}
+
+__device__ __forceinline__ float warp_nan_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
 }
 
 struct MoeArgs {
-  const uint8_t* a;             // quantized activations: GEMM1 x [T, K], GEMM2 h [pairs, K]
-  const float* a_scale;         // [1], or one per activation row (a_per_row)
+  const void* a;                // GEMM1: quantized x [T, K]; GEMM2: h [pairs, K], quantized
+                                // bytes, or float32 (a_float)
+  const float* a_scale;         // [1], or one per activation row (a_per_row); unused if a_float
   const uint8_t* packed;        // stacked experts [rows, KP/2]
   const uint8_t* codes;         // [rows, KP/32]
   const void* row_scale;        // FP8: float [rows]; INT8: uint8 [KP/256, rows]
@@ -775,8 +818,10 @@ struct MoeArgs {
   const float* topk_w;          // [T, top_k] router weights (GEMM2), or null: unweighted
   const float* h_scale;         // GEMM1: static scale to quantize h with, or null: float32 h
   void* out;                    // GEMM1: h [pairs, ldo]; GEMM2: y [T, ldo] of out_dtype
+  float* amax_out;              // GEMM1 with float32 h: each CTA's amax of |h| [pairs, grid.x]
+  const float* amax_in;         // GEMM2 with a_float: GEMM1's amax_out [pairs, amax_cols]
   int ids64, top_k, E, K, KP, rows, rows_per_expert, up_offset, n_out, lda, ldo, a_per_row,
-      out_dtype;
+      out_dtype, a_float, amax_cols;
 };
 
 __device__ __forceinline__ void store_out(void* out, int dtype, size_t i, float v) {
@@ -789,19 +834,27 @@ __device__ __forceinline__ void store_out(void* out, int dtype, size_t i, float 
   }
 }
 
-template <bool kInt8, bool kGated, int kWarps, int kStages>
+// kStageX: the activations staged in shared memory (GEMM1 always; GEMM2 as the host picks),
+// else each item's loaded from global memory by the lanes of token column 0.
+template <bool kInt8, bool kGated, bool kStageX, int kWarps, int kStages>
 __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs args) {
-  constexpr bool kStageX = kGated;  // see x_group_stride
+  static_assert(kStageX || !kGated, "GEMM1 stages its token row");
+  // INT8 loads its activation factor in each item unless GEMM2 stages (moving it to shared
+  // memory was slower on an H100 for GEMM1 and the unstaged GEMM2, faster for the staged one;
+  // docs/moe_kernels.md)
+  constexpr bool kSmemFactor = !kInt8 || (kStageX && !kGated);
   extern __shared__ __align__(16) uint8_t ring_all[];
-  // GEMM1: the staged token row (FP8 as f16)
   [[maybe_unused]] uint8_t* const x_staged = ring_all + kWarps * kStages * kStageBytes;
   __shared__ float partial[kWarps][16];
   __shared__ int s_row[kMoeMaxGroups];   // first stacked row of the group's expert
   __shared__ int s_arow[kMoeMaxGroups];  // the group's activation row
   __shared__ float s_w[kMoeMaxGroups];   // the group's router weight
-  // FP8: the group's activation scale x router weight, and its 16 MMA rows' 2**r
-  __shared__ float s_xs[kInt8 ? 1 : kMoeMaxGroups];
+  // the group's activation factor (activation scale x router weight), FP8 its 16 MMA rows' 2**r;
+  // GEMM2 with float32 h: the groups' activation scales and the CTA's partial amaxes
+  __shared__ float s_xs[kSmemFactor ? kMoeMaxGroups : 1];
   __shared__ float s_rs[kGated || kInt8 ? 1 : kMoeMaxGroups][kInt8 ? 1 : 16];
+  __shared__ float s_as[kGated ? 1 : kMoeMaxGroups];
+  __shared__ float s_red[kGated ? 1 : kWarps];
   __shared__ int s_groups;
 
   const int lane = threadIdx.x & 31;
@@ -811,6 +864,7 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
   const int col0 = blockIdx.x * (kGated ? 8 : 16);  // first h column / first output row
   const int steps = (args.K + kStepK - 1) / kStepK;
   const size_t kp2 = size_t(args.KP) / 2, kp32 = size_t(args.KP) / 32;
+  const bool a_float = kStageX && !kGated && args.a_float;  // the host stages float h
 
   // The routing was finished before the previous kernel started, so it may be read before
   // griddepcontrol.wait. GEMM1: the CTA's pair; GEMM2: the token's top-k pairs, one per lane
@@ -850,26 +904,32 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
       return col0 + r;
     }
   };
-
-  // activations of item it: the lanes of token column 0 load their K group's 64 bytes
+  // the activation factor of group grp
+  auto factor = [&](int grp) {
+    if constexpr (kSmemFactor) {
+      return s_xs[grp];
+    } else {
+      return args.a_scale[args.a_per_row ? s_arow[grp] : 0] * s_w[grp];
+    }
+  };
+  // unstaged: the activations of item it, the lanes of token column 0 their K group's 64 bytes
   auto load_x = [&](int it, StepRegs<1>& r) {
     const int grp = it / steps, s = it - grp * steps;
     const int kx = s * kStepK + t * 64;
-    const uint4* px =
-        reinterpret_cast<const uint4*>(args.a + size_t(s_arow[grp]) * args.lda + kx);
+    const uint4* px = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(args.a) +
+                                                     size_t(s_arow[grp]) * args.lda + kx);
 #pragma unroll
     for (int q = 0; q < 4; ++q)
       r.x[0][q] = (g == 0 && kx + 16 * q < args.K) ? __ldg(px + q) : make_uint4(0, 0, 0, 0);
   };
 
   // The decode and MMAs of item it, folded into float32 with the item's factor per MMA row
-  // (activation scale x router weight x weight exponent: INT8's tile exponents r.ta / r.tb
-  // from the stage, FP8's factors from s_xs and s_rs).
+  // (activation factor x weight exponent: INT8's tile exponents r.ta / r.tb from the stage,
+  // FP8's 2**r from s_rs).
   float acc_lo = 0.f, acc_hi = 0.f;  // MMA rows g and g + 8, token column 0 (lanes t == 0)
   auto consume = [&](int it, const StepRegs<1>& r) {
     const int grp = it / steps;
-    const float xs =
-        kInt8 ? args.a_scale[args.a_per_row ? s_arow[grp] : 0] * s_w[grp] : s_xs[grp];
+    const float xs = factor(grp);
     const int rs_grp = kGated ? 0 : grp;  // GEMM1 has one group
     const float f_lo = xs * (kInt8 ? __int_as_float(int(r.ta) << 23) : s_rs[rs_grp][g]);
     const float f_hi = xs * (kInt8 ? __int_as_float(int(r.tb) << 23) : s_rs[rs_grp][g + 8]);
@@ -877,37 +937,39 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
     const Lut la_hi = make_lut<kInt8>(r.ca >> 8);
     const Lut lb_lo = make_lut<kInt8>(r.cb & 0xFF);
     const Lut lb_hi = make_lut<kInt8>(r.cb >> 8);
+    // this lane's K group of the item's staged step
+    [[maybe_unused]] const uint8_t* xg =
+        x_staged + it * x_step_bytes<kInt8>() + t * x_group_stride<kInt8>();
     // the item's sums: FP8 in float32 (the f16 MMAs' accumulators), INT8 exact in int32
     // (|step sum| < 256 * 96 * 127 < 2**24)
     float c[4] = {0.f, 0.f, 0.f, 0.f}, c2[4] = {0.f, 0.f, 0.f, 0.f};
     int32_t ci[4] = {0, 0, 0, 0};
+    // INT8: the group's 64 bytes as 4 16-byte loads (B of MMA i8: bytes 4*i8.. and 32+4*i8..)
+    [[maybe_unused]] uint4 xv[kInt8 ? 4 : 1];
+    if constexpr (kInt8 && kStageX) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) xv[q] = reinterpret_cast<const uint4*>(xg)[q];
+    }
 #pragma unroll
     for (int i8 = 0; i8 < 8; ++i8) {
       const uint32_t pa = word(r.wa0, r.wa1, i8), pb = word(r.wb0, r.wb1, i8);
       uint32_t a0, a1, a2, a3;
       decode8<kInt8>(pa, la_lo, la_hi, a0, a2);
       decode8<kInt8>(pb, lb_lo, lb_hi, a1, a3);
-      if constexpr (kStageX) {
-        // this lane's K group of the step (every lane reads the token: B's columns are
-        // independent, and only column 0 is used)
-        const uint8_t* xg = x_staged + (it - grp * steps) * x_step_bytes<kInt8>() +
-                            t * x_group_stride<kInt8>();
-        if constexpr (kInt8) {
-          const uint32_t b0 = *reinterpret_cast<const uint32_t*>(xg + 4 * i8);
-          const uint32_t b1 = *reinterpret_cast<const uint32_t*>(xg + 32 + 4 * i8);
-          mma_16x8x32<true>(c, c2, ci, a0, a1, a2, a3, b0, b1);
-        } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-          const uint2 b0 = *reinterpret_cast<const uint2*>(xg + 8 * i8);
-          const uint2 b1 = *reinterpret_cast<const uint2*>(xg + 64 + 8 * i8);
-          mma_e4m3_f16b(c, c2, a0, a1, a2, a3, b0.x, b0.y, b1.x, b1.y);
-#else
-          __trap();  // the host never launches FP8 below sm_89
-#endif
-        }
-      } else {
+      if constexpr (!kStageX) {
         const uint32_t b0 = word(r.x[0][0], r.x[0][1], i8), b1 = word(r.x[0][2], r.x[0][3], i8);
         mma_16x8x32<kInt8>(c, c2, ci, a0, a1, a2, a3, b0, b1);
+      } else if constexpr (kInt8) {
+        const uint32_t b0 = word(xv[0], xv[1], i8), b1 = word(xv[2], xv[3], i8);
+        mma_16x8x32<true>(c, c2, ci, a0, a1, a2, a3, b0, b1);
+      } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+        const uint2 b0 = *reinterpret_cast<const uint2*>(xg + 8 * i8);
+        const uint2 b1 = *reinterpret_cast<const uint2*>(xg + 64 + 8 * i8);
+        mma_e4m3_f16b(c, c2, a0, a1, a2, a3, b0.x, b0.y, b1.x, b1.y);
+#else
+        __trap();  // the host never launches FP8 below sm_89
+#endif
       }
     }
     if constexpr (kInt8) {
@@ -958,9 +1020,7 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
   // FP8's factors wait in shared memory, not on global loads in each item (that wait was the
   // kernels' largest single stall under ncu, ~11 % of the samples). The row scales are
   // weights: loaded now, stored after the staging loads (a store here would hold the warp
-  // until they arrive); the activation scales may come from the previous kernel. (INT8 has
-  // its tile exponents in the stage; moving its activation factor too was slower on an H100,
-  // docs/moe_kernels.md.)
+  // until they arrive); the activation scales may come from the previous kernel.
   constexpr int kRsPerThread = kInt8 ? 0 : (kMoeMaxGroups * 16 + kWarps * 32 - 1) / (kWarps * 32);
   float rs_v[kRsPerThread > 0 ? kRsPerThread : 1];
 #pragma unroll
@@ -971,34 +1031,105 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
   }
   if constexpr (kGated) pdl_release();  // GEMM2 may start copying its weights
   pdl_wait();
-  const float a_scale_v = !kInt8 && threadIdx.x < groups
-                              ? args.a_scale[args.a_per_row ? s_arow[threadIdx.x] : 0]
-                              : 0.f;
+
+  if (a_float) {
+    // GEMM2 on float32 h: the scales that quantizing h on its own launch would give (the same
+    // amax: max is exact in any order), from GEMM1's per-CTA amaxes
+    const int cols = args.amax_cols;
+    if (args.a_per_row) {  // a warp per group
+      for (int grp = warp; grp < groups; grp += kWarps) {
+        const float m = warp_nan_max(
+            strided_nan_max(args.amax_in + size_t(s_arow[grp]) * cols, cols, lane, 32));
+        if (lane == 0) s_as[grp] = dynamic_scale<kInt8>(m);
+      }
+    } else {  // every pair's row, unrouted ones (zeros) included
+      const float m = warp_nan_max(strided_nan_max(
+          args.amax_in, int(gridDim.y) * args.top_k * cols, threadIdx.x, kWarps * 32));
+      if (lane == 0) s_red[warp] = m;
+      __syncthreads();
+      if (threadIdx.x < groups) {
+        float a = s_red[0];
+#pragma unroll
+        for (int w = 1; w < kWarps; ++w) a = nan_max(a, s_red[w]);
+        s_as[threadIdx.x] = dynamic_scale<kInt8>(a);
+      }
+    }
+    __syncthreads();
+  }
+  float a_scale_v = 0.f;
+  if (kSmemFactor && threadIdx.x < groups)
+    a_scale_v = a_float ? s_as[threadIdx.x]
+                        : args.a_scale[args.a_per_row ? s_arow[threadIdx.x] : 0];
+
+  // Stage the groups' activation rows. All of a pass's loads are issued before its first store,
+  // so that rows longer than one round wait for one L2 latency, not one per round.
   if constexpr (kStageX) {
-    if (groups > 0) {  // the pair's token row, 16 bytes (16 values) per thread and round
-      // All of a pass's loads are issued before its first store, so that a row longer than one
-      // round (K = 2880 at 4 warps) waits for one L2 latency, not one per round.
-      constexpr int kRounds = 4;
-      constexpr int kThreads = kWarps * 32;
-      const int chunks = steps * (kStepK / 16);
-      const uint8_t* xrow = args.a + size_t(s_arow[0]) * args.lda;
+    constexpr int kRounds = 4;
+    constexpr int kThreads = kWarps * 32;
+    // destination of the value at K index k of group grp
+    auto staged_dst = [&](int grp, int k) {
+      return x_staged + (grp * steps + k / kStepK) * x_step_bytes<kInt8>() +
+             (k % kStepK) / 64 * x_group_stride<kInt8>() + (k % 64) * (kInt8 ? 1 : 2);
+    };
+    if (a_float) {  // one float4 per thread and round, quantized here
+      const int per_row = steps * (kStepK / 4);
+      const int units = groups * per_row;
+      const float* af = static_cast<const float*>(args.a);
+      for (int u0 = threadIdx.x; u0 < units; u0 += kRounds * kThreads) {
+        float4 v[kRounds];
+#pragma unroll
+        for (int q = 0; q < kRounds; ++q) {
+          const int u = u0 + q * kThreads;
+          const int grp = kGated ? 0 : u / per_row, k = 4 * (u - grp * per_row);
+          // K is a multiple of 32: a unit is all in or all out (past the row's steps too)
+          const bool in = u < units && k < args.K;
+          const float* src = af + (in ? size_t(s_arow[grp]) * args.lda + k : 0);
+          v[q] = in ? __ldg(reinterpret_cast<const float4*>(src)) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int q = 0; q < kRounds; ++q) {
+          const int u = u0 + q * kThreads;
+          if (u >= units) break;
+          const int grp = kGated ? 0 : u / per_row, k = 4 * (u - grp * per_row);
+          const float sc = s_as[grp];
+          const uint32_t b = quantize_value<kInt8>(v[q].x, sc) |
+                             (uint32_t(quantize_value<kInt8>(v[q].y, sc)) << 8) |
+                             (uint32_t(quantize_value<kInt8>(v[q].z, sc)) << 16) |
+                             (uint32_t(quantize_value<kInt8>(v[q].w, sc)) << 24);
+          uint8_t* dst = staged_dst(grp, k);
+          if constexpr (kInt8) {
+            *reinterpret_cast<uint32_t*>(dst) = b;
+          } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+            uint2 h2;
+            e4m3x4_to_f16(b, h2.x, h2.y);
+            *reinterpret_cast<uint2*>(dst) = h2;
+#else
+            __trap();  // the host never launches FP8 below sm_89
+#endif
+          }
+        }
+      }
+    } else {  // quantized bytes: 16 values per thread and round
+      const int per_row = steps * (kStepK / 16);
+      const int chunks = groups * per_row;
+      const uint8_t* ab = static_cast<const uint8_t*>(args.a);
       for (int c0 = threadIdx.x; c0 < chunks; c0 += kRounds * kThreads) {
         uint4 v[kRounds];
 #pragma unroll
         for (int q = 0; q < kRounds; ++q) {
-          // K is a multiple of 32: a chunk is all in or all out (past the row's steps too)
-          const int kb = 16 * (c0 + q * kThreads);
-          v[q] = kb < args.K ? __ldg(reinterpret_cast<const uint4*>(xrow + kb))
-                             : make_uint4(0, 0, 0, 0);
+          const int c = c0 + q * kThreads;
+          const int grp = kGated ? 0 : c / per_row, k = 16 * (c - grp * per_row);
+          const bool in = c < chunks && k < args.K;
+          const uint8_t* src = ab + (in ? size_t(s_arow[grp]) * args.lda + k : 0);
+          v[q] = in ? __ldg(reinterpret_cast<const uint4*>(src)) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int q = 0; q < kRounds; ++q) {
           const int c = c0 + q * kThreads;
           if (c >= chunks) break;
-          const int kb = 16 * c;
-          uint8_t* dst = x_staged + (kb / kStepK) * x_step_bytes<kInt8>() +
-                         ((kb % kStepK) / 64) * x_group_stride<kInt8>() +
-                         (kb % 64) * (kInt8 ? 1 : 2);
+          const int grp = kGated ? 0 : c / per_row, k = 16 * (c - grp * per_row);
+          uint8_t* dst = staged_dst(grp, k);
           if constexpr (kInt8) {
             *reinterpret_cast<uint4*>(dst) = v[q];
           } else {
@@ -1024,12 +1155,9 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
     const int i = threadIdx.x + j * kWarps * 32;
     if (i < groups * 16) s_rs[i / 16][i % 16] = rs_v[j];
   }
-  if (!kInt8 && threadIdx.x < groups) s_xs[threadIdx.x] = a_scale_v * s_w[threadIdx.x];
-  if constexpr (kStageX || !kInt8) __syncthreads();
+  if (kSmemFactor && threadIdx.x < groups) s_xs[threadIdx.x] = a_scale_v * s_w[threadIdx.x];
+  if constexpr (kSmemFactor || kStageX) __syncthreads();
 
-  // (Loading the activations one item ahead, as decode_gemm_kernel does, cost these kernels
-  // 13-25 more registers and was slower on an H100: gpt-oss-20b INT8 per-token T=4 layer
-  // 111.5 -> 120.4 us in one call.)
   int stage = 0;
   for (int it = warp; it < items; it += kWarps) {
     StepRegs<1> r;
@@ -1089,23 +1217,37 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
       if (b_first[j] == b_end[j]) continue;
       const int grp = 2 * j + half;
       const Corrections table = {args.corr_row_ptr, args.corr_blocks, args.corr_values};
-      const float dot = correction_dot<kInt8>(table, b_first[j], b_end[j],
-                                              args.a + size_t(s_arow[grp]) * args.lda);
-      corr = fmaf(dot, args.a_scale[args.a_per_row ? s_arow[grp] : 0] * s_w[grp], corr);
+      const float dot = correction_dot(table, b_first[j], b_end[j], [&](int k0) {
+        if constexpr (kStageX) {
+          return staged_block<kInt8>(x_staged, grp * steps, k0);
+        } else {
+          const uint8_t* xa =
+              static_cast<const uint8_t*>(args.a) + size_t(s_arow[grp]) * args.lda + k0;
+          return [xa](int e) { return act_value<kInt8>(xa[e]); };
+        }
+      });
+      corr = fmaf(dot, factor(grp), corr);
     }
     v += corr + __shfl_xor_sync(0xffffffffu, corr, 16);
   }
   if constexpr (kGated) {
     const float up = __shfl_down_sync(0xffffffffu, v, 8);
     const int col = col0 + lane;
-    if (lane < 8 && col < args.n_out) {
-      const float h = v / (1.f + expf(-v)) * up;  // silu(gate) * up; 0 for an unrouted pair
+    const bool live = lane < 8 && col < args.n_out;
+    const float h = v / (1.f + expf(-v)) * up;  // silu(gate) * up; 0 for an unrouted pair
+    if (live) {
       const size_t o = size_t(blockIdx.y) * args.ldo + col;
       if (args.h_scale != nullptr) {
         static_cast<uint8_t*>(args.out)[o] = quantize_value<kInt8>(h, args.h_scale[0]);
       } else {
         static_cast<float*>(args.out)[o] = h;
       }
+    }
+    if (args.amax_out != nullptr) {  // for GEMM2, which quantizes float32 h
+      float m = live ? fabsf(h) : 0.f;
+#pragma unroll
+      for (int o = 4; o > 0; o >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, o));
+      if (lane == 0) args.amax_out[size_t(blockIdx.y) * gridDim.x + blockIdx.x] = m;
     }
   } else {
     const int n = col0 + lane;
@@ -1172,17 +1314,18 @@ cudaError_t pick_tiles(int warps, int stages, const uint8_t* xq, const float* xs
                                     bias, y, M, N, K, KP, NP, ldy, per_token, pdl, stream);
 }
 
-template <bool kInt8, bool kGated, int kWarps, int kStages>
-cudaError_t launch_moe(const MoeArgs& args, dim3 grid, bool pdl, cudaStream_t stream) {
-  auto kernel = moe_decode_kernel<kInt8, kGated, kWarps, kStages>;
-  constexpr int kSmemMax = moe_smem_bytes<kInt8, kGated, kWarps, kStages>(kMoeMaxStagedK);
+template <bool kInt8, bool kGated, bool kStageX, int kWarps, int kStages>
+cudaError_t launch_moe(const MoeArgs& args, dim3 grid, int staged_steps, bool pdl,
+                       cudaStream_t stream) {
+  auto kernel = moe_decode_kernel<kInt8, kGated, kStageX, kWarps, kStages>;
+  constexpr int kSmemMax = moe_smem_bytes<kInt8, kWarps, kStages>(kMoeMaxStagedK / kStepK);
   static const cudaError_t attr_status =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemMax);
   if (attr_status != cudaSuccess) return attr_status;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(kWarps * 32, 1, 1);
-  cfg.dynamicSmemBytes = moe_smem_bytes<kInt8, kGated, kWarps, kStages>(args.K);
+  cfg.dynamicSmemBytes = moe_smem_bytes<kInt8, kWarps, kStages>(staged_steps);
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -1192,11 +1335,12 @@ cudaError_t launch_moe(const MoeArgs& args, dim3 grid, bool pdl, cudaStream_t st
   return cudaLaunchKernelEx(&cfg, kernel, args);
 }
 
-template <bool kInt8, bool kGated>
-cudaError_t pick_moe_config(int warps, int stages, const MoeArgs& args, dim3 grid, bool pdl,
-                            cudaStream_t stream) {
-#define W4A8_MOE_LAUNCH(W, D) \
-  if (warps == W && stages == D) return launch_moe<kInt8, kGated, W, D>(args, grid, pdl, stream);
+template <bool kInt8, bool kGated, bool kStageX>
+cudaError_t pick_moe_config(int warps, int stages, const MoeArgs& args, dim3 grid,
+                            int staged_steps, bool pdl, cudaStream_t stream) {
+#define W4A8_MOE_LAUNCH(W, D)                                                           \
+  if (warps == W && stages == D)                                                        \
+    return launch_moe<kInt8, kGated, kStageX, W, D>(args, grid, staged_steps, pdl, stream);
   W4A8_MOE_LAUNCH(4, 2)
   W4A8_MOE_LAUNCH(8, 2)
   W4A8_MOE_LAUNCH(12, 2)
@@ -1205,23 +1349,25 @@ cudaError_t pick_moe_config(int warps, int stages, const MoeArgs& args, dim3 gri
   return cudaErrorInvalidConfiguration;
 }
 
-// How many CTAs of a launch config fit on one SM (registers, shared memory, warps)
-template <bool kInt8, bool kGated, int kWarps, int kStages>
-cudaError_t moe_occupancy(int* blocks) {
-  auto kernel = moe_decode_kernel<kInt8, kGated, kWarps, kStages>;
-  // the same attribute as launch_moe sets (the query may come first); GEMM1 counted with the
-  // largest staged row
-  constexpr int kSmemMax = moe_smem_bytes<kInt8, kGated, kWarps, kStages>(kMoeMaxStagedK);
+// How many CTAs of a launch config with `staged_steps` staged K steps fit on one SM
+// (registers, shared memory, warps)
+template <bool kInt8, bool kGated, bool kStageX, int kWarps, int kStages>
+cudaError_t moe_occupancy(int staged_steps, int* blocks) {
+  auto kernel = moe_decode_kernel<kInt8, kGated, kStageX, kWarps, kStages>;
+  // the same attribute as launch_moe sets (the query may come first)
+  constexpr int kSmemMax = moe_smem_bytes<kInt8, kWarps, kStages>(kMoeMaxStagedK / kStepK);
   const cudaError_t st =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemMax);
   if (st != cudaSuccess) return st;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, kWarps * 32, kSmemMax);
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      blocks, kernel, kWarps * 32, moe_smem_bytes<kInt8, kWarps, kStages>(staged_steps));
 }
 
-template <bool kInt8, bool kGated>
-cudaError_t pick_moe_occupancy(int warps, int stages, int* blocks) {
-#define W4A8_MOE_OCC(W, D) \
-  if (warps == W && stages == D) return moe_occupancy<kInt8, kGated, W, D>(blocks);
+template <bool kInt8, bool kGated, bool kStageX>
+cudaError_t pick_moe_occupancy(int warps, int stages, int staged_steps, int* blocks) {
+#define W4A8_MOE_OCC(W, D)                                                                \
+  if (warps == W && stages == D)                                                          \
+    return moe_occupancy<kInt8, kGated, kStageX, W, D>(staged_steps, blocks);
   W4A8_MOE_OCC(4, 2)
   W4A8_MOE_OCC(8, 2)
   W4A8_MOE_OCC(12, 2)
@@ -1346,35 +1492,52 @@ int w4a8_quant_act_grid(const void* x, int ldx, void* q, void* partials, void* s
 }
 
 // How many CTAs of a MoE decode GEMM launch config fit on one SM at once, into *blocks (the
-// host's GEMM2 warp rule). Returns a cudaError_t code.
-int w4a8_moe_blocks_per_sm(int act_int8, int gated, int warps, int stages, int* blocks) {
+// host's GEMM2 warp rule). staged_steps: the 256-wide K steps of activations it stages (GEMM1:
+// its row's; GEMM2: top_k x its rows', or 0 when it does not stage). Returns a cudaError_t code.
+int w4a8_moe_blocks_per_sm(int act_int8, int gated, int warps, int stages, int staged_steps,
+                           int* blocks) {
+  if (staged_steps < (gated ? 1 : 0) || staged_steps * kStepK > kMoeMaxStagedK)
+    return int(cudaErrorInvalidValue);
+  const int ss = staged_steps;
+#define W4A8_MOE_OCC_PICK(INT8)                                                        \
+  if (gated) return int(pick_moe_occupancy<INT8, true, true>(warps, stages, ss, blocks)); \
+  if (ss > 0) return int(pick_moe_occupancy<INT8, false, true>(warps, stages, ss, blocks)); \
+  return int(pick_moe_occupancy<INT8, false, false>(warps, stages, ss, blocks));
   if (act_int8) {
-    return int(gated ? pick_moe_occupancy<true, true>(warps, stages, blocks)
-                     : pick_moe_occupancy<true, false>(warps, stages, blocks));
+    W4A8_MOE_OCC_PICK(true)
   }
-  return int(gated ? pick_moe_occupancy<false, true>(warps, stages, blocks)
-                   : pick_moe_occupancy<false, false>(warps, stages, blocks));
+  W4A8_MOE_OCC_PICK(false)
+#undef W4A8_MOE_OCC_PICK
 }
 
 // One MoE decode GEMM (see moe_decode_kernel). gated = 1: GEMM1 over tokens * top_k pairs,
-// writing h (float32, or quantized with h_scale); gated = 0: GEMM2 over tokens, writing the
-// router-weighted sum of the top-k experts' outputs in out_dtype (0 bf16, 1 fp16, 2 fp32).
+// writing h (quantized with h_scale, or float32 with each CTA's amax of |h| into amax:
+// [tokens * top_k, ceil(n_out / 8)]); gated = 0: GEMM2 over tokens, writing the
+// router-weighted sum of the top-k experts' outputs in out_dtype (0 bf16, 1 fp16, 2 fp32);
+// stage_a: GEMM2 stages its token's top-k rows of h in shared memory (GEMM1 always stages);
+// a_float (needs stage_a): its `a` is GEMM1's float32 h, quantized with the scales GEMM1's amax
+// gives (per pair row with a_per_row, else per tensor; a_scale unused). lda in elements of a.
 // Returns a cudaError_t code (0 = launched).
 int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
                          const void* codes, const void* row_scale, const void* corr_row_ptr,
                          const void* corr_blocks, const void* corr_values, const void* ids,
                          const void* expert_map, const void* topk_w, const void* h_scale,
-                         void* out, int ids64, int tokens, int top_k, int E, int K, int KP,
-                         int rows, int rows_per_expert, int up_offset, int n_out, int lda,
-                         int ldo, int a_per_row, int out_dtype, int act_int8, int gated,
-                         int warps, int stages, int pdl, void* stream) {
+                         void* out, void* amax, int ids64, int tokens, int top_k, int E, int K,
+                         int KP, int rows, int rows_per_expert, int up_offset, int n_out,
+                         int lda, int ldo, int a_per_row, int out_dtype, int act_int8,
+                         int gated, int stage_a, int a_float, int warps, int stages, int pdl,
+                         void* stream) {
+  const int steps = (K + kStepK - 1) / kStepK;
+  const bool stage = gated || stage_a;
+  const int staged_steps = !stage ? 0 : gated ? steps : top_k * steps;
   if (tokens <= 0 || top_k <= 0 || (!gated && top_k > kMoeMaxGroups) || K % 32 || K > KP ||
       KP % (2 * kStepK) || rows % 16 || rows_per_expert % 16 || up_offset % 8 || lda % 16 ||
-      (gated && K > kMoeMaxStagedK) ||
+      staged_steps * kStepK > kMoeMaxStagedK ||
+      (a_float && (gated || !stage || amax == nullptr)) ||
       out_dtype < 0 || out_dtype > 2)
     return int(cudaErrorInvalidValue);
   MoeArgs args;
-  args.a = static_cast<const uint8_t*>(a);
+  args.a = a;
   args.a_scale = static_cast<const float*>(a_scale);
   args.packed = static_cast<const uint8_t*>(packed);
   args.codes = static_cast<const uint8_t*>(codes);
@@ -1400,16 +1563,26 @@ int w4a8_moe_decode_gemm(const void* a, const void* a_scale, const void* packed,
   args.ldo = ldo;
   args.a_per_row = a_per_row;
   args.out_dtype = out_dtype;
+  args.a_float = a_float;
+  args.amax_out = gated && h_scale == nullptr ? static_cast<float*>(amax) : nullptr;
+  args.amax_in = a_float ? static_cast<const float*>(amax) : nullptr;
+  args.amax_cols = (K + 7) / 8;  // GEMM1's grid.x (its n_out is GEMM2's K)
   const dim3 grid = gated ? dim3((n_out + 7) / 8, tokens * top_k, 1)
                           : dim3((n_out + 15) / 16, tokens, 1);
   auto st = static_cast<cudaStream_t>(stream);
   const bool use_pdl = pdl != 0;
+  const int ss = staged_steps;
+#define W4A8_MOE_PICK(INT8)                                                                   \
+  if (gated) return int(pick_moe_config<INT8, true, true>(warps, stages, args, grid, ss,      \
+                                                          use_pdl, st));                      \
+  if (stage) return int(pick_moe_config<INT8, false, true>(warps, stages, args, grid, ss,     \
+                                                           use_pdl, st));                     \
+  return int(pick_moe_config<INT8, false, false>(warps, stages, args, grid, ss, use_pdl, st));
   if (act_int8) {
-    return int(gated ? pick_moe_config<true, true>(warps, stages, args, grid, use_pdl, st)
-                     : pick_moe_config<true, false>(warps, stages, args, grid, use_pdl, st));
+    W4A8_MOE_PICK(true)
   }
-  return int(gated ? pick_moe_config<false, true>(warps, stages, args, grid, use_pdl, st)
-                   : pick_moe_config<false, false>(warps, stages, args, grid, use_pdl, st));
+  W4A8_MOE_PICK(false)
+#undef W4A8_MOE_PICK
 }
 
 }  // extern "C"

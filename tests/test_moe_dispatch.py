@@ -55,26 +55,41 @@ def test_cpu_takes_the_fallback_with_reasons():
     assert choose_moe_kernel(_config(), cpu).name == "fallback"
 
 
-@pytest.mark.parametrize("tokens,top_k,experts,int8,cuda,hidden", [
-    (1, 8, 128, False, True, 2048),    # Qwen3-30B-A3B, one token
-    (4, 8, 128, False, True, 2048),    # 32 pairs over 128 experts
-    (8, 8, 128, True, False, 2048),    # more than MAX_TOKENS
-    (1, 4, 32, False, True, 2048),     # gpt-oss-20b, one token
-    (4, 4, 32, False, False, 2048),    # FP8, 16 pairs over 32 experts: many pairs share an expert
-    (4, 4, 32, True, True, 2048),      # INT8: measured faster than its Triton kernels even so
-    (1, 2, 4, False, True, 2048),      # one token: its experts are distinct, nothing is read twice
-    (2, 2, 4, False, False, 2048),
-    (1, 17, 256, True, False, 2048),   # more experts per token than GEMM2's table holds
-    (0, 8, 128, False, False, 2048),
-    (1, 8, 128, False, False, 20480),  # GEMM1 stages at most 16384 activations
-    (1, 8, 128, True, False, 20480),
-    (1, 8, 128, True, True, 16384),
+@pytest.mark.parametrize("tokens,top_k,experts,int8,cuda,hidden,inter", [
+    (1, 8, 128, False, True, 2048, 768),    # Qwen3-30B-A3B, one token
+    (4, 8, 128, False, True, 2048, 768),    # 32 pairs over 128 experts
+    (8, 8, 128, True, False, 2048, 768),    # more than MAX_TOKENS
+    (1, 4, 32, False, True, 2880, 2880),    # gpt-oss-20b, one token
+    (4, 4, 32, False, False, 2880, 2880),   # FP8, 16 pairs over 32 experts: many share one
+    (4, 4, 32, True, True, 2880, 2880),     # INT8: measured faster than its Triton kernels
+    (1, 2, 4, False, True, 2048, 768),      # one token: distinct experts, nothing read twice
+    (2, 2, 4, False, False, 2048, 768),
+    (1, 17, 256, True, False, 2048, 768),   # more experts per token than GEMM2's table holds
+    (0, 8, 128, False, False, 2048, 768),
+    (1, 8, 128, False, False, 20480, 768),  # GEMM1 stages at most 16384 activations
+    (1, 8, 128, True, False, 20480, 768),
+    (1, 8, 128, True, True, 16384, 768),
+    (1, 8, 128, True, True, 2048, 2048),    # GEMM2 stages top_k x 2048 = 16384 values
+    (1, 8, 128, True, False, 2048, 2080),   # top_k x 2304 (whole 256-wide steps): too many
+    (1, 2, 8, False, False, 4096, 14336),   # Mixtral-like: 2 x 14336 staged rows
 ])
-def test_small_calls_take_the_cuda_moe_path(tokens, top_k, experts, int8, cuda, hidden):
+def test_small_calls_take_the_cuda_moe_path(tokens, top_k, experts, int8, cuda, hidden, inter):
     """Inside the sm90 MoE op: which calls the CUDA decode kernels take (the rest: Triton)."""
     from w4a8_backend.kernels import _sm90_moe_cuda as mc
 
-    assert mc.usable(tokens, top_k, experts, int8, hidden) is cuda
+    assert mc.usable(tokens, top_k, experts, int8, hidden, inter) is cuda
+
+
+def test_gemm2_staging_and_fused_intermediate_quantization_rules():
+    """GEMM2 stages h, and quantizes a dynamic one itself, only up to GEMM2_STAGE_MAX values
+    per CTA (Qwen3-30B-A3B's 8 x 768, not gpt-oss-20b's 4 x 2880); a static one it stages
+    above one token."""
+    from w4a8_backend.kernels import _sm90_moe_cuda as mc
+
+    assert mc.fuse_h_quantization(8, 768) and not mc.fuse_h_quantization(4, 2880)
+    assert mc.stage_gemm2(1, 8, 768, static_h=False) and mc.stage_gemm2(2, 8, 768, True)
+    assert not mc.stage_gemm2(1, 8, 768, static_h=True)
+    assert not any(mc.stage_gemm2(t, 4, 2880, s) for t in (1, 4) for s in (True, False))
 
 
 @pytest.mark.parametrize("hidden,tokens,per_sm,warps", [
@@ -92,9 +107,9 @@ def test_gemm2_warps_fill_one_wave(hidden, tokens, per_sm, warps):
 
 
 def test_cuda_moe_limits_mirror_the_source():
-    """usable()'s limits are the CUDA source's: GEMM2's table of the token's experts and the
-    longest token row GEMM1 stages in shared memory (a drift would send calls the library
-    refuses, or keep shapes it takes on Triton)."""
+    """usable()'s limits are the CUDA source's: GEMM2's table of the token's experts, the most
+    activations a CTA stages in shared memory and the staged step (a drift would send calls
+    the library refuses, or keep shapes it takes on Triton)."""
     import re
     from pathlib import Path
 
@@ -108,4 +123,5 @@ def test_cuda_moe_limits_mirror_the_source():
         return int(found[0])
 
     assert mc.MAX_TOP_K == constant("kMoeMaxGroups")
-    assert mc.MAX_HIDDEN == constant("kMoeMaxStagedK")
+    assert mc.MAX_STAGED == constant("kMoeMaxStagedK")
+    assert mc.STEP_K == constant("kStepK")

@@ -112,8 +112,14 @@ def test_matches_reference_every_scheme(act, schemes, _cuda_path):
 
 @pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
 @pytest.mark.parametrize("schemes", [(D, D), (P, P), (S, S)], ids=lambda p: p[0].name)
-def test_out_of_range_blocks_added_back(act, schemes, _cuda_path):
-    """Planted out-of-range blocks in both matrices: the epilogues add them back exactly."""
+@pytest.mark.parametrize("stage_max", [None, 0], ids=["gemm2-staged", "gemm2-unstaged"])
+def test_out_of_range_blocks_added_back(act, schemes, stage_max, monkeypatch, _cuda_path):
+    """Planted out-of-range blocks in both matrices: the epilogues add them back exactly, from
+    GEMM2's staged rows of h or from global memory."""
+    from w4a8_backend.kernels import _sm90_moe_cuda as mc
+
+    if stage_max is not None:
+        monkeypatch.setattr(mc, "GEMM2_STAGE_MAX", stage_max)
     _need_fp8(act)
     kern, layer, dense, g = build(act, *schemes, 8, 512, 192, 2, seed=33 + int(act),
                                   extreme=True)
@@ -183,6 +189,37 @@ def test_model_shapes(act, name, dims, _cuda_path):
     kern.process_weights_after_loading(layer)
     for t in (1, 4):
         run_both(kern, layer, dense, g, t, act, schemes, _cuda_path)
+
+
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("scheme2", [D, P], ids=lambda s: s.name)
+def test_fused_intermediate_quantization_is_exact(act, scheme2, monkeypatch, _cuda_path):
+    """A dynamic intermediate scale applied inside GEMM2 (float32 h, scales from GEMM1's
+    amaxes, h staged) gives bit for bit the output of the separate quantization launch
+    (GEMM2 unstaged), at one token and at three; each way checked to have run."""
+    from w4a8_backend.kernels import _sm90_moe_cuda as mc
+
+    _need_fp8(act)
+    e, k, h, i = 16, 4, 512, 320
+    kern, layer, dense, g = build(act, P, scheme2, e, h, i, k, seed=40 + int(act))
+    kern.process_weights_after_loading(layer)
+    layer.w13_input_scale = layer.w2_input_scale = None
+    quantized = []
+    orig = mc.cuda_quantize
+    monkeypatch.setattr(mc, "cuda_quantize",
+                        lambda lib, a, *rest: quantized.append(a.shape) or orig(lib, a, *rest))
+    for t in (1, 3):
+        x = make_x(t, h, g)
+        w, ids = make_routing(t, e, k, g)
+        outs = []
+        for limit in (k * i, k * i - 1):  # fused (GEMM2 staged), then the launch (unstaged)
+            monkeypatch.setattr(mc, "GEMM2_STAGE_MAX", limit)
+            quantized.clear()
+            outs.append(kern.apply(layer, x, w, ids, None, False))
+            assert len(quantized) == (1 if limit >= k * i else 2), (limit, quantized)
+        assert torch.equal(outs[0], outs[1]), (t, (outs[0] - outs[1]).abs().max().item())
+        ref = reference_moe(x, w, ids, dense, act, P, scheme2)
+        assert rel_err(outs[0], ref) <= REL_TOL
 
 
 @pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])

@@ -154,9 +154,9 @@ class DecodeGemmLib:
         self._lib.w4a8_quant_act.restype = i
         self._lib.w4a8_quant_act_grid.argtypes = [p, i, p, p, p, i, i, i, i, i, i, p]
         self._lib.w4a8_quant_act_grid.restype = i
-        self._lib.w4a8_moe_decode_gemm.argtypes = [p] * 13 + [i] * 19 + [p]
+        self._lib.w4a8_moe_decode_gemm.argtypes = [p] * 14 + [i] * 21 + [p]
         self._lib.w4a8_moe_decode_gemm.restype = i
-        self._lib.w4a8_moe_blocks_per_sm.argtypes = [i, i, i, i, ctypes.POINTER(i)]
+        self._lib.w4a8_moe_blocks_per_sm.argtypes = [i, i, i, i, i, ctypes.POINTER(i)]
         self._lib.w4a8_moe_blocks_per_sm.restype = i
         self._lib.w4a8_error_string.argtypes = [i]
         self._lib.w4a8_error_string.restype = ctypes.c_char_p
@@ -210,36 +210,51 @@ class DecodeGemmLib:
             _DTYPE_CODE[y.dtype], warps, stages, int(pdl), stream), "GEMM launch")
 
     @functools.lru_cache(maxsize=None)  # noqa: B019 (one library object per process)
-    def moe_blocks_per_sm(self, act_int8: bool, gated: bool, warps: int, stages: int) -> int:
-        """CTAs of one MoE decode GEMM launch config that fit on an SM at once."""
+    def moe_blocks_per_sm(self, act_int8: bool, gated: bool, warps: int, stages: int,
+                          staged_steps: int) -> int:
+        """CTAs of one MoE decode GEMM launch config that fit on an SM at once, staging
+        ``staged_steps`` 256-wide K steps of activations (GEMM2: top_k x steps of h)."""
         blocks = ctypes.c_int(0)
         self._check(self._lib.w4a8_moe_blocks_per_sm(int(act_int8), int(gated), warps, stages,
-                                                     ctypes.byref(blocks)),
+                                                     staged_steps, ctypes.byref(blocks)),
                     "MoE GEMM occupancy query")
         return blocks.value
 
-    def moe_gemm(self, a: torch.Tensor, a_scale: torch.Tensor, weights: MoeWeights,
+    def moe_gemm(self, a: torch.Tensor, a_scale: torch.Tensor | None, weights: MoeWeights,
                  topk_ids: torch.Tensor, expert_map: torch.Tensor | None,
                  topk_w: torch.Tensor | None, h_scale: torch.Tensor | None, out: torch.Tensor,
                  *, gated: bool, num_experts: int, k: int, rows_per_expert: int,
                  up_offset: int, n_out: int, act_int8: bool, a_per_row: bool,
-                 warps: int, stages: int, pdl: bool) -> None:
+                 warps: int, stages: int, pdl: bool, stage_a: bool = False,
+                 amax: torch.Tensor | None = None) -> None:
         """One MoE decode GEMM (``moe_decode_kernel`` in the source): ``gated`` = GEMM1 over
-        the routed pairs into ``out`` = h, else GEMM2 over the tokens into ``out`` = y."""
+        the routed pairs into ``out`` = h, else GEMM2 over the tokens into ``out`` = y.
+        ``stage_a``: GEMM2 stages its token's rows of h in shared memory (GEMM1 always does).
+
+        Dynamic intermediate scales: GEMM1 (``h_scale`` None) writes float32 h and each CTA's
+        amax of ``|h|`` into ``amax`` (float32 ``[pairs, ceil(n_out / 8)]``); GEMM2 given that
+        float32 h as ``a`` (``a_scale`` None, ``stage_a``) and the same ``amax`` quantizes h
+        itself while staging it, per pair row (``a_per_row``) or per tensor."""
+        a_float = a.dtype == torch.float32
+        if a_float and (gated or not stage_a or amax is None or a_scale is not None):
+            raise ValueError("w4a8_mxfp4 MoE GEMM: float32 activations are GEMM2's float h, "
+                             "which needs stage_a, GEMM1's amax and no a_scale")
         tokens, top_k = topk_ids.shape
         stream = torch.cuda.current_stream(a.device).cuda_stream
         ptr = (lambda t: t.data_ptr() if t is not None else None)
         corr = weights.corr_row_ptr if weights.corr_blocks.numel() else None
         self._check(self._lib.w4a8_moe_decode_gemm(
-            a.data_ptr(), a_scale.data_ptr(), weights.packed.data_ptr(),
+            a.data_ptr(), ptr(a_scale), weights.packed.data_ptr(),
             weights.codes.data_ptr(), weights.row_scale.data_ptr(), ptr(corr),
             ptr(weights.corr_blocks) if corr is not None else None,
             ptr(weights.corr_values) if corr is not None else None,
             topk_ids.data_ptr(), ptr(expert_map), ptr(topk_w), ptr(h_scale), out.data_ptr(),
-            int(topk_ids.dtype == torch.int64), tokens, top_k, num_experts, k,
+            ptr(amax), int(topk_ids.dtype == torch.int64), tokens, top_k, num_experts, k,
             weights.packed.shape[1] * 2, weights.packed.shape[0], rows_per_expert, up_offset,
             n_out, a.stride(0), out.stride(0), int(a_per_row), _DTYPE_CODE.get(out.dtype, 2),
-            int(act_int8), int(gated), warps, stages, int(pdl), stream), "MoE GEMM launch")
+            int(act_int8), int(gated), int(stage_a), int(a_float), warps, stages, int(pdl),
+            stream),
+            "MoE GEMM launch")
 
 
 _LOADED: dict[int, DecodeGemmLib | CudaExtUnavailable] = {}

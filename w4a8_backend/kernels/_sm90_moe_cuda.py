@@ -7,15 +7,19 @@ three launches (static scales), with the same semantics as ``_sm90_moe_triton.mo
 1. the layer input's quantization (the dense decode path's kernel; it releases the next launch
    at its start, so GEMM1 copies weights while it runs: PDL);
 2. GEMM1: one CTA per (8 intermediate columns, routed pair) reads the pair's expert straight
-   from ``topk_ids`` (no routing pass), stages the pair's token row in shared memory once
-   (hence ``MAX_HIDDEN``), fuses SiLU-and-mul and, with a static intermediate scale, the
-   intermediate's quantization;
+   from ``topk_ids`` (no routing pass), stages the pair's token row in shared memory once,
+   fuses SiLU-and-mul and, with a static intermediate scale, the intermediate's quantization;
 3. GEMM2: one CTA per (16 output rows, token) sums the token's top-k experts, router-weighted,
-   inside the CTA (no per-pair output, no reduction launch).
+   inside the CTA (no per-pair output, no reduction launch); it stages the token's top-k rows
+   of the intermediate in shared memory as ``stage_gemm2`` decides.
 
-A dynamic intermediate scale adds its quantization launch between 2 and 3 (a per-tensor amax:
-inside that launch for small intermediates, ``sm90_triton.cuda_quantize``). Out-of-range blocks
-are added back inside the GEMMs' epilogues.
+A dynamic intermediate scale costs no launch where ``fuse_h_quantization`` says so: GEMM1
+writes float32 h and each CTA's amax of ``|h|``, and GEMM2 quantizes h while staging it, with
+the scale those amaxes give (the same bytes as a quantization launch would write). Otherwise
+the quantization of h is a launch between 2 and 3 (a per-tensor amax inside it for small
+intermediates, ``sm90_triton.cuda_quantize``). Out-of-range blocks are added back inside the
+GEMMs' epilogues. A CTA stages at most ``MAX_STAGED`` values (GEMM1: the hidden size; GEMM2:
+top-k x the intermediate size rounded up to 256).
 
 Each pair reads its expert's weights, so pairs that share an expert read them again (mostly
 from L2): this path is for ``tokens <= MAX_TOKENS``, with FP8 above one token only while the
@@ -45,7 +49,8 @@ MAX_PAIR_FRACTION = 0.5
 GEMM1_CONFIG = (4, 2)
 GEMM2_CONFIG: tuple[int, int] | None = None
 MAX_TOP_K = 16  # GEMM2's per-CTA table of the token's experts
-MAX_HIDDEN = 16384  # GEMM1's staged token row (kMoeMaxStagedK in the source)
+MAX_STAGED = 16384  # values one CTA stages (kMoeMaxStagedK in the source)
+STEP_K = 256  # K per staged step (kStepK)
 POISON_OUTPUTS = False  # tests: fill intermediates with NaN / 0x7F first
 
 
@@ -54,12 +59,40 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def usable(num_tokens: int, top_k: int, num_experts: int, act_int8: bool, hidden: int) -> bool:
+def staged_steps(k: int, rows: int = 1) -> int:
+    """256-wide K steps a CTA stages for ``rows`` activation rows of ``k`` values."""
+    return rows * -(-k // STEP_K)
+
+
+# GEMM2 stages its token's rows of h (and quantizes a dynamic one itself) only up to this many
+# values per CTA (top_k x intermediate size): every CTA of a token stages (and quantizes) the
+# rows again, which paid at Qwen3-30B-A3B's 8 x 768 and not at gpt-oss-20b's 4 x 2880 (H100,
+# docs/moe_kernels.md).
+GEMM2_STAGE_MAX = 8192
+
+
+def fuse_h_quantization(top_k: int, inter: int) -> bool:
+    """Whether a dynamic intermediate scale is applied inside GEMM2 (no launch of its own)."""
+    return top_k * inter <= GEMM2_STAGE_MAX
+
+
+def stage_gemm2(tokens: int, top_k: int, inter: int, static_h: bool) -> bool:
+    """Whether GEMM2 stages its token's rows of h in shared memory: for small rows
+    (``GEMM2_STAGE_MAX``) when it quantizes float32 h itself or above one token. (H100,
+    docs/moe_kernels.md: at Qwen3-30B-A3B staging took the FP8 static T=4 layer from 45.4 to
+    44.8 us and INT8 static from 49.6 to 48.7, and was no faster at one token, where each warp
+    has 1-3 items to spread it over.)"""
+    return fuse_h_quantization(top_k, inter) and (not static_h or tokens > 1)
+
+
+def usable(num_tokens: int, top_k: int, num_experts: int, act_int8: bool, hidden: int,
+           inter: int) -> bool:
     """Whether a call takes this path. One token's top-k experts are distinct, so nothing is
-    read twice; more tokens may share experts, which costs FP8 more than Triton's reads. GEMM1
-    stages its token's activations in shared memory, up to MAX_HIDDEN values."""
+    read twice; more tokens may share experts, which costs FP8 more than Triton's reads. The
+    GEMMs stage their activations in shared memory, up to MAX_STAGED values per CTA."""
     return (0 < num_tokens <= MAX_TOKENS and top_k <= MAX_TOP_K
-            and hidden <= MAX_HIDDEN
+            and staged_steps(hidden) * STEP_K <= MAX_STAGED
+            and staged_steps(inter, top_k) * STEP_K <= MAX_STAGED
             and (num_tokens == 1 or act_int8
                  or num_tokens * top_k < MAX_PAIR_FRACTION * num_experts))
 
@@ -107,8 +140,13 @@ def moe_forward(
     t = x.shape[0]
     top_k = topk_ids.shape[1]
     w1, s1 = GEMM1_CONFIG
-    w2_, s2_ = gemm2_config(hidden, t, _num_sms(dev.index or 0),
-                            lambda warps: lib.moe_blocks_per_sm(act_int8, False, warps, 2))
+    static2 = scheme2 == int(ActivationScheme.STATIC_PER_TENSOR)
+    fused = not static2 and fuse_h_quantization(top_k, inter)
+    stage2 = stage_gemm2(t, top_k, inter, static2)
+    w2_, s2_ = gemm2_config(
+        hidden, t, _num_sms(dev.index or 0),
+        lambda warps: lib.moe_blocks_per_sm(act_int8, False, warps, 2,
+                                            staged_steps(inter, top_k) if stage2 else 0))
 
     weights = topk_weights
     if apply_router_weight_on_input:  # vLLM allows it for top-1 only
@@ -126,7 +164,6 @@ def moe_forward(
     q1, xs1 = cuda_quantize(lib, aligned_rows(x), act_int8, scheme1, w13_input_scale,
                             POISON_OUTPUTS)
 
-    static2 = scheme2 == int(ActivationScheme.STATIC_PER_TENSOR)
     p = t * top_k
     if static2:
         h = torch.empty((p, inter), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn,
@@ -137,19 +174,22 @@ def moe_forward(
         h.view(torch.uint8).fill_(0x7F)
     elif POISON_OUTPUTS:
         h.fill_(float("nan"))
-    h_scale = None
+    h_scale = amax = None
     if static2:
         h_scale = (w2_input_scale if w2_input_scale.dtype == torch.float32
                    else w2_input_scale.float())
+    elif fused:  # each GEMM1 CTA's amax of |h| (unrouted pairs: zeros, which leave it unchanged)
+        amax = torch.empty((p, -(-inter // 8)), dtype=torch.float32, device=dev)
+        if POISON_OUTPUTS:
+            amax.fill_(float("nan"))
     lib.moe_gemm(q1, xs1, w13, ids, emap, None, h_scale, h, gated=True,
                  num_experts=num_experts, k=hidden, rows_per_expert=2 * ip, up_offset=ip,
                  n_out=inter, act_int8=act_int8,
                  a_per_row=scheme1 == int(ActivationScheme.DYNAMIC_PER_TOKEN),
-                 warps=w1, stages=s1, pdl=pdl)
+                 warps=w1, stages=s1, pdl=pdl, amax=amax)
 
-    if static2:
-        q2, xs2 = h, h_scale
-    else:
+    q2, xs2 = h, h_scale
+    if not static2 and not fused:
         # unrouted pairs' rows are zeros: they leave a per-tensor amax unchanged
         q2, xs2 = cuda_quantize(lib, h, act_int8, scheme2, None, POISON_OUTPUTS)
 
@@ -160,5 +200,5 @@ def moe_forward(
                  num_experts=num_experts, k=inter, rows_per_expert=hp, up_offset=0,
                  n_out=hidden, act_int8=act_int8,
                  a_per_row=scheme2 == int(ActivationScheme.DYNAMIC_PER_TOKEN),
-                 warps=w2_, stages=s2_, pdl=pdl)
+                 warps=w2_, stages=s2_, pdl=pdl, stage_a=stage2, amax=amax)
     return out

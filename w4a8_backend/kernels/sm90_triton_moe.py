@@ -110,7 +110,7 @@ def mxfp4_w4a8_moe(
     (E, H, I, IP, HP). ``decode_cuda``: a few tokens run on the CUDA decode kernels
     (``_sm90_moe_cuda``) when the library is loaded in this process."""
     e, h, i, ip, hp = dims
-    if (decode_cuda and mc.usable(x.shape[0], topk_ids.shape[1], e, act_int8, h)
+    if (decode_cuda and mc.usable(x.shape[0], topk_ids.shape[1], e, act_int8, h, i)
             and _cuda_decode_loaded(x.device)):
         return mc.moe_forward(
             x, topk_weights, topk_ids, expert_map, _cuda_weights(w13), _cuda_weights(w2),
