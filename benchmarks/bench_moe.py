@@ -348,11 +348,8 @@ def cuda_parts(timer, kern, layer, x, tw, ti):
     w13, w2 = _cuda_weights(kern._weights(layer, "w13")), _cuda_weights(kern._weights(layer, "w2"))
     q1, xs1 = cuda_quantize(lib, x, act_int8, int(cfg.w13_scheme), s1)
     out = torch.empty((t, h), dtype=torch.bfloat16, device="cuda")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    fused = cfg.w2_scheme != S and mc.fuse_h_quantization(top_k, i)
-    stage2 = mc.stage_gemm2(t, top_k, i, cfg.w2_scheme == S)
-    w2_, st2 = mc.gemm2_config(h, t, sms, lambda warps: lib.moe_blocks_per_sm(
-        act_int8, False, warps, 2, mc.staged_steps(i, top_k) if stage2 else 0))
+    plan2 = mc.gemm2_plan(lib, 0, t, top_k, h, i, act_int8, cfg.w2_scheme == S)
+    fused = plan2.fused_h
     common = dict(num_experts=e, act_int8=act_int8, pdl=True)
     q_dtype = torch.int8 if act_int8 else torch.float8_e4m3fn
     static = cfg.w2_scheme == S
@@ -372,12 +369,12 @@ def cuda_parts(timer, kern, layer, x, tw, ti):
         s2 = torch.ones(t * top_k if cfg.w2_scheme == P else 1, device="cuda")
     g2 = lambda: lib.moe_gemm(a2, s2, w2, ti, None, tw, None, out, gated=False,  # noqa
                               k=i, rows_per_expert=hp, up_offset=0, n_out=h,
-                              a_per_row=cfg.w2_scheme == P, warps=w2_, stages=st2,
-                              stage_a=stage2, amax=amax, **common)
+                              a_per_row=cfg.w2_scheme == P, warps=plan2.warps,
+                              stages=plan2.stages, stage_a=plan2.staged, amax=amax, **common)
     return {"quant_x": round(timer.time_us(
                 lambda: cuda_quantize(lib, x, act_int8, int(cfg.w13_scheme), s1)), 2),
             "gemm1": round(timer.time_us(g1), 2), "gemm2": round(timer.time_us(g2), 2),
-            "gemm2_config": [w2_, st2]}
+            "gemm2_config": [plan2.warps, plan2.stages]}
 
 
 def cuda_sweep(timer, log, tokens=(1, 2, 4, 8)):

@@ -92,6 +92,30 @@ def test_gemm2_staging_and_fused_intermediate_quantization_rules():
     assert not any(mc.stage_gemm2(t, 4, 2880, s) for t in (1, 4) for s in (True, False))
 
 
+@pytest.mark.parametrize("tokens,top_k,inter,static_h,plan,steps", [
+    (1, 8, 768, True, (False, False, 16, 2), 0),     # Qwen3-30B-A3B static, one token
+    (1, 8, 768, False, (True, True, 16, 2), 24),     # dynamic: fused, 8 rows x 3 steps staged
+    (2, 8, 768, True, (False, True, 12, 2), 24),     # static above one token: staged
+    (1, 4, 2880, False, (False, False, 12, 2), 0),   # gpt-oss-20b: neither
+])
+def test_gemm2_plan(tokens, top_k, inter, static_h, plan, steps, monkeypatch):
+    """The plan moe_forward and the benchmark share: the rules above, and the occupancy query
+    asked with the shared memory the staged rows take."""
+    from w4a8_backend.kernels import _sm90_moe_cuda as mc
+
+    asked = []
+
+    class Lib:
+        def moe_blocks_per_sm(self, act_int8, gated, warps, stages, staged_steps):
+            asked.append((gated, staged_steps))
+            return {16: 1, 12: 2}.get(warps, 3)
+
+    monkeypatch.setattr(mc, "_num_sms", lambda index: 132)
+    hidden = 2048 if inter == 768 else 2880
+    assert mc.gemm2_plan(Lib(), 0, tokens, top_k, hidden, inter, True, static_h) == plan
+    assert asked and all(a == (False, steps) for a in asked)
+
+
 @pytest.mark.parametrize("hidden,tokens,per_sm,warps", [
     (2048, 1, {16: 1, 12: 2}, 16),   # Qwen3-30B-A3B, one token: 128 CTAs, one per SM
     (2880, 1, {16: 1, 12: 2}, 12),   # gpt-oss-20b: 180 CTAs fit in one wave only at 2 per SM

@@ -30,7 +30,7 @@ kernels (``usable``).
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -112,6 +112,24 @@ def gemm2_config(hidden: int, tokens: int, sms: int,
     return 8, 2
 
 
+class Gemm2Plan(NamedTuple):
+    fused_h: bool  # a dynamic intermediate scale applied inside GEMM2 (fuse_h_quantization)
+    staged: bool  # GEMM2 stages the token's rows of h (stage_gemm2)
+    warps: int
+    stages: int
+
+
+def gemm2_plan(lib: _cuda_ext.DecodeGemmLib, device_index: int, tokens: int, top_k: int,
+               hidden: int, inter: int, act_int8: bool, static_h: bool) -> Gemm2Plan:
+    """How GEMM2 runs for a call (moe_forward's, and the benchmark's per-launch timing)."""
+    staged = stage_gemm2(tokens, top_k, inter, static_h)
+    steps = staged_steps(inter, top_k) if staged else 0
+    warps, stages = gemm2_config(
+        hidden, tokens, _num_sms(device_index),
+        lambda w: lib.moe_blocks_per_sm(act_int8, False, w, 2, steps))
+    return Gemm2Plan(not static_h and fuse_h_quantization(top_k, inter), staged, warps, stages)
+
+
 def moe_forward(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -141,12 +159,8 @@ def moe_forward(
     top_k = topk_ids.shape[1]
     w1, s1 = GEMM1_CONFIG
     static2 = scheme2 == int(ActivationScheme.STATIC_PER_TENSOR)
-    fused = not static2 and fuse_h_quantization(top_k, inter)
-    stage2 = stage_gemm2(t, top_k, inter, static2)
-    w2_, s2_ = gemm2_config(
-        hidden, t, _num_sms(dev.index or 0),
-        lambda warps: lib.moe_blocks_per_sm(act_int8, False, warps, 2,
-                                            staged_steps(inter, top_k) if stage2 else 0))
+    plan2 = gemm2_plan(lib, dev.index or 0, t, top_k, hidden, inter, act_int8, static2)
+    fused = plan2.fused_h
 
     weights = topk_weights
     if apply_router_weight_on_input:  # vLLM allows it for top-1 only
@@ -200,5 +214,6 @@ def moe_forward(
                  num_experts=num_experts, k=inter, rows_per_expert=hp, up_offset=0,
                  n_out=hidden, act_int8=act_int8,
                  a_per_row=scheme2 == int(ActivationScheme.DYNAMIC_PER_TOKEN),
-                 warps=w2_, stages=s2_, pdl=pdl, stage_a=stage2, amax=amax)
+                 warps=plan2.warps, stages=plan2.stages, pdl=pdl, stage_a=plan2.staged,
+                 amax=amax)
     return out
