@@ -797,6 +797,36 @@ __device__ __forceinline__ float strided_nan_max(const float* p, int n, int firs
   return m;
 }
 
+// The staging passes of a CTA over `groups` activation rows of K values (`steps` 256-wide steps
+// each) in units of kUnit values: thread t takes units t, t + kThreads, ...; a pass issues all
+// of its kRounds loads (load(grp, k, in) -> V for the unit at K index k of row grp; in: the
+// unit holds values, else past the rows or past K, which K % 32 == 0 makes whole units) before
+// its first store (store(grp, k, v)), so that rows longer than one round wait for one L2
+// latency per pass, not one per unit.
+template <int kThreads, int kUnit, bool kOneGroup, typename V, typename Load, typename Store>
+__device__ __forceinline__ void staging_passes(int groups, int steps, int K, Load load,
+                                               Store store) {
+  constexpr int kRounds = 4;
+  const int per_row = steps * (kStepK / kUnit);
+  const int units = groups * per_row;
+  for (int u0 = threadIdx.x; u0 < units; u0 += kRounds * kThreads) {
+    V v[kRounds];
+#pragma unroll
+    for (int q = 0; q < kRounds; ++q) {
+      const int u = u0 + q * kThreads;
+      const int grp = kOneGroup ? 0 : u / per_row, k = kUnit * (u - grp * per_row);
+      v[q] = load(grp, k, u < units && k < K);
+    }
+#pragma unroll
+    for (int q = 0; q < kRounds; ++q) {
+      const int u = u0 + q * kThreads;
+      if (u >= units) break;
+      const int grp = kOneGroup ? 0 : u / per_row, k = kUnit * (u - grp * per_row);
+      store(grp, k, v[q]);
+    }
+  }
+}
+
 __device__ __forceinline__ float warp_nan_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -1061,92 +1091,69 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
     a_scale_v = a_float ? s_as[threadIdx.x]
                         : args.a_scale[args.a_per_row ? s_arow[threadIdx.x] : 0];
 
-  // Stage the groups' activation rows. All of a pass's loads are issued before its first store,
-  // so that rows longer than one round wait for one L2 latency, not one per round.
+  // Stage the groups' activation rows: float32 h a float4 (quantized here), bytes 16 at a time
+  // per thread and unit.
   if constexpr (kStageX) {
-    constexpr int kRounds = 4;
     constexpr int kThreads = kWarps * 32;
-    // destination of the value at K index k of group grp
+    // where the value at K index k of group grp is staged
     auto staged_dst = [&](int grp, int k) {
       return x_staged + (grp * steps + k / kStepK) * x_step_bytes<kInt8>() +
              (k % kStepK) / 64 * x_group_stride<kInt8>() + (k % 64) * (kInt8 ? 1 : 2);
     };
-    if (a_float) {  // one float4 per thread and round, quantized here
-      const int per_row = steps * (kStepK / 4);
-      const int units = groups * per_row;
+    if (a_float) {
       const float* af = static_cast<const float*>(args.a);
-      for (int u0 = threadIdx.x; u0 < units; u0 += kRounds * kThreads) {
-        float4 v[kRounds];
-#pragma unroll
-        for (int q = 0; q < kRounds; ++q) {
-          const int u = u0 + q * kThreads;
-          const int grp = kGated ? 0 : u / per_row, k = 4 * (u - grp * per_row);
-          // K is a multiple of 32: a unit is all in or all out (past the row's steps too)
-          const bool in = u < units && k < args.K;
-          const float* src = af + (in ? size_t(s_arow[grp]) * args.lda + k : 0);
-          v[q] = in ? __ldg(reinterpret_cast<const float4*>(src)) : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-#pragma unroll
-        for (int q = 0; q < kRounds; ++q) {
-          const int u = u0 + q * kThreads;
-          if (u >= units) break;
-          const int grp = kGated ? 0 : u / per_row, k = 4 * (u - grp * per_row);
-          const float sc = s_as[grp];
-          const uint32_t b = quantize_value<kInt8>(v[q].x, sc) |
-                             (uint32_t(quantize_value<kInt8>(v[q].y, sc)) << 8) |
-                             (uint32_t(quantize_value<kInt8>(v[q].z, sc)) << 16) |
-                             (uint32_t(quantize_value<kInt8>(v[q].w, sc)) << 24);
-          uint8_t* dst = staged_dst(grp, k);
-          if constexpr (kInt8) {
-            *reinterpret_cast<uint32_t*>(dst) = b;
-          } else {
+      staging_passes<kThreads, 4, kGated, float4>(
+          groups, steps, args.K,
+          [&](int grp, int k, bool in) {
+            const float* src = af + (in ? size_t(s_arow[grp]) * args.lda + k : 0);
+            return in ? __ldg(reinterpret_cast<const float4*>(src))
+                      : make_float4(0.f, 0.f, 0.f, 0.f);
+          },
+          [&](int grp, int k, const float4& v) {
+            const float sc = s_as[grp];
+            const uint32_t b = quantize_value<kInt8>(v.x, sc) |
+                               (uint32_t(quantize_value<kInt8>(v.y, sc)) << 8) |
+                               (uint32_t(quantize_value<kInt8>(v.z, sc)) << 16) |
+                               (uint32_t(quantize_value<kInt8>(v.w, sc)) << 24);
+            uint8_t* dst = staged_dst(grp, k);
+            if constexpr (kInt8) {
+              *reinterpret_cast<uint32_t*>(dst) = b;
+            } else {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-            uint2 h2;
-            e4m3x4_to_f16(b, h2.x, h2.y);
-            *reinterpret_cast<uint2*>(dst) = h2;
+              uint2 h2;
+              e4m3x4_to_f16(b, h2.x, h2.y);
+              *reinterpret_cast<uint2*>(dst) = h2;
 #else
-            __trap();  // the host never launches FP8 below sm_89
+              __trap();  // the host never launches FP8 below sm_89
 #endif
-          }
-        }
-      }
-    } else {  // quantized bytes: 16 values per thread and round
-      const int per_row = steps * (kStepK / 16);
-      const int chunks = groups * per_row;
+            }
+          });
+    } else {
       const uint8_t* ab = static_cast<const uint8_t*>(args.a);
-      for (int c0 = threadIdx.x; c0 < chunks; c0 += kRounds * kThreads) {
-        uint4 v[kRounds];
-#pragma unroll
-        for (int q = 0; q < kRounds; ++q) {
-          const int c = c0 + q * kThreads;
-          const int grp = kGated ? 0 : c / per_row, k = 16 * (c - grp * per_row);
-          const bool in = c < chunks && k < args.K;
-          const uint8_t* src = ab + (in ? size_t(s_arow[grp]) * args.lda + k : 0);
-          v[q] = in ? __ldg(reinterpret_cast<const uint4*>(src)) : make_uint4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int q = 0; q < kRounds; ++q) {
-          const int c = c0 + q * kThreads;
-          if (c >= chunks) break;
-          const int grp = kGated ? 0 : c / per_row, k = 16 * (c - grp * per_row);
-          uint8_t* dst = staged_dst(grp, k);
-          if constexpr (kInt8) {
-            *reinterpret_cast<uint4*>(dst) = v[q];
-          } else {
+      staging_passes<kThreads, 16, kGated, uint4>(
+          groups, steps, args.K,
+          [&](int grp, int k, bool in) {
+            const uint8_t* src = ab + (in ? size_t(s_arow[grp]) * args.lda + k : 0);
+            return in ? __ldg(reinterpret_cast<const uint4*>(src)) : make_uint4(0, 0, 0, 0);
+          },
+          [&](int grp, int k, const uint4& v) {
+            uint8_t* dst = staged_dst(grp, k);
+            if constexpr (kInt8) {
+              *reinterpret_cast<uint4*>(dst) = v;
+            } else {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-            uint4 lo, hi;
-            e4m3x4_to_f16(v[q].x, lo.x, lo.y);
-            e4m3x4_to_f16(v[q].y, lo.z, lo.w);
-            e4m3x4_to_f16(v[q].z, hi.x, hi.y);
-            e4m3x4_to_f16(v[q].w, hi.z, hi.w);
-            *reinterpret_cast<uint4*>(dst) = lo;
-            *reinterpret_cast<uint4*>(dst + 16) = hi;
+              uint4 lo, hi;
+              e4m3x4_to_f16(v.x, lo.x, lo.y);
+              e4m3x4_to_f16(v.y, lo.z, lo.w);
+              e4m3x4_to_f16(v.z, hi.x, hi.y);
+              e4m3x4_to_f16(v.w, hi.z, hi.w);
+              *reinterpret_cast<uint4*>(dst) = lo;
+              *reinterpret_cast<uint4*>(dst + 16) = hi;
 #else
-            __trap();  // the host never launches FP8 below sm_89
+              __trap();  // the host never launches FP8 below sm_89
 #endif
-          }
-        }
-      }
+            }
+          });
     }
   }
   // the factors' stores after the staging loads, so that no load waits behind them
