@@ -204,8 +204,24 @@ constexpr int kStageBytes = kStageWeights + kStageCodes + kStageTiles;
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+// The weights (packed bytes, INT8 tile exponents) are read once per call: copied with an L2
+// policy that evicts their lines first, so that streaming them does not push out other lines.
+// (H100, L2 full of just-written lines: the decode GEMM's copies alone 17.8 -> 15.6 us at
+// N = K = 8192, the GEMM 20.8 -> 18.5 us; docs/kernels.md.) The policy is made by each copy:
+// made once per kernel (or passed in), nvcc 13.0's ptxas lost it in the INT8 instantiations and
+// left their copies reading an unset descriptor, an illegal-instruction trap (the ptxas bug of
+// IST-DASLab/marlin issue 44). _cuda_ext.build checks every built library's copies for that
+// and rebuilds with W4A8_NO_L2_HINT (plain copies) when it finds one.
+__device__ __forceinline__ void cp_async16_evict_first(void* dst, const void* src) {
+#if defined(W4A8_NO_L2_HINT)
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+#else
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(
+                   smem_addr(dst)),
+               "l"(src), "l"(policy));
+#endif
 }
 __device__ __forceinline__ void cp_async8(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(dst)), "l"(src));
@@ -398,10 +414,11 @@ __global__ void __launch_bounds__(kWarps * 32)
     uint8_t* st = ring + stage * kStageBytes + copy_row * kRowStride + copy_chunk;
     const uint8_t* src = w_src + s * (kStepK / 2);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) cp_async16(st + 4 * i * kRowStride, src + 4 * i * kp2);
+    for (int i = 0; i < 4; ++i)
+      cp_async16_evict_first(st + 4 * i * kRowStride, src + 4 * i * kp2);
     uint8_t* sc = ring + stage * kStageBytes + kStageWeights;
     if (lane < 16) cp_async8(sc + lane * 8, c_src + s * (kStepK / 32));
-    if (kInt8 && lane == 16) cp_async16(sc + kStageCodes, t_src + size_t(s) * NP);
+    if (kInt8 && lane == 16) cp_async16_evict_first(sc + kStageCodes, t_src + size_t(s) * NP);
   };
 
   // The weights do not depend on the previous kernel: start their copies before waiting.
@@ -1020,9 +1037,9 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int r = 4 * i + copy_row;
-      cp_async16(st + r * kRowStride + copy_chunk,
-                 args.packed + size_t(base + expert_row(r)) * kp2 + s * (kStepK / 2) +
-                     copy_chunk);
+      cp_async16_evict_first(st + r * kRowStride + copy_chunk,
+                             args.packed + size_t(base + expert_row(r)) * kp2 +
+                                 s * (kStepK / 2) + copy_chunk);
     }
     uint8_t* sc = st + kStageWeights;
     if (lane < 16)
@@ -1035,7 +1052,7 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
         if (lane == 16 || lane == 17)
           cp_async8(sc + kStageCodes + 8 * (lane - 16), tiles + expert_row(8 * (lane - 16)));
       } else {
-        if (lane == 16) cp_async16(sc + kStageCodes, tiles + col0);
+        if (lane == 16) cp_async16_evict_first(sc + kStageCodes, tiles + col0);
       }
     }
   };

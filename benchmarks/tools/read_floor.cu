@@ -6,7 +6,10 @@
 // into "what the access pattern costs" and "what the kernel adds":
 //   stream      grid-stride 16-byte loads over one contiguous buffer, 4 in flight per thread
 //   rows-cp     the decode kernel's pattern: CTA = 16 rows, 4 warps take 256-wide K steps in turn,
-//               cp.async ring of 2 stages per warp (the same copies, no decode / MMA)
+//               cp.async ring of 2 stages per warp (the same copies, no decode / MMA); also with
+//               an L2 evict_first cache policy on the weight copies (what the decode kernels do
+//               since 2026-11-24), and with a 256-byte L2 prefetch hint
+//   rows-bulk   rows-cp with each row segment one bulk (TMA) copy on a per-stage mbarrier
 //   rows-ldg    the same addresses, loaded into registers, D steps in flight per warp
 //   tiles-ldg   each (16 rows, K step) tile stored contiguously (2 KB), D steps in flight
 // Each time: L2 flushed (256 MB memset) before each call, timed as bench_linear.py's Timer does
@@ -55,7 +58,25 @@ __device__ __forceinline__ void cp16(void* dst, const void* src) {
                "l"(src));
 }
 
+// the weight copies' cache variants (rows-cp): none, an L2 evict_first policy, a 256-byte L2
+// prefetch
+enum class CpHint { kNone, kEvictFirst, kPrefetch256 };
+
+template <CpHint kHint>
+__device__ __forceinline__ void cp16_hint(void* dst, const void* src, uint64_t policy) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  if constexpr (kHint == CpHint::kEvictFirst) {
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(d),
+                 "l"(src), "l"(policy));
+  } else if constexpr (kHint == CpHint::kPrefetch256) {
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+  } else {
+    cp16(dst, src);
+  }
+}
+
 // rows-cp: 4 warps per CTA, each a 2-stage ring of (16 rows x 128 bytes) + 16 x 8 code bytes
+template <CpHint kHint>
 __global__ void __launch_bounds__(128) rows_cp_kernel(const uint8_t* __restrict__ w,
                                                       const uint8_t* __restrict__ codes, int KP,
                                                       uint32_t* sink) {
@@ -65,10 +86,13 @@ __global__ void __launch_bounds__(128) rows_cp_kernel(const uint8_t* __restrict_
   const int n0 = blockIdx.x * 16, steps = KP / 256;
   const size_t kp2 = KP / 2, kp32 = KP / 32;
   const int row = lane >> 3, chunk = (lane & 7) * 16;
+  uint64_t policy = 0;
+  if constexpr (kHint == CpHint::kEvictFirst)
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
   auto issue = [&](int s, int st) {
     for (int i = 0; i < 4; ++i)
-      cp16(&ring[warp][st][(4 * i + row) * kRow + chunk],
-           w + (n0 + 4 * i + row) * kp2 + s * kStepBytes + chunk);
+      cp16_hint<kHint>(&ring[warp][st][(4 * i + row) * kRow + chunk],
+                       w + (n0 + 4 * i + row) * kp2 + s * kStepBytes + chunk, policy);
     if (lane < 16)
       asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(
                        static_cast<uint32_t>(__cvta_generic_to_shared(
@@ -89,6 +113,85 @@ __global__ void __launch_bounds__(128) rows_cp_kernel(const uint8_t* __restrict_
     acc ^= fold(*reinterpret_cast<const uint4*>(b + (lane >> 1) * kRow + (lane & 1) * 64));
     acc ^= *reinterpret_cast<const uint32_t*>(b + 16 * kRow + (lane & 15) * 8);
     st ^= 1;
+  }
+  asm volatile("cp.async.wait_group 0;\n" ::);
+  if (acc == 0x12345678u) *sink = acc;
+}
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// rows-bulk: rows-cp with each 128-byte row segment moved by one bulk copy (the TMA unit,
+// cp.async.bulk, completing on a per-stage mbarrier: 16 copy instructions per step instead of
+// 128) and kStages stages per warp; the code bytes (8 per row, below the bulk copies' 16-byte
+// granule) still by cp.async.
+template <int kStages>
+__global__ void __launch_bounds__(128) rows_bulk_kernel(const uint8_t* __restrict__ w,
+                                                        const uint8_t* __restrict__ codes,
+                                                        int KP, uint32_t* sink) {
+  constexpr int kRow = kStepBytes + 16, kStage = 16 * kRow + 128;
+  __shared__ __align__(128) uint8_t ring[4][kStages][kStage];
+  __shared__ __align__(8) uint64_t bar[4][kStages];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n0 = blockIdx.x * 16, steps = KP / 256;
+  const size_t kp2 = KP / 2, kp32 = KP / 32;
+  if (lane < kStages)
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(&bar[warp][lane])));
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  __syncwarp();
+  auto issue = [&](int s, int st) {
+    if (lane == 0)
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(
+                       smem_u32(&bar[warp][st])),
+                   "r"(16 * kStepBytes)
+                   : "memory");
+    __syncwarp();
+    if (lane < 16)
+      asm volatile(
+          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, "
+          "[%3];" ::"r"(smem_u32(&ring[warp][st][lane * kRow])),
+          "l"(w + (n0 + lane) * kp2 + s * kStepBytes), "r"(kStepBytes),
+          "r"(smem_u32(&bar[warp][st]))
+          : "memory");
+    else
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(
+                       smem_u32(&ring[warp][st][16 * kRow + (lane - 16) * 8])),
+                   "l"(codes + (n0 + lane - 16) * kp32 + s * 8));
+    asm volatile("cp.async.commit_group;\n" ::);
+  };
+  auto wait_stage = [&](int st, uint32_t parity) {
+    uint32_t done = 0;
+    while (!done)
+      asm volatile(
+          "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; "
+          "selp.u32 %0, 1, 0, p; }"
+          : "=r"(done)
+          : "r"(smem_u32(&bar[warp][st])), "r"(parity)
+          : "memory");
+  };
+  uint32_t acc = 0;
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i)
+    if (warp + 4 * i < steps) issue(warp + 4 * i, i);
+  int st = 0;  // = n % kStages; its mbarrier's phase is (n / kStages) & 1
+  for (int s = warp, n = 0; s < steps; s += 4, ++n) {
+    const int s_next = s + 4 * (kStages - 1);
+    const int st_next = (n + kStages - 1) % kStages;
+    __syncwarp();
+    if (s_next < steps) issue(s_next, st_next);
+    // the codes of step s: every cp.async group but those issued after it
+    if (s_next < steps) {
+      asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 1));
+    } else {
+      asm volatile("cp.async.wait_group 0;\n" ::);
+    }
+    wait_stage(st, (n / kStages) & 1);
+    __syncwarp();
+    const uint8_t* b = ring[warp][st];
+    acc ^= fold(*reinterpret_cast<const uint4*>(b + (lane >> 1) * kRow + (lane & 1) * 64));
+    acc ^= *reinterpret_cast<const uint32_t*>(b + 16 * kRow + (lane & 15) * 8);
+    st = st + 1 == kStages ? 0 : st + 1;
   }
   asm volatile("cp.async.wait_group 0;\n" ::);
   if (acc == 0x12345678u) *sink = acc;
@@ -214,7 +317,19 @@ int main(int argc, char** argv) {
     }, flush, flush_bytes));
   }
   report("rows-cp (decode kernel's copies)", time_us([&](cudaStream_t st) {
-    rows_cp_kernel<<<N / 16, 128, 0, st>>>(w, codes, KP, sink);
+    rows_cp_kernel<CpHint::kNone><<<N / 16, 128, 0, st>>>(w, codes, KP, sink);
+  }, flush, flush_bytes));
+  report("rows-cp, L2 evict_first", time_us([&](cudaStream_t st) {
+    rows_cp_kernel<CpHint::kEvictFirst><<<N / 16, 128, 0, st>>>(w, codes, KP, sink);
+  }, flush, flush_bytes));
+  report("rows-cp, L2 256B prefetch", time_us([&](cudaStream_t st) {
+    rows_cp_kernel<CpHint::kPrefetch256><<<N / 16, 128, 0, st>>>(w, codes, KP, sink);
+  }, flush, flush_bytes));
+  report("rows-bulk 2 stages", time_us([&](cudaStream_t st) {
+    rows_bulk_kernel<2><<<N / 16, 128, 0, st>>>(w, codes, KP, sink);
+  }, flush, flush_bytes));
+  report("rows-bulk 4 stages", time_us([&](cudaStream_t st) {
+    rows_bulk_kernel<4><<<N / 16, 128, 0, st>>>(w, codes, KP, sink);
   }, flush, flush_bytes));
   report("rows-ldg depth 1", time_us([&](cudaStream_t st) {
     rows_ldg_kernel<false, 1><<<N / 16, 128, 0, st>>>(w, codes, KP, sink);

@@ -21,6 +21,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -79,6 +80,48 @@ def _cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "w4a8_backend"
 
 
+# ptxas of nvcc 13.0 (sm_90a) lost the L2 cache policy of the weight copies (cp.async with
+# .L2::cache_hint) in some kernel instantiations, leaving those copies (LDGSTS) reading a
+# descriptor register that nothing writes: an illegal-instruction trap at run time (seen on an
+# H100 on 2026-11-24; the same bug as IST-DASLab/marlin issue 44). Every build is checked for
+# it, and rebuilt with plain copies (W4A8_NO_L2_HINT) when it has it or cannot be checked.
+_SASS_DEF = re.compile(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s+UR(\d+)\b")
+_SASS_COPY_DESC = re.compile(r"LDGSTS[^;]*desc\[UR(\d+)\]")
+
+
+def unset_copy_descriptors(sass: str) -> list[str]:
+    """The functions of a ``cuobjdump -sass`` listing with a cp.async copy (``LDGSTS``) whose
+    descriptor register (``desc[URn]``) no instruction of the function writes."""
+    bad = []
+    for func in sass.split("Function : ")[1:]:
+        name, _, body = func.partition("\n")
+        written, used = set(), set()
+        for m in _SASS_DEF.finditer(body):
+            n = int(m.group(2))
+            written.add(n)
+            if ".64" in m.group(1):
+                written.add(n + 1)
+        used.update(int(n) for n in _SASS_COPY_DESC.findall(body))
+        if used - written:
+            bad.append(name.strip())
+    return bad
+
+
+def _l2_hint_problem(nvcc: str, lib: Path) -> str | None:
+    """Why the built library's hinted copies cannot be trusted, or None."""
+    cuobjdump = Path(nvcc).parent / "cuobjdump"
+    if not (cuobjdump.is_file() and os.access(cuobjdump, os.X_OK)):
+        return f"cuobjdump not found next to {nvcc}, so the L2-hinted copies cannot be checked"
+    proc = subprocess.run([str(cuobjdump), "-sass", str(lib)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"cuobjdump -sass failed: {proc.stderr[-500:]}"
+    bad = unset_copy_descriptors(proc.stdout)
+    if bad:
+        return (f"ptxas left {len(bad)} kernel(s) with L2-hinted copies reading an unset "
+                f"descriptor (e.g. {bad[0][:100]})")
+    return None
+
+
 def build(capability: int) -> Path:
     """Compile the library for ``sm_<capability>`` unless it is cached; return its path."""
     if capability not in SUPPORTED_CAPABILITIES:
@@ -118,12 +161,18 @@ def build(capability: int) -> Path:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             tmp_lib = Path(tmp) / lib.name
-            cmd = [nvcc, *flags, "-o", str(tmp_lib), str(src / SOURCE_NAME)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise CudaExtUnavailable(
-                    f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}"
-                )
+            for extra in ([], ["-DW4A8_NO_L2_HINT"]):
+                cmd = [nvcc, *flags, *extra, "-o", str(tmp_lib), str(src / SOURCE_NAME)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise CudaExtUnavailable(
+                        f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}"
+                    )
+                problem = None if extra else _l2_hint_problem(nvcc, tmp_lib)
+                if problem is None:
+                    break
+                logger.warning("w4a8_mxfp4: %s; rebuilding the CUDA decode kernel with plain "
+                               "weight copies (W4A8_NO_L2_HINT)", problem)
             os.replace(tmp_lib, lib)
         logger.info("w4a8_mxfp4: CUDA decode kernel built in %.0f s", time.perf_counter() - t0)
     return lib
