@@ -192,8 +192,7 @@ def bench_model(timer, name, m, tokens, fused_experts, log, repeat=1):
         for label, (kern, layer) in ours.items():
             tm(label, lambda kern=kern, layer=layer: kern.apply(layer, x, tw, ti, None, False))
         for label, variant in TRITON_PATH.items():
-            if mc.usable(t, m["top_k"], m["experts"], OURS[variant][0] == INT8, m["hidden"],
-                         m["inter"]):
+            if mc.usable(t, m["top_k"], m["experts"], m["hidden"], m["inter"]):
                 tm(label, lambda k_l=ours[variant]: triton_path(*k_l, x, tw, ti))
         # every column timed `repeat` times, round robin, so that a slow spell of the machine
         # falls on all columns alike; the table shows medians, the json every sample
@@ -250,8 +249,8 @@ def write_report(rows, out_dir: Path, meta):
         "call; uniform random top-k routing; speed-up in parentheses vs " + base + ". "
         f"Each entry is the median of {meta.get('repeat', 1)} samples taken round robin over "
         "the columns (all samples in moe_bench.json).",
-        f"- `ours`: the CUDA decode kernels up to {mc.MAX_TOKENS} tokens (FP8: while the routed "
-        f"pairs are fewer than {mc.MAX_PAIR_FRACTION} x the experts), the Triton grouped "
+        f"- `ours`: the CUDA decode kernels up to {mc.MAX_TOKENS} tokens (above one token: while "
+        f"the routed pairs are at most {mc.MAX_PAIR_FRACTION} x the experts), the Triton grouped "
         "kernels otherwise; `Triton kernels`: the same layers forced onto Triton where the "
         "default is CUDA.",
         "- `floor` = MXFP4 weight bytes of the experts the routing touches / copy bandwidth "

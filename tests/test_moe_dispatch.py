@@ -55,29 +55,29 @@ def test_cpu_takes_the_fallback_with_reasons():
     assert choose_moe_kernel(_config(), cpu).name == "fallback"
 
 
-@pytest.mark.parametrize("tokens,top_k,experts,int8,cuda,hidden,inter", [
-    (1, 8, 128, False, True, 2048, 768),    # Qwen3-30B-A3B, one token
-    (4, 8, 128, False, True, 2048, 768),    # 32 pairs over 128 experts
-    (8, 8, 128, True, False, 2048, 768),    # more than MAX_TOKENS
-    (1, 4, 32, False, True, 2880, 2880),    # gpt-oss-20b, one token
-    (4, 4, 32, False, False, 2880, 2880),   # FP8, 16 pairs over 32 experts: many share one
-    (4, 4, 32, True, True, 2880, 2880),     # INT8: measured faster than its Triton kernels
-    (1, 2, 4, False, True, 2048, 768),      # one token: distinct experts, nothing read twice
-    (2, 2, 4, False, False, 2048, 768),
-    (1, 17, 256, True, False, 2048, 768),   # more experts per token than GEMM2's table holds
-    (0, 8, 128, False, False, 2048, 768),
-    (1, 8, 128, False, False, 20480, 768),  # GEMM1 stages at most 16384 activations
-    (1, 8, 128, True, False, 20480, 768),
-    (1, 8, 128, True, True, 16384, 768),
-    (1, 8, 128, True, True, 2048, 2048),    # GEMM2 stages top_k x 2048 = 16384 values
-    (1, 8, 128, True, False, 2048, 2080),   # top_k x 2304 (whole 256-wide steps): too many
-    (1, 2, 8, False, False, 4096, 14336),   # Mixtral-like: 2 x 14336 staged rows
+@pytest.mark.parametrize("tokens,top_k,experts,cuda,hidden,inter", [
+    (1, 8, 128, True, 2048, 768),    # Qwen3-30B-A3B, one token
+    (4, 8, 128, True, 2048, 768),    # 32 pairs over 128 experts
+    (8, 8, 128, True, 2048, 768),    # 64 pairs: half the experts, measured faster than Triton
+    (9, 8, 128, False, 2048, 768),   # more than MAX_TOKENS
+    (1, 4, 32, True, 2880, 2880),    # gpt-oss-20b, one token
+    (4, 4, 32, True, 2880, 2880),    # 16 pairs over 32 experts
+    (6, 4, 32, False, 2880, 2880),   # 24 pairs: many share one, Triton was faster (FP8)
+    (1, 2, 4, True, 2048, 768),      # one token: distinct experts, nothing read twice
+    (2, 2, 4, False, 2048, 768),     # 4 pairs over 4 experts: above half of them
+    (1, 17, 256, False, 2048, 768),  # more experts per token than GEMM2's table holds
+    (0, 8, 128, False, 2048, 768),
+    (1, 8, 128, False, 20480, 768),  # GEMM1 stages at most 16384 activations
+    (1, 8, 128, True, 16384, 768),
+    (1, 8, 128, True, 2048, 2048),   # GEMM2 stages top_k x 2048 = 16384 values
+    (1, 8, 128, False, 2048, 2080),  # top_k x 2304 (whole 256-wide steps): too many
+    (1, 2, 8, False, 4096, 14336),   # Mixtral-like: 2 x 14336 staged rows
 ])
-def test_small_calls_take_the_cuda_moe_path(tokens, top_k, experts, int8, cuda, hidden, inter):
+def test_small_calls_take_the_cuda_moe_path(tokens, top_k, experts, cuda, hidden, inter):
     """Inside the sm90 MoE op: which calls the CUDA decode kernels take (the rest: Triton)."""
     from w4a8_backend.kernels import _sm90_moe_cuda as mc
 
-    assert mc.usable(tokens, top_k, experts, int8, hidden, inter) is cuda
+    assert mc.usable(tokens, top_k, experts, hidden, inter) is cuda
 
 
 def test_gemm2_staging_and_fused_intermediate_quantization_rules():

@@ -22,9 +22,9 @@ GEMMs' epilogues. A CTA stages at most ``MAX_STAGED`` values (GEMM1: the hidden 
 top-k x the intermediate size rounded up to 256).
 
 Each pair reads its expert's weights, so pairs that share an expert read them again (mostly
-from L2): this path is for ``tokens <= MAX_TOKENS``, with FP8 above one token only while the
-routed pairs are fewer than ``MAX_PAIR_FRACTION`` of the experts; other calls take the Triton
-kernels (``usable``).
+from L2): this path is for ``tokens <= MAX_TOKENS``, above one token only while the routed
+pairs are at most ``MAX_PAIR_FRACTION`` of the experts; other calls take the Triton kernels
+(``usable``).
 """
 
 from __future__ import annotations
@@ -38,12 +38,14 @@ from ..formats import ActivationScheme
 from . import _cuda_ext
 from .sm90_triton import _capability, aligned_rows, cuda_quantize
 
-# Which calls take this path (H100, bench_moe.py, docs/moe_kernels.md): at most MAX_TOKENS
-# tokens, and with FP8 above one token fewer pairs than MAX_PAIR_FRACTION x experts. At 4 tokens
-# gpt-oss-20b (16 pairs over 32 experts) was 9 % slower than Triton with FP8 but 10 % faster
-# with INT8 (whose Triton kernels are slower); Qwen3-30B-A3B (32 pairs over 128) was faster
-# with both.
-MAX_TOKENS = 4
+# Which calls take this path: at most MAX_TOKENS tokens and, above one token, at most
+# MAX_PAIR_FRACTION x experts routed pairs (pairs that share an expert read it again). Measured
+# on an H100 with the L2 evict_first weight copies, every scheme, 2-8 tokens, medians of 3
+# (benchmarks/results/moe_cuda_vs_triton_l2_evict_first_h100_20261124_1533.jsonl): Qwen3-30B-A3B
+# (128 experts, top 8; 64 pairs at 8 tokens) 1.03-1.84x faster than Triton at every point;
+# gpt-oss-20b (32 experts, top 4) 1.24-1.44x at 2 tokens, 1.01-1.35x at 4 (16 pairs), a tie
+# (INT8) or 13-21 % slower (FP8) at 6 and 8.
+MAX_TOKENS = 8
 MAX_PAIR_FRACTION = 0.5
 # (warps per CTA, cp.async stages per warp) of GEMM1; GEMM2's from gemm2_config unless set.
 GEMM1_CONFIG = (4, 2)
@@ -85,16 +87,15 @@ def stage_gemm2(tokens: int, top_k: int, inter: int, static_h: bool) -> bool:
     return fuse_h_quantization(top_k, inter) and (not static_h or tokens > 1)
 
 
-def usable(num_tokens: int, top_k: int, num_experts: int, act_int8: bool, hidden: int,
-           inter: int) -> bool:
+def usable(num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int) -> bool:
     """Whether a call takes this path. One token's top-k experts are distinct, so nothing is
-    read twice; more tokens may share experts, which costs FP8 more than Triton's reads. The
-    GEMMs stage their activations in shared memory, up to MAX_STAGED values per CTA."""
+    read twice; more tokens may share experts, each pair reading its expert again, which
+    MAX_PAIR_FRACTION bounds. The GEMMs stage their activations in shared memory, up to
+    MAX_STAGED values per CTA."""
     return (0 < num_tokens <= MAX_TOKENS and top_k <= MAX_TOP_K
             and staged_steps(hidden) * STEP_K <= MAX_STAGED
             and staged_steps(inter, top_k) * STEP_K <= MAX_STAGED
-            and (num_tokens == 1 or act_int8
-                 or num_tokens * top_k < MAX_PAIR_FRACTION * num_experts))
+            and (num_tokens == 1 or num_tokens * top_k <= MAX_PAIR_FRACTION * num_experts))
 
 
 def gemm2_config(hidden: int, tokens: int, sms: int,

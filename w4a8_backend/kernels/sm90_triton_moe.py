@@ -110,7 +110,7 @@ def mxfp4_w4a8_moe(
     (E, H, I, IP, HP). ``decode_cuda``: a few tokens run on the CUDA decode kernels
     (``_sm90_moe_cuda``) when the library is loaded in this process."""
     e, h, i, ip, hp = dims
-    if (decode_cuda and mc.usable(x.shape[0], topk_ids.shape[1], e, act_int8, h, i)
+    if (decode_cuda and mc.usable(x.shape[0], topk_ids.shape[1], e, h, i)
             and _cuda_decode_loaded(x.device)):
         return mc.moe_forward(
             x, topk_weights, topk_ids, expert_map, _cuda_weights(w13), _cuda_weights(w2),
@@ -236,8 +236,8 @@ class Sm90TritonMoEKernel(Mxfp4MoEKernel):
         if self.decode_cuda and not _LOGGED_CUDA_MOE:
             _LOGGED_CUDA_MOE.append(True)
             logger.info("w4a8_mxfp4 sm90_triton MoE: calls of up to %d tokens run on the CUDA "
-                        "decode kernels (FP8 above one token: while the routed pairs are fewer "
-                        "than %g x the experts)", mc.MAX_TOKENS, mc.MAX_PAIR_FRACTION)
+                        "decode kernels (above one token: while the routed pairs are at most "
+                        "%g x the experts)", mc.MAX_TOKENS, mc.MAX_PAIR_FRACTION)
 
     def _weights(self, layer, name):
         return [getattr(layer, f"{name}_weight"), getattr(layer, f"{name}_weight_scale"),
