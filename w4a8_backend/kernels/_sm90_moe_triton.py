@@ -355,7 +355,7 @@ def quantize_h(h: torch.Tensor, act_int8: bool, scheme: int, input_scale, amax: 
 
 
 def pick_config(num_tokens: int, num_pairs: int, num_experts: int,
-                act_int8: bool) -> tuple[int, int, int, int]:
+                act_int8: bool, gemm2: bool = False) -> tuple[int, int, int, int]:
     """(BN, BM, num_warps, num_stages) of one grouped GEMM, from the H100 sweeps
     (benchmarks/results/moe_sweep*.jsonl and moe_tiles_*.jsonl, both model shapes, FP8 and INT8):
 
@@ -366,12 +366,18 @@ def pick_config(num_tokens: int, num_pairs: int, num_experts: int,
     - Stages at decode sizes (BM = 16): 4 for FP8 (gpt-oss-20b GEMM1, K = 2880: 101.0 vs 106.9 us
       at T = 4, 1-2 % at T = 16 and 64, medians of 3; Qwen3-30B-A3B within one sample's spread),
       3 for INT8 (4 was 1-3 % slower), as the dense decode tiles (``triton_w4a8.pick_config``).
+    - ``gemm2`` (the down projection) with FP8 at BM = 64: BN = 128 (H100, GEMM1 and GEMM2
+      swept apart, 2026-11-24, ``moe_prefill_tile_sweep_gemm1_gemm2_h100_20261124_2114.jsonl``:
+      layer time x0.945-0.968 at T = 4096, x0.989-0.992 at T = 512, both models; GEMM1 at
+      BN = 128 was slower, by 1.5x with 4 warps).
     """
     per_expert = num_pairs / max(num_experts, 1)
     bm = 16
     while bm < 64 and bm < per_expert * 1.5:
         bm *= 2
     bm = min(bm, max(16, triton.next_power_of_2(num_tokens)))
+    if gemm2 and bm == 64 and not act_int8:
+        return 128, bm, 4, 3
     return 64, bm, 4, 4 if bm == 16 and not act_int8 else 3
 
 
@@ -547,7 +553,7 @@ def moe_forward(
     y = torch.empty((p, hidden), dtype=f32, device=dev)
     if POISON_OUTPUTS:
         y.fill_(float("nan"))
-    bn2, bm2, w2_, st2 = config2 or pick_config(t, p, e, act_int8)
+    bn2, bm2, w2_, st2 = config2 or pick_config(t, p, e, act_int8, gemm2=True)
     wst2, codes2, rs2, crp2, cblk2, cval2, corr2 = _stack_args(w2, bf16_weights)
     _moe_gemm[(triton.cdiv(hidden, bn2), grid_m(bm2))](
         a2, s2, wst2, codes2, rs2, crp2, cblk2, cval2, y, amax.view(torch.int32), tab, cnt, off,
