@@ -298,6 +298,35 @@ def test_activation_schemes(act, schemes):
         run_case(kern, layer, dense, g, t, act, *schemes, used=12)
 
 
+# The Triton FP8 path over many seeds: GEMM1's FP8 MMAs keep ~14-bit partial sums and h is
+# quantized to FP8 again, so a rare seed flips a large value's rounding. Measured on an H100
+# (2026-11-24, moe_triton_fp8_precision_vs_f16_h100_20261124_2050.jsonl, this shape, 6 seeds x
+# 10 token counts x 4 pairs): median ~2e-3, 2 of 240 cases above 1e-2 (1.76e-2 and 1.21e-2);
+# without GEMM1's promotion up to 2.9e-2. The bounds hold the measured state and fail if the
+# promotion is lost.
+FP8_SWEEP_MAX, FP8_SWEEP_MEDIAN = 2e-2, 3.5e-3
+
+
+@pytest.mark.parametrize("schemes", [(D, D), (P, P)], ids=lambda p: f"{p[0].name}-{p[1].name}")
+def test_triton_fp8_error_over_seeds(schemes):
+    _need_fp8(FP8)
+    errs = []
+    for seed in range(6):
+        kern, layer, dense, g = build(FP8, *schemes, 64, 512, 256, 8, seed=100 + seed)
+        kern.process_weights_after_loading(layer)
+        kern.decode_cuda = False  # the Triton kernels at every size
+        for t in (4, 16, 32, 64):
+            x = make_x(t, 512, g)
+            w, ids = make_routing(t, 64, 8, g)
+            y = kern.apply(layer, x, w, ids, None, False)
+            errs.append(rel_err(y, reference_moe(x, w, ids, dense, FP8, *schemes)))
+    errs.sort()
+    median = errs[len(errs) // 2]
+    assert errs[-1] <= FP8_SWEEP_MAX and median <= FP8_SWEEP_MEDIAN, (
+        f"max {errs[-1]:.3e} (bound {FP8_SWEEP_MAX}), median {median:.3e} "
+        f"(bound {FP8_SWEEP_MEDIAN})")
+
+
 @pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
 @pytest.mark.parametrize("schemes", SCHEME_PAIRS, ids=lambda p: f"{p[0].name}-{p[1].name}")
 def test_decode_fusions_bit_identical(act, schemes, monkeypatch):
