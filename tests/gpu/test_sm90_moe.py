@@ -299,12 +299,13 @@ def test_activation_schemes(act, schemes):
 
 
 # The Triton FP8 path over many seeds: GEMM1's FP8 MMAs keep ~14-bit partial sums and h is
-# quantized to FP8 again, so a rare seed flips a large value's rounding. Measured on an H100
-# (2026-11-24, moe_triton_fp8_precision_vs_f16_h100_20261124_2050.jsonl, this shape, 6 seeds x
-# 10 token counts x 4 pairs): median ~2e-3, 2 of 240 cases above 1e-2 (1.76e-2 and 1.21e-2);
-# without GEMM1's promotion up to 2.9e-2. The bounds hold the measured state and fail if the
-# promotion is lost.
-FP8_SWEEP_MAX, FP8_SWEEP_MEDIAN = 2e-2, 3.5e-3
+# quantized to FP8 again, so a rare seed flips a large value's rounding (2 of 240 cases above
+# 1e-2 over 10 token counts and 4 pairs, moe_triton_fp8_precision_vs_f16_h100_20261124_2050.jsonl).
+# These very cases on an H100 (2026-11-24, moe_triton_fp8_error_over_seeds_promotion_h100_
+# 20261124_2127.jsonl): max / median 1.18e-2 / 2.13e-3 (dynamic pair), 4.0e-3 / 1.79e-3
+# (per-token); without GEMM1's promotion 1.67e-2 / 3.71e-3 and 1.28e-2 / 3.40e-3. The bounds
+# hold the measured state and fail for both pairs if the promotion is lost.
+FP8_SWEEP_MAX, FP8_SWEEP_MEDIAN = 1.5e-2, 3e-3
 
 
 @pytest.mark.parametrize("schemes", [(D, D), (P, P)], ids=lambda p: f"{p[0].name}-{p[1].name}")
