@@ -277,15 +277,17 @@ def bench_shape(timer, n, k, ms, use_humming, log, spread=BLOCK_SPREAD, sequence
             from humming.tune import get_heuristics_config
 
             for name, layers in hum.items():
+                # each variant's own tuning config, bound now: a late-bound ``tc`` gave W4A16
+                # the W4A8 config (a wgmma tile its kernel cannot compile; 2026-11-24 runs)
                 tc = get_heuristics_config(layers[0].humming_config, shape_m=m)
                 if name == "W4A16":
-                    t("Humming W4A16", [lambda layer=layer: layer(x, tuning_config=tc)
+                    t("Humming W4A16", [lambda layer=layer, tc=tc: layer(x, tuning_config=tc)
                                         for layer in layers])
                 else:
-                    t("Humming W4A8+quant", [lambda layer=layer: layer(x, tuning_config=tc)
-                                             for layer in layers])
+                    t("Humming W4A8+quant", [lambda layer=layer, tc=tc: layer(
+                        x, tuning_config=tc) for layer in layers])
                     x8, _, ts = may_process_input(layers[0].humming_config, x)
-                    t("Humming W4A8", [lambda layer=layer: layer(
+                    t("Humming W4A8", [lambda layer=layer, tc=tc: layer(
                         x8, input_scale=ts, tuning_config=tc) for layer in layers])
         # round robin, so that a slow spell of the machine falls on all columns alike
         samples = {label: [] for label in columns}
