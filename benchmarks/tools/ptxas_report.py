@@ -11,7 +11,9 @@ ptxas), then runs ptxas on the PTX and reports per kernel: registers, spills, sh
 - C7517 / C7519: a wait / arrive injected by ptxas (informational).
 
 Found this way on 2026-11-24: the dense FP8 tiles were serialized by the K loop's zero-trip
-path (docs/kernels.md, "The K loop's zero-trip path serialized the FP8 wgmmas").
+path (docs/kernels.md, "The K loop's zero-trip path serialized the FP8 wgmmas"); the MoE GEMMs'
+FP8 prefill tiles are serialized too, GEMM2 by the same path and GEMM1 by its promotion
+(docs/moe_kernels.md, eighth session).
 
     python benchmarks/tools/ptxas_report.py [--json out.jsonl]
 
@@ -141,6 +143,10 @@ def default_reports() -> list[Report]:
                                                            H100_SMS, dense=True), dense=True))
         for gated in (True, False):
             reports.append(moe_gemm(act_int8, gated))
+            # the prefill tile (4096 tokens of Qwen3-30B-A3B: 128 experts, top 8)
+            bn, bm, warps, stages = mk.pick_config(4096, 4096 * 8, 128, act_int8,
+                                                   gemm2=not gated)
+            reports.append(moe_gemm(act_int8, gated, bn, bm, warps, stages))
     return reports
 
 
