@@ -155,6 +155,13 @@ def _mma_step(acc, w_ptr, c_ptr, rs_ptr, rows, it, k0, x_lo, x_hi, xt, K, KP2, K
             if FP8_PROMOTE == 0:
                 acc = tl.dot(w_lo, x_lo, acc)
                 acc = tl.dot(w_hi, x_hi, acc)
+            elif FP8_PROMOTE == BK // 2:
+                # the same promotion written out: each half's dot starts from zero and joins
+                # acc in float32; ptxas then keeps the wgmmas asynchronous, while
+                # max_num_imprecise_acc makes it serialize them (C7514)
+                p_lo = tl.dot(w_lo, x_lo)
+                p_hi = tl.dot(w_hi, x_hi)
+                acc += p_lo + p_hi
             else:
                 acc = tl.dot(w_lo, x_lo, acc, max_num_imprecise_acc=FP8_PROMOTE)
                 acc = tl.dot(w_hi, x_hi, acc, max_num_imprecise_acc=FP8_PROMOTE)
@@ -226,7 +233,8 @@ def _moe_gemm(
     kx = (jj // 32) * 64 + (jj % 32)
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     acc_u = tl.zeros([BN, BM], dtype=tl.float32)
-    for it in range(0, tl.cdiv(K, BK)):
+    # at least one trip: a zero-trip path that zeroes acc makes ptxas serialize the wgmmas
+    for it in range(0, tl.maximum(tl.cdiv(K, BK), 1)):
         k0 = it * BK
         if W_BF16:
             kk = k0 + tl.arange(0, BK)
