@@ -3,7 +3,8 @@
 defined), against the exact references:
 
 - the dense W4A8 GEMM on every path (fused, fused with split-K, materialized per-tile, INT8
-  materialized with one reference per row) plus the correction kernel with planted
+  materialized with one reference per row; FP8 and INT8 per row also through the sm_90
+  prefill GEMM with TMA descriptors) plus the correction kernel with planted
   out-of-range blocks, FP8 and INT8, using the float16-arithmetic decode (``DECODE_LUT =
   False``: the default ``prmt`` decode is inline PTX, which the interpreter cannot run);
 - the MoE path's routing table, GEMMs and top-k sum with float16 expert weights (the
@@ -111,11 +112,18 @@ DENSE_SCRIPT = textwrap.dedent("""
             paths.append(("dense, one reference per row", None,
                           tk.materialize(rp.packed, rp.codes, rp.row_scale, True, pf.row_scale),
                           pf))
+        # FP8 and INT8 per row also through the sm_90 prefill GEMM (TMA descriptors, persistent)
+        paths += [(name + ", TMA", "tma", dense, pf) for name, _, dense, pf in paths[2:]
+                  if pf is not None or not i8]
         for name, cfg, dense, pf in paths:
+            tma = cfg == "tma"
+            if tma:
+                cfg = None
             cfg = cfg or tk.pick_config(m, rp.packed.shape[0], k, i8, 132, True, pf is not None)
             y = tk.w4a8_gemm(q, xs, rp.packed, rp.codes, rp.row_scale, counters,
                              decode_lut(i8), n, i8, True, None, torch.float32, config=cfg,
-                             dense=dense, prefill_row_scale=None if pf is None else pf.row_scale)
+                             dense=dense, prefill_row_scale=None if pf is None else pf.row_scale,
+                             tma=tma)
             table = rp if pf is None else pf
             # worst relative error of one output feature (the planted blocks dominate theirs)
             per_n = lambda y: ((y - ref).norm(dim=0) / ref.norm(dim=0)).max().item()  # noqa

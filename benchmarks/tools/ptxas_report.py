@@ -111,6 +111,17 @@ def dense_gemm(act_int8: bool, config: tuple, dense: bool = False) -> Report:
                     "dense materialized" if dense else "dense fused")
 
 
+def prefill_gemm(act_int8: bool) -> Report:
+    """`_prefill_gemm` (the sm_90 TMA prefill GEMM) at its config, per-tensor scale."""
+    bm, bn, bk, group_m, warps, stages = tk.PREFILL_CONFIG
+    dt = "i8" if act_int8 else "fp8e4nv"
+    types = {"x_desc": f"tensordesc<{dt}[{bm}, {bk}]>", "w_desc": f"tensordesc<{dt}[{bn}, {bk}]>",
+             "xs_ptr": "*fp32", "rs_ptr": "*fp32", "y_ptr": "*bf16", "bias_ptr": "*bf16"}
+    const = dict(ACT_INT8=act_int8, PER_TOKEN=False, HAS_BIAS=False, BM=bm, BN=bn, BK=bk,
+                 GROUP_M=group_m)
+    return _compile(tk._prefill_gemm, types, const, warps, stages, "dense prefill TMA")
+
+
 def moe_gemm(act_int8: bool, gated: bool, bn: int = 64, bm: int = 16, warps: int = 4,
              stages: int | None = None) -> Report:
     """`_moe_gemm` at a decode tile: GEMM1 (``gated``, static intermediate scale) or GEMM2."""
@@ -141,6 +152,7 @@ def default_reports() -> list[Report]:
                 reports.append(dense_gemm(act_int8, cfg))
         reports.append(dense_gemm(act_int8, tk.pick_config(4096, 8192, 8192, act_int8,
                                                            H100_SMS, dense=True), dense=True))
+        reports.append(prefill_gemm(act_int8))
         for gated in (True, False):
             reports.append(moe_gemm(act_int8, gated))
             # the prefill tile (4096 tokens of Qwen3-30B-A3B: 128 experts, top 8)

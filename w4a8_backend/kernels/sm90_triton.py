@@ -280,8 +280,8 @@ def mxfp4_w4a8_linear(
         return y
     q, xs = tk.quantize_activation_gpu(x, act_int8, scheme, input_scale)
     if m >= prefill_m:
-        # (the Triton dense GEMM beat torch._scaled_mm row-wise on H100: 399 vs 426 us at
-        # M=4096, N=K=8192; benchmarks/results/sweep_v3.jsonl)
+        # (the Triton dense GEMM beats torch._scaled_mm row-wise on H100: 373 vs 448 us at
+        # M=4096, N=K=8192; benchmarks/results/dense_prefill_gemm_h100_20261124_2327.jsonl)
         dense = tk.materialize(packed, codes, row_scale, act_int8, prefill_row_scale)
         y = tk.w4a8_gemm(q, xs, packed, codes, row_scale, counters, lut, n, act_int8, per_token,
                          bias, out_dtype, dense=dense, prefill_row_scale=prefill_row_scale)

@@ -9,7 +9,10 @@ Kernels
   under Triton's interpreter: MXFP4 code -> E4M3 bits -> float16 -> times a per-block power of
   two -> exact E4M3 or int8), optional split-K with an in-kernel "last CTA reduces" fix-up (no extra
   launch, no memset: the per-tile counter is reset by the reducing CTA). The same kernel, with
-  ``W_DENSE``, reads a materialized weight (prefill path).
+  ``W_DENSE``, reads a materialized weight (prefill path before sm_90, and INT8 with one
+  reference per 256-wide K tile).
+- ``_prefill_gemm``: the prefill GEMM on the materialized FP8 / INT8-per-row weight on sm_90:
+  TMA descriptors, one program per SM, tiles in grouped order.
 - ``_materialize``: decodes the whole weight once per call into E4M3/int8 (prefill path, where
   decoding per output tile would cost more than writing the weight once).
 - ``_correction``: adds the exact contribution of the out-of-range blocks.
@@ -391,6 +394,59 @@ def _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, rs_ptr, y_ptr, bias_ptr, N, s
 
 
 # --------------------------------------------------------------------------------------------
+# prefill GEMM on the materialized weight (sm_90: TMA loads, persistent grid)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _prefill_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    # GROUP_M token tiles walk one band of weight tiles together, so the band is read from DRAM
+    # about once, not once per token tile (the tile order of _w4a8_gemm's grid reads the whole
+    # weight once per token tile: 28672 x 4096 FP8 M = 4096 959 -> 716 us with this order)
+    per_group = GROUP_M * num_n
+    first_m = (tile // per_group) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % per_group) % rows, (tile % per_group) // rows
+
+
+@triton.jit
+def _prefill_gemm(x_desc, w_desc, xs_ptr, rs_ptr, y_ptr, bias_ptr, M, N, K, stride_ym, PROGRAMS,
+                  ACT_INT8: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """``y [M, N] = x_q [M, K] @ dense [N, K]^T * x_scale * rs[N]``: FP8, or INT8 materialized
+    with one reference per row (exact int32 sums over the whole K). Tokens x weights per tile
+    (``acc[BM, BN] = dot(x, w^T)``; both operands K-major in shared memory, as FP8 and int8
+    ``wgmma`` need), one program per SM walking the tiles."""
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    for tile in range(tl.program_id(0), num_m * num_n, PROGRAMS):
+        pid_m, pid_n = _prefill_tile(tile, num_m, num_n, GROUP_M)
+        m0 = pid_m * BM
+        n0 = pid_n * BN
+        offs_m = m0 + tl.arange(0, BM)
+        offs_n = n0 + tl.arange(0, BN)
+        if ACT_INT8:
+            acc_i = tl.zeros([BM, BN], dtype=tl.int32)
+            for ks in range(0, tl.cdiv(K, BK)):
+                acc_i = tl.dot(x_desc.load([m0, ks * BK]), w_desc.load([n0, ks * BK]).T, acc_i,
+                               out_dtype=tl.int32)
+            acc = acc_i.to(tl.float32)
+        else:
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for ks in range(0, tl.cdiv(K, BK)):
+                acc = tl.dot(x_desc.load([m0, ks * BK]), w_desc.load([n0, ks * BK]).T, acc)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        if PER_TOKEN:
+            acc = acc * tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
+        else:
+            acc = acc * tl.load(xs_ptr)
+        acc = acc * tl.load(rs_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# --------------------------------------------------------------------------------------------
 # materialize (prefill): decoded weight [NP, KP] E4M3 / int8
 # --------------------------------------------------------------------------------------------
 @triton.jit
@@ -537,9 +593,14 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
               act_int8: bool, per_token: bool, bias: torch.Tensor | None,
               out_dtype: torch.dtype, config=None,
               dense: torch.Tensor | None = None,
-              prefill_row_scale: torch.Tensor | None = None) -> torch.Tensor:
+              prefill_row_scale: torch.Tensor | None = None, tma: bool | None = None,
+              tma_config=None) -> torch.Tensor:
     """``dense``: the materialized weight (prefill); INT8 with ``prefill_row_scale``: it was
-    materialized against one reference per row (``materialize(..., prefill_row_scale)``)."""
+    materialized against one reference per row (``materialize(..., prefill_row_scale)``).
+    ``tma``: the dense FP8 and INT8-per-row GEMMs as ``_prefill_gemm`` (default: on sm_90 and
+    newer) with ``tma_config`` (default ``PREFILL_CONFIG``); otherwise, and for the per-tile INT8
+    weight, ``_w4a8_gemm`` with ``config``. (The per-tile INT8 GEMM on TMA loads was slower:
+    748 against 643 us at N = K = 8192, M = 4096, H100, in the sweep below.)"""
     m, k = q.shape
     row_ref = prefill_row_scale is not None
     if row_ref and (dense is None or not act_int8):
@@ -549,6 +610,11 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
     if POISON_OUTPUTS:
         y.fill_(float("nan"))
     if m == 0:
+        return y
+    if (dense is not None and (row_ref or not act_int8)
+            and (tma_default(q.device) if tma is None else tma)):
+        _prefill_launch(q, xs, dense, prefill_row_scale if row_ref else row_scale, y, bias, n,
+                        act_int8, per_token, tma_config or PREFILL_CONFIG)
         return y
     if config is None:
         config = pick_config(m, n_pad, kp, act_int8, num_sms(q.device.index or 0),
@@ -578,6 +644,37 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
         num_warps=warps, num_stages=stages,
     )
     return y
+
+
+# (BM, BN, BK, GROUP_M, num_warps, num_stages) of _prefill_gemm, from an H100 sweep at
+# N = K = 8192, 28672 x 4096 and 4096 x 14336, M = 1024 and 4096
+# (benchmarks/results/dense_prefill_gemm_h100_20261124_2327.jsonl)
+PREFILL_CONFIG = (128, 256, 128, 16, 8, 4)
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def tma_default(device: torch.device) -> bool:
+    """Whether the prefill GEMM takes TMA loads (``_prefill_gemm``): CUDA devices of sm_90+."""
+    return device.type == "cuda" and _tma_capable(device.index or 0)
+
+
+def _prefill_launch(q, xs, dense, scale, y, bias, n, act_int8, per_token, config):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    bm, bn, bk, group_m, warps, stages = config
+    m, k = q.shape
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    # one program per SM (CPU, the interpreter: a few, so that programs take several tiles)
+    programs = min(tiles, num_sms(q.device.index or 0) if q.is_cuda else 3)
+    _prefill_gemm[(programs,)](
+        TensorDescriptor.from_tensor(q, [bm, bk]), TensorDescriptor.from_tensor(dense, [bn, bk]),
+        xs, scale, y, bias if bias is not None else y, m, n, k, y.stride(0), programs,
+        ACT_INT8=act_int8, PER_TOKEN=per_token, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk,
+        GROUP_M=group_m, num_warps=warps, num_stages=stages)
 
 
 def materialize(packed: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor,
