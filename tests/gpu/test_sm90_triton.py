@@ -237,6 +237,30 @@ def test_int8_prefill_both_references(monkeypatch, rows_max, rows, scheme):
         assert kern.prefill_rows is rows
 
 
+def _compiled_variants(fn) -> int:
+    caches = getattr(fn, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton's JITFunction has no device_caches to count compiled kernels")
+    return sum(len(entry[0]) for entry in caches.values())
+
+
+def test_prefill_gemm_compiles_once_across_m():
+    """The sm_90 TMA prefill GEMM compiles one kernel for every M and program count: vLLM's
+    profile run (M a multiple of 16) must not leave the first real prompt (odd M, a single
+    program; M > 8 here, below that FP8 takes the CUDA decode kernel) to compile another in the
+    middle of serving."""
+    from w4a8_backend.kernels import triton_w4a8
+
+    if not triton_w4a8.tma_default(torch.device("cuda")):
+        pytest.skip("the TMA prefill GEMM runs on sm_90 and newer")
+    before = None
+    for i, (m, n) in enumerate([(512, 4096), (389, 4096), (13, 4096), (11, 256)]):
+        check(FP8, ActivationScheme.STATIC_PER_TENSOR, m, n, 4096, 90 + i, prefill_m=1)
+        if before is None:
+            before = _compiled_variants(triton_w4a8._prefill_gemm)
+    assert _compiled_variants(triton_w4a8._prefill_gemm) == before
+
+
 @pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
 @pytest.mark.parametrize("prefill_m", [1, 10**9], ids=["dense_path", "fused_path"])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name.lower())

@@ -407,7 +407,10 @@ def _prefill_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
     return first_m + (tile % per_group) % rows, (tile % per_group) // rows
 
 
-@triton.jit
+# M and PROGRAMS unspecialized: vLLM's profile run (M a multiple of 16, many programs) would
+# otherwise leave the first real prompt (odd M, or one program) to compile a second variant
+# in the middle of serving (seen as vLLM's "JIT compilation during inference" warning, H100)
+@triton.jit(do_not_specialize=["M", "PROGRAMS"])
 def _prefill_gemm(x_desc, w_desc, xs_ptr, rs_ptr, y_ptr, bias_ptr, M, N, K, stride_ym, PROGRAMS,
                   ACT_INT8: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
