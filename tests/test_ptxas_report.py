@@ -1,8 +1,11 @@
 """The SM90 Triton kernels compiled for sm_90a on this machine (no GPU needed:
-benchmarks/tools/ptxas_report.py): the dense GEMM's FP8 tiles must not have their `wgmma`s
-serialized by ptxas (C7514/C7515; the K loop's zero-trip path once did that and cost 7 % at
-M = 128 on an H100, docs/kernels.md), and the detector must see a known serialized kernel (the
-MoE GEMM1's FP8 promotion, C7514), so that a clean report means something.
+benchmarks/tools/ptxas_report.py): the dense GEMM's FP8 tiles, the MoE GEMMs' FP8 prefill tiles
+and the TMA prefill GEMM must not have their `wgmma`s serialized by ptxas (C7514/C7515; the K
+loop's zero-trip path once did that and cost 7 % at M = 128 on an H100, docs/kernels.md, and
+5-9 % on the MoE prefill, docs/moe_kernels.md), the TMA prefill GEMM's FP8 `wgmma`s must stay
+asynchronous (a `wait_group 1` in its loop), and the detector must see a known serialized
+kernel (the MoE GEMM1's per-instruction FP8 promotion at decode tiles, C7514), so that a clean
+report means something.
 
 Needs triton with its NVIDIA backend (it ships ptxas), importable here or in
 ``W4A8_TRITON_INTERPRETER_PATH`` (as for test_triton_interpreted.py); run in a subprocess so
@@ -32,6 +35,10 @@ from w4a8_backend.kernels import triton_w4a8 as tk
 out = []
 for m in (16, 64, 128):
     out.append(pr.dense_gemm(False, tk.pick_config(m, 8192, 8192, False, pr.H100_SMS)))
+for gated in (True, False):  # the MoE prefill tiles (4096 tokens of Qwen3-30B-A3B)
+    bn, bm, warps, stages = pr.mk.pick_config(4096, 4096 * 8, 128, False, gemm2=not gated)
+    out.append(pr.moe_gemm(False, gated, bn, bm, warps, stages))
+out.append(pr.prefill_gemm(False))
 out.append(pr.moe_gemm(False, gated=True))
 print(json.dumps([dict(dataclasses.asdict(r), serialized=r.serialized) for r in out]))
 """
@@ -43,8 +50,9 @@ def test_fp8_dense_tiles_not_serialized_and_detector_sees_moe_promotion():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True,
                           text=True, timeout=600, env=dict(os.environ, PYTHONPATH=path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    *dense, moe1 = json.loads(proc.stdout.strip().splitlines()[-1])
-    for r in dense:
+    *clean, moe1 = json.loads(proc.stdout.strip().splitlines()[-1])
+    for r in clean:
         assert r["registers"] > 0 and r["wgmma"] > 0, r
         assert not r["serialized"], f"ptxas serializes the FP8 tile's wgmmas: {r}"
+    assert 1 in clean[-1]["waits"], f"the TMA prefill GEMM waits for every wgmma: {clean[-1]}"
     assert moe1["serialized"] and "C7514" in moe1["notes"], moe1
