@@ -421,6 +421,35 @@ def drop_stream(api_url: str, max_tokens: int = 200, after: int = 2) -> Outcome:
     return asyncio.run(go())
 
 
+def hang_up(url: str, max_tokens: int, prompt: str = "The lighthouse keeper woke before dawn",
+            timeout: float = 30.0) -> bool:
+    """A non-streamed completion of ``max_tokens`` whose client closes the connection as soon as
+    the engine runs it (``vllm:num_requests_running`` reaches 1), without reading a byte: the
+    API server sees the hang-up at once (its disconnect listener, not a failed write of the next
+    chunk, as for a dropped stream), so the request must be aborted in the engine long before
+    its end. Returns whether the request was seen running before the hang-up."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    with urllib.request.urlopen(url + "/v1/models", timeout=timeout) as r:
+        model = json.loads(r.read())["data"][0]["id"]
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                        "min_tokens": max_tokens, "ignore_eos": True, "temperature": 0}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {parts.hostname}:{parts.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+    try:
+        sock.sendall(head + body)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if read_metrics(url).get("vllm:num_requests_running", 0) >= 1:
+                return True
+            time.sleep(0.005)
+        return False
+    finally:
+        sock.close()
+
+
 def run_load(api_url: str, requests: list[LoadRequest], **kwargs):
     return asyncio.run(run_load_async(api_url, requests, **kwargs))
 

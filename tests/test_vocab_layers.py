@@ -12,6 +12,7 @@ import torch
 from engine import (
     PROMPTS,
     assert_matches_reference,
+    fp32_gemm_batch_invariant,
     greedy_with_logprobs,
     make_llm,
     median_nats_for,
@@ -137,7 +138,11 @@ def test_padded_vocabulary_matches_reference(tmp_path):
             # this random model picks its EOS within 16 steps of a prompt: generate on
             prompt_ids, tokens, logprobs = greedy_with_logprobs(llm, prompt, ignore_eos=True)
             assert max(tokens) < 500
-            assert_matches_reference(reference, prompt_ids, tokens, logprobs, max_nats=0.1,
+            # the quantized head turns one flipped FP8 rounding of the last hidden state into a
+            # shift of every logit: 0.128 nats at one step where the GEMM is not batch-invariant
+            # (AMD EPYC, AVX-512, 2026-11-24)
+            max_nats = 0.1 if fp32_gemm_batch_invariant() else 0.2
+            assert_matches_reference(reference, prompt_ids, tokens, logprobs, max_nats=max_nats,
                                      median_nats=median_nats_for(ckpt))
     finally:
         release(llm)
