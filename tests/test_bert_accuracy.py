@@ -143,16 +143,31 @@ def test_unquantized_engine_matches_sentence_transformers(minilm, texts, engine_
     assert float(cos.min()) > 0.9999, cos
 
 
-@pytest.mark.parametrize("variant", list(FLOORS))
-def test_engine_equals_exact_w4a8_reference(variant, texts, fp8_static, int8_dynamic,
-                                            fp8_static_mixed, engine_embeddings):
+@pytest.fixture(scope="module")
+def reference_distance(texts, fp8_static, int8_dynamic, fp8_static_mixed, engine_embeddings):
+    """``reference_distance(variant)``: 1 - cosine of each sentence's engine embedding to the
+    independent exact W4A8 forward of the same checkpoint (computed once per variant)."""
     from transformers import AutoTokenizer
 
-    path, _, act, scheme = _variants(fp8_static, int8_dynamic, fp8_static_mixed)[variant]
-    model = build_reference_model(path, act_dtype=act, dynamic_scheme=scheme, auto_class="AutoModel")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    reference = E.transformers_embeddings(model, tokenizer, texts, E.check_pooling_config(path))
-    distance = 1 - E.cosines(engine_embeddings[variant], reference)
+    cache = {}
+
+    def distance(variant):
+        if variant not in cache:
+            path, _, act, scheme = _variants(fp8_static, int8_dynamic, fp8_static_mixed)[variant]
+            model = build_reference_model(path, act_dtype=act, dynamic_scheme=scheme,
+                                          auto_class="AutoModel")
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            reference = E.transformers_embeddings(model, tokenizer, texts,
+                                                  E.check_pooling_config(path))
+            cache[variant] = 1 - E.cosines(engine_embeddings[variant], reference)
+        return cache[variant]
+
+    return distance
+
+
+@pytest.mark.parametrize("variant", list(FLOORS))
+def test_engine_equals_exact_w4a8_reference(variant, reference_distance):
+    distance = reference_distance(variant)
     print(f"{variant}: 1 - cosine to the exact reference {distance.tolist()}")
     max_tolerance, mean_tolerance = REFERENCE_TOLERANCE[variant]
     assert float(distance.max()) < max_tolerance, (variant, distance)
@@ -162,27 +177,19 @@ def test_engine_equals_exact_w4a8_reference(variant, texts, fp8_static, int8_dyn
 # Not with layers left unquantized: their float32 GEMMs round differently from transformers' and
 # feed every later activation quantization slightly different inputs.
 @pytest.mark.parametrize("variant", [v for v in FLOORS if v != "fp8_static_mixed"])
-def test_engine_bit_equal_to_reference_on_some_sentences(variant, texts, fp8_static,
-                                                         int8_dynamic, fp8_static_mixed,
-                                                         engine_embeddings):
+def test_engine_bit_equal_to_reference_on_some_sentences(variant, reference_distance):
     """The same function, not merely a close one: some sentences meet no rounding flip at all
     and come out bit-equal. That needs float32 GEMMs that give the engine's rows the bits the
     reference's batches get; where this machine's do not (measured: ``engine.
     fp32_gemm_batch_invariant``), every activation quantization sees last-bit differences and
     bit equality is not a property the engine can have, so the test says so and skips."""
-    from transformers import AutoTokenizer
-
     from engine import fp32_gemm_batch_invariant
 
     if not fp32_gemm_batch_invariant():
         pytest.skip("this machine's float32 GEMM is not batch-invariant (a row alone differs in "
                     "the last bits from the same row in a batch), so no sentence can be "
                     "bit-equal; the tolerance test above still holds the engine to the reference")
-    path, _, act, scheme = _variants(fp8_static, int8_dynamic, fp8_static_mixed)[variant]
-    model = build_reference_model(path, act_dtype=act, dynamic_scheme=scheme, auto_class="AutoModel")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    reference = E.transformers_embeddings(model, tokenizer, texts, E.check_pooling_config(path))
-    distance = 1 - E.cosines(engine_embeddings[variant], reference)
+    distance = reference_distance(variant)
     assert int((distance.abs() < 1e-9).sum()) >= 2, (variant, distance)
 
 
