@@ -347,7 +347,8 @@ def cuda_parts(timer, kern, layer, x, tw, ti):
     w13, w2 = _cuda_weights(kern._weights(layer, "w13")), _cuda_weights(kern._weights(layer, "w2"))
     q1, xs1 = cuda_quantize(lib, x, act_int8, int(cfg.w13_scheme), s1)
     out = torch.empty((t, h), dtype=torch.bfloat16, device="cuda")
-    plan2 = mc.gemm2_plan(lib, 0, t, top_k, h, i, act_int8, cfg.w2_scheme == S)
+    plan2 = mc.gemm2_plan(lib, 0, t, top_k, h, i, act_int8, cfg.w2_scheme == S,
+                          w2.corr_blocks.numel() > 0)
     fused = plan2.fused_h
     common = dict(num_experts=e, act_int8=act_int8, pdl=True)
     q_dtype = torch.int8 if act_int8 else torch.float8_e4m3fn

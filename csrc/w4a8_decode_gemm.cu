@@ -226,6 +226,12 @@ __device__ __forceinline__ void cp_async16_evict_first(void* dst, const void* sr
 __device__ __forceinline__ void cp_async8(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(dst)), "l"(src));
 }
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
@@ -779,11 +785,27 @@ __host__ __device__ constexpr int x_step_bytes() { return 4 * x_group_stride<kIn
 // up to 256). FP8: 37 KB.
 constexpr int kMoeMaxStagedK = 16384;
 
-// dynamic shared memory of a MoE launch config: the weight rings and `staged_steps` staged K
-// steps
-template <bool kInt8, int kWarps, int kStages>
-constexpr int moe_smem_bytes(int staged_steps) {
-  return kWarps * kStages * kStageBytes + staged_steps * x_step_bytes<kInt8>();
+// INT8 GEMM2's out-of-range blocks, brought to shared memory while the main loop runs. Read in
+// the epilogue, they were two dependent memory latencies at the end of every CTA with a block
+// (INT8 weights always have some; ~a third of GEMM2's CTAs at Qwen3-30B-A3B, one token: 1.8 us
+// of its 9.7 us on an H100). At the end of the dynamic shared memory of those launches only,
+// so that the others keep their occupancy: the first block (index, 32 values) of up to
+// kCorrSlots rows, then the 17 CSR entries of the CTA's 16 rows per group. GEMM1 (few blocks
+// per CTA, many CTAs) and FP8 (its 12-binade windows leave few blocks) keep the epilogue loads:
+// staging them too cost GEMM1 2 us at 4 tokens.
+constexpr int kCorrSlots = 4;
+constexpr int kCorrRpPitch = 17;
+constexpr int kCorrSmemBytes =
+    (kCorrSlots * 32 + kCorrSlots + kMoeMaxGroups * kCorrRpPitch) * 4;
+template <bool kInt8, bool kGated>
+constexpr bool kStagedCorr = kInt8 && !kGated;
+
+// dynamic shared memory of a MoE launch config: the weight rings, `staged_steps` staged K
+// steps and, where the blocks are staged and the weight has some, their area
+template <bool kInt8, bool kGated, int kWarps, int kStages>
+constexpr int moe_smem_bytes(int staged_steps, bool corr) {
+  return kWarps * kStages * kStageBytes + staged_steps * x_step_bytes<kInt8>() +
+         (corr && kStagedCorr<kInt8, kGated> ? kCorrSmemBytes : 0);
 }
 
 // The staged activations of the MX block at K index k0 (a multiple of 32, so the block lies in
@@ -1057,6 +1079,56 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
     }
   };
 
+  // INT8 GEMM2's out-of-range blocks (kCorrSmemBytes above). Warp 0's lane r + 16 * half sums
+  // row r's blocks of groups 2j + half in the epilogue. The CSR entries are weights, like the
+  // copies below: copied now, in the ring's first group; the first blocks once those landed.
+  constexpr bool kStaged = kStagedCorr<kInt8, kGated>;
+  const bool has_corr = args.corr_row_ptr != nullptr;
+  const int corr_half = lane >> 4;
+  float* c_val = nullptr;  // [kCorrSlots][32]
+  int* c_blk = nullptr;    // [kCorrSlots]
+  int* c_rp = nullptr;     // [groups][kCorrRpPitch]
+  if (kStaged && has_corr) {
+    uint32_t dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    c_val = reinterpret_cast<float*>(ring_all + dyn - kCorrSmemBytes);
+    c_blk = reinterpret_cast<int*>(c_val + kCorrSlots * 32);
+    c_rp = c_blk + kCorrSlots;
+    if (warp == 0 && lane <= 16) {
+      for (int grp = 0; grp < groups; ++grp)
+        cp_async4(&c_rp[grp * kCorrRpPitch + lane], args.corr_row_ptr + s_row[grp] + col0 + lane);
+    }
+  }
+  // [first, end) of MMA row r's blocks in group grp
+  auto corr_bounds = [&](int grp, int r) {
+    const int* e = c_rp + grp * kCorrRpPitch + r;
+    return make_int2(e[0], e[1]);
+  };
+  // this lane's first block (-1: none) and its staging slot (kCorrSlots: not staged)
+  auto first_block = [&](int& slot) {
+    int b = -1;
+    for (int grp = corr_half; grp < groups; grp += 2) {
+      const int2 bounds = corr_bounds(grp, lane & 15);
+      if (bounds.x < bounds.y) {
+        b = bounds.x;
+        break;
+      }
+    }
+    const uint32_t mask = __ballot_sync(0xffffffffu, b >= 0);
+    slot = min(__popc(mask & ((1u << lane) - 1u)), kCorrSlots);
+    return b;
+  };
+  auto stage_first_blocks = [&]() {
+    int slot;
+    const int b = first_block(slot);
+    if (b >= 0 && slot < kCorrSlots) {
+      cp_async4(&c_blk[slot], args.corr_blocks + b);
+#pragma unroll
+      for (int q = 0; q < 8; ++q)
+        cp_async16(&c_val[slot * 32 + 4 * q], args.corr_values + size_t(b) * 32 + 4 * q);
+    }
+  };
+
   // The weights do not depend on the previous kernel: start their copies before waiting.
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {
@@ -1206,8 +1278,16 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
       r.tb = st[kStageWeights + kStageCodes + g + 8];
     }
     consume(it, r);
+    // (warp 0: the CSR entries came with the ring's first group, and __syncwarp above made
+    // every lane's visible; these copies join the next group, or the one committed below)
+    if (kStaged && has_corr && it == 0) stage_first_blocks();
   }
-  cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
+  // No copy may still target shared memory when the CTA exits. The commit takes in the staged
+  // blocks' copies when they came after the loop's last commit (warp 0's first item was its
+  // last): wait_group 0 alone does not wait for uncommitted copies (an illegal-instruction
+  // fault on an H100).
+  if constexpr (kStaged) cp_async_commit();
+  cp_async_wait<0>();
 
   if (t == 0) {
     partial[warp][g] = acc_lo;
@@ -1219,7 +1299,42 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
   float v = 0.f;
 #pragma unroll
   for (int w = 0; w < kWarps; ++w) v += partial[w][r];
-  if (args.corr_row_ptr != nullptr) {
+  if (kStaged && has_corr) {
+    // Out-of-range blocks of row r, groups 2j + half; the first one from its staging slot
+    int slot;
+    const int b_staged = first_block(slot);
+    float corr = 0.f;
+    for (int grp = corr_half; grp < groups; grp += 2) {
+      const int2 bounds = corr_bounds(grp, r);
+      if (bounds.x == bounds.y) continue;
+      float dot = 0.f;
+      for (int b = bounds.x; b < bounds.y; ++b) {
+        const bool staged = b == b_staged && slot < kCorrSlots;
+        const int k0 = 32 * (staged ? c_blk[slot] : args.corr_blocks[b]);
+        const float* val = staged ? c_val + slot * 32 : args.corr_values + size_t(b) * 32;
+        const auto act = [&]() {
+          if constexpr (kStageX) {
+            return staged_block<kInt8>(x_staged, grp * steps, k0);
+          } else {
+            const uint8_t* xa =
+                static_cast<const uint8_t*>(args.a) + size_t(s_arow[grp]) * args.lda + k0;
+            return [xa](int e) { return act_value<kInt8>(xa[e]); };
+          }
+        }();
+#pragma unroll  // all loads of a block in flight at once
+        for (int q = 0; q < 8; ++q) {
+          const float4 w4 = reinterpret_cast<const float4*>(val)[q];
+          dot = fmaf(w4.x, act(4 * q), dot);
+          dot = fmaf(w4.y, act(4 * q + 1), dot);
+          dot = fmaf(w4.z, act(4 * q + 2), dot);
+          dot = fmaf(w4.w, act(4 * q + 3), dot);
+        }
+      }
+      corr = fmaf(dot, factor(grp), corr);
+    }
+    v += corr + __shfl_xor_sync(0xffffffffu, corr, 16);
+  }
+  if (!kStaged && has_corr) {
     // Out-of-range blocks of row r: group 2j + half, the CSR bounds of all groups loaded first
     // (independent loads, one latency instead of one per group).
     constexpr int kPerHalf = kGated ? 1 : kMoeMaxGroups / 2;
@@ -1342,14 +1457,16 @@ template <bool kInt8, bool kGated, bool kStageX, int kWarps, int kStages>
 cudaError_t launch_moe(const MoeArgs& args, dim3 grid, int staged_steps, bool pdl,
                        cudaStream_t stream) {
   auto kernel = moe_decode_kernel<kInt8, kGated, kStageX, kWarps, kStages>;
-  constexpr int kSmemMax = moe_smem_bytes<kInt8, kWarps, kStages>(kMoeMaxStagedK / kStepK);
+  constexpr int kSmemMax =
+      moe_smem_bytes<kInt8, kGated, kWarps, kStages>(kMoeMaxStagedK / kStepK, true);
   static const cudaError_t attr_status =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemMax);
   if (attr_status != cudaSuccess) return attr_status;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(kWarps * 32, 1, 1);
-  cfg.dynamicSmemBytes = moe_smem_bytes<kInt8, kWarps, kStages>(staged_steps);
+  cfg.dynamicSmemBytes =
+      moe_smem_bytes<kInt8, kGated, kWarps, kStages>(staged_steps, args.corr_row_ptr != nullptr);
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -1376,22 +1493,25 @@ cudaError_t pick_moe_config(int warps, int stages, const MoeArgs& args, dim3 gri
 // How many CTAs of a launch config with `staged_steps` staged K steps fit on one SM
 // (registers, shared memory, warps)
 template <bool kInt8, bool kGated, bool kStageX, int kWarps, int kStages>
-cudaError_t moe_occupancy(int staged_steps, int* blocks) {
+cudaError_t moe_occupancy(int staged_steps, bool corr, int* blocks) {
   auto kernel = moe_decode_kernel<kInt8, kGated, kStageX, kWarps, kStages>;
   // the same attribute as launch_moe sets (the query may come first)
-  constexpr int kSmemMax = moe_smem_bytes<kInt8, kWarps, kStages>(kMoeMaxStagedK / kStepK);
+  constexpr int kSmemMax =
+      moe_smem_bytes<kInt8, kGated, kWarps, kStages>(kMoeMaxStagedK / kStepK, true);
   const cudaError_t st =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemMax);
   if (st != cudaSuccess) return st;
   return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      blocks, kernel, kWarps * 32, moe_smem_bytes<kInt8, kWarps, kStages>(staged_steps));
+      blocks, kernel, kWarps * 32,
+      moe_smem_bytes<kInt8, kGated, kWarps, kStages>(staged_steps, corr));
 }
 
 template <bool kInt8, bool kGated, bool kStageX>
-cudaError_t pick_moe_occupancy(int warps, int stages, int staged_steps, int* blocks) {
+cudaError_t pick_moe_occupancy(int warps, int stages, int staged_steps, bool corr,
+                               int* blocks) {
 #define W4A8_MOE_OCC(W, D)                                                                \
   if (warps == W && stages == D)                                                          \
-    return moe_occupancy<kInt8, kGated, kStageX, W, D>(staged_steps, blocks);
+    return moe_occupancy<kInt8, kGated, kStageX, W, D>(staged_steps, corr, blocks);
   W4A8_MOE_OCC(4, 2)
   W4A8_MOE_OCC(8, 2)
   W4A8_MOE_OCC(12, 2)
@@ -1517,16 +1637,18 @@ int w4a8_quant_act_grid(const void* x, int ldx, void* q, void* partials, void* s
 
 // How many CTAs of a MoE decode GEMM launch config fit on one SM at once, into *blocks (the
 // host's GEMM2 warp rule). staged_steps: the 256-wide K steps of activations it stages (GEMM1:
-// its row's; GEMM2: top_k x its rows', or 0 when it does not stage). Returns a cudaError_t code.
+// its row's; GEMM2: top_k x its rows', or 0 when it does not stage); corr: its weight has
+// out-of-range blocks (their staging area). Returns a cudaError_t code.
 int w4a8_moe_blocks_per_sm(int act_int8, int gated, int warps, int stages, int staged_steps,
-                           int* blocks) {
+                           int corr, int* blocks) {
   if (staged_steps < (gated ? 1 : 0) || staged_steps * kStepK > kMoeMaxStagedK)
     return int(cudaErrorInvalidValue);
   const int ss = staged_steps;
+  const bool c = corr != 0;
 #define W4A8_MOE_OCC_PICK(INT8)                                                        \
-  if (gated) return int(pick_moe_occupancy<INT8, true, true>(warps, stages, ss, blocks)); \
-  if (ss > 0) return int(pick_moe_occupancy<INT8, false, true>(warps, stages, ss, blocks)); \
-  return int(pick_moe_occupancy<INT8, false, false>(warps, stages, ss, blocks));
+  if (gated) return int(pick_moe_occupancy<INT8, true, true>(warps, stages, ss, c, blocks)); \
+  if (ss > 0) return int(pick_moe_occupancy<INT8, false, true>(warps, stages, ss, c, blocks)); \
+  return int(pick_moe_occupancy<INT8, false, false>(warps, stages, ss, c, blocks));
   if (act_int8) {
     W4A8_MOE_OCC_PICK(true)
   }

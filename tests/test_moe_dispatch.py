@@ -98,22 +98,24 @@ def test_gemm2_staging_and_fused_intermediate_quantization_rules():
     (2, 8, 768, True, (False, True, 12, 2), 24),     # static above one token: staged
     (1, 4, 2880, False, (False, False, 12, 2), 0),   # gpt-oss-20b: neither
 ])
-def test_gemm2_plan(tokens, top_k, inter, static_h, plan, steps, monkeypatch):
+@pytest.mark.parametrize("corrections", [False, True])
+def test_gemm2_plan(tokens, top_k, inter, static_h, plan, steps, corrections, monkeypatch):
     """The plan moe_forward and the benchmark share: the rules above, and the occupancy query
-    asked with the shared memory the staged rows take."""
+    asked with the shared memory the staged rows (and out-of-range blocks) take."""
     from w4a8_backend.kernels import _sm90_moe_cuda as mc
 
     asked = []
 
     class Lib:
-        def moe_blocks_per_sm(self, act_int8, gated, warps, stages, staged_steps):
-            asked.append((gated, staged_steps))
+        def moe_blocks_per_sm(self, act_int8, gated, warps, stages, staged_steps, corr):
+            asked.append((gated, staged_steps, corr))
             return {16: 1, 12: 2}.get(warps, 3)
 
     monkeypatch.setattr(mc, "_num_sms", lambda index: 132)
     hidden = 2048 if inter == 768 else 2880
-    assert mc.gemm2_plan(Lib(), 0, tokens, top_k, hidden, inter, True, static_h) == plan
-    assert asked and all(a == (False, steps) for a in asked)
+    assert mc.gemm2_plan(Lib(), 0, tokens, top_k, hidden, inter, True, static_h,
+                         corrections) == plan
+    assert asked and all(a == (False, steps, corrections) for a in asked)
 
 
 @pytest.mark.parametrize("hidden,tokens,per_sm,warps", [

@@ -205,7 +205,7 @@ class DecodeGemmLib:
         self._lib.w4a8_quant_act_grid.restype = i
         self._lib.w4a8_moe_decode_gemm.argtypes = [p] * 14 + [i] * 21 + [p]
         self._lib.w4a8_moe_decode_gemm.restype = i
-        self._lib.w4a8_moe_blocks_per_sm.argtypes = [i, i, i, i, i, ctypes.POINTER(i)]
+        self._lib.w4a8_moe_blocks_per_sm.argtypes = [i, i, i, i, i, i, ctypes.POINTER(i)]
         self._lib.w4a8_moe_blocks_per_sm.restype = i
         self._lib.w4a8_error_string.argtypes = [i]
         self._lib.w4a8_error_string.restype = ctypes.c_char_p
@@ -260,12 +260,14 @@ class DecodeGemmLib:
 
     @functools.lru_cache(maxsize=None)  # noqa: B019 (one library object per process)
     def moe_blocks_per_sm(self, act_int8: bool, gated: bool, warps: int, stages: int,
-                          staged_steps: int) -> int:
+                          staged_steps: int, corrections: bool) -> int:
         """CTAs of one MoE decode GEMM launch config that fit on an SM at once, staging
-        ``staged_steps`` 256-wide K steps of activations (GEMM2: top_k x steps of h)."""
+        ``staged_steps`` 256-wide K steps of activations (GEMM2: top_k x steps of h), with the
+        staging area of out-of-range blocks if the weight has ``corrections``."""
         blocks = ctypes.c_int(0)
         self._check(self._lib.w4a8_moe_blocks_per_sm(int(act_int8), int(gated), warps, stages,
-                                                     staged_steps, ctypes.byref(blocks)),
+                                                     staged_steps, int(corrections),
+                                                     ctypes.byref(blocks)),
                     "MoE GEMM occupancy query")
         return blocks.value
 

@@ -121,13 +121,16 @@ class Gemm2Plan(NamedTuple):
 
 
 def gemm2_plan(lib: _cuda_ext.DecodeGemmLib, device_index: int, tokens: int, top_k: int,
-               hidden: int, inter: int, act_int8: bool, static_h: bool) -> Gemm2Plan:
-    """How GEMM2 runs for a call (moe_forward's, and the benchmark's per-launch timing)."""
+               hidden: int, inter: int, act_int8: bool, static_h: bool,
+               corrections: bool) -> Gemm2Plan:
+    """How GEMM2 runs for a call (moe_forward's, and the benchmark's per-launch timing);
+    ``corrections``: the down projection has out-of-range blocks (their staging area takes
+    shared memory)."""
     staged = stage_gemm2(tokens, top_k, inter, static_h)
     steps = staged_steps(inter, top_k) if staged else 0
     warps, stages = gemm2_config(
         hidden, tokens, _num_sms(device_index),
-        lambda w: lib.moe_blocks_per_sm(act_int8, False, w, 2, steps))
+        lambda w: lib.moe_blocks_per_sm(act_int8, False, w, 2, steps, corrections))
     return Gemm2Plan(not static_h and fuse_h_quantization(top_k, inter), staged, warps, stages)
 
 
@@ -160,7 +163,8 @@ def moe_forward(
     top_k = topk_ids.shape[1]
     w1, s1 = GEMM1_CONFIG
     static2 = scheme2 == int(ActivationScheme.STATIC_PER_TENSOR)
-    plan2 = gemm2_plan(lib, dev.index or 0, t, top_k, hidden, inter, act_int8, static2)
+    plan2 = gemm2_plan(lib, dev.index or 0, t, top_k, hidden, inter, act_int8, static2,
+                       w2.corr_blocks.numel() > 0)
     fused = plan2.fused_h
 
     weights = topk_weights
