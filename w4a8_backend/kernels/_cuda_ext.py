@@ -189,6 +189,21 @@ class MoeWeights(NamedTuple):
     corr_values: torch.Tensor  # float32 [B, 32]
 
 
+# The library's C functions (extern "C" in the source): name -> (parameter kinds, return
+# kind); "p" a pointer, "i" an int, "pi" an int pointer, "s" a C string. tests/test_cuda_abi.py
+# checks this against the source, so that the two cannot drift apart unnoticed.
+C_FUNCTIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "w4a8_error_string": (("i",), "s"),
+    "w4a8_decode_gemm": (("p",) * 10 + ("i",) * 12 + ("p",), "i"),
+    "w4a8_quant_act": (("p", "i", "p", "p", "p", "i", "i", "i", "i", "i", "p"), "i"),
+    "w4a8_quant_act_grid": (("p", "i", "p", "p", "p", "i", "i", "i", "i", "i", "i", "p"), "i"),
+    "w4a8_moe_decode_gemm": (("p",) * 14 + ("i",) * 21 + ("p",), "i"),
+    "w4a8_moe_blocks_per_sm": (("i",) * 6 + ("pi",), "i"),
+}
+_CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int, "pi": ctypes.POINTER(ctypes.c_int),
+           "s": ctypes.c_char_p}
+
+
 class DecodeGemmLib:
     """The loaded library: launches on the current torch CUDA stream, raises on launch errors."""
 
@@ -196,19 +211,10 @@ class DecodeGemmLib:
         self.path = path
         self.capability = capability
         self._lib = ctypes.CDLL(str(path))
-        p, i = ctypes.c_void_p, ctypes.c_int
-        self._lib.w4a8_decode_gemm.argtypes = [p] * 10 + [i] * 12 + [p]
-        self._lib.w4a8_decode_gemm.restype = i
-        self._lib.w4a8_quant_act.argtypes = [p, i, p, p, p, i, i, i, i, i, p]
-        self._lib.w4a8_quant_act.restype = i
-        self._lib.w4a8_quant_act_grid.argtypes = [p, i, p, p, p, i, i, i, i, i, i, p]
-        self._lib.w4a8_quant_act_grid.restype = i
-        self._lib.w4a8_moe_decode_gemm.argtypes = [p] * 14 + [i] * 21 + [p]
-        self._lib.w4a8_moe_decode_gemm.restype = i
-        self._lib.w4a8_moe_blocks_per_sm.argtypes = [i, i, i, i, i, i, ctypes.POINTER(i)]
-        self._lib.w4a8_moe_blocks_per_sm.restype = i
-        self._lib.w4a8_error_string.argtypes = [i]
-        self._lib.w4a8_error_string.restype = ctypes.c_char_p
+        for name, (params, ret) in C_FUNCTIONS.items():
+            fn = getattr(self._lib, name)
+            fn.argtypes = [_CTYPES[k] for k in params]
+            fn.restype = _CTYPES[ret]
 
     def _check(self, code: int, what: str) -> None:
         if code != 0:
