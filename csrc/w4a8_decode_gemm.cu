@@ -1299,6 +1299,16 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
   float v = 0.f;
 #pragma unroll
   for (int w = 0; w < kWarps; ++w) v += partial[w][r];
+  // the activations of group grp's MX block at K index k0: an accessor of its 32 values
+  auto block_act = [&](int grp, int k0) {
+    if constexpr (kStageX) {
+      return staged_block<kInt8>(x_staged, grp * steps, k0);
+    } else {
+      const uint8_t* xa =
+          static_cast<const uint8_t*>(args.a) + size_t(s_arow[grp]) * args.lda + k0;
+      return [xa](int e) { return act_value<kInt8>(xa[e]); };
+    }
+  };
   if (kStaged && has_corr) {
     // Out-of-range blocks of row r, groups 2j + half; the first one from its staging slot
     int slot;
@@ -1312,15 +1322,7 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
         const bool staged = b == b_staged && slot < kCorrSlots;
         const int k0 = 32 * (staged ? c_blk[slot] : args.corr_blocks[b]);
         const float* val = staged ? c_val + slot * 32 : args.corr_values + size_t(b) * 32;
-        const auto act = [&]() {
-          if constexpr (kStageX) {
-            return staged_block<kInt8>(x_staged, grp * steps, k0);
-          } else {
-            const uint8_t* xa =
-                static_cast<const uint8_t*>(args.a) + size_t(s_arow[grp]) * args.lda + k0;
-            return [xa](int e) { return act_value<kInt8>(xa[e]); };
-          }
-        }();
+        const auto act = block_act(grp, k0);
 #pragma unroll  // all loads of a block in flight at once
         for (int q = 0; q < 8; ++q) {
           const float4 w4 = reinterpret_cast<const float4*>(val)[q];
@@ -1356,15 +1358,8 @@ __global__ void __launch_bounds__(kWarps * 32) moe_decode_kernel(const MoeArgs a
       if (b_first[j] == b_end[j]) continue;
       const int grp = 2 * j + half;
       const Corrections table = {args.corr_row_ptr, args.corr_blocks, args.corr_values};
-      const float dot = correction_dot(table, b_first[j], b_end[j], [&](int k0) {
-        if constexpr (kStageX) {
-          return staged_block<kInt8>(x_staged, grp * steps, k0);
-        } else {
-          const uint8_t* xa =
-              static_cast<const uint8_t*>(args.a) + size_t(s_arow[grp]) * args.lda + k0;
-          return [xa](int e) { return act_value<kInt8>(xa[e]); };
-        }
-      });
+      const float dot = correction_dot(table, b_first[j], b_end[j],
+                                       [&](int k0) { return block_act(grp, k0); });
       corr = fmaf(dot, factor(grp), corr);
     }
     v += corr + __shfl_xor_sync(0xffffffffu, corr, 16);
