@@ -531,7 +531,9 @@ def sweep_cuda(timer, log):
 
                 lib = _cuda_ext.load(90)
                 y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-                default = sm90_triton.CUDA_DECODE_CONFIG
+                rule = sm90_triton.cuda_decode_config
+                default = rule(layer.weight.shape[0], torch.cuda.get_device_properties(0)
+                               .multi_processor_count)
                 try:
                     for cfg in CUDA_DECODE_CONFIGS:
                         res[f"cuda_gemm{cfg}"] = round(timer.time_us(
@@ -539,12 +541,12 @@ def sweep_cuda(timer, log):
                                 q, xs, layer.weight, layer.weight_scale, layer.w4a8_row_scale,
                                 None, y, i8, False, *cfg, False)), 2)
                         # the whole op (quantization + GEMM with PDL) with this config
-                        sm90_triton.CUDA_DECODE_CONFIG = cfg
+                        sm90_triton.cuda_decode_config = lambda n_pad, sms, cfg=cfg: cfg
                         kern.decode_cuda = True
                         res[f"op_cuda{cfg}"] = round(timer.time_us(
                             lambda: kern.apply(layer, x, None)), 2)
                 finally:
-                    sm90_triton.CUDA_DECODE_CONFIG = default
+                    sm90_triton.cuda_decode_config = rule
                 kern.decode_cuda = False
                 res["op_triton"] = round(timer.time_us(lambda: kern.apply(layer, x, None)), 2)
                 res["default_config"] = list(default)

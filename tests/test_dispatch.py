@@ -240,3 +240,21 @@ def test_sm90_fraction_settings_name_the_variable(monkeypatch):
     monkeypatch.setenv(name, "one percent")
     with pytest.raises(ValueError, match=name):
         sm90_triton._env_fraction(name, 0.25)
+
+
+@pytest.mark.parametrize("n_pad, sms, expected_warps", [
+    (4096, 132, 8),    # 256 CTAs x 4 warps = 7.8 warps per SM: the small-grid config
+    (6144, 132, 4),    # 384 CTAs: 11.6 warps per SM at 4 warps per CTA
+    (8192, 132, 4),
+    (28672, 132, 4),
+    (4096, 100, 4),    # the same weight fills a GPU of fewer SMs
+    (2048, 132, 8),
+])
+def test_cuda_decode_config_fills_small_grids(n_pad, sms, expected_warps):
+    """The CUDA decode GEMM has one CTA per 16 weight rows: a weight with too few rows to give
+    every SM CUDA_DECODE_MIN_WARPS_PER_SM warps at 4 warps per CTA gets 8 per CTA."""
+    from w4a8_backend.kernels import sm90_triton
+
+    warps, stages = sm90_triton.cuda_decode_config(n_pad, sms)
+    assert (warps, stages) == ((8, 2) if expected_warps == 8 else sm90_triton.CUDA_DECODE_CONFIG)
+    assert warps == expected_warps

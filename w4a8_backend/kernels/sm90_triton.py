@@ -67,10 +67,15 @@ DECODE_KERNEL_CHOICES = ("auto", "cuda", "triton")
 # at every M <= 16.
 CUDA_DECODE_MAX_M = {False: 8, True: 16}
 # (warps per CTA, cp.async stages per warp) of the CUDA decode kernel; one CTA per 16 rows, its
-# warps split K. (4, 2) was the fastest or within 10% of it at every measured shape and M (H100,
-# bench_linear --sweep-cuda): the kernel is bound by latency at low occupancy, so more warps beat
-# deeper copy rings.
+# warps split K. The kernel is bound by latency at low occupancy, so more warps beat deeper copy
+# rings (H100, bench_linear --sweep-cuda; 3 stages measured no better again after the L2
+# evict_first copies, benchmarks/results/sweep_cuda_ring_depth_h100_20261125_0344.jsonl).
+# CUDA_DECODE_CONFIG serves grids of at least CUDA_DECODE_MIN_WARPS_PER_SM warps per SM; smaller
+# grids (N <= 4096 on 132 SMs) take CUDA_DECODE_SMALL_GRID_CONFIG, whose twice as many warps
+# per CTA fill the SMs (see cuda_decode_config).
 CUDA_DECODE_CONFIG = (4, 2)
+CUDA_DECODE_SMALL_GRID_CONFIG = (8, 2)
+CUDA_DECODE_MIN_WARPS_PER_SM = 8
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
@@ -140,6 +145,17 @@ def cuda_decode_max_m(act_int8: bool) -> int:
     return CUDA_DECODE_MAX_M[act_int8]
 
 
+def cuda_decode_config(n_pad: int, sms: int) -> tuple[int, int]:
+    """(warps, stages) of the CUDA decode GEMM for a weight of ``n_pad`` (padded) rows on a GPU
+    of ``sms`` SMs: one CTA per 16 rows, so a grid that would hold fewer than
+    CUDA_DECODE_MIN_WARPS_PER_SM warps per SM at CUDA_DECODE_CONFIG's warps takes the
+    small-grid config instead."""
+    warps = CUDA_DECODE_CONFIG[0]
+    if (n_pad // 16) * warps < CUDA_DECODE_MIN_WARPS_PER_SM * sms:
+        return CUDA_DECODE_SMALL_GRID_CONFIG
+    return CUDA_DECODE_CONFIG
+
+
 # A dynamic per-tensor amax of at most this many elements is taken by one CTA of the quantization
 # kernel; larger inputs are quantized by the grid kernel (every SM takes part of the amax, then a
 # grid sync), also one launch. The grid kernel releases the GEMM (PDL) once the amax is known
@@ -202,6 +218,7 @@ def cuda_decode(x2: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
     (Callers pick M <= cuda_decode_max_m; the kernel itself takes any M <= 16.)"""
     from . import _cuda_ext
     from . import triton_w4a8 as tk
+    from .triton_w4a8 import num_sms
 
     dev = x2.device
     capability = _capability(dev.index or 0)
@@ -212,7 +229,7 @@ def cuda_decode(x2: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
     y = torch.empty((m, n), dtype=out_dtype, device=dev)
     if tk.POISON_OUTPUTS:
         y.fill_(float("nan"))
-    warps, stages = config or CUDA_DECODE_CONFIG
+    warps, stages = config or cuda_decode_config(packed.shape[0], num_sms(dev.index or 0))
     per_token = scheme == int(ActivationScheme.DYNAMIC_PER_TOKEN)
     lib.gemm(q, s_out, packed, codes, row_scale, bias, y, act_int8, per_token, warps, stages,
              pdl=capability >= 90, corr=corr)
