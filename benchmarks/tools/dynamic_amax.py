@@ -65,7 +65,7 @@ def quant_variants(lib, x):
         amax = torch.linalg.vector_norm(x, float("inf")).reshape(1)
         block = tk.triton.next_power_of_2(k) if k <= 16384 else 4096
         tk._quant_act[(m,)](x, q, amax, s_out, k, x.stride(0), 1, ACT_INT8=False, MODE=2,
-                            ONE_PASS=k <= 16384, BLOCK=block, PART_P2=1,
+                            ONE_PASS=k <= 16384, BLOCK=block, PART_P2=1, PDL=False,
                             num_warps=8 if block >= 4096 else 4)
 
     def cuda_vector_norm():

@@ -99,14 +99,17 @@ def _compile(fn, types: dict, const: dict, warps: int, stages: int, name: str) -
 
 
 def dense_gemm(act_int8: bool, config: tuple, dense: bool = False) -> Report:
-    """`_w4a8_gemm` at ``config`` = (BN, BM, BK, split_k, warps, stages), per-tensor scale."""
+    """`_w4a8_gemm` at ``config`` = (BN, BM, BK, split_k, warps, stages), per-tensor scale, with
+    the PDL wait where sm_90 launches it so (``w4a8_gemm``'s rule)."""
+    pdl = not dense and not act_int8 and config[1] >= tk.PDL_MIN_BM
     bn, bm, bk, split, warps, stages = config
     act = "*i8" if act_int8 else "*fp8e4nv"
     types = {"x_ptr": act, "xs_ptr": "*fp32", "w_ptr": act if dense else "*u8", "c_ptr": "*u8",
              "rs_ptr": "*u8" if act_int8 else "*fp32", "y_ptr": "*bf16", "bias_ptr": "*bf16",
              "ws_ptr": "*fp32", "cnt_ptr": "*i32", "lut_ptr": "*i32"}
     const = dict(ACT_INT8=act_int8, PER_TOKEN=False, HAS_BIAS=False, W_DENSE=dense,
-                 ROW_REF=False, SPLIT_K=split, DECODE_LUT=True, BN=bn, BM=bm, BK=bk)
+                 ROW_REF=False, SPLIT_K=split, DECODE_LUT=True, BN=bn, BM=bm, BK=bk,
+                 PDL=pdl)
     return _compile(tk._w4a8_gemm, types, const, warps, stages,
                     "dense materialized" if dense else "dense fused")
 

@@ -394,6 +394,47 @@ def check_graph_replay(kern, layer, m, k, g, reference):
         assert rel_err(y_graph, reference(x)) <= REL_TOL
 
 
+def test_pdl_launch_gives_the_same_bytes(monkeypatch):
+    """The fused Triton GEMM launched with PDL (FP8 tiles of >= PDL_MIN_BM tokens: it waits for
+    the quantization's writes at its start) computes exactly what the plain launch computes:
+    split-K tiles, M below and above the rule, eager and replayed in a CUDA graph (a captured
+    PDL edge), on the op's Triton path."""
+    from w4a8_backend.kernels import sm90_triton, triton_w4a8
+
+    if not triton_w4a8.pdl_enabled(torch.device("cuda")):
+        pytest.skip("PDL needs sm_90 or newer")
+    monkeypatch.setattr(sm90_triton, "CUDA_DECODE_MAX_M", {False: 0, True: 0})  # Triton path
+    act = FP8
+    g = _gen(23)
+    n, k = 4096, 8192
+    packed, scale = make_weight(n, k, g, extreme=True)
+    kern = make_kernel(act, ActivationScheme.DYNAMIC_PER_TOKEN, n, k)
+    layer = make_layer(packed, scale)
+    kern.process_weights_after_loading(layer)
+    for m in (16, 64, 128):
+        x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+        outs = {}
+        for pdl in (False, True):
+            monkeypatch.setattr(triton_w4a8, "PDL", pdl)
+            outs[pdl] = kern.apply(layer, x, None)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                kern.apply(layer, x, None)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y_graph = kern.apply(layer, x, None)
+            y_graph.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(y_graph, outs[pdl]), (m, pdl)
+        assert torch.equal(outs[True], outs[False]), m
+        assert rel_err(outs[True], reference_linear(
+            x, packed, scale, act, ActivationScheme.DYNAMIC_PER_TOKEN)) <= REL_TOL
+    assert int(layer.w4a8_counters.abs().sum()) == 0
+
+
 @pytest.mark.parametrize("act,prefill_m", [(FP8, None), (INT8, 1)],
                          ids=["fp8", "int8_prefill_rows"])
 def test_custom_op_opcheck_and_compile(monkeypatch, act, prefill_m):

@@ -357,7 +357,7 @@ def quantize_h(h: torch.Tensor, act_int8: bool, scheme: int, input_scale, amax: 
     one_pass = k <= 16384
     block = triton.next_power_of_2(k) if one_pass else 4096
     tk._quant_act[(m,)](h, q, s_in, s_out, k, h.stride(0), 1, ACT_INT8=act_int8, MODE=scheme,
-                        ONE_PASS=one_pass, BLOCK=block, PART_P2=1,
+                        ONE_PASS=one_pass, BLOCK=block, PART_P2=1, PDL=False,
                         num_warps=8 if block >= 4096 else 4)
     return q, s_out
 

@@ -22,11 +22,13 @@ See docs/kernels.md.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import _decode_ptx
 from ._sm90_repack import INT8_TILE, decode_lut
@@ -51,6 +53,26 @@ MIN_DYNAMIC_AMAX = 1e-12
 POISON_OUTPUTS = False
 # The prmt table decode (fast); False selects the float16-arithmetic decode (kept for comparison).
 DECODE_LUT = True
+# Programmatic dependent launch (sm_90+) of the fused GEMM after the activation quantization:
+# the quantization releases it at its start, so the GEMM's launch overlaps the quantization and
+# its programs wait (griddepcontrol.wait) before their first load. Only for tiles of at least
+# PDL_MIN_BM tokens on FP8, whose programs fill an SM each (8 warps, 117-183 KB of shared memory):
+# smaller programs launched early were packed unevenly onto the SMs the quantization left free,
+# and got slower (H100, benchmarks/tools/triton_pdl.py, docs/kernels.md).
+PDL = True
+PDL_MIN_BM = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether the fused GEMM is launched with PDL (``PDL``, sm_90+, not under Triton's
+    interpreter, which runs no PTX)."""
+    return (PDL and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+            and _pdl_capable(device.index or 0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,7 +144,10 @@ def _quant_act(
     ONE_PASS: tl.constexpr,
     BLOCK: tl.constexpr,
     PART_P2: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # a GEMM launched after this one with PDL may start now (it waits for our writes)
+        gdc_launch_dependents()
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     q_row = q_ptr + row.to(tl.int64) * K
@@ -285,6 +310,7 @@ def _w4a8_gemm(
     ACT_INT8: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_DENSE: tl.constexpr, ROW_REF: tl.constexpr, SPLIT_K: tl.constexpr,
     DECODE_LUT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -296,6 +322,8 @@ def _w4a8_gemm(
     n_iters = KP // BK
     it0 = pid_k * iters_per_split
     it1 = tl.minimum(it0 + iters_per_split, n_iters)
+    if PDL:  # launched while the quantization may still run: wait for its writes
+        gdc_wait()
 
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     if ROW_REF:
@@ -559,7 +587,7 @@ def quantize_activation_gpu(x2: torch.Tensor, act_int8: bool, scheme: int,
         grid = (m, triton.cdiv(k, QUANT_CHUNK))
     _quant_act[grid](x2, q, s_in, s_out, k, x2.stride(0), n_part, ACT_INT8=act_int8, MODE=scheme,
                      ONE_PASS=one_pass, BLOCK=block, PART_P2=triton.next_power_of_2(n_part),
-                     num_warps=8 if block >= 4096 else 4)
+                     PDL=pdl_enabled(dev), num_warps=8 if block >= 4096 else 4)
     return q, s_out
 
 
@@ -623,6 +651,7 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
         config = pick_config(m, n_pad, kp, act_int8, num_sms(q.device.index or 0),
                              dense is not None, row_ref)
     bn, bm, bk, split, warps, stages = config
+    pdl = dense is None and not act_int8 and bm >= PDL_MIN_BM and pdl_enabled(q.device)
     iters = kp // bk
     per_split = triton.cdiv(iters, split)
     split = triton.cdiv(iters, per_split)
@@ -643,8 +672,8 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
         m, n, k, kp, kp // 2, kp // 32, n_pad, y.stride(0), per_split,
         ACT_INT8=act_int8, PER_TOKEN=per_token, HAS_BIAS=bias is not None,
         W_DENSE=dense is not None, ROW_REF=row_ref, SPLIT_K=split, DECODE_LUT=DECODE_LUT,
-        BN=bn, BM=bm, BK=bk,
-        num_warps=warps, num_stages=stages,
+        BN=bn, BM=bm, BK=bk, PDL=pdl,
+        num_warps=warps, num_stages=stages, launch_pdl=pdl,
     )
     return y
 
