@@ -218,7 +218,6 @@ def cuda_decode(x2: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
     (Callers pick M <= cuda_decode_max_m; the kernel itself takes any M <= 16.)"""
     from . import _cuda_ext
     from . import triton_w4a8 as tk
-    from .triton_w4a8 import num_sms
 
     dev = x2.device
     capability = _capability(dev.index or 0)
@@ -229,7 +228,7 @@ def cuda_decode(x2: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
     y = torch.empty((m, n), dtype=out_dtype, device=dev)
     if tk.POISON_OUTPUTS:
         y.fill_(float("nan"))
-    warps, stages = config or cuda_decode_config(packed.shape[0], num_sms(dev.index or 0))
+    warps, stages = config or cuda_decode_config(packed.shape[0], tk.num_sms(dev.index or 0))
     per_token = scheme == int(ActivationScheme.DYNAMIC_PER_TOKEN)
     lib.gemm(q, s_out, packed, codes, row_scale, bias, y, act_int8, per_token, warps, stages,
              pdl=capability >= 90, corr=corr)
