@@ -69,10 +69,17 @@ def _pdl_capable(device_index: int) -> bool:
 
 
 def pdl_enabled(device: torch.device) -> bool:
-    """Whether the fused GEMM is launched with PDL (``PDL``, sm_90+, not under Triton's
+    """Whether kernels on ``device`` may use PDL (``PDL``, sm_90+, not under Triton's
     interpreter, which runs no PTX)."""
     return (PDL and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
             and _pdl_capable(device.index or 0))
+
+
+def gemm_launch_pdl(device: torch.device, act_int8: bool, bm: int, materialized: bool) -> bool:
+    """Whether ``_w4a8_gemm`` with a ``bm``-token tile is launched with PDL: FP8 tiles of at
+    least PDL_MIN_BM tokens on the packed weight (see PDL)."""
+    return (not materialized and not act_int8 and bm >= PDL_MIN_BM
+            and pdl_enabled(device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -651,7 +658,7 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
         config = pick_config(m, n_pad, kp, act_int8, num_sms(q.device.index or 0),
                              dense is not None, row_ref)
     bn, bm, bk, split, warps, stages = config
-    pdl = dense is None and not act_int8 and bm >= PDL_MIN_BM and pdl_enabled(q.device)
+    pdl = gemm_launch_pdl(q.device, act_int8, bm, dense is not None)
     iters = kp // bk
     per_split = triton.cdiv(iters, split)
     split = triton.cdiv(iters, per_split)
