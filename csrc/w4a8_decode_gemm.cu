@@ -1515,6 +1515,49 @@ cudaError_t pick_moe_occupancy(int warps, int stages, int staged_steps, bool cor
   return cudaErrorInvalidConfiguration;
 }
 
+// The MoE's float32 h [rows, K] (GEMM1's output with a dynamic intermediate scale) quantized
+// with the scales GEMM1's per-CTA amaxes give (amax [rows, cols]; max is exact in any order, so
+// the bytes are quant_act's): no pass over h for its amax and no grid sync. One CTA per row (per
+// token) or per kUnroll x 256 vectors of 4 values (per tensor; each CTA reduces every row's
+// amaxes). Launched with PDL after GEMM1 (which releases it at its start): it releases GEMM2 at
+// once, issues its loads of h after griddepcontrol.wait, and reduces the amaxes while they fly.
+template <bool kInt8>
+__global__ void __launch_bounds__(256)
+    quant_from_amax_kernel(const float* __restrict__ h, uint8_t* __restrict__ q,
+                           const float* __restrict__ amax, float* __restrict__ s_out, int rows,
+                           int K, int cols, int per_row) {
+  pdl_release();  // GEMM2 may start copying weights now
+  pdl_wait();     // GEMM1's h and amaxes are complete
+  using V = Vec16<float>;
+  constexpr int kUnroll = 4;
+  const int nvec = K / V::kN;
+  const int chunk = kUnroll * int(blockDim.x);
+  const int v0 = per_row ? blockIdx.x * nvec : blockIdx.x * chunk;
+  const int v1 = per_row ? v0 + nvec : min(v0 + chunk, rows * nvec);
+  const int first = v0 + threadIdx.x;
+  const V* hv = reinterpret_cast<const V*>(h);
+  V kept[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u)
+    if (first + u * int(blockDim.x) < v1) kept[u] = hv[first + u * blockDim.x];
+  const float* a = per_row ? amax + size_t(blockIdx.x) * cols : amax;
+  float m = strided_nan_max(a, per_row ? cols : rows * cols, threadIdx.x, blockDim.x);
+  __shared__ float red[8];
+  m = warp_nan_max(m);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
+  __syncthreads();
+  m = red[0];
+  for (int w = 1; w < int(blockDim.x >> 5); ++w) m = nan_max(m, red[w]);
+  const float scale = dynamic_scale<kInt8>(m);
+  if (threadIdx.x == 0 && (per_row || blockIdx.x == 0)) s_out[per_row ? blockIdx.x : 0] = scale;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u)
+    if (first + u * int(blockDim.x) < v1)
+      store_quantized<kInt8>(q, first + u * blockDim.x, kept[u], scale);
+  for (int i = first + chunk; i < v1; i += blockDim.x)  // rows longer than one round
+    store_quantized<kInt8>(q, i, hv[i], scale);
+}
+
 }  // namespace
 
 extern "C" {
@@ -1628,6 +1671,34 @@ int w4a8_quant_act_grid(const void* x, int ldx, void* q, void* partials, void* s
   }
 #undef W4A8_QUANT_GRID
   return int(cudaErrorInvalidValue);
+}
+
+// quant_from_amax_kernel: h [rows, K] float32 and q [rows, K] contiguous, K % 8 == 0; amax
+// [rows, cols] (GEMM1's per-CTA amaxes); per_row: a scale per row into s_out[rows], else one
+// into s_out[0]; pdl: launched with programmatic stream serialization (after GEMM1 on SM90).
+int w4a8_quant_from_amax(const void* h, void* q, const void* amax, void* s_out, int rows, int K,
+                         int cols, int act_int8, int per_row, int pdl, void* stream) {
+  if (rows <= 0 || K <= 0 || K % 8 || cols <= 0) return int(cudaErrorInvalidValue);
+  constexpr int kThreads = 256, kVectorsPerCta = 4 * kThreads;
+  const long long nvec = (long long)rows * (K / 4);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(per_row ? rows : unsigned((nvec + kVectorsPerCta - 1) / kVectorsPerCta));
+  cfg.blockDim = dim3(kThreads, 1, 1);
+  cfg.stream = static_cast<cudaStream_t>(stream);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  auto hh = static_cast<const float*>(h);
+  auto qq = static_cast<uint8_t*>(q);
+  auto aa = static_cast<const float*>(amax);
+  auto so = static_cast<float*>(s_out);
+  if (act_int8)
+    return int(cudaLaunchKernelEx(&cfg, quant_from_amax_kernel<true>, hh, qq, aa, so, rows, K,
+                                  cols, per_row));
+  return int(cudaLaunchKernelEx(&cfg, quant_from_amax_kernel<false>, hh, qq, aa, so, rows, K,
+                                cols, per_row));
 }
 
 // How many CTAs of a MoE decode GEMM launch config fit on one SM at once, into *blocks (the

@@ -246,15 +246,17 @@ from w4a8_backend.kernels import triton_w4a8 as tk
 
 # under the interpreter (and on the CPU) nothing is launched with PDL
 assert not tk.pdl_enabled(torch.device("cpu"))
-assert not tk.gemm_launch_pdl(torch.device("cpu"), False, 128, False)
-# where PDL is available: FP8 tiles of >= PDL_MIN_BM tokens on the packed weight only
+assert not tk.gemm_launch_pdl(torch.device("cpu"), False, 128, 128, False)
+# where PDL is available: FP8 tiles of >= PDL_MIN_BN x PDL_MIN_BM on the packed weight only
 tk.pdl_enabled = lambda device: True
 dev = torch.device("cuda")
-assert tk.gemm_launch_pdl(dev, False, 64, False) and tk.gemm_launch_pdl(dev, False, 128, False)
-assert not tk.gemm_launch_pdl(dev, False, 32, False)  # measured 25.9 -> 34.6 us with PDL
-assert not tk.gemm_launch_pdl(dev, False, 16, False)
-assert not tk.gemm_launch_pdl(dev, True, 128, False)  # INT8
-assert not tk.gemm_launch_pdl(dev, False, 128, True)  # materialized (prefill) weight
+assert tk.gemm_launch_pdl(dev, False, 128, 64, False)
+assert tk.gemm_launch_pdl(dev, False, 128, 128, False)
+assert not tk.gemm_launch_pdl(dev, False, 128, 32, False)  # measured 25.9 -> 34.6 us with PDL
+assert not tk.gemm_launch_pdl(dev, False, 64, 16, False)
+assert not tk.gemm_launch_pdl(dev, False, 64, 64, False)  # measured 31.9 -> 39.5 us with PDL
+assert not tk.gemm_launch_pdl(dev, True, 128, 128, False)  # INT8
+assert not tk.gemm_launch_pdl(dev, False, 128, 128, True)  # materialized (prefill) weight
 print("ok")
 """
 
@@ -263,6 +265,55 @@ def test_gemm_pdl_rule():
     """Which fused-GEMM launches take programmatic dependent launch (measured on an H100:
     docs/kernels.md); under the interpreter none."""
     _run_interpreted(PDL_RULE_SCRIPT)
+
+
+TILE_RULES_SCRIPT = """
+from w4a8_backend.kernels import triton_w4a8 as tk
+
+SMS = 132  # an H100
+# K < MID_LONG_K above 32 tokens: (M, N, K, act_int8) -> (BN, BM, split), the fastest or within
+# noise of it in mid_m_shapes_h100_20261125_0617.jsonl and mid_m_rule_h100_20261125_*.jsonl
+CASES = [
+    (64, 4096, 4096, False, (64, 64, 2)),      # 128-row tiles would need split 4
+    (64, 6144, 4096, False, (128, 64, 2)),
+    (64, 28672, 4096, False, (128, 64, 1)),    # 224 tiles fill the GPU: no split-K
+    (128, 6144, 4096, False, (128, 64, 1)),    # the previous rule: (128, 128) split 4, 2 waves
+    (128, 4096, 4096, False, (128, 64, 2)),
+    (128, 28672, 4096, False, (128, 128, 1)),
+    (256, 6144, 4096, False, (128, 128, 1)),
+    (256, 4096, 4096, False, (128, 64, 1)),
+    (64, 4096, 4096, True, (64, 64, 2)),
+    (64, 6144, 4096, True, (64, 64, 1)),
+    (128, 6144, 4096, True, (128, 128, 2)),
+    (256, 28672, 4096, True, (128, 128, 1)),
+]
+for m, n, k, i8, expected in CASES:
+    bn, bm, bk, split, warps, stages = tk.pick_config(m, n, k, i8, SMS)
+    assert (bn, bm, split) == expected, (m, n, k, i8, (bn, bm, split))
+for m in range(33, 384, 7):
+    for n in (4096, 6144, 28672):
+        for i8 in (False, True):
+            bn, bm, bk, split, warps, stages = tk.pick_config(m, n, 4096, i8, SMS)
+            ctas = (n // bn) * -(-m // bm) * split
+            assert ctas <= SMS or split == 1, (m, n, i8, ctas)  # one wave
+            assert split == 1 or ctas * 2 > SMS, (m, n, i8, ctas)  # split-K only to fill it
+# long K keeps the decode tiles' rule (8192^2 M = 64: (128, 64) split 2; 4096 x 14336: split 4)
+assert tk.pick_config(64, 8192, 8192, False, SMS)[:4] == (128, 64, 256, 2)
+assert tk.pick_config(128, 4096, 14336, False, SMS)[:4] == (128, 128, 256, 4)
+# the prefill GEMM: the narrow tile where the wide one leaves the grid half empty
+for m, n, bn in ((512, 4096, 128), (512, 6144, 256), (512, 8192, 256), (512, 28672, 256),
+                 (4096, 8192, 256), (384, 4096, 128)):
+    assert tk.prefill_config(m, n, False, SMS)[1] == bn, (m, n)
+    assert tk.prefill_config(m, n, True, SMS) == tk.PREFILL_CONFIG  # INT8 per row: not measured
+print("ok")
+"""
+
+
+def test_gemm_tile_rules():
+    """Which tiles the dense GEMMs take above 32 tokens (measured on an H100: docs/kernels.md):
+    one wave of CTAs that fills the SMs, split-K only to fill it; the prefill GEMM's narrow
+    tile for grids the wide one leaves half empty."""
+    _run_interpreted(TILE_RULES_SCRIPT)
 
 
 def test_moe_routing_table_holds_repeated_experts():

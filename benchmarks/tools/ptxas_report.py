@@ -101,7 +101,8 @@ def _compile(fn, types: dict, const: dict, warps: int, stages: int, name: str) -
 def dense_gemm(act_int8: bool, config: tuple, dense: bool = False) -> Report:
     """`_w4a8_gemm` at ``config`` = (BN, BM, BK, split_k, warps, stages), per-tensor scale, with
     the PDL wait where sm_90 launches it so (``w4a8_gemm``'s rule)."""
-    pdl = not dense and not act_int8 and config[1] >= tk.PDL_MIN_BM  # gemm_launch_pdl on sm_90
+    pdl = (not dense and not act_int8 and config[1] >= tk.PDL_MIN_BM
+           and config[0] >= tk.PDL_MIN_BN)  # gemm_launch_pdl on sm_90
     bn, bm, bk, split, warps, stages = config
     act = "*i8" if act_int8 else "*fp8e4nv"
     types = {"x_ptr": act, "xs_ptr": "*fp32", "w_ptr": act if dense else "*u8", "c_ptr": "*u8",

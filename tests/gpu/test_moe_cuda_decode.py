@@ -204,31 +204,47 @@ def test_model_shapes(act, name, dims, _cuda_path):
 
 @pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
 @pytest.mark.parametrize("scheme2", [D, P], ids=lambda s: s.name)
-def test_fused_intermediate_quantization_is_exact(act, scheme2, monkeypatch, _cuda_path):
+# (top-k, intermediate): one CTA of the launch from the amaxes; several per tensor, the last
+# partial; rows longer than one round of its loads (4608 values: 1152 vectors of 4)
+@pytest.mark.parametrize("k, i", [(4, 320), (4, 1152), (2, 4608)])
+def test_fused_intermediate_quantization_is_exact(act, scheme2, k, i, monkeypatch, _cuda_path):
     """A dynamic intermediate scale applied inside GEMM2 (float32 h, scales from GEMM1's
-    amaxes, h staged) gives bit for bit the output of the separate quantization launch
-    (GEMM2 unstaged), at one token and at three; each way checked to have run."""
+    amaxes, h staged), by its own launch with the scales from GEMM1's amaxes (GEMM2 unstaged,
+    H_QUANT_FROM_AMAX) and by the plain quantization launch over h all give the same output bit
+    for bit, at one token and at three; each way checked to have run."""
+    from w4a8_backend.kernels import _cuda_ext
     from w4a8_backend.kernels import _sm90_moe_cuda as mc
 
     _need_fp8(act)
-    e, k, h, i = 16, 4, 512, 320
-    kern, layer, dense, g = build(act, P, scheme2, e, h, i, k, seed=40 + int(act))
+    e, h = 16, 512
+    kern, layer, dense, g = build(act, P, scheme2, e, h, i, k, seed=40 + int(act) + i)
     kern.process_weights_after_loading(layer)
     layer.w13_input_scale = layer.w2_input_scale = None
-    quantized = []
+    quantized, from_amax = [], []
     orig = mc.cuda_quantize
     monkeypatch.setattr(mc, "cuda_quantize",
                         lambda lib, a, *rest: quantized.append(a.shape) or orig(lib, a, *rest))
+    orig_from_amax = _cuda_ext.DecodeGemmLib.quant_from_amax
+    monkeypatch.setattr(_cuda_ext.DecodeGemmLib, "quant_from_amax",
+                        lambda self, hh, *rest: from_amax.append(hh.shape)
+                        or orig_from_amax(self, hh, *rest))
     for t in (1, 3):
         x = make_x(t, h, g)
         w, ids = make_routing(t, e, k, g)
         outs = []
-        for limit in (k * i, k * i - 1):  # fused (GEMM2 staged), then the launch (unstaged)
+        # fused (GEMM2 staged); the launch from GEMM1's amaxes; the plain launch over h
+        for limit, use_amax, launches, amax_launches in ((k * i, True, 1, 0),
+                                                         (k * i - 1, True, 1, 1),
+                                                         (k * i - 1, False, 2, 0)):
             monkeypatch.setattr(mc, "GEMM2_STAGE_MAX", limit)
+            monkeypatch.setattr(mc, "H_QUANT_FROM_AMAX", use_amax)
             quantized.clear()
+            from_amax.clear()
             outs.append(kern.apply(layer, x, w, ids, None, False))
-            assert len(quantized) == (1 if limit >= k * i else 2), (limit, quantized)
-        assert torch.equal(outs[0], outs[1]), (t, (outs[0] - outs[1]).abs().max().item())
+            assert (len(quantized), len(from_amax)) == (launches, amax_launches), (
+                limit, use_amax, quantized, from_amax)
+        for other in outs[1:]:
+            assert torch.equal(outs[0], other), (t, (outs[0] - other).abs().max().item())
         ref = reference_moe(x, w, ids, dense, act, P, scheme2)
         assert rel_err(outs[0], ref) <= REL_TOL
 

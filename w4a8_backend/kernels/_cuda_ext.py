@@ -197,6 +197,7 @@ C_FUNCTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "w4a8_decode_gemm": (("p",) * 10 + ("i",) * 12 + ("p",), "i"),
     "w4a8_quant_act": (("p", "i", "p", "p", "p", "i", "i", "i", "i", "i", "p"), "i"),
     "w4a8_quant_act_grid": (("p", "i", "p", "p", "p", "i", "i", "i", "i", "i", "i", "p"), "i"),
+    "w4a8_quant_from_amax": (("p",) * 4 + ("i",) * 6 + ("p",), "i"),
     "w4a8_moe_decode_gemm": (("p",) * 14 + ("i",) * 21 + ("p",), "i"),
     "w4a8_moe_blocks_per_sm": (("i",) * 6 + ("pi",), "i"),
 }
@@ -246,6 +247,18 @@ class DecodeGemmLib:
             m, k, int(act_int8), _DTYPE_CODE[x2.dtype], partials.numel(),
             int(release_late), stream),
             "activation quantization (grid amax)")
+
+    def quant_from_amax(self, h: torch.Tensor, q: torch.Tensor, amax: torch.Tensor,
+                        s_out: torch.Tensor, act_int8: bool, per_row: bool, pdl: bool) -> None:
+        """Quantize the MoE's float32 ``h`` [rows, K] (contiguous) into ``q`` with the scales
+        that GEMM1's per-CTA ``amax`` [rows, cols] gives: per row into ``s_out`` [rows], or per
+        tensor into ``s_out`` [1]. ``pdl``: launched after GEMM1 with PDL (SM90)."""
+        rows, k = h.shape
+        stream = torch.cuda.current_stream(h.device).cuda_stream
+        self._check(self._lib.w4a8_quant_from_amax(
+            h.data_ptr(), q.data_ptr(), amax.data_ptr(), s_out.data_ptr(), rows, k,
+            amax.shape[1], int(act_int8), int(per_row), int(pdl), stream),
+            "intermediate quantization (from GEMM1's amaxes)")
 
     def gemm(self, q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
              row_scale: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, act_int8: bool,

@@ -16,8 +16,9 @@ three launches (static scales), with the same semantics as ``_sm90_moe_triton.mo
 A dynamic intermediate scale costs no launch where ``fuse_h_quantization`` says so: GEMM1
 writes float32 h and each CTA's amax of ``|h|``, and GEMM2 quantizes h while staging it, with
 the scale those amaxes give (the same bytes as a quantization launch would write). Otherwise
-the quantization of h is a launch between 2 and 3 (a per-tensor amax inside it for small
-intermediates, ``sm90_triton.cuda_quantize``). Out-of-range blocks are added back inside the
+the quantization of h is a launch between 2 and 3 that takes its scales from the same amaxes
+(``H_QUANT_FROM_AMAX``; no pass over h for the amax, no grid sync) and is launched with PDL
+after GEMM1. Out-of-range blocks are added back inside the
 GEMMs' epilogues. A CTA stages at most ``MAX_STAGED`` values (GEMM1: the hidden size; GEMM2:
 top-k x the intermediate size rounded up to 256).
 
@@ -54,6 +55,10 @@ MAX_TOP_K = 16  # GEMM2's per-CTA table of the token's experts
 MAX_STAGED = 16384  # values one CTA stages (kMoeMaxStagedK in the source)
 STEP_K = 256  # K per staged step (kStepK)
 POISON_OUTPUTS = False  # tests: fill intermediates with NaN / 0x7F first
+# The unfused dynamic intermediate quantization takes its scales from GEMM1's per-CTA amaxes
+# (False: sm90_triton.cuda_quantize over h, a plain launch; kept for the same-run comparison in
+# benchmarks/tools/moe_h_quant.py)
+H_QUANT_FROM_AMAX = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -197,7 +202,9 @@ def moe_forward(
     if static2:
         h_scale = (w2_input_scale if w2_input_scale.dtype == torch.float32
                    else w2_input_scale.float())
-    elif fused:  # each GEMM1 CTA's amax of |h| (unrouted pairs: zeros, which leave it unchanged)
+    from_amax = not static2 and not fused and H_QUANT_FROM_AMAX and inter % 8 == 0
+    if fused or from_amax:
+        # each GEMM1 CTA's amax of |h| (unrouted pairs: zeros, which leave it unchanged)
         amax = torch.empty((p, -(-inter // 8)), dtype=torch.float32, device=dev)
         if POISON_OUTPUTS:
             amax.fill_(float("nan"))
@@ -208,7 +215,16 @@ def moe_forward(
                  warps=w1, stages=s1, pdl=pdl, amax=amax)
 
     q2, xs2 = h, h_scale
-    if not static2 and not fused:
+    if from_amax:
+        per_row = scheme2 == int(ActivationScheme.DYNAMIC_PER_TOKEN)
+        q2 = torch.empty((p, inter), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn,
+                         device=dev)
+        xs2 = torch.empty(p if per_row else 1, dtype=torch.float32, device=dev)
+        if POISON_OUTPUTS:
+            q2.view(torch.uint8).fill_(0x80 if act_int8 else 0x7F)
+            xs2.fill_(float("nan"))
+        lib.quant_from_amax(h, q2, amax, xs2, act_int8, per_row, pdl)
+    elif not static2 and not fused:
         # unrouted pairs' rows are zeros: they leave a per-tensor amax unchanged
         q2, xs2 = cuda_quantize(lib, h, act_int8, scheme2, None, POISON_OUTPUTS)
 
@@ -220,5 +236,5 @@ def moe_forward(
                  n_out=hidden, act_int8=act_int8,
                  a_per_row=scheme2 == int(ActivationScheme.DYNAMIC_PER_TOKEN),
                  warps=plan2.warps, stages=plan2.stages, pdl=pdl, stage_a=plan2.staged,
-                 amax=amax)
+                 amax=amax if fused else None)
     return out

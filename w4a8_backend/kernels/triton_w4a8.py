@@ -55,12 +55,14 @@ POISON_OUTPUTS = False
 DECODE_LUT = True
 # Programmatic dependent launch (sm_90+) of the fused GEMM after the activation quantization:
 # the quantization releases it at its start, so the GEMM's launch overlaps the quantization and
-# its programs wait (griddepcontrol.wait) before their first load. Only for tiles of at least
-# PDL_MIN_BM tokens on FP8, whose programs fill an SM each (8 warps, 117-183 KB of shared memory):
+# its programs wait (griddepcontrol.wait) before their first load. Only for FP8 tiles of at
+# least PDL_MIN_BN x PDL_MIN_BM, whose programs take an SM each (117-183 KB of shared memory):
 # smaller programs launched early were packed unevenly onto the SMs the quantization left free,
-# and got slower (H100, benchmarks/tools/triton_pdl.py, docs/kernels.md).
+# and got slower (H100: 16- and 32-token tiles, benchmarks/tools/triton_pdl.py; 64 x 64 tiles,
+# 4096 x 14336 M = 64 31.9 -> 39.5 us, benchmarks/tools/mid_m_rule.py; docs/kernels.md).
 PDL = True
 PDL_MIN_BM = 64
+PDL_MIN_BN = 128
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,10 +77,11 @@ def pdl_enabled(device: torch.device) -> bool:
             and _pdl_capable(device.index or 0))
 
 
-def gemm_launch_pdl(device: torch.device, act_int8: bool, bm: int, materialized: bool) -> bool:
-    """Whether ``_w4a8_gemm`` with a ``bm``-token tile is launched with PDL: FP8 tiles of at
-    least PDL_MIN_BM tokens on the packed weight (see PDL)."""
-    return (not materialized and not act_int8 and bm >= PDL_MIN_BM
+def gemm_launch_pdl(device: torch.device, act_int8: bool, bn: int, bm: int,
+                    materialized: bool) -> bool:
+    """Whether ``_w4a8_gemm`` with a ``bn`` x ``bm`` tile is launched with PDL: FP8 tiles of at
+    least PDL_MIN_BM tokens and PDL_MIN_BN weight rows on the packed weight (see PDL)."""
+    return (not materialized and not act_int8 and bm >= PDL_MIN_BM and bn >= PDL_MIN_BN
             and pdl_enabled(device))
 
 
@@ -598,32 +601,72 @@ def quantize_activation_gpu(x2: torch.Tensor, act_int8: bool, scheme: int,
     return q, s_out
 
 
+def _fill_split(tiles: int, iters: int, sms: int) -> int:
+    """Largest split-K (a power of 2, at least two K steps per split, at most 16) that keeps the
+    grid within one CTA per SM."""
+    split = 1
+    while tiles * split * 2 <= sms and split * 2 <= max(1, iters // 2) and split < 16:
+        split *= 2
+    return split
+
+
+# Mid-M tiles (BN, BM, warps, stages), BK = 256: WIDE at 128 tokens, ROWS at 64 tokens and 128
+# weight rows, NARROW at 64 x 64.
+MID_WIDE = (128, 128, 8, 4)
+MID_ROWS = (128, 64, 4, 4)
+MID_NARROW = (64, 64, 4, 4)
+MID_FULL_GRID = 0.7  # a grid of at least this many CTAs per SM counts as filling the GPU
+MID_LONG_K = 8192  # from this K on, the split-K rule of the decode tiles (measured better there)
+
+
 def pick_config(m: int, n_pad: int, kp: int, act_int8: bool, sms: int, dense: bool = False,
                 row_ref: bool = False):
-    """(BN, BM, BK, split_k, num_warps, num_stages), from the H100 sweeps in
-    benchmarks/results/sweep_*.jsonl (N = K = 8192): split-K until about 7 (FP8) or 14 (INT8,
-    more decode work per byte) warps per SM are busy at decode sizes. The INT8 dense GEMM with
-    one reference per row (``row_ref``): 128x128x128 tiles, the fastest at M = 512 and 4096
-    (sweep_int8_prefill_rows_h100_20261123.jsonl)."""
+    """(BN, BM, BK, split_k, num_warps, num_stages). Up to 32 tokens, and at any M from K =
+    MID_LONG_K on, from the H100 sweeps at N = K = 8192 (benchmarks/results/sweep_*.jsonl):
+    split-K until about 7 (FP8) or 14 (INT8, more decode work per byte) warps per SM are busy.
+    Shorter K above 32 tokens, from the sweep and the A/B over the Llama-3-8B shapes
+    (mid_m_shapes_h100_20261125_0617.jsonl, mid_m_rule_h100_20261125_*.jsonl): that rule gave
+    6144 x 4096 a second wave of CTAs (M = 128: 34.2 against 20.8 us), so there the grid is one
+    wave that fills the SMs, split-K only to fill it. FP8 takes 64-token tiles below 0.7 x
+    SMs' worth of 128-token tiles, and 64 x 64 tiles where even 128 x 64 ones would need split
+    4; INT8, whose decode is dearer, keeps the 128-token tile above 64 tokens. The INT8 dense
+    GEMM with one reference per row (``row_ref``): 128x128x128 tiles, the fastest at M = 512
+    and 4096 (sweep_int8_prefill_rows_h100_20261123.jsonl)."""
     if dense:
         if act_int8:
             return (128, 128, 128, 1, 8, 3) if row_ref else (128, 128, INT8_TILE, 1, 8, 3)
         return (128, 256, 128, 1, 8, 3) if m >= 2048 else (128, 128, 128, 1, 8, 3)
     bk = 256
-    if m <= 16:
-        bn, bm, warps, stages = 64, 16, 4, 3 if act_int8 else 4
-    elif m <= 64:
-        bm = 32 if m <= 32 else 64
-        bn, warps, stages = (64, 4, 4) if act_int8 else (128, 8, 4)
-    else:
-        bn, bm, warps, stages = 128, 128, 8, 4
-    tiles = (n_pad // bn) * triton.cdiv(m, bm)
-    target = (14 if act_int8 and m <= 16 else 7) * sms
-    split = 1
     iters = kp // bk
-    while tiles * split * warps < target and split * 2 <= max(1, iters // 2) and split < 16:
-        split *= 2
-    return bn, bm, bk, split, warps, stages
+    if m <= 32 or kp >= MID_LONG_K:
+        if m <= 16:
+            bn, bm, warps, stages = 64, 16, 4, 3 if act_int8 else 4
+        elif m <= 64:
+            bm = 32 if m <= 32 else 64
+            bn, warps, stages = (64, 4, 4) if act_int8 else (128, 8, 4)
+        else:
+            bn, bm, warps, stages = MID_WIDE
+        tiles = (n_pad // bn) * triton.cdiv(m, bm)
+        target = (14 if act_int8 and m <= 16 else 7) * sms
+        split = 1
+        while tiles * split * warps < target and split * 2 <= max(1, iters // 2) and split < 16:
+            split *= 2
+        return bn, bm, bk, split, warps, stages
+
+    def tiles_of(tile):
+        return triton.cdiv(n_pad, tile[0]) * triton.cdiv(m, tile[1])
+
+    full = MID_FULL_GRID * sms
+    if act_int8:
+        tile = MID_WIDE if m > 64 else MID_NARROW
+    elif m > 64 and tiles_of(MID_WIDE) >= full:
+        tile = MID_WIDE
+    elif 2 * tiles_of(MID_ROWS) >= full:
+        tile = MID_ROWS
+    else:
+        tile = MID_NARROW
+    bn, bm, warps, stages = tile
+    return bn, bm, bk, _fill_split(tiles_of(tile), iters, sms), warps, stages
 
 
 def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
@@ -636,7 +679,7 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
     """``dense``: the materialized weight (prefill); INT8 with ``prefill_row_scale``: it was
     materialized against one reference per row (``materialize(..., prefill_row_scale)``).
     ``tma``: the dense FP8 and INT8-per-row GEMMs as ``_prefill_gemm`` (default: on sm_90 and
-    newer) with ``tma_config`` (default ``PREFILL_CONFIG``); otherwise, and for the per-tile INT8
+    newer) with ``tma_config`` (default ``prefill_config``); otherwise, and for the per-tile INT8
     weight, ``_w4a8_gemm`` with ``config``. (The per-tile INT8 GEMM on TMA loads was slower:
     748 against 643 us at N = K = 8192, M = 4096, H100, in the sweep below.)"""
     m, k = q.shape
@@ -649,16 +692,19 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
         y.fill_(float("nan"))
     if m == 0:
         return y
+    # (the interpreter on the CPU: an H100's count, so that the tile rules pick as they would)
+    sms = num_sms(q.device.index or 0) if q.is_cuda else 132
     if (dense is not None and (row_ref or not act_int8)
             and (tma_default(q.device) if tma is None else tma)):
         _prefill_launch(q, xs, dense, prefill_row_scale if row_ref else row_scale, y, bias, n,
-                        act_int8, per_token, tma_config or PREFILL_CONFIG)
+                        act_int8, per_token,
+                        tma_config or prefill_config(m, n, act_int8, sms))
         return y
     if config is None:
-        config = pick_config(m, n_pad, kp, act_int8, num_sms(q.device.index or 0),
+        config = pick_config(m, n_pad, kp, act_int8, sms,
                              dense is not None, row_ref)
     bn, bm, bk, split, warps, stages = config
-    pdl = gemm_launch_pdl(q.device, act_int8, bm, dense is not None)
+    pdl = gemm_launch_pdl(q.device, act_int8, bn, bm, dense is not None)
     iters = kp // bk
     per_split = triton.cdiv(iters, split)
     split = triton.cdiv(iters, per_split)
@@ -689,6 +735,27 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
 # N = K = 8192, 28672 x 4096 and 4096 x 14336, M = 1024 and 4096
 # (benchmarks/results/dense_prefill_gemm_h100_20261124_2327.jsonl)
 PREFILL_CONFIG = (128, 256, 128, 16, 8, 4)
+# The same with 128 weight rows per tile, for FP8 grids that the wide tile leaves half empty.
+# A narrow tile takes about 0.63 of a wide one's time (H100, M = 512: 28672 x 4096 102.6 us for
+# 4 wide tiles per program against 112.4 for 7 narrow ones; 4096 x 4096 23.8 against 18.5 us
+# with one tile per program; mid_m_shapes_h100_20261125_0617.jsonl).
+PREFILL_CONFIG_NARROW = (128, 128, 128, 16, 8, 4)
+PREFILL_NARROW_COST = 0.63
+
+
+def prefill_config(m: int, n: int, act_int8: bool, sms: int) -> tuple:
+    """``_prefill_gemm``'s tile: with one program per SM each program runs ceil(tiles / SMs)
+    tiles, so FP8 takes the narrow tile where those cost less than the wide tile's. (INT8 with
+    one reference per row keeps the wide tile: the narrow one was not measured there.)"""
+    if act_int8:
+        return PREFILL_CONFIG
+
+    def per_program(bm: int, bn: int) -> int:
+        return -(-(-(-m // bm) * -(-n // bn)) // sms)
+
+    wide = per_program(PREFILL_CONFIG[0], PREFILL_CONFIG[1])
+    narrow = per_program(PREFILL_CONFIG_NARROW[0], PREFILL_CONFIG_NARROW[1])
+    return PREFILL_CONFIG_NARROW if narrow * PREFILL_NARROW_COST < wide else PREFILL_CONFIG
 
 
 @functools.lru_cache(maxsize=None)

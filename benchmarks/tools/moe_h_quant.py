@@ -1,0 +1,77 @@
+"""Same-run A/B of the MoE CUDA decode path's dynamic intermediate quantization where GEMM2 does
+not apply it itself (gpt-oss-20b: top-k x intermediate = 11520 values > GEMM2_STAGE_MAX):
+
+- `plain launch`: `sm90_triton.cuda_quantize` over GEMM1's float32 h (a per-tensor amax by the
+  cooperative grid kernel, per token one CTA per row), launched without PDL;
+- `from GEMM1's amaxes`: `_sm90_moe_cuda.H_QUANT_FROM_AMAX`, the scales from GEMM1's per-CTA
+  amaxes, launched with PDL after GEMM1.
+
+Whole layer (`kern.apply`), L2 flushed, `bench_linear.Timer`, `--repeat` samples per variant
+taken round robin; the layer's output is checked to be bit-identical between the variants.
+
+    python benchmarks/tools/moe_h_quant.py [--repeat 3] > benchmarks/results/moe_h_quant.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_linear import Timer  # noqa: E402
+from bench_moe import MODELS, OURS, make_moe_weights, our_layer, routing  # noqa: E402
+
+from w4a8_backend.kernels import _sm90_moe_cuda as mc  # noqa: E402
+
+SCHEMES = ("ours FP8 dyn-tensor", "ours INT8 per-token", "ours FP8 static")
+VARIANTS = {"plain launch": False, "from GEMM1's amaxes": True}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--tokens", default="1,2,4")
+    args = ap.parse_args()
+    print(json.dumps({
+        "device": torch.cuda.get_device_name(0),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+    }), flush=True)
+    timer = Timer()
+    m = MODELS["gpt-oss-20b"]
+    weights = make_moe_weights(m, seed=11)
+    x_cal = torch.randn(64, m["hidden"], device="cuda").to(torch.bfloat16)
+    saved = mc.H_QUANT_FROM_AMAX
+    try:
+        for label in SCHEMES:
+            act, scheme = OURS[label]
+            kern, layer = our_layer(weights, m, act, scheme, x_cal, routing(64, m, 3))
+            for t in (int(v) for v in args.tokens.split(",")):
+                x = torch.randn(t, m["hidden"], device="cuda").to(torch.bfloat16)
+                tw, ti = routing(t, m, 100 + t)
+                fn = lambda: kern.apply(layer, x, tw, ti, None, False)  # noqa: E731
+                outs, samples = {}, {}
+                for _ in range(args.repeat):
+                    for name, use in VARIANTS.items():
+                        mc.H_QUANT_FROM_AMAX = use
+                        outs[name] = fn()
+                        samples.setdefault(name, []).append(round(timer.time_us(fn), 2))
+                same = torch.equal(*outs.values())
+                print(json.dumps({"model": "gpt-oss-20b", "scheme": label, "T": t,
+                                  **{n: statistics.median(v) for n, v in samples.items()},
+                                  "bit_identical": same, "samples": samples}), flush=True)
+    finally:
+        mc.H_QUANT_FROM_AMAX = saved
+
+
+if __name__ == "__main__":
+    main()
