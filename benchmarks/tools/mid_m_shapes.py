@@ -13,7 +13,7 @@ M = 128 24.8 against 18.7 us), so this times, per (shape, act, M), static scales
 - `materialize` alone, and the GEMM on the materialized weight (`tma <cfg>`: `_prefill_gemm` at
   (BM, BN, BK, GROUP_M, warps, stages); INT8 per-tile weights: `dense <cfg>`, `_w4a8_gemm`).
 
-    python benchmarks/tools/mid_m_shapes.py [--ms 64,128,256,512] > benchmarks/results/mid_m_shapes.jsonl
+    python benchmarks/tools/mid_m_shapes.py [--ms 64,128,256,512] [--tiles bm32] > benchmarks/results/mid_m_shapes.jsonl
 
 The first line is the device, date and command; then one JSON line per point.
 """
@@ -39,6 +39,13 @@ from w4a8_backend.kernels import triton_w4a8 as tk  # noqa: E402
 SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (8192, 8192))
 
 
+def narrow_token_configs(m: int, act_int8: bool) -> list[tuple]:
+    """``--tiles bm32``: 32-token tiles (the token tile Humming's SM90 heuristic picks at
+    4096 x 4096, M = 128), against the 64- and 128-token ones."""
+    return [(bn, 32, 256, split, warps, 4) for bn in (64, 128) for split in (1, 2)
+            for warps in (4, 8) if not (bn == 64 and warps == 8)]
+
+
 def fused_configs(m: int, act_int8: bool) -> list[tuple]:
     """(BN, BM, BK, split, warps, stages) beyond pick_config's."""
     bm_big = 128 if m >= 128 else 64
@@ -62,6 +69,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--ms", default="64,128,256,512")
     ap.add_argument("--shapes", default=None, help="NxK,NxK,... (default: Llama-3-8B and 8192²)")
+    ap.add_argument("--tiles", default="all", choices=["all", "bm32"],
+                    help="bm32: only pick_config's tile and 32-token tiles (no prefill GEMMs)")
     args = ap.parse_args()
     shapes = (SHAPES if args.shapes is None else
               [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")])
@@ -93,8 +102,11 @@ def main() -> None:
                     lambda: tk.materialize(layer.weight, layer.weight_scale, rs, i8)), 2)
                 default = tk.pick_config(m, layer.weight.shape[0], k, i8, sms)
                 cands = [("fused default", default, None)]
-                cands += [(f"fused {c}", c, None) for c in fused_configs(m, i8) if c != default]
-                if i8:
+                extra = (narrow_token_configs if args.tiles == "bm32" else fused_configs)(m, i8)
+                cands += [(f"fused {c}", c, None) for c in extra if c != default]
+                if args.tiles == "bm32":
+                    pass
+                elif i8:
                     cands += [(f"dense {c}", c, "dense") for c in DENSE_CONFIGS]
                 else:
                     cands += [(f"tma {c}", c, "tma") for c in TMA_CONFIGS]
