@@ -1,15 +1,17 @@
-"""Same-run A/B of the MoE CUDA decode path's dynamic intermediate quantization where GEMM2 does
-not apply it itself (gpt-oss-20b: top-k x intermediate = 11520 values > GEMM2_STAGE_MAX):
+"""Same-run A/B of the MoE CUDA decode path's dynamic intermediate quantization:
 
 - `plain launch`: `sm90_triton.cuda_quantize` over GEMM1's float32 h (a per-tensor amax by the
   cooperative grid kernel, per token one CTA per row), launched without PDL;
 - `from GEMM1's amaxes`: `_sm90_moe_cuda.H_QUANT_FROM_AMAX`, the scales from GEMM1's per-CTA
-  amaxes, launched with PDL after GEMM1.
+  amaxes, launched with PDL after GEMM1;
+- `fused in GEMM2` (models whose top-k x intermediate fits `GEMM2_STAGE_MAX`, Qwen3-30B-A3B):
+  GEMM2 stages float32 h and quantizes it itself, the default there.
 
-Whole layer (`kern.apply`), L2 flushed, `bench_linear.Timer`, `--repeat` samples per variant
-taken round robin; the layer's output is checked to be bit-identical between the variants.
+The first two force GEMM2 unstaged (`GEMM2_STAGE_MAX` = 0). Whole layer (`kern.apply`), L2
+flushed, `bench_linear.Timer`, `--repeat` samples per variant taken round robin; the layer's
+output is checked to be bit-identical between the variants.
 
-    python benchmarks/tools/moe_h_quant.py [--repeat 3] > benchmarks/results/moe_h_quant.jsonl
+    python benchmarks/tools/moe_h_quant.py [--model gpt-oss-20b] [--repeat 3] > benchmarks/results/moe_h_quant.jsonl
 """
 
 from __future__ import annotations
@@ -33,13 +35,16 @@ from bench_moe import MODELS, OURS, make_moe_weights, our_layer, routing  # noqa
 from w4a8_backend.kernels import _sm90_moe_cuda as mc  # noqa: E402
 
 SCHEMES = ("ours FP8 dyn-tensor", "ours INT8 per-token", "ours FP8 static")
-VARIANTS = {"plain launch": False, "from GEMM1's amaxes": True}
+# name -> (GEMM2_STAGE_MAX, H_QUANT_FROM_AMAX); None: the default
+VARIANTS = {"plain launch": (0, False), "from GEMM1's amaxes": (0, True),
+            "fused in GEMM2": (None, True)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--tokens", default="1,2,4")
+    ap.add_argument("--model", default="gpt-oss-20b", choices=sorted(MODELS))
     args = ap.parse_args()
     print(json.dumps({
         "device": torch.cuda.get_device_name(0),
@@ -47,10 +52,13 @@ def main() -> None:
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
     }), flush=True)
     timer = Timer()
-    m = MODELS["gpt-oss-20b"]
+    m = MODELS[args.model]
     weights = make_moe_weights(m, seed=11)
     x_cal = torch.randn(64, m["hidden"], device="cuda").to(torch.bfloat16)
-    saved = mc.H_QUANT_FROM_AMAX
+    saved = mc.H_QUANT_FROM_AMAX, mc.GEMM2_STAGE_MAX
+    variants = dict(VARIANTS)
+    if not mc.fuse_h_quantization(m["top_k"], m["inter"]):
+        del variants["fused in GEMM2"]  # the same as "from GEMM1's amaxes" there
     try:
         for label in SCHEMES:
             act, scheme = OURS[label]
@@ -61,16 +69,18 @@ def main() -> None:
                 fn = lambda: kern.apply(layer, x, tw, ti, None, False)  # noqa: E731
                 outs, samples = {}, {}
                 for _ in range(args.repeat):
-                    for name, use in VARIANTS.items():
+                    for name, (stage_max, use) in variants.items():
                         mc.H_QUANT_FROM_AMAX = use
+                        mc.GEMM2_STAGE_MAX = saved[1] if stage_max is None else stage_max
                         outs[name] = fn()
                         samples.setdefault(name, []).append(round(timer.time_us(fn), 2))
-                same = torch.equal(*outs.values())
-                print(json.dumps({"model": "gpt-oss-20b", "scheme": label, "T": t,
+                first = next(iter(outs.values()))
+                same = all(torch.equal(first, o) for o in outs.values())
+                print(json.dumps({"model": args.model, "scheme": label, "T": t,
                                   **{n: statistics.median(v) for n, v in samples.items()},
                                   "bit_identical": same, "samples": samples}), flush=True)
     finally:
-        mc.H_QUANT_FROM_AMAX = saved
+        mc.H_QUANT_FROM_AMAX, mc.GEMM2_STAGE_MAX = saved
 
 
 if __name__ == "__main__":
