@@ -566,6 +566,15 @@ def make_logger(path):
     return log
 
 
+def print_tool_header() -> None:
+    """The first line of a benchmarks/tools script's JSON-lines output: device, date, command."""
+    print(json.dumps({
+        "device": torch.cuda.get_device_name(0),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+    }), flush=True)
+
+
 def run_metadata() -> dict:
     """Device, versions, date, the exact command and the measured copy bandwidth."""
     import triton

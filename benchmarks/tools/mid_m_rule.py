@@ -15,9 +15,7 @@ Each (shape, act, M) is timed `--repeat` times per variant, round robin; medians
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -28,7 +26,15 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_linear import FP8, INT8, S_STATIC, Timer, make_weight, our_kernel  # noqa: E402
+from bench_linear import (  # noqa: E402
+    FP8,
+    INT8,
+    S_STATIC,
+    Timer,
+    make_weight,
+    our_kernel,
+    print_tool_header,
+)
 
 from w4a8_backend.kernels import triton_w4a8 as tk  # noqa: E402
 
@@ -64,11 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    print(json.dumps({
-        "device": torch.cuda.get_device_name(0),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-    }), flush=True)
+    print_tool_header()
     timer = Timer()
     new_pick, new_prefill, min_bn = tk.pick_config, tk.prefill_config, tk.PDL_MIN_BN
     variants = {

@@ -21,9 +21,7 @@ The first line is the device, date and command; then one JSON line per point.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -32,7 +30,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_linear import FP8, INT8, S_STATIC, Timer, make_weight, our_kernel  # noqa: E402
+from bench_linear import (  # noqa: E402
+    FP8,
+    INT8,
+    S_STATIC,
+    Timer,
+    make_weight,
+    our_kernel,
+    print_tool_header,
+)
 
 from w4a8_backend.kernels import triton_w4a8 as tk  # noqa: E402
 
@@ -74,11 +80,7 @@ def main() -> None:
     args = ap.parse_args()
     shapes = (SHAPES if args.shapes is None else
               [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")])
-    print(json.dumps({
-        "device": torch.cuda.get_device_name(0),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-    }), flush=True)
+    print_tool_header()
     timer = Timer()
     ms = [int(v) for v in args.ms.split(",")]
     sms = torch.cuda.get_device_properties(0).multi_processor_count

@@ -17,9 +17,7 @@ output is checked to be bit-identical between the variants.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -29,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_linear import Timer  # noqa: E402
+from bench_linear import Timer, print_tool_header  # noqa: E402
 from bench_moe import MODELS, OURS, make_moe_weights, our_layer, routing  # noqa: E402
 
 from w4a8_backend.kernels import _sm90_moe_cuda as mc  # noqa: E402
@@ -46,11 +44,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,2,4")
     ap.add_argument("--model", default="gpt-oss-20b", choices=sorted(MODELS))
     args = ap.parse_args()
-    print(json.dumps({
-        "device": torch.cuda.get_device_name(0),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-    }), flush=True)
+    print_tool_header()
     timer = Timer()
     m = MODELS[args.model]
     weights = make_moe_weights(m, seed=11)

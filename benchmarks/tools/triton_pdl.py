@@ -20,9 +20,7 @@ and every sample.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -39,6 +37,7 @@ from bench_linear import (  # noqa: E402
     Timer,
     make_weight,
     our_kernel,
+    print_tool_header,
     sequence_layers,
 )
 
@@ -58,11 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    print(json.dumps({
-        "device": torch.cuda.get_device_name(0),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-    }), flush=True)
+    print_tool_header()
     timer = Timer()
     saved = tk.PDL, tk.PDL_MIN_BM
     layers_of: dict = {}
