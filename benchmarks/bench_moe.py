@@ -331,8 +331,8 @@ def sweep(timer, log, tokens=(1, 16, 64, 512, 4096)):
 
 def cuda_parts(timer, kern, layer, x, tw, ti):
     """Each launch of the CUDA decode path alone (quantize x, GEMM1, GEMM2), in us, at the
-    default plan. A dynamic intermediate scale fused into GEMM2 (``fuse_h_quantization``):
-    GEMM1 writes float32 h and its amaxes, GEMM2 quantizes h itself; otherwise the quantization
+    default plan. With a dynamic intermediate scale GEMM1 writes float32 h and its amaxes; fused
+    into GEMM2 (``fuse_h_quantization``), GEMM2 quantizes h itself; otherwise the quantization
     launch between them is not timed."""
     from w4a8_backend.kernels import _cuda_ext
     from w4a8_backend.kernels.sm90_triton import cuda_quantize
@@ -356,8 +356,9 @@ def cuda_parts(timer, kern, layer, x, tw, ti):
     h_scale = layer.w2_input_scale.float().reshape(1) if static else None
     h_out = torch.empty((t * top_k, i), dtype=q_dtype if static else torch.float32,
                         device="cuda")
+    # GEMM1's amaxes: for GEMM2 when fused, else for the quantization launch (not timed here)
     amax = (torch.empty((t * top_k, -(-i // 8)), dtype=torch.float32, device="cuda")
-            if fused else None)
+            if not static else None)
     g1 = lambda: lib.moe_gemm(q1, xs1, w13, ti, None, None, h_scale, h_out, gated=True,  # noqa
                               k=h, rows_per_expert=2 * ip, up_offset=ip, n_out=i,
                               a_per_row=cfg.w13_scheme == P, warps=mc.GEMM1_CONFIG[0],
@@ -370,7 +371,8 @@ def cuda_parts(timer, kern, layer, x, tw, ti):
     g2 = lambda: lib.moe_gemm(a2, s2, w2, ti, None, tw, None, out, gated=False,  # noqa
                               k=i, rows_per_expert=hp, up_offset=0, n_out=h,
                               a_per_row=cfg.w2_scheme == P, warps=plan2.warps,
-                              stages=plan2.stages, stage_a=plan2.staged, amax=amax, **common)
+                              stages=plan2.stages, stage_a=plan2.staged,
+                              amax=amax if fused else None, **common)
     return {"quant_x": round(timer.time_us(
                 lambda: cuda_quantize(lib, x, act_int8, int(cfg.w13_scheme), s1)), 2),
             "gemm1": round(timer.time_us(g1), 2), "gemm2": round(timer.time_us(g2), 2),

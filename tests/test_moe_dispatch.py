@@ -82,13 +82,16 @@ def test_small_calls_take_the_cuda_moe_path(tokens, top_k, experts, cuda, hidden
 
 def test_gemm2_staging_and_fused_intermediate_quantization_rules():
     """GEMM2 stages h, and quantizes a dynamic one itself, only up to GEMM2_STAGE_MAX values
-    per CTA (Qwen3-30B-A3B's 8 x 768, not gpt-oss-20b's 4 x 2880); a static one it stages
-    above one token."""
+    per CTA (Qwen3-30B-A3B's 8 x 768, not gpt-oss-20b's 4 x 2880), a dynamic one at one token
+    only (above: the launch from GEMM1's amaxes, GEMM2 unstaged); a static one it stages above
+    one token."""
     from w4a8_backend.kernels import _sm90_moe_cuda as mc
 
-    assert mc.fuse_h_quantization(8, 768) and not mc.fuse_h_quantization(4, 2880)
+    assert mc.fuse_h_quantization(1, 8, 768) and not mc.fuse_h_quantization(1, 4, 2880)
+    assert not mc.fuse_h_quantization(2, 8, 768)  # measured slower or equal above one token
     assert mc.stage_gemm2(1, 8, 768, static_h=False) and mc.stage_gemm2(2, 8, 768, True)
     assert not mc.stage_gemm2(1, 8, 768, static_h=True)
+    assert not mc.stage_gemm2(2, 8, 768, static_h=False)
     assert not any(mc.stage_gemm2(t, 4, 2880, s) for t in (1, 4) for s in (True, False))
 
 
@@ -96,6 +99,7 @@ def test_gemm2_staging_and_fused_intermediate_quantization_rules():
     (1, 8, 768, True, (False, False, 16, 2), 0),     # Qwen3-30B-A3B static, one token
     (1, 8, 768, False, (True, True, 16, 2), 24),     # dynamic: fused, 8 rows x 3 steps staged
     (2, 8, 768, True, (False, True, 12, 2), 24),     # static above one token: staged
+    (2, 8, 768, False, (False, False, 12, 2), 0),    # dynamic above one token: the launch
     (1, 4, 2880, False, (False, False, 12, 2), 0),   # gpt-oss-20b: neither
 ])
 @pytest.mark.parametrize("corrections", [False, True])

@@ -5,7 +5,9 @@
 - `from GEMM1's amaxes`: `_sm90_moe_cuda.H_QUANT_FROM_AMAX`, the scales from GEMM1's per-CTA
   amaxes, launched with PDL after GEMM1;
 - `fused in GEMM2` (models whose top-k x intermediate fits `GEMM2_STAGE_MAX`, Qwen3-30B-A3B):
-  GEMM2 stages float32 h and quantizes it itself, the default there.
+  GEMM2 stages float32 h and quantizes it itself, at every token count (the default there at
+  one token only, `FUSE_H_MAX_TOKENS`; it was the default at 1-8 tokens when the 07:06 UTC
+  results were taken).
 
 The first two force GEMM2 unstaged (`GEMM2_STAGE_MAX` = 0). Whole layer (`kern.apply`), L2
 flushed, `bench_linear.Timer`, `--repeat` samples per variant taken round robin; the layer's
@@ -33,9 +35,9 @@ from bench_moe import MODELS, OURS, make_moe_weights, our_layer, routing  # noqa
 from w4a8_backend.kernels import _sm90_moe_cuda as mc  # noqa: E402
 
 SCHEMES = ("ours FP8 dyn-tensor", "ours INT8 per-token", "ours FP8 static")
-# name -> (GEMM2_STAGE_MAX, H_QUANT_FROM_AMAX); None: the default
-VARIANTS = {"plain launch": (0, False), "from GEMM1's amaxes": (0, True),
-            "fused in GEMM2": (None, True)}
+# name -> (GEMM2_STAGE_MAX, H_QUANT_FROM_AMAX, FUSE_H_MAX_TOKENS); None: the default
+VARIANTS = {"plain launch": (0, False, None), "from GEMM1's amaxes": (0, True, None),
+            "fused in GEMM2": (None, True, 8)}
 
 
 def main() -> None:
@@ -49,9 +51,9 @@ def main() -> None:
     m = MODELS[args.model]
     weights = make_moe_weights(m, seed=11)
     x_cal = torch.randn(64, m["hidden"], device="cuda").to(torch.bfloat16)
-    saved = mc.H_QUANT_FROM_AMAX, mc.GEMM2_STAGE_MAX
+    saved = mc.H_QUANT_FROM_AMAX, mc.GEMM2_STAGE_MAX, mc.FUSE_H_MAX_TOKENS
     variants = dict(VARIANTS)
-    if not mc.fuse_h_quantization(m["top_k"], m["inter"]):
+    if not mc.fuse_h_quantization(1, m["top_k"], m["inter"]):
         del variants["fused in GEMM2"]  # the same as "from GEMM1's amaxes" there
     try:
         for label in SCHEMES:
@@ -63,9 +65,10 @@ def main() -> None:
                 fn = lambda: kern.apply(layer, x, tw, ti, None, False)  # noqa: E731
                 outs, samples = {}, {}
                 for _ in range(args.repeat):
-                    for name, (stage_max, use) in variants.items():
+                    for name, (stage_max, use, fuse_max) in variants.items():
                         mc.H_QUANT_FROM_AMAX = use
                         mc.GEMM2_STAGE_MAX = saved[1] if stage_max is None else stage_max
+                        mc.FUSE_H_MAX_TOKENS = saved[2] if fuse_max is None else fuse_max
                         outs[name] = fn()
                         samples.setdefault(name, []).append(round(timer.time_us(fn), 2))
                 first = next(iter(outs.values()))
@@ -74,7 +77,7 @@ def main() -> None:
                                   **{n: statistics.median(v) for n, v in samples.items()},
                                   "bit_identical": same, "samples": samples}), flush=True)
     finally:
-        mc.H_QUANT_FROM_AMAX, mc.GEMM2_STAGE_MAX = saved
+        mc.H_QUANT_FROM_AMAX, mc.GEMM2_STAGE_MAX, mc.FUSE_H_MAX_TOKENS = saved
 
 
 if __name__ == "__main__":

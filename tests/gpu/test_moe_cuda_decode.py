@@ -131,6 +131,8 @@ def test_out_of_range_blocks_added_back(act, schemes, stage_max, monkeypatch, _c
 
     if stage_max is not None:
         monkeypatch.setattr(mc, "GEMM2_STAGE_MAX", stage_max)
+    else:  # the fused dynamic quantization at 4 tokens too (by default: one token only)
+        monkeypatch.setattr(mc, "FUSE_H_MAX_TOKENS", 4)
     _need_fp8(act)
     kern, layer, dense, g = build(act, *schemes, 8, 512, 192, 2, seed=33 + int(act),
                                   extreme=True)
@@ -237,6 +239,7 @@ def test_fused_intermediate_quantization_is_exact(act, scheme2, k, i, monkeypatc
                                                          (k * i - 1, True, 1, 1),
                                                          (k * i - 1, False, 2, 0)):
             monkeypatch.setattr(mc, "GEMM2_STAGE_MAX", limit)
+            monkeypatch.setattr(mc, "FUSE_H_MAX_TOKENS", t)  # the fused form at 3 tokens too
             monkeypatch.setattr(mc, "H_QUANT_FROM_AMAX", use_amax)
             quantized.clear()
             from_amax.clear()

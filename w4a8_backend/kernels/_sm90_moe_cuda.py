@@ -13,7 +13,8 @@ three launches (static scales), with the same semantics as ``_sm90_moe_triton.mo
    inside the CTA (no per-pair output, no reduction launch); it stages the token's top-k rows
    of the intermediate in shared memory as ``stage_gemm2`` decides.
 
-A dynamic intermediate scale costs no launch where ``fuse_h_quantization`` says so: GEMM1
+A dynamic intermediate scale costs no launch where ``fuse_h_quantization`` says so (one token,
+small rows): GEMM1
 writes float32 h and each CTA's amax of ``|h|``, and GEMM2 quantizes h while staging it, with
 the scale those amaxes give (the same bytes as a quantization launch would write). Otherwise
 the quantization of h is a launch between 2 and 3 that takes its scales from the same amaxes
@@ -76,20 +77,28 @@ def staged_steps(k: int, rows: int = 1) -> int:
 # rows again, which paid at Qwen3-30B-A3B's 8 x 768 and not at gpt-oss-20b's 4 x 2880 (H100,
 # docs/moe_kernels.md).
 GEMM2_STAGE_MAX = 8192
+# ... and quantizes a dynamic h itself only up to this many tokens: above, the launch from
+# GEMM1's amaxes (H_QUANT_FROM_AMAX) with GEMM2 unstaged was as fast or faster (H100, Qwen3-
+# 30B-A3B FP8 dynamic per tensor, fused against the launch: T=1 18.97 / 19.81 us, T=2 29.11 /
+# 29.13, T=4 48.38 / 48.24, T=8 88.64 / 82.06; INT8 per token T=8 89.40 / 81.93;
+# benchmarks/results/moe_h_quant_qwen3_h100_20261125_0706.jsonl)
+FUSE_H_MAX_TOKENS = 1
 
 
-def fuse_h_quantization(top_k: int, inter: int) -> bool:
+def fuse_h_quantization(tokens: int, top_k: int, inter: int) -> bool:
     """Whether a dynamic intermediate scale is applied inside GEMM2 (no launch of its own)."""
-    return top_k * inter <= GEMM2_STAGE_MAX
+    return tokens <= FUSE_H_MAX_TOKENS and top_k * inter <= GEMM2_STAGE_MAX
 
 
 def stage_gemm2(tokens: int, top_k: int, inter: int, static_h: bool) -> bool:
-    """Whether GEMM2 stages its token's rows of h in shared memory: for small rows
-    (``GEMM2_STAGE_MAX``) when it quantizes float32 h itself or above one token. (H100,
-    docs/moe_kernels.md: at Qwen3-30B-A3B staging took the FP8 static T=4 layer from 45.4 to
-    44.8 us and INT8 static from 49.6 to 48.7, and was no faster at one token, where each warp
-    has 1-3 items to spread it over.)"""
-    return fuse_h_quantization(top_k, inter) and (not static_h or tokens > 1)
+    """Whether GEMM2 stages its token's rows of h in shared memory: a dynamic h where it
+    quantizes it itself (``fuse_h_quantization``), a static one for small rows
+    (``GEMM2_STAGE_MAX``) above one token. (H100, docs/moe_kernels.md: at Qwen3-30B-A3B staging
+    took the FP8 static T=4 layer from 45.4 to 44.8 us and INT8 static from 49.6 to 48.7, and
+    was no faster at one token, where each warp has 1-3 items to spread it over.)"""
+    if static_h:
+        return tokens > 1 and top_k * inter <= GEMM2_STAGE_MAX
+    return fuse_h_quantization(tokens, top_k, inter)
 
 
 def usable(num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int) -> bool:
@@ -136,7 +145,8 @@ def gemm2_plan(lib: _cuda_ext.DecodeGemmLib, device_index: int, tokens: int, top
     warps, stages = gemm2_config(
         hidden, tokens, _num_sms(device_index),
         lambda w: lib.moe_blocks_per_sm(act_int8, False, w, 2, steps, corrections))
-    return Gemm2Plan(not static_h and fuse_h_quantization(top_k, inter), staged, warps, stages)
+    return Gemm2Plan(not static_h and fuse_h_quantization(tokens, top_k, inter), staged, warps,
+                     stages)
 
 
 def moe_forward(
