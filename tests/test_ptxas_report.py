@@ -35,6 +35,10 @@ from w4a8_backend.kernels import triton_w4a8 as tk
 out = []
 for m in (16, 64, 128):
     out.append(pr.dense_gemm(False, tk.pick_config(m, 8192, 8192, False, pr.H100_SMS)))
+# the mid-M tiles of the K = 4096 shapes: 64 x 64 and 128 x 64 at 4 warps
+out.append(pr.dense_gemm(False, tk.pick_config(64, 4096, 4096, False, pr.H100_SMS)))
+out.append(pr.dense_gemm(False, tk.pick_config(128, 6144, 4096, False, pr.H100_SMS)))
+out.append(pr.prefill_gemm(False, tk.PREFILL_CONFIG_NARROW))
 for gated in (True, False):  # the MoE prefill tiles (4096 tokens of Qwen3-30B-A3B)
     bn, bm, warps, stages = pr.mk.pick_config(4096, 4096 * 8, 128, False, gemm2=not gated)
     out.append(pr.moe_gemm(False, gated, bn, bm, warps, stages))
@@ -54,5 +58,6 @@ def test_fp8_dense_tiles_not_serialized_and_detector_sees_moe_promotion():
     for r in clean:
         assert r["registers"] > 0 and r["wgmma"] > 0, r
         assert not r["serialized"], f"ptxas serializes the FP8 tile's wgmmas: {r}"
-    assert 1 in clean[-1]["waits"], f"the TMA prefill GEMM waits for every wgmma: {clean[-1]}"
+    for prefill in (clean[-1], clean[-4]):  # the wide and the narrow tile
+        assert 1 in prefill["waits"], f"the TMA prefill GEMM waits for every wgmma: {prefill}"
     assert moe1["serialized"] and "C7514" in moe1["notes"], moe1

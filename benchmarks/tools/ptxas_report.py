@@ -1,6 +1,7 @@
 """What ptxas makes of the SM90 Triton kernels, without a GPU.
 
-Compiles the dense GEMM (`triton_w4a8._w4a8_gemm`) at the tile configs `pick_config` chooses and
+Compiles the dense GEMM (`triton_w4a8._w4a8_gemm`) at the tile configs `pick_config` chooses (at
+N = K = 8192 and the K = 4096 Llama-3-8B shapes), the prefill GEMM at both of its tiles, and
 the MoE GEMMs (`_sm90_moe_triton._moe_gemm`) at their decode tiles for `sm_90a`
 (`triton.compile` with a `GPUTarget`; needs only triton with its NVIDIA backend, which ships
 ptxas), then runs ptxas on the PTX and reports per kernel: registers, spills, shared memory,
@@ -115,9 +116,10 @@ def dense_gemm(act_int8: bool, config: tuple, dense: bool = False) -> Report:
                     "dense materialized" if dense else "dense fused")
 
 
-def prefill_gemm(act_int8: bool) -> Report:
-    """`_prefill_gemm` (the sm_90 TMA prefill GEMM) at its config, per-tensor scale."""
-    bm, bn, bk, group_m, warps, stages = tk.PREFILL_CONFIG
+def prefill_gemm(act_int8: bool, config: tuple | None = None) -> Report:
+    """`_prefill_gemm` (the sm_90 TMA prefill GEMM) at ``config`` (default `PREFILL_CONFIG`),
+    per-tensor scale."""
+    bm, bn, bk, group_m, warps, stages = config or tk.PREFILL_CONFIG
     dt = "i8" if act_int8 else "fp8e4nv"
     types = {"x_desc": f"tensordesc<{dt}[{bm}, {bk}]>", "w_desc": f"tensordesc<{dt}[{bn}, {bk}]>",
              "xs_ptr": "*fp32", "rs_ptr": "*fp32", "y_ptr": "*bf16", "bias_ptr": "*bf16"}
@@ -149,14 +151,18 @@ def default_reports() -> list[Report]:
     reports = []
     for act_int8 in (False, True):
         seen = set()
-        for m in (1, 16, 32, 64, 128, 256):
-            cfg = tk.pick_config(m, 8192, 8192, act_int8, H100_SMS)
-            if cfg not in seen:
-                seen.add(cfg)
-                reports.append(dense_gemm(act_int8, cfg))
+        # N = K = 8192, and K = 4096 (the Llama-3-8B projections), where the mid-M tiles differ
+        for n, k in ((8192, 8192), (4096, 4096), (6144, 4096)):
+            for m in (1, 16, 32, 64, 128, 256):
+                cfg = tk.pick_config(m, n, k, act_int8, H100_SMS)
+                if cfg not in seen:
+                    seen.add(cfg)
+                    reports.append(dense_gemm(act_int8, cfg))
         reports.append(dense_gemm(act_int8, tk.pick_config(4096, 8192, 8192, act_int8,
                                                            H100_SMS, dense=True), dense=True))
         reports.append(prefill_gemm(act_int8))
+        if not act_int8:
+            reports.append(prefill_gemm(act_int8, tk.PREFILL_CONFIG_NARROW))
         for gated in (True, False):
             reports.append(moe_gemm(act_int8, gated))
             # the prefill tile (4096 tokens of Qwen3-30B-A3B: 128 experts, top 8)
