@@ -566,12 +566,14 @@ def make_logger(path):
     return log
 
 
-def print_tool_header() -> None:
-    """The first line of a benchmarks/tools script's JSON-lines output: device, date, command."""
+def print_tool_header(**extra) -> None:
+    """The first line of a benchmarks/tools script's JSON-lines output: device, date, command
+    (and ``extra`` fields)."""
     print(json.dumps({
         "device": torch.cuda.get_device_name(0),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        **extra,
     }), flush=True)
 
 

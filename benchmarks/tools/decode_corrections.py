@@ -15,9 +15,7 @@ The first line is the device, date and command; then one JSON line per (shape, s
 
 from __future__ import annotations
 
-import datetime
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from bench_linear import (  # noqa: E402
     Timer,
     make_weight,
     our_kernel,
+    print_tool_header,
 )
 
 from w4a8_backend.kernels import triton_w4a8 as tk  # noqa: E402
@@ -43,11 +42,7 @@ from w4a8_backend.kernels.sm90_triton import cuda_decode  # noqa: E402
 
 def main():
     timer = Timer()
-    print(json.dumps({
-        "device": torch.cuda.get_device_name(0),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-    }), flush=True)
+    print_tool_header()
     for n, k in SHAPES_8192 + SHAPES_LLAMA8B:
         packed, scale = make_weight(n, k, seed=n + k)
         x_cal = torch.randn(64, k, device="cuda").to(torch.bfloat16)

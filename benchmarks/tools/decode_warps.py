@@ -15,9 +15,7 @@ every sample and the medians.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -34,6 +32,7 @@ from bench_linear import (  # noqa: E402
     Timer,
     make_weight,
     our_kernel,
+    print_tool_header,
     sequence_layers,
 )
 
@@ -49,11 +48,7 @@ def main() -> None:
     ap.add_argument("--ms", default="1,4,16")
     args = ap.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    print(json.dumps({
-        "device": torch.cuda.get_device_name(0), "sms": sms,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-    }), flush=True)
+    print_tool_header(sms=sms)
     timer = Timer()
     rule = sm90_triton.cuda_decode_config
     for n, k in SHAPES:

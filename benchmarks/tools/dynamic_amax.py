@@ -23,9 +23,7 @@ The first line is the device, date and command; then one JSON line per measureme
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -44,6 +42,7 @@ from bench_linear import (  # noqa: E402
     Timer,
     make_weight,
     our_kernel,
+    print_tool_header,
 )
 
 from w4a8_backend.kernels import _cuda_ext, sm90_triton  # noqa: E402
@@ -93,12 +92,7 @@ def quant_variants(lib, x):
 
 def main():
     timer = Timer()
-    print(json.dumps({
-        "device": torch.cuda.get_device_name(0),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "one_cta_amax_max": sm90_triton.ONE_CTA_AMAX_MAX,
-    }), flush=True)
+    print_tool_header(one_cta_amax_max=sm90_triton.ONE_CTA_AMAX_MAX)
     major, minor = torch.cuda.get_device_capability()
     lib = _cuda_ext.load(major * 10 + minor)
     one_cta_max = sm90_triton.ONE_CTA_AMAX_MAX

@@ -23,9 +23,7 @@ The first line is the device, date and command; then one JSON line per point.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -34,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_linear import Timer  # noqa: E402
+from bench_linear import Timer, print_tool_header  # noqa: E402
 from bench_moe import FP8, INT8, MODELS, S, make_moe_weights, our_layer, routing  # noqa: E402
 
 from w4a8_backend.kernels import _sm90_moe_triton as mk  # noqa: E402
@@ -97,11 +95,7 @@ def main(argv=None):
                     help="skip the tile config variants")
     args = ap.parse_args(argv)
     timer = Timer()
-    print(json.dumps({"device": torch.cuda.get_device_name(),
-                      "date": datetime.datetime.now(datetime.timezone.utc).strftime(
-                          "%Y-%m-%d %H:%M UTC"),
-                      "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}),
-          flush=True)
+    print_tool_header()
     for name in args.models.split(","):
         m = MODELS[name]
         weights = make_moe_weights(m, seed=len(name))
