@@ -212,7 +212,7 @@ def moe_forward(
     if static2:
         h_scale = (w2_input_scale if w2_input_scale.dtype == torch.float32
                    else w2_input_scale.float())
-    from_amax = not static2 and not fused and H_QUANT_FROM_AMAX and inter % 8 == 0
+    from_amax = not static2 and not fused and H_QUANT_FROM_AMAX
     if fused or from_amax:
         # each GEMM1 CTA's amax of |h| (unrouted pairs: zeros, which leave it unchanged)
         amax = torch.empty((p, -(-inter // 8)), dtype=torch.float32, device=dev)
