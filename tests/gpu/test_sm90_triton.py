@@ -395,8 +395,9 @@ def check_graph_replay(kern, layer, m, k, g, reference):
 
 
 def test_pdl_launch_gives_the_same_bytes(monkeypatch):
-    """The fused Triton GEMM launched with PDL (FP8 tiles of >= PDL_MIN_BM tokens: it waits for
-    the quantization's writes at its start) computes exactly what the plain launch computes:
+    """The fused Triton GEMM launched with PDL (FP8 tiles of >= PDL_MIN_BN x PDL_MIN_BM: it
+    waits for the quantization's writes at its start) computes exactly what the plain launch
+    computes:
     split-K tiles, M below and above the rule, eager and replayed in a CUDA graph (a captured
     PDL edge), on the op's Triton path."""
     from w4a8_backend.kernels import sm90_triton, triton_w4a8
