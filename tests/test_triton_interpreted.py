@@ -115,9 +115,6 @@ DENSE_SCRIPT = textwrap.dedent("""
         # FP8 and INT8 per row also through the sm_90 prefill GEMM (TMA descriptors, persistent)
         paths += [(name + ", TMA", "tma", dense, pf) for name, _, dense, pf in paths[2:]
                   if pf is not None or not i8]
-        if i8:  # the fused GEMM moving each block's code to the row's reference itself
-            paths.append(("fused split-K, one reference per row", (64, 64, 256, 2, 4, 2), None,
-                          pf))
         for name, cfg, dense, pf in paths:
             tma = cfg == "tma"
             if tma:

@@ -107,8 +107,7 @@ def dense_gemm(act_int8: bool, config: tuple, dense: bool = False) -> Report:
     bn, bm, bk, split, warps, stages = config
     act = "*i8" if act_int8 else "*fp8e4nv"
     types = {"x_ptr": act, "xs_ptr": "*fp32", "w_ptr": act if dense else "*u8", "c_ptr": "*u8",
-             "rs_ptr": "*u8" if act_int8 else "*fp32", "rr_ptr": "*fp32", "y_ptr": "*bf16",
-             "bias_ptr": "*bf16",
+             "rs_ptr": "*u8" if act_int8 else "*fp32", "y_ptr": "*bf16", "bias_ptr": "*bf16",
              "ws_ptr": "*fp32", "cnt_ptr": "*i32", "lut_ptr": "*i32"}
     const = dict(ACT_INT8=act_int8, PER_TOKEN=False, HAS_BIAS=False, W_DENSE=dense,
                  ROW_REF=False, SPLIT_K=split, DECODE_LUT=True, BN=bn, BM=bm, BK=bk,

@@ -315,7 +315,7 @@ def _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN: tl.constexpr, BK: tl.
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _w4a8_gemm(
-    x_ptr, xs_ptr, w_ptr, c_ptr, rs_ptr, rr_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, lut_ptr,
+    x_ptr, xs_ptr, w_ptr, c_ptr, rs_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, lut_ptr,
     M, N, K, KP, KP2, KP32, NP, stride_ym, iters_per_split,
     ACT_INT8: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_DENSE: tl.constexpr, ROW_REF: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -337,17 +337,10 @@ def _w4a8_gemm(
 
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     if ROW_REF:
-        # INT8 with one reference per row (rr_ptr: float32 2**(top - 131), int8_prefill_rows):
-        # exact int32 sums over the whole K, so the MMAs chain like FP8's; rescaled once in the
-        # epilogue. The materialized weight already holds the per-row codes; the fused loop
-        # moves each block's code by tile_exp - row_exp (blocks that leave the window decode to
-        # 0 and are in the per-row side table)
-        tl.static_assert(ACT_INT8, "ROW_REF is INT8")
+        # INT8 dense weight with one reference per row (rs_ptr: float32 2**(top - 131)):
+        # exact int32 sums over the whole K, rescaled once in the epilogue
+        tl.static_assert(ACT_INT8 and W_DENSE, "ROW_REF is the INT8 dense (prefill) GEMM")
         acc_i = tl.zeros([BN, BM], dtype=tl.int32)
-        if not W_DENSE:
-            tl.static_assert(BK == INT8_TILE_K, "INT8 needs one reference tile per K step")
-            row_exp = tl.load(rr_ptr + offs_n).to(tl.int32, bitcast=True) >> 23
-            e_next = tl.load(rs_ptr + it0 * NP + offs_n)
     elif ACT_INT8:
         tl.static_assert(BK == INT8_TILE_K, "INT8 needs one reference tile per K step")
         # the tile exponents are one byte per row (not pipelined by cp.async): prefetch by hand
@@ -375,22 +368,13 @@ def _w4a8_gemm(
             else:
                 acc = tl.dot(w, xt, acc)
         else:
-            if ROW_REF:
-                e = e_next
-                e_next = tl.load(rs_ptr + tl.minimum(it + 1, n_iters - 1) * NP + offs_n)
-                w_lo, w_hi = _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN, BK, ACT_INT8,
-                                           DECODE_LUT, e.to(tl.int32) - row_exp)
-            else:
-                w_lo, w_hi = _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN, BK, ACT_INT8,
-                                           DECODE_LUT)
+            w_lo, w_hi = _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN, BK, ACT_INT8,
+                                       DECODE_LUT)
             xk = k0 + kx
             x_lo = tl.load(x_rows + xk[:, None], mask=m_mask[None, :] & (xk < K)[:, None], other=0.0)
             x_hi = tl.load(x_rows + (xk + 32)[:, None],
                            mask=m_mask[None, :] & (xk + 32 < K)[:, None], other=0.0)
-            if ROW_REF:
-                acc_i = tl.dot(w_lo, x_lo, acc_i, out_dtype=tl.int32)
-                acc_i = tl.dot(w_hi, x_hi, acc_i, out_dtype=tl.int32)
-            elif ACT_INT8:
+            if ACT_INT8:
                 p = tl.dot(w_lo, x_lo, out_dtype=tl.int32)
                 p = tl.dot(w_hi, x_hi, p, out_dtype=tl.int32)
             else:
@@ -421,11 +405,11 @@ def _w4a8_gemm(
                 acc += tl.load(ws_tile + s * tile_stride, mask=st_mask, other=0.0,
                                cache_modifier=".cg")
             tl.atomic_xchg(cnt, 0)
-            _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, rr_ptr if ROW_REF else rs_ptr, y_ptr,
-                      bias_ptr, N, stride_ym, ACT_INT8 and not ROW_REF, PER_TOKEN, HAS_BIAS)
+            _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, rs_ptr, y_ptr, bias_ptr, N, stride_ym,
+                      ACT_INT8 and not ROW_REF, PER_TOKEN, HAS_BIAS)
     else:
-        _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, rr_ptr if ROW_REF else rs_ptr, y_ptr,
-                  bias_ptr, N, stride_ym, ACT_INT8 and not ROW_REF, PER_TOKEN, HAS_BIAS)
+        _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, rs_ptr, y_ptr, bias_ptr, N, stride_ym,
+                  ACT_INT8 and not ROW_REF, PER_TOKEN, HAS_BIAS)
 
 
 @triton.jit
@@ -692,19 +676,16 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
               dense: torch.Tensor | None = None,
               prefill_row_scale: torch.Tensor | None = None, tma: bool | None = None,
               tma_config=None) -> torch.Tensor:
-    """``dense``: the materialized weight (prefill). INT8 with ``prefill_row_scale``
-    (``int8_prefill_rows``): one reference per row, so the blocks outside a row's window are
-    left to that side table's correction; ``dense`` must then have been materialized against
-    it (``materialize(..., prefill_row_scale)``), and without ``dense`` the fused GEMM moves the
-    codes itself.
+    """``dense``: the materialized weight (prefill); INT8 with ``prefill_row_scale``: it was
+    materialized against one reference per row (``materialize(..., prefill_row_scale)``).
     ``tma``: the dense FP8 and INT8-per-row GEMMs as ``_prefill_gemm`` (default: on sm_90 and
     newer) with ``tma_config`` (default ``prefill_config``); otherwise, and for the per-tile INT8
     weight, ``_w4a8_gemm`` with ``config``. (The per-tile INT8 GEMM on TMA loads was slower:
     748 against 643 us at N = K = 8192, M = 4096, H100, in the sweep below.)"""
     m, k = q.shape
     row_ref = prefill_row_scale is not None
-    if row_ref and not act_int8:
-        raise ValueError("prefill_row_scale (one reference per row) is for INT8 activations")
+    if row_ref and (dense is None or not act_int8):
+        raise ValueError("prefill_row_scale is for the INT8 dense (materialized) GEMM")
     n_pad, kp = packed.shape[0], packed.shape[1] * 2
     y = torch.empty((m, n), dtype=out_dtype, device=q.device)
     if POISON_OUTPUTS:
@@ -738,7 +719,7 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
     else:
         ws = y
     _w4a8_gemm[grid](
-        q, xs, packed if dense is None else dense, codes, row_scale,
+        q, xs, packed if dense is None else dense, codes,
         prefill_row_scale if row_ref else row_scale, y,
         bias if bias is not None else y, ws, counters, lut,
         m, n, k, kp, kp // 2, kp // 32, n_pad, y.stride(0), per_split,
