@@ -142,7 +142,7 @@ def moe_gemm(act_int8: bool, gated: bool, bn: int = 64, bm: int = 16, warps: int
                  AMAX=False, W_BF16=False, DECODE_LUT=True,
                  FP8_PROMOTE=0 if act_int8 else mk.fp8_promote(bm, gated),
                  OUT_QUANT=gated, ROUTE_INLINE=False, HAS_MAP=False, PP2=128, EP2=128, BN=bn,
-                 BM=bm, BK=256)
+                 BM=bm, BK=256, PDL=mk.PDL)  # (sm_90 launches it with PDL)
     return _compile(mk._moe_gemm, types, const, warps, stages,
                     "moe gemm1" if gated else "moe gemm2")
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import triton_w4a8 as tk
 from ._sm90_repack import INT8_TILE
@@ -59,6 +60,12 @@ FUSE_DECODE = True
 ROUTE_INLINE_MAX = 1024
 # Tests set this to fill every intermediate and output with NaN before the kernels run.
 POISON_OUTPUTS = False
+# Programmatic dependent launch between the layer's launches (sm_90+, ``tk.pdl_enabled``): each
+# kernel lets the next one start at its own start, and the next one waits for the previous
+# one's writes before it reads or writes anything (memory the caching allocator hands out again
+# may still be in use by the kernel before). So a launch's CTAs are resident when the previous
+# kernel's last ones retire. Not for the BF16 baseline (``bf16_weights``).
+PDL = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,11 +83,15 @@ def _chunk_ids(ids_ptr, map_ptr, offs, P, HAS_MAP: tl.constexpr):
 
 @triton.jit
 def _moe_route(ids_ptr, map_ptr, tab_ptr, cnt_ptr, off_ptr, amax_ptr, P,
-               HAS_MAP: tl.constexpr, ZERO_AMAX: tl.constexpr, CHUNK: tl.constexpr):
+               HAS_MAP: tl.constexpr, ZERO_AMAX: tl.constexpr, CHUNK: tl.constexpr,
+               PDL: tl.constexpr):
     """Expert e's pairs, in pair order, at ``tab[off[e] : off[e] + cnt[e]]`` (a CSR over the
     experts: ``tab`` holds P entries whatever the routing, a token naming an expert twice
     included). One program per expert scans the ids twice: the pairs of lower experts give its
     first slot, then its own pairs are stored."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     e = tl.program_id(0)
     base = tl.arange(0, CHUNK)
     start = tl.zeros([], dtype=tl.int32)
@@ -186,7 +197,7 @@ def _moe_gemm(
     GATED: tl.constexpr, CORR: tl.constexpr, AMAX: tl.constexpr,
     W_BF16: tl.constexpr, DECODE_LUT: tl.constexpr, FP8_PROMOTE: tl.constexpr,
     OUT_QUANT: tl.constexpr, ROUTE_INLINE: tl.constexpr, HAS_MAP: tl.constexpr, PP2: tl.constexpr,
-    EP2: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    EP2: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
 ):
     """out^T tile [BN, BM] = W_e[rows] @ A[rows of the block]^T, see the module docstring.
 
@@ -199,7 +210,11 @@ def _moe_gemm(
     static scale in ``qs_ptr``.
     ROUTE_INLINE: the expert's pairs found from the P ids here instead of ``_moe_route``'s
     table (small P: every program scans them; the same pair order).
+    PDL: launched while the previous kernel may still run (see ``PDL``).
     """
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     if ROUTE_INLINE:
@@ -313,7 +328,9 @@ def _valid_pair(ids_ptr, map_ptr, p, E, HAS_MAP: tl.constexpr):
 @triton.jit
 def _moe_reduce(y_ptr, w_ptr, ids_ptr, map_ptr, out_ptr, H, E, stride_out,
                 TOPK: tl.constexpr, HAS_MAP: tl.constexpr, WEIGHTED: tl.constexpr,
-                BH: tl.constexpr):
+                BH: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
     t = tl.program_id(0)
     offs = tl.program_id(1) * BH + tl.arange(0, BH)
     hm = offs < H
@@ -337,10 +354,12 @@ def quantize_x(x: torch.Tensor, act_int8: bool, scheme: int, input_scale):
     return tk.quantize_activation_gpu(x, act_int8, scheme, input_scale)
 
 
-def quantize_h(h: torch.Tensor, act_int8: bool, scheme: int, input_scale, amax: torch.Tensor):
+def quantize_h(h: torch.Tensor, act_int8: bool, scheme: int, input_scale, amax: torch.Tensor,
+               pdl: bool = False):
     """All routed intermediate rows ``h [P, I]`` with the dense backend's ``_quant_act``; for a
     dynamic per-tensor scale its amax comes from GEMM1 (over the valid pairs only: rows of
-    pairs routed off this rank are never written and must not enter it)."""
+    pairs routed off this rank are never written and must not enter it). ``pdl``: it lets
+    GEMM2 start early (GEMM2 waits for its writes)."""
     m, k = h.shape
     q = torch.empty((m, k), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn,
                     device=h.device)
@@ -357,7 +376,7 @@ def quantize_h(h: torch.Tensor, act_int8: bool, scheme: int, input_scale, amax: 
     one_pass = k <= 16384
     block = triton.next_power_of_2(k) if one_pass else 4096
     tk._quant_act[(m,)](h, q, s_in, s_out, k, h.stride(0), 1, ACT_INT8=act_int8, MODE=scheme,
-                        ONE_PASS=one_pass, BLOCK=block, PART_P2=1, PDL=False,
+                        ONE_PASS=one_pass, BLOCK=block, PART_P2=1, PDL=pdl,
                         num_warps=8 if block >= 4096 else 4)
     return q, s_out
 
@@ -486,6 +505,7 @@ def moe_forward(
     emap = expert_map if has_map else topk_ids
     amax_needed = scheme2 == 2 and not bf16_weights
     f32 = torch.float32
+    pdl = PDL and not bf16_weights and tk.pdl_enabled(dev)
 
     ep2 = max(16, triton.next_power_of_2(e))
     pp2 = max(16, triton.next_power_of_2(p))
@@ -511,7 +531,8 @@ def moe_forward(
         off = torch.empty((e,), dtype=torch.int32, device=dev)
         chunk = min(1024, max(16, triton.next_power_of_2(p)))
         _moe_route[(e,)](topk_ids, emap, tab, cnt, off, amax.view(torch.int32), p,
-                         HAS_MAP=has_map, ZERO_AMAX=amax_needed, CHUNK=chunk, num_warps=4)
+                         HAS_MAP=has_map, ZERO_AMAX=amax_needed, CHUNK=chunk, PDL=pdl,
+                         num_warps=4, launch_pdl=pdl)
 
     lut = tk.DECODE_LUT
     k1, k2 = hidden, inter
@@ -543,7 +564,7 @@ def moe_forward(
         AMAX=amax_needed, W_BF16=bf16_weights, DECODE_LUT=lut,
         FP8_PROMOTE=fp8_promote(bm1, True), OUT_QUANT=h_out_quant,
         ROUTE_INLINE=route_inline, HAS_MAP=has_map, PP2=pp2, EP2=ep2, BN=bn1, BM=bm1, BK=bk,
-        num_warps=w1_, num_stages=st1,
+        PDL=pdl, num_warps=w1_, num_stages=st1, launch_pdl=pdl,
     )
 
     # GEMM2 input
@@ -552,7 +573,7 @@ def moe_forward(
     elif h_out_quant:
         a2, s2, per_row2 = hbuf, w2_input_scale, False
     else:
-        a2, s2 = quantize_h(hbuf, act_int8, scheme2, w2_input_scale, amax)
+        a2, s2 = quantize_h(hbuf, act_int8, scheme2, w2_input_scale, amax, pdl)
         per_row2 = scheme2 == 3
 
     # GEMM2
@@ -570,13 +591,14 @@ def moe_forward(
         ACT_INT8=act_int8, PER_ROW=per_row2, A_BY_TOKEN=False, GATED=False, CORR=corr2,
         AMAX=False, W_BF16=bf16_weights, DECODE_LUT=lut, FP8_PROMOTE=fp8_promote(bm2, False),
         OUT_QUANT=False, ROUTE_INLINE=route_inline,
-        HAS_MAP=has_map, PP2=pp2, EP2=ep2, BN=bn2, BM=bm2, BK=bk, num_warps=w2_,
-        num_stages=st2,
+        HAS_MAP=has_map, PP2=pp2, EP2=ep2, BN=bn2, BM=bm2, BK=bk, PDL=pdl, num_warps=w2_,
+        num_stages=st2, launch_pdl=pdl,
     )
 
     # top-k reduction
     bh = min(1024, triton.next_power_of_2(hidden))
     _moe_reduce[(t, triton.cdiv(hidden, bh))](
         y, topk_weights, topk_ids, emap, out, hidden, e, out.stride(0),
-        TOPK=top_k, HAS_MAP=has_map, WEIGHTED=weighted, BH=bh, num_warps=4)
+        TOPK=top_k, HAS_MAP=has_map, WEIGHTED=weighted, BH=bh, PDL=pdl, num_warps=4,
+        launch_pdl=pdl)
     return out
