@@ -111,7 +111,7 @@ def dense_gemm(act_int8: bool, config: tuple, dense: bool = False) -> Report:
              "ws_ptr": "*fp32", "cnt_ptr": "*i32", "lut_ptr": "*i32"}
     const = dict(ACT_INT8=act_int8, PER_TOKEN=False, HAS_BIAS=False, W_DENSE=dense,
                  ROW_REF=False, SPLIT_K=split, DECODE_LUT=True, BN=bn, BM=bm, BK=bk,
-                 PDL=pdl)
+                 PDL=pdl, RELEASE=False)
     return _compile(tk._w4a8_gemm, types, const, warps, stages,
                     "dense materialized" if dense else "dense fused")
 

@@ -394,24 +394,26 @@ def check_graph_replay(kern, layer, m, k, g, reference):
         assert rel_err(y_graph, reference(x)) <= REL_TOL
 
 
-def test_pdl_launch_gives_the_same_bytes(monkeypatch):
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+def test_pdl_launch_gives_the_same_bytes(monkeypatch, act):
     """The fused Triton GEMM launched with PDL (FP8 tiles of >= PDL_MIN_BN x PDL_MIN_BM: it
-    waits for the quantization's writes at its start) computes exactly what the plain launch
-    computes:
-    split-K tiles, M below and above the rule, eager and replayed in a CUDA graph (a captured
-    PDL edge), on the op's Triton path."""
+    waits for the quantization's writes at its start) and the correction launched with PDL
+    after it (both activation types: it waits for the GEMM's writes) compute exactly what the
+    plain launches compute:
+    split-K tiles, M below and above the rule, eager and replayed in a CUDA graph (captured
+    PDL edges), on the op's Triton path."""
     from w4a8_backend.kernels import sm90_triton, triton_w4a8
 
     if not triton_w4a8.pdl_enabled(torch.device("cuda")):
         pytest.skip("PDL needs sm_90 or newer")
     monkeypatch.setattr(sm90_triton, "CUDA_DECODE_MAX_M", {False: 0, True: 0})  # Triton path
-    act = FP8
     g = _gen(23)
     n, k = 4096, 8192
     packed, scale = make_weight(n, k, g, extreme=True)
     kern = make_kernel(act, ActivationScheme.DYNAMIC_PER_TOKEN, n, k)
     layer = make_layer(packed, scale)
     kern.process_weights_after_loading(layer)
+    assert layer.w4a8_corr_rows.numel() > 0  # the correction launch runs
     for m in (16, 64, 128):
         x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
         outs = {}

@@ -304,10 +304,12 @@ def mxfp4_w4a8_linear(
         if prefill_row_scale is not None:
             tk.correction(y, q, xs, per_token, *prefill_corr)
             return y
+        tk.correction(y, q, xs, per_token, corr_rows, corr_ptr, corr_blocks, corr_values)
     else:
+        pdl = corr_rows.numel() > 0 and tk.correction_pdl(x.device)
         y = tk.w4a8_gemm(q, xs, packed, codes, row_scale, counters, lut, n, act_int8, per_token,
-                         bias, out_dtype)
-    tk.correction(y, q, xs, per_token, corr_rows, corr_ptr, corr_blocks, corr_values)
+                         bias, out_dtype, release=pdl)
+        tk.correction(y, q, xs, per_token, corr_rows, corr_ptr, corr_blocks, corr_values, pdl)
     return y
 
 

@@ -63,6 +63,9 @@ DECODE_LUT = True
 PDL = True
 PDL_MIN_BM = 64
 PDL_MIN_BN = 128
+# The correction launch after the fused GEMM (layers with out-of-range blocks: INT8 nearly
+# always) with PDL: the GEMM releases it at its start, its programs wait for the GEMM's writes.
+CORRECTION_PDL = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -320,8 +323,10 @@ def _w4a8_gemm(
     ACT_INT8: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_DENSE: tl.constexpr, ROW_REF: tl.constexpr, SPLIT_K: tl.constexpr,
     DECODE_LUT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, RELEASE: tl.constexpr,
 ):
+    if RELEASE:  # the correction launched after this one with PDL may start (it waits for us)
+        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -522,7 +527,9 @@ def _materialize(w_ptr, c_ptr, rs_ptr, prs_ptr, out_ptr, KP, KP2, KP32, NP,
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _correction(x_ptr, xs_ptr, y_ptr, rows_ptr, ptr_ptr, blk_ptr, val_ptr, M, K, stride_ym,
-                PER_TOKEN: tl.constexpr, BM: tl.constexpr):
+                PER_TOKEN: tl.constexpr, BM: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched while the GEMM may still run: wait for its writes
+        gdc_wait()
     pid_r = tl.program_id(0)
     pid_m = tl.program_id(1)
     n = tl.load(rows_ptr + pid_r)
@@ -675,13 +682,14 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
               out_dtype: torch.dtype, config=None,
               dense: torch.Tensor | None = None,
               prefill_row_scale: torch.Tensor | None = None, tma: bool | None = None,
-              tma_config=None) -> torch.Tensor:
+              tma_config=None, release: bool = False) -> torch.Tensor:
     """``dense``: the materialized weight (prefill); INT8 with ``prefill_row_scale``: it was
     materialized against one reference per row (``materialize(..., prefill_row_scale)``).
     ``tma``: the dense FP8 and INT8-per-row GEMMs as ``_prefill_gemm`` (default: on sm_90 and
     newer) with ``tma_config`` (default ``prefill_config``); otherwise, and for the per-tile INT8
     weight, ``_w4a8_gemm`` with ``config``. (The per-tile INT8 GEMM on TMA loads was slower:
-    748 against 643 us at N = K = 8192, M = 4096, H100, in the sweep below.)"""
+    748 against 643 us at N = K = 8192, M = 4096, H100, in the sweep below.) ``release``:
+    ``_w4a8_gemm`` lets a correction launched next with ``pdl`` start early."""
     m, k = q.shape
     row_ref = prefill_row_scale is not None
     if row_ref and (dense is None or not act_int8):
@@ -725,7 +733,7 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
         m, n, k, kp, kp // 2, kp // 32, n_pad, y.stride(0), per_split,
         ACT_INT8=act_int8, PER_TOKEN=per_token, HAS_BIAS=bias is not None,
         W_DENSE=dense is not None, ROW_REF=row_ref, SPLIT_K=split, DECODE_LUT=DECODE_LUT,
-        BN=bn, BM=bm, BK=bk, PDL=pdl,
+        BN=bn, BM=bm, BK=bk, PDL=pdl, RELEASE=release,
         num_warps=warps, num_stages=stages, launch_pdl=pdl,
     )
     return y
@@ -805,16 +813,22 @@ def materialize(packed: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tens
     return out
 
 
+def correction_pdl(device: torch.device) -> bool:
+    """Whether the correction after the fused GEMM is launched with PDL (``CORRECTION_PDL``)."""
+    return CORRECTION_PDL and pdl_enabled(device)
+
+
 def correction(y: torch.Tensor, q: torch.Tensor, xs: torch.Tensor, per_token: bool,
                rows: torch.Tensor, ptr: torch.Tensor, blocks: torch.Tensor,
-               values: torch.Tensor) -> None:
+               values: torch.Tensor, pdl: bool = False) -> None:
+    """``pdl``: launched with PDL after a GEMM that released it (``w4a8_gemm(release=True)``)."""
     m, k = q.shape
     if rows.numel() == 0 or m == 0:
         return
     bm = min(64, max(16, triton.next_power_of_2(m)))
     _correction[(rows.numel(), triton.cdiv(m, bm))](
         q, xs, y, rows, ptr, blocks, values, m, k, y.stride(0), PER_TOKEN=per_token, BM=bm,
-        num_warps=4)
+        PDL=pdl, num_warps=4, launch_pdl=pdl)
 
 
 def scaled_mm_fp8(q: torch.Tensor, xs: torch.Tensor, dense: torch.Tensor, row_scale: torch.Tensor,
