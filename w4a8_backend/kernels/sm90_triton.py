@@ -306,9 +306,11 @@ def mxfp4_w4a8_linear(
             return y
         tk.correction(y, q, xs, per_token, corr_rows, corr_ptr, corr_blocks, corr_values)
     else:
-        pdl = corr_rows.numel() > 0 and tk.correction_pdl(x.device)
+        cfg = tk.pick_config(m, packed.shape[0], packed.shape[1] * 2, act_int8,
+                             tk.num_sms(x.device.index or 0))
+        pdl = corr_rows.numel() > 0 and tk.correction_pdl(x.device, cfg[1])
         y = tk.w4a8_gemm(q, xs, packed, codes, row_scale, counters, lut, n, act_int8, per_token,
-                         bias, out_dtype, release=pdl)
+                         bias, out_dtype, config=cfg, release=pdl)
         tk.correction(y, q, xs, per_token, corr_rows, corr_ptr, corr_blocks, corr_values, pdl)
     return y
 

@@ -65,7 +65,11 @@ PDL_MIN_BM = 64
 PDL_MIN_BN = 128
 # The correction launch after the fused GEMM (layers with out-of-range blocks: INT8 nearly
 # always) with PDL: the GEMM releases it at its start, its programs wait for the GEMM's writes.
+# Only after GEMM tiles of at most CORRECTION_PDL_MAX_BM tokens: H100, INT8, whole op, 5 shapes
+# (benchmarks/tools/correction_pdl.py): 0.94-1.03x (mean 0.99x) at M = 17-64, whose tiles are
+# 4-warp programs, but 1.00-1.06x at M = 128-256 (one 8-warp program per SM).
 CORRECTION_PDL = True
+CORRECTION_PDL_MAX_BM = 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -813,9 +817,10 @@ def materialize(packed: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tens
     return out
 
 
-def correction_pdl(device: torch.device) -> bool:
-    """Whether the correction after the fused GEMM is launched with PDL (``CORRECTION_PDL``)."""
-    return CORRECTION_PDL and pdl_enabled(device)
+def correction_pdl(device: torch.device, bm: int) -> bool:
+    """Whether the correction after a fused GEMM of ``bm``-token tiles is launched with PDL
+    (``CORRECTION_PDL``, ``CORRECTION_PDL_MAX_BM``)."""
+    return CORRECTION_PDL and bm <= CORRECTION_PDL_MAX_BM and pdl_enabled(device)
 
 
 def correction(y: torch.Tensor, q: torch.Tensor, xs: torch.Tensor, per_token: bool,
