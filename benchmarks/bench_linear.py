@@ -577,6 +577,21 @@ def print_tool_header(**extra) -> None:
     }), flush=True)
 
 
+def round_robin(timer: "Timer", fn, variants: dict, repeat: int) -> tuple[dict, dict, dict]:
+    """A same-run A/B for the benchmarks/tools scripts: ``variants`` maps a name to a callable
+    that switches its setting on. ``repeat`` rounds, each running every variant once (its
+    output kept) and timing ``fn`` under it (``timer.time_us``). Returns (the outputs of each
+    variant's last round, the samples in µs per name, their medians)."""
+    outs: dict = {}
+    samples: dict[str, list[float]] = {}
+    for _ in range(repeat):
+        for name, switch in variants.items():
+            switch()
+            outs[name] = fn()
+            samples.setdefault(name, []).append(round(timer.time_us(fn), 2))
+    return outs, samples, {name: statistics.median(v) for name, v in samples.items()}
+
+
 def run_metadata() -> dict:
     """Device, versions, date, the exact command and the measured copy bandwidth."""
     import triton

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -27,15 +26,17 @@ from bench_linear import (  # noqa: E402
     INT8,
     S_STATIC,
     S_TOKEN,
+    SHAPES_8192,
+    SHAPES_LLAMA8B,
     Timer,
     make_weight,
     our_kernel,
     print_tool_header,
+    round_robin,
 )
 
 from w4a8_backend.kernels import triton_w4a8 as tk  # noqa: E402
 
-SHAPES = ((8192, 8192), (6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
 MS = (17, 32, 64, 128, 256)
 VARIANTS = {"plain": False, "PDL": True}
 
@@ -48,24 +49,20 @@ def main() -> None:
     timer = Timer()
     saved = tk.CORRECTION_PDL
     try:
-        for n, k in SHAPES:
+        for n, k in SHAPES_8192 + SHAPES_LLAMA8B:
             packed, scale = make_weight(n, k, seed=n + k)
             x_cal = torch.randn(64, k, device="cuda").to(torch.bfloat16)
             for scheme in (S_STATIC, S_TOKEN):
                 kern, layer = our_kernel(packed, scale, INT8, scheme, x_cal)
                 for m in MS:
                     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-                    outs, samples = {}, {}
-                    for _ in range(args.repeat):
-                        for name, on in VARIANTS.items():
-                            tk.CORRECTION_PDL = on
-                            outs[name] = kern.apply(layer, x, None)
-                            samples.setdefault(name, []).append(round(timer.time_us(
-                                lambda: kern.apply(layer, x, None)), 2))
+                    outs, samples, medians = round_robin(
+                        timer, lambda: kern.apply(layer, x, None),
+                        {name: lambda on=on: setattr(tk, "CORRECTION_PDL", on)
+                         for name, on in VARIANTS.items()}, args.repeat)
                     print(json.dumps({
                         "N": n, "K": k, "M": m, "scheme": scheme.name,
-                        "blocks": int(layer.w4a8_corr_blocks.numel()),
-                        **{name: statistics.median(v) for name, v in samples.items()},
+                        "blocks": int(layer.w4a8_corr_blocks.numel()), **medians,
                         "bit_identical": torch.equal(outs["plain"], outs["PDL"]),
                         "samples": samples}), flush=True)
     finally:

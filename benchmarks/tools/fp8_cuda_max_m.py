@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,15 +25,17 @@ from bench_linear import (  # noqa: E402
     FP8,
     S_STATIC,
     S_TENSOR,
+    SHAPES_8192,
+    SHAPES_LLAMA8B,
     Timer,
     make_weight,
     our_kernel,
     print_tool_header,
+    round_robin,
 )
 
 from w4a8_backend.kernels import sm90_triton  # noqa: E402
 
-SHAPES = ((8192, 8192), (6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
 MS = (9, 12, 16)
 VARIANTS = {"triton": 8, "cuda": 16}
 
@@ -47,26 +48,22 @@ def main() -> None:
     timer = Timer()
     saved = dict(sm90_triton.CUDA_DECODE_MAX_M)
     try:
-        for n, k in SHAPES:
+        for n, k in SHAPES_8192 + SHAPES_LLAMA8B:
             packed, scale = make_weight(n, k, seed=n + k)
             x_cal = torch.randn(64, k, device="cuda").to(torch.bfloat16)
             for scheme in (S_STATIC, S_TENSOR):
                 kern, layer = our_kernel(packed, scale, FP8, scheme, x_cal)
                 for m in MS:
                     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-                    outs, samples = {}, {}
-                    for _ in range(args.repeat):
-                        for name, max_m in VARIANTS.items():
-                            sm90_triton.CUDA_DECODE_MAX_M[False] = max_m
-                            outs[name] = kern.apply(layer, x, None).float()
-                            samples.setdefault(name, []).append(round(timer.time_us(
-                                lambda: kern.apply(layer, x, None)), 2))
-                    diff = ((outs["cuda"] - outs["triton"]).norm()
-                            / outs["triton"].norm()).item()
+                    outs, samples, medians = round_robin(
+                        timer, lambda: kern.apply(layer, x, None),
+                        {name: lambda max_m=max_m: sm90_triton.CUDA_DECODE_MAX_M.update(
+                            {False: max_m}) for name, max_m in VARIANTS.items()}, args.repeat)
+                    cuda, triton_ = outs["cuda"].float(), outs["triton"].float()
                     print(json.dumps({
-                        "N": n, "K": k, "M": m, "scheme": scheme.name,
-                        **{name: statistics.median(v) for name, v in samples.items()},
-                        "rel_diff": diff, "samples": samples}), flush=True)
+                        "N": n, "K": k, "M": m, "scheme": scheme.name, **medians,
+                        "rel_diff": ((cuda - triton_).norm() / triton_.norm()).item(),
+                        "samples": samples}), flush=True)
     finally:
         sm90_triton.CUDA_DECODE_MAX_M.clear()
         sm90_triton.CUDA_DECODE_MAX_M.update(saved)

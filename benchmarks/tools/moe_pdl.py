@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_linear import Timer, print_tool_header  # noqa: E402
+from bench_linear import Timer, print_tool_header, round_robin  # noqa: E402
 from bench_moe import MODELS, OURS, make_moe_weights, our_layer, routing  # noqa: E402
 
 from w4a8_backend.kernels import _sm90_moe_triton as mt  # noqa: E402
@@ -51,17 +50,13 @@ def main() -> None:
                 for t in (int(v) for v in args.tokens.split(",")):
                     x = torch.randn(t, m["hidden"], device="cuda").to(torch.bfloat16)
                     tw, ti = routing(t, m, 100 + t)
-                    fn = lambda: kern.apply(layer, x, tw, ti, None, False)  # noqa: E731
-                    outs, samples = {}, {}
-                    for _ in range(args.repeat):
-                        for name, on in VARIANTS.items():
-                            mt.PDL = on
-                            outs[name] = fn()
-                            samples.setdefault(name, []).append(round(timer.time_us(fn), 2))
+                    outs, samples, medians = round_robin(
+                        timer, lambda: kern.apply(layer, x, tw, ti, None, False),
+                        {name: lambda on=on: setattr(mt, "PDL", on)
+                         for name, on in VARIANTS.items()}, args.repeat)
                     first = next(iter(outs.values()))
                     same = all(torch.equal(first, o) for o in outs.values())
-                    print(json.dumps({"model": model, "scheme": label, "T": t,
-                                      **{n: statistics.median(v) for n, v in samples.items()},
+                    print(json.dumps({"model": model, "scheme": label, "T": t, **medians,
                                       "bit_identical": same, "samples": samples}), flush=True)
     finally:
         mt.PDL = saved
