@@ -30,6 +30,8 @@ from bench_linear import (  # noqa: E402
     FP8,
     INT8,
     S_STATIC,
+    SHAPES_8192,
+    SHAPES_LLAMA8B,
     Timer,
     make_weight,
     our_kernel,
@@ -38,7 +40,7 @@ from bench_linear import (  # noqa: E402
 
 from w4a8_backend.kernels import triton_w4a8 as tk  # noqa: E402
 
-SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (8192, 8192))
+SHAPES = SHAPES_LLAMA8B + SHAPES_8192
 MID_MS = (40, 48, 64, 80, 96, 128, 160, 192, 256, 320)
 PREFILL_MS = (384, 512, 768, 1024)
 
