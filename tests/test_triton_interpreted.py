@@ -132,6 +132,23 @@ DENSE_SCRIPT = textwrap.dedent("""
                           table.corr_values)
             err = per_n(y)
             assert err < 1e-5 < missing, (act.name, name, err, missing)
+    # experiment: int8 activations as two exact E4M3 planes on the FP8 weight repacking
+    q, xs = quantize_activation(x, ActivationDtype.INT8, ActivationScheme.DYNAMIC_PER_TOKEN)
+    xs = xs.reshape(-1).contiguous()
+    ref = reference_linear(x, packed, scale, ActivationDtype.INT8,
+                           ActivationScheme.DYNAMIC_PER_TOKEN)
+    planes = tk.split_int8(q)
+    assert torch.equal(planes.float().sum(0), q.float())
+    rp = repack_mxfp4(packed, scale, False)
+    assert rp.num_out_of_range > 0
+    for cfg in ((64, 64, 256, 1, 4, 2), (64, 64, 256, 2, 4, 2)):
+        y = tk.w4a8_gemm(planes, xs, rp.packed, rp.codes, rp.row_scale,
+                         torch.zeros(64, dtype=torch.int32), decode_lut(False), n, False, True,
+                         None, torch.float32, config=cfg, x_split=True)
+        missing = ((y - ref).norm(dim=0) / ref.norm(dim=0)).max().item()
+        tk.correction(y, q, xs, True, rp.corr_rows, rp.corr_ptr, rp.corr_blocks, rp.corr_values)
+        err = ((y - ref).norm(dim=0) / ref.norm(dim=0)).max().item()
+        assert err < 1e-5 < missing, ("int8 split", cfg, err, missing)
     print("ok")
 """)
 

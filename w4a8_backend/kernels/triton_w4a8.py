@@ -327,7 +327,7 @@ def _w4a8_gemm(
     ACT_INT8: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_DENSE: tl.constexpr, ROW_REF: tl.constexpr, SPLIT_K: tl.constexpr,
     DECODE_LUT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-    PDL: tl.constexpr, RELEASE: tl.constexpr,
+    PDL: tl.constexpr, RELEASE: tl.constexpr, X_SPLIT: tl.constexpr = False,
 ):
     if RELEASE:  # the correction launched after this one with PDL may start (it waits for us)
         gdc_launch_dependents()
@@ -383,7 +383,19 @@ def _w4a8_gemm(
             x_lo = tl.load(x_rows + xk[:, None], mask=m_mask[None, :] & (xk < K)[:, None], other=0.0)
             x_hi = tl.load(x_rows + (xk + 32)[:, None],
                            mask=m_mask[None, :] & (xk + 32 < K)[:, None], other=0.0)
-            if ACT_INT8:
+            if X_SPLIT:
+                # int8 activations as two exact E4M3 planes, 16 * floor(q / 16) and the rest
+                # (split_int8): FP8 weights, two MMAs per half
+                tl.static_assert(not ACT_INT8, "X_SPLIT runs on the FP8 weight path")
+                y_lo = tl.load(x_rows + M * K + xk[:, None],
+                               mask=m_mask[None, :] & (xk < K)[:, None], other=0.0)
+                y_hi = tl.load(x_rows + M * K + (xk + 32)[:, None],
+                               mask=m_mask[None, :] & (xk + 32 < K)[:, None], other=0.0)
+                acc = tl.dot(w_lo, x_lo, acc)
+                acc = tl.dot(w_lo, y_lo, acc)
+                acc = tl.dot(w_hi, x_hi, acc)
+                acc = tl.dot(w_hi, y_hi, acc)
+            elif ACT_INT8:
                 p = tl.dot(w_lo, x_lo, out_dtype=tl.int32)
                 p = tl.dot(w_hi, x_hi, p, out_dtype=tl.int32)
             else:
@@ -686,15 +698,19 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
               out_dtype: torch.dtype, config=None,
               dense: torch.Tensor | None = None,
               prefill_row_scale: torch.Tensor | None = None, tma: bool | None = None,
-              tma_config=None, release: bool = False) -> torch.Tensor:
+              tma_config=None, release: bool = False, x_split: bool = False) -> torch.Tensor:
     """``dense``: the materialized weight (prefill); INT8 with ``prefill_row_scale``: it was
     materialized against one reference per row (``materialize(..., prefill_row_scale)``).
     ``tma``: the dense FP8 and INT8-per-row GEMMs as ``_prefill_gemm`` (default: on sm_90 and
     newer) with ``tma_config`` (default ``prefill_config``); otherwise, and for the per-tile INT8
     weight, ``_w4a8_gemm`` with ``config``. (The per-tile INT8 GEMM on TMA loads was slower:
     748 against 643 us at N = K = 8192, M = 4096, H100, in the sweep below.) ``release``:
-    ``_w4a8_gemm`` lets a correction launched next with ``pdl`` start early."""
-    m, k = q.shape
+    ``_w4a8_gemm`` lets a correction launched next with ``pdl`` start early. ``x_split``
+    (experiment): ``q`` is ``split_int8``'s [2, M, K] E4M3 planes of int8 activations and the
+    weight is the FP8 repacking (``act_int8`` False)."""
+    m, k = q.shape[-2:]
+    if x_split and (act_int8 or dense is not None or q.dim() != 3 or q.shape[0] != 2):
+        raise ValueError("x_split takes [2, M, K] E4M3 planes on the fused FP8-weight GEMM")
     row_ref = prefill_row_scale is not None
     if row_ref and (dense is None or not act_int8):
         raise ValueError("prefill_row_scale is for the INT8 dense (materialized) GEMM")
@@ -737,7 +753,7 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
         m, n, k, kp, kp // 2, kp // 32, n_pad, y.stride(0), per_split,
         ACT_INT8=act_int8, PER_TOKEN=per_token, HAS_BIAS=bias is not None,
         W_DENSE=dense is not None, ROW_REF=row_ref, SPLIT_K=split, DECODE_LUT=DECODE_LUT,
-        BN=bn, BM=bm, BK=bk, PDL=pdl, RELEASE=release,
+        BN=bn, BM=bm, BK=bk, PDL=pdl, RELEASE=release, X_SPLIT=x_split,
         num_warps=warps, num_stages=stages, launch_pdl=pdl,
     )
     return y
@@ -815,6 +831,14 @@ def materialize(packed: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tens
         kp, kp // 2, kp // 32, n_pad, ACT_INT8=act_int8, ROW_REF=row_ref, BN=bn, BK=bk,
         DECODE_LUT=DECODE_LUT, num_warps=4)
     return out
+
+
+def split_int8(q: torch.Tensor) -> torch.Tensor:
+    """int8 activations [M, K] as two E4M3 planes [2, M, K]: 16 * floor(q / 16) in {-128, ...,
+    112} and q - that in [0, 15], both exact in E4M3, summing to q exactly (experiment:
+    INT8 activations on the FP8 weight path, docs/int8_kernel.md)."""
+    hi = torch.div(q, 16, rounding_mode="floor") * 16
+    return torch.stack((hi, q - hi)).to(torch.float16).to(torch.float8_e4m3fn)
 
 
 def correction_pdl(device: torch.device, bm: int) -> bool:
