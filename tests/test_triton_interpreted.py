@@ -82,6 +82,17 @@ MOE_SCRIPT = textwrap.dedent("""
 
 DENSE_SCRIPT = textwrap.dedent("""
     import torch
+    import triton
+    import triton.language as tl  # noqa: F401  (the interpreter wants it visible in jit functions)
+    from triton.language.extra import libdevice
+
+
+    @triton.jit
+    def _rint(x):  # libdevice.rint has no interpreter version: round half to even for |x| < 2**22
+        return (x + 12582912.0) - 12582912.0
+
+
+    libdevice.rint = _rint
     from w4a8_backend.formats import (ActivationDtype, ActivationScheme, quantize_activation,
                                       quantize_mxfp4, reference_linear)
     from w4a8_backend.kernels import triton_w4a8 as tk
@@ -139,6 +150,15 @@ DENSE_SCRIPT = textwrap.dedent("""
                            ActivationScheme.DYNAMIC_PER_TOKEN)
     planes = tk.split_int8(q)
     assert torch.equal(planes.float().sum(0), q.float())
+    for scheme in ActivationScheme:  # the quantization kernel writes the same planes
+        s_in = (x.float().abs().amax() / 100.0).reshape(1)
+        q_s, xs_s = quantize_activation(x, ActivationDtype.INT8, scheme,
+                                        s_in if scheme == ActivationScheme.STATIC_PER_TENSOR
+                                        else None)
+        got, xs_got = tk.quantize_activation_gpu(x, True, int(scheme), s_in if scheme ==
+                                                 ActivationScheme.STATIC_PER_TENSOR else None,
+                                                 split=True)
+        assert torch.equal(got.view(torch.uint8), tk.split_int8(q_s).view(torch.uint8)), scheme
     rp = repack_mxfp4(packed, scale, False)
     assert rp.num_out_of_range > 0
     for cfg in ((64, 64, 256, 1, 4, 2), (64, 64, 256, 2, 4, 2)):
@@ -146,7 +166,8 @@ DENSE_SCRIPT = textwrap.dedent("""
                          torch.zeros(64, dtype=torch.int32), decode_lut(False), n, False, True,
                          None, torch.float32, config=cfg, x_split=True)
         missing = ((y - ref).norm(dim=0) / ref.norm(dim=0)).max().item()
-        tk.correction(y, q, xs, True, rp.corr_rows, rp.corr_ptr, rp.corr_blocks, rp.corr_values)
+        tk.correction(y, planes, xs, True, rp.corr_rows, rp.corr_ptr, rp.corr_blocks,
+                      rp.corr_values)
         err = ((y - ref).norm(dim=0) / ref.norm(dim=0)).max().item()
         assert err < 1e-5 < missing, ("int8 split", cfg, err, missing)
     print("ok")

@@ -8,9 +8,9 @@ round robin:
 
 - `int8`: the INT8 layer as it runs today (`kern.apply`: quantization, per-tile INT8 GEMM,
   correction);
-- `split`: the int8 quantization, the split GEMM on the FP8 repacking and its correction.
-  The planes of this call's q are made once outside the timed call (a real path would write
-  them from the quantization kernel), so the column is a lower bound for that path;
+- `split`: the int8 quantization writing the two planes (`quantize_activation_gpu(...,
+  split=True)`), the split GEMM on the FP8 repacking and its correction (which reads the
+  planes);
 - `split_gemm`: the split GEMM alone.
 
 The split GEMM takes the FP8 tile rule, with 2 stages where 128-token tiles would overflow
@@ -72,8 +72,8 @@ def main() -> None:
             _, fp8 = our_kernel(packed, scale, FP8, S_STATIC, x_cal)  # its repacking only
             for m in MS:
                 x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-                q, xs = tk.quantize_activation_gpu(x, True, int(scheme), layer.input_scale)
-                planes = tk.split_int8(q)
+                planes, xs = tk.quantize_activation_gpu(x, True, int(scheme), layer.input_scale,
+                                                        split=True)
                 cfg = split_config(m, fp8.weight.shape[0], k, sms)
 
                 def split_gemm():
@@ -83,12 +83,13 @@ def main() -> None:
                                         x_split=True)
 
                 def split_op():
-                    q2, xs2 = tk.quantize_activation_gpu(x, True, int(scheme), layer.input_scale)
-                    y = tk.w4a8_gemm(planes, xs2, fp8.weight, fp8.weight_scale,
+                    p2, xs2 = tk.quantize_activation_gpu(x, True, int(scheme), layer.input_scale,
+                                                         split=True)
+                    y = tk.w4a8_gemm(p2, xs2, fp8.weight, fp8.weight_scale,
                                      fp8.w4a8_row_scale, fp8.w4a8_counters, fp8.w4a8_lut, n,
                                      False, per_token, None, torch.bfloat16, config=cfg,
                                      x_split=True)
-                    tk.correction(y, q2, xs2, per_token, fp8.w4a8_corr_rows, fp8.w4a8_corr_ptr,
+                    tk.correction(y, p2, xs2, per_token, fp8.w4a8_corr_rows, fp8.w4a8_corr_ptr,
                                   fp8.w4a8_corr_blocks, fp8.w4a8_corr_values)
                     return y
 

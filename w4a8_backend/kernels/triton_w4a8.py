@@ -162,6 +162,7 @@ def _quant_act(
     BLOCK: tl.constexpr,
     PART_P2: tl.constexpr,
     PDL: tl.constexpr,
+    SPLIT: tl.constexpr = False,
 ):
     if PDL:  # a GEMM launched after this one with PDL may start now (it waits for our writes)
         gdc_launch_dependents()
@@ -193,7 +194,18 @@ def _quant_act(
     for k0 in range(tl.program_id(1) * BLOCK, K, BLOCK * tl.num_programs(1)):
         if not ONE_PASS or MODE != 3:
             xv = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        tl.store(q_row + k0 + offs, quantize_values(xv, scale, ACT_INT8), mask=k0 + offs < K)
+        qv = quantize_values(xv, scale, ACT_INT8)
+        if SPLIT:  # (experiment) int8 codes as two exact E4M3 planes: see split_int8
+            tl.static_assert(ACT_INT8, "SPLIT splits int8 codes")
+            hi = (qv.to(tl.int32) >> 4) << 4
+            rows = tl.num_programs(0).to(tl.int64) * K  # (q_ptr: the planes, float8)
+            tl.store(q_row + k0 + offs, hi.to(tl.float32).to(tl.float8e4nv),
+                     mask=k0 + offs < K)
+            tl.store(q_row + rows + k0 + offs,
+                     (qv.to(tl.int32) - hi).to(tl.float32).to(tl.float8e4nv),
+                     mask=k0 + offs < K)
+        else:
+            tl.store(q_row + k0 + offs, qv, mask=k0 + offs < K)
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,7 +555,8 @@ def _materialize(w_ptr, c_ptr, rs_ptr, prs_ptr, out_ptr, KP, KP2, KP32, NP,
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _correction(x_ptr, xs_ptr, y_ptr, rows_ptr, ptr_ptr, blk_ptr, val_ptr, M, K, stride_ym,
-                PER_TOKEN: tl.constexpr, BM: tl.constexpr, PDL: tl.constexpr):
+                PER_TOKEN: tl.constexpr, BM: tl.constexpr, PDL: tl.constexpr,
+                X_SPLIT: tl.constexpr = False):
     if PDL:  # launched while the GEMM may still run: wait for its writes
         gdc_wait()
     pid_r = tl.program_id(0)
@@ -558,8 +571,10 @@ def _correction(x_ptr, xs_ptr, y_ptr, rows_ptr, ptr_ptr, blk_ptr, val_ptr, M, K,
     for b in range(b0, b1):
         blk = tl.load(blk_ptr + b)
         v = tl.load(val_ptr + b * 32 + j)
-        xq = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * K + blk * 32 + j[None, :],
-                     mask=m_mask[:, None], other=0.0).to(tl.float32)
+        xp = x_ptr + offs_m.to(tl.int64)[:, None] * K + blk * 32 + j[None, :]
+        xq = tl.load(xp, mask=m_mask[:, None], other=0.0).to(tl.float32)
+        if X_SPLIT:  # the two planes of split_int8 sum to the int8 codes
+            xq += tl.load(xp + M.to(tl.int64) * K, mask=m_mask[:, None], other=0.0).to(tl.float32)
         acc += tl.sum(xq * v[None, :], axis=1)
     if PER_TOKEN:
         acc = acc * tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)
@@ -589,11 +604,15 @@ QUANT_CHUNK = 2048
 
 
 def quantize_activation_gpu(x2: torch.Tensor, act_int8: bool, scheme: int,
-                            input_scale: torch.Tensor | None):
-    """x2 [M, K] (bf16/fp16/fp32, last dim contiguous) -> (q [M, K], scale fp32 [M] or [1])."""
+                            input_scale: torch.Tensor | None, split: bool = False):
+    """x2 [M, K] (bf16/fp16/fp32, last dim contiguous) -> (q [M, K], scale fp32 [M] or [1]).
+    ``split`` (experiment, INT8): q as ``split_int8``'s [2, M, K] E4M3 planes."""
     m, k = x2.shape
     dev = x2.device
-    q = torch.empty((m, k), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn, device=dev)
+    if split and not act_int8:
+        raise ValueError("split is for int8 activations")
+    q = (torch.empty((2, m, k), dtype=torch.float8_e4m3fn, device=dev) if split else
+         torch.empty((m, k), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn, device=dev))
     if POISON_OUTPUTS:
         q.view(torch.uint8).fill_(0x7F if not act_int8 else 0x80)  # E4M3 NaN / int8 -128
     s_out = input_scale if scheme == 1 else torch.empty(1 if scheme == 2 else m,
@@ -620,7 +639,7 @@ def quantize_activation_gpu(x2: torch.Tensor, act_int8: bool, scheme: int,
         grid = (m, triton.cdiv(k, QUANT_CHUNK))
     _quant_act[grid](x2, q, s_in, s_out, k, x2.stride(0), n_part, ACT_INT8=act_int8, MODE=scheme,
                      ONE_PASS=one_pass, BLOCK=block, PART_P2=triton.next_power_of_2(n_part),
-                     PDL=pdl_enabled(dev), num_warps=8 if block >= 4096 else 4)
+                     PDL=pdl_enabled(dev), SPLIT=split, num_warps=8 if block >= 4096 else 4)
     return q, s_out
 
 
@@ -850,14 +869,15 @@ def correction_pdl(device: torch.device, bm: int) -> bool:
 def correction(y: torch.Tensor, q: torch.Tensor, xs: torch.Tensor, per_token: bool,
                rows: torch.Tensor, ptr: torch.Tensor, blocks: torch.Tensor,
                values: torch.Tensor, pdl: bool = False) -> None:
-    """``pdl``: launched with PDL after a GEMM that released it (``w4a8_gemm(release=True)``)."""
-    m, k = q.shape
+    """``pdl``: launched with PDL after a GEMM that released it (``w4a8_gemm(release=True)``).
+    ``q`` may be ``split_int8``'s [2, M, K] planes (experiment)."""
+    m, k = q.shape[-2:]
     if rows.numel() == 0 or m == 0:
         return
     bm = min(64, max(16, triton.next_power_of_2(m)))
     _correction[(rows.numel(), triton.cdiv(m, bm))](
         q, xs, y, rows, ptr, blocks, values, m, k, y.stride(0), PER_TOKEN=per_token, BM=bm,
-        PDL=pdl, num_warps=4, launch_pdl=pdl)
+        PDL=pdl, X_SPLIT=q.dim() == 3, num_warps=4, launch_pdl=pdl)
 
 
 def scaled_mm_fp8(q: torch.Tensor, xs: torch.Tensor, dense: torch.Tensor, row_scale: torch.Tensor,
