@@ -484,3 +484,34 @@ def test_dispatcher_picks_sm90_triton(act):
     cfg = LinearKernelConfig(act, ActivationScheme.DYNAMIC_PER_TOKEN, 4096, 4096, torch.bfloat16)
     cls = choose_linear_kernel(cfg, DeviceInfo.of("cuda"))
     assert cls.name == "sm90_triton"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name.lower())
+def test_int8_split_planes_on_fp8_weights(scheme):
+    """Experiment (docs/int8_kernel.md): int8 activations as two exact E4M3 planes through the
+    FP8 weight repacking (quantization writing the planes, the fused GEMM's X_SPLIT, the
+    correction reading them) against the exact INT8 reference; planted out-of-range blocks,
+    split-K and 128-token tiles (at 2 stages, as the A/B tool runs them)."""
+    from w4a8_backend.kernels import triton_w4a8 as tk
+
+    for i, (m, n, k, extreme) in enumerate([(17, 4096, 4096, False), (64, 1056, 224, True),
+                                            (128, 2048, 8192, True), (40, 8192, 8192, False)]):
+        g = _gen(70 + i)
+        packed, scale = make_weight(n, k, g, extreme)
+        x = (torch.randn(m, k, device="cuda", generator=g) * 2.0).to(torch.bfloat16)
+        s_in = static_scale_for(x, INT8) if scheme == ActivationScheme.STATIC_PER_TENSOR else None
+        kern = make_kernel(FP8, ActivationScheme.STATIC_PER_TENSOR, n, k)
+        layer = make_layer(packed, scale, static_scale_for(x, FP8))
+        kern.process_weights_after_loading(layer)
+        planes, xs = tk.quantize_activation_gpu(x, True, int(scheme), s_in, split=True)
+        bn, bm, bk, split, warps, stages = tk.pick_config(m, layer.weight.shape[0], k, False,
+                                                         tk.num_sms(0))
+        cfg = (bn, bm, bk, split, warps, 2 if bm >= 128 else stages)
+        per_token = scheme == ActivationScheme.DYNAMIC_PER_TOKEN
+        y = tk.w4a8_gemm(planes, xs, layer.weight, layer.weight_scale, layer.w4a8_row_scale,
+                         layer.w4a8_counters, layer.w4a8_lut, n, False, per_token, None,
+                         torch.bfloat16, config=cfg, x_split=True)
+        tk.correction(y, planes, xs, per_token, layer.w4a8_corr_rows, layer.w4a8_corr_ptr,
+                      layer.w4a8_corr_blocks, layer.w4a8_corr_values)
+        ref = reference_linear(x, packed, scale, INT8, scheme, s_in)
+        assert rel_err(y, ref) <= REL_TOL, (m, n, k, rel_err(y, ref))
