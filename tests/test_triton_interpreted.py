@@ -250,6 +250,38 @@ for planted in (True, False):
             assert torch.isfinite(y).all(), (act.name, sch.name, t, "unwritten outputs")
             err = ((y - ref).norm() / ref.norm()).item()
             assert err < 1e-2, (act.name, sch.name, t, err)
+    # experiment (docs/int8_kernel.md): the same int8 activations as two exact E4M3 planes on
+    # the FP8 repacking of the same experts (static, dynamic per tensor and per token)
+    fp8 = [repack_mxfp4(*stack_expert_rows(p13.view(e, 2, i, h // 2), s13.view(e, 2, i, h // 32),
+                                           ip), False),
+           repack_mxfp4(*stack_expert_rows(p2.view(e, 1, h, i // 2), s2.view(e, 1, h, i // 32),
+                                           hp), False)]
+    wsf = [tuple(getattr(rp, f) for f in ("packed", "codes", "row_scale", "corr_rows",
+                                          "corr_ptr", "corr_blocks", "corr_values"))
+           + (row_offsets(rp.corr_rows, rp.corr_ptr, rp.packed.shape[0]),) for rp in fp8]
+    for sch in ActivationScheme:
+        for t in (1, 5, 40):
+            x = torch.randn(t, h).half()
+            ids = torch.randint(0, e, (t, k), dtype=torch.int64)
+            tw = torch.softmax(torch.rand(t, k), -1)
+            static = sch == ActivationScheme.STATIC_PER_TENSOR
+            flat, tok = ids.reshape(-1), torch.arange(t).repeat_interleave(k)
+            s_x = (x.float().abs().amax() / 100.0).reshape(1) if static else None
+            q1, sc1 = quantize_activation(x, act, sch, s_x)
+            xq = q1.float() * sc1
+            gu = torch.stack([xq[tok[j]] @ w13[flat[j]].t() for j in range(t * k)])
+            hh = silu(gu[:, :i]) * gu[:, i:]
+            s_h = (hh.abs().amax() / 100.0).reshape(1) if static else None
+            q2, sc2 = quantize_activation(hh, act, sch, s_h)
+            hq = q2.float() * sc2
+            ref = torch.zeros(t, h)
+            for j in range(t * k):
+                ref[tok[j]] += tw.reshape(-1)[j] * (hq[j] @ w2[flat[j]].t())
+            y = mk.moe_forward(x, tw, ids, None, *wsf, s_x, s_h, e, h, i, ip, hp, False, int(sch),
+                               int(sch), torch.float32, False, x_split=True)
+            assert torch.isfinite(y).all(), ("split", sch.name, t, "unwritten outputs")
+            err = ((y - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, ("split", sch.name, t, err)
     # a NaN in one token's input (per-token x scale: it stays in that token's pairs) makes the
     # intermediate's per-tensor amax NaN, so the reference's whole output is NaN
     for t in (5, 40):

@@ -145,7 +145,10 @@ def _block_of_counts(pid_m, cnts, EP2: tl.constexpr, BM: tl.constexpr):
 @triton.jit
 def _mma_step(acc, w_ptr, c_ptr, rs_ptr, rows, it, k0, x_lo, x_hi, xt, K, KP2, KP32, NPT,
               ACT_INT8: tl.constexpr, W_BF16: tl.constexpr, DECODE_LUT: tl.constexpr,
-              FP8_PROMOTE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+              FP8_PROMOTE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+              y_lo=None, y_hi=None):
+    """``y_lo``/``y_hi`` (experiment, X_SPLIT): the second E4M3 plane of int8 activations
+    (``triton_w4a8.split_int8``), multiplied with the same decoded FP8 weight."""
     if W_BF16:
         kk = k0 + tl.arange(0, BK)
         w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * K + kk[None, :],
@@ -163,7 +166,21 @@ def _mma_step(acc, w_ptr, c_ptr, rs_ptr, rows, it, k0, x_lo, x_hi, xt, K, KP2, K
         else:
             # Hopper's FP8 MMA accumulates with ~14 mantissa bits unless promoted; the MoE
             # re-quantizes the GEMM1 output to FP8, which turns that into ~1e-2 output error
-            if FP8_PROMOTE == 0:
+            if y_lo is not None:
+                if FP8_PROMOTE == 0:
+                    acc = tl.dot(w_lo, x_lo, acc)
+                    acc = tl.dot(w_lo, y_lo, acc)
+                    acc = tl.dot(w_hi, x_hi, acc)
+                    acc = tl.dot(w_hi, y_hi, acc)
+                elif FP8_PROMOTE == BK // 2:  # as below, each dot from zero
+                    acc += (tl.dot(w_lo, x_lo) + tl.dot(w_lo, y_lo)
+                            + tl.dot(w_hi, x_hi) + tl.dot(w_hi, y_hi))
+                else:
+                    acc = tl.dot(w_lo, x_lo, acc, max_num_imprecise_acc=FP8_PROMOTE)
+                    acc = tl.dot(w_lo, y_lo, acc, max_num_imprecise_acc=FP8_PROMOTE)
+                    acc = tl.dot(w_hi, x_hi, acc, max_num_imprecise_acc=FP8_PROMOTE)
+                    acc = tl.dot(w_hi, y_hi, acc, max_num_imprecise_acc=FP8_PROMOTE)
+            elif FP8_PROMOTE == 0:
                 acc = tl.dot(w_lo, x_lo, acc)
                 acc = tl.dot(w_hi, x_hi, acc)
             elif FP8_PROMOTE == BK // 2:
@@ -192,12 +209,13 @@ def _scale_out(acc, rs_ptr, rows, a_scale, ACT_INT8: tl.constexpr, W_BF16: tl.co
 def _moe_gemm(
     a_ptr, as_ptr, w_ptr, c_ptr, rs_ptr, crp_ptr, cblk_ptr, cval_ptr, out_ptr, amax_ptr, tab_ptr,
     cnt_ptr, off_ptr, ids_ptr, map_ptr, qs_ptr, E, N, K, KP2, KP32, NPT, WR, UP_OFF, TOPK,
-    stride_out, P,
+    stride_out, P, a_plane, out_plane,
     ACT_INT8: tl.constexpr, PER_ROW: tl.constexpr, A_BY_TOKEN: tl.constexpr,
     GATED: tl.constexpr, CORR: tl.constexpr, AMAX: tl.constexpr,
     W_BF16: tl.constexpr, DECODE_LUT: tl.constexpr, FP8_PROMOTE: tl.constexpr,
     OUT_QUANT: tl.constexpr, ROUTE_INLINE: tl.constexpr, HAS_MAP: tl.constexpr, PP2: tl.constexpr,
     EP2: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
+    X_SPLIT: tl.constexpr = False,
 ):
     """out^T tile [BN, BM] = W_e[rows] @ A[rows of the block]^T, see the module docstring.
 
@@ -211,6 +229,9 @@ def _moe_gemm(
     ROUTE_INLINE: the expert's pairs found from the P ids here instead of ``_moe_route``'s
     table (small P: every program scans them; the same pair order).
     PDL: launched while the previous kernel may still run (see ``PDL``).
+    X_SPLIT (experiment): FP8 weights and int8 activations as two E4M3 planes ``a_plane``
+    elements apart (``triton_w4a8.split_int8``); with OUT_QUANT the int8 h goes out the same
+    way, planes ``out_plane`` elements apart.
     """
     if PDL:
         gdc_launch_dependents()
@@ -264,11 +285,26 @@ def _moe_gemm(
             x_hi = tl.load(a_rows + (xk + 32)[:, None],
                            mask=m_mask[None, :] & (xk + 32 < K)[:, None], other=0.0)
             xt = x_lo
-        acc = _mma_step(acc, w_ptr, c_ptr, rs_ptr, rows_g, it, k0, x_lo, x_hi, xt, K, KP2, KP32,
-                        NPT, ACT_INT8, W_BF16, DECODE_LUT, FP8_PROMOTE, BN, BK)
-        if GATED:
-            acc_u = _mma_step(acc_u, w_ptr, c_ptr, rs_ptr, rows_u, it, k0, x_lo, x_hi, xt, K,
-                              KP2, KP32, NPT, ACT_INT8, W_BF16, DECODE_LUT, FP8_PROMOTE, BN, BK)
+        if X_SPLIT:
+            tl.static_assert(not ACT_INT8 and not W_BF16, "X_SPLIT runs on FP8 weights")
+            y_lo = tl.load(a_rows + a_plane + xk[:, None],
+                           mask=m_mask[None, :] & (xk < K)[:, None], other=0.0)
+            y_hi = tl.load(a_rows + a_plane + (xk + 32)[:, None],
+                           mask=m_mask[None, :] & (xk + 32 < K)[:, None], other=0.0)
+            acc = _mma_step(acc, w_ptr, c_ptr, rs_ptr, rows_g, it, k0, x_lo, x_hi, xt, K, KP2,
+                            KP32, NPT, ACT_INT8, W_BF16, DECODE_LUT, FP8_PROMOTE, BN, BK,
+                            y_lo, y_hi)
+            if GATED:
+                acc_u = _mma_step(acc_u, w_ptr, c_ptr, rs_ptr, rows_u, it, k0, x_lo, x_hi, xt,
+                                  K, KP2, KP32, NPT, ACT_INT8, W_BF16, DECODE_LUT, FP8_PROMOTE,
+                                  BN, BK, y_lo, y_hi)
+        else:
+            acc = _mma_step(acc, w_ptr, c_ptr, rs_ptr, rows_g, it, k0, x_lo, x_hi, xt, K, KP2,
+                            KP32, NPT, ACT_INT8, W_BF16, DECODE_LUT, FP8_PROMOTE, BN, BK)
+            if GATED:
+                acc_u = _mma_step(acc_u, w_ptr, c_ptr, rs_ptr, rows_u, it, k0, x_lo, x_hi, xt,
+                                  K, KP2, KP32, NPT, ACT_INT8, W_BF16, DECODE_LUT, FP8_PROMOTE,
+                                  BN, BK)
 
     if PER_ROW:
         a_scale = tl.load(as_ptr + src, mask=m_mask, other=0.0)[None, :]
@@ -276,7 +312,8 @@ def _moe_gemm(
         a_scale = tl.load(as_ptr)
     acc = _scale_out(acc, rs_ptr, rows_g, a_scale, ACT_INT8, W_BF16)
     if CORR:
-        acc = _add_corrections(acc, crp_ptr, cblk_ptr, cval_ptr, a_rows, rows_g, m_mask, a_scale)
+        acc = _add_corrections(acc, crp_ptr, cblk_ptr, cval_ptr, a_rows, rows_g, m_mask, a_scale,
+                               a_plane, X_SPLIT)
     n_mask = offs_n < N
     o_mask = n_mask[:, None] & m_mask[None, :]
     o_rows = out_ptr + pair.to(tl.int64)[None, :] * stride_out
@@ -284,11 +321,22 @@ def _moe_gemm(
         acc_u = _scale_out(acc_u, rs_ptr, rows_u, a_scale, ACT_INT8, W_BF16)
         if CORR:
             acc_u = _add_corrections(acc_u, crp_ptr, cblk_ptr, cval_ptr, a_rows, rows_u, m_mask,
-                                     a_scale)
+                                     a_scale, a_plane, X_SPLIT)
         h = acc / (1.0 + tl.exp(-acc)) * acc_u
         if OUT_QUANT:
-            h = tk.quantize_values(h, tl.load(qs_ptr).to(tl.float32), ACT_INT8)
-        tl.store(o_rows + offs_n[:, None], h, mask=o_mask)
+            if X_SPLIT:  # int8 h as two E4M3 planes
+                hq = tk.quantize_values(h, tl.load(qs_ptr).to(tl.float32), True).to(tl.int32)
+                h_hi = (hq >> 4) << 4
+                tl.store(o_rows + offs_n[:, None], h_hi.to(tl.float32).to(tl.float8e4nv),
+                         mask=o_mask)
+                tl.store(o_rows + out_plane + offs_n[:, None],
+                         (hq - h_hi).to(tl.float32).to(tl.float8e4nv), mask=o_mask)
+            else:
+                tl.store(o_rows + offs_n[:, None],
+                         tk.quantize_values(h, tl.load(qs_ptr).to(tl.float32), ACT_INT8),
+                         mask=o_mask)
+        else:
+            tl.store(o_rows + offs_n[:, None], h, mask=o_mask)
         if AMAX:
             hmax = tk.nan_amax(tk.nan_amax(tl.where(o_mask, h, 0.0), 1), 0)
             # |h| >= 0: its float32 bits order like the values, and a NaN's above +inf
@@ -298,7 +346,8 @@ def _moe_gemm(
 
 
 @triton.jit
-def _add_corrections(acc, crp_ptr, cblk_ptr, cval_ptr, a_rows, rows, m_mask, a_scale):
+def _add_corrections(acc, crp_ptr, cblk_ptr, cval_ptr, a_rows, rows, m_mask, a_scale,
+                     a_plane, X_SPLIT: tl.constexpr):
     """``acc`` [BN, BM] plus the exact contribution (times the activation scale) of the
     out-of-range blocks of the consecutive stacked rows ``rows``: their blocks are one
     contiguous range of the CSR. Added block by block into ``acc``, with no second tile live."""
@@ -308,8 +357,11 @@ def _add_corrections(acc, crp_ptr, cblk_ptr, cval_ptr, a_rows, rows, m_mask, a_s
     for b in range(tl.min(lo, 0), tl.max(hi, 0)):
         k0 = tl.load(cblk_ptr + b) * 32
         v = tl.load(cval_ptr + b * 32 + j)
-        xq = tl.load(a_rows + (k0 + j)[:, None], mask=m_mask[None, :], other=0.0)
-        d = tl.sum(xq.to(tl.float32) * v[:, None], axis=0)[None, :] * a_scale
+        xq = tl.load(a_rows + (k0 + j)[:, None], mask=m_mask[None, :], other=0.0).to(tl.float32)
+        if X_SPLIT:  # the two planes sum to the int8 codes
+            xq += tl.load(a_rows + a_plane + (k0 + j)[:, None], mask=m_mask[None, :],
+                          other=0.0).to(tl.float32)
+        d = tl.sum(xq * v[:, None], axis=0)[None, :] * a_scale
         acc += tl.where(((lo <= b) & (b < hi))[:, None], d, 0.0)
     return acc
 
@@ -355,14 +407,16 @@ def quantize_x(x: torch.Tensor, act_int8: bool, scheme: int, input_scale):
 
 
 def quantize_h(h: torch.Tensor, act_int8: bool, scheme: int, input_scale, amax: torch.Tensor,
-               pdl: bool = False):
+               pdl: bool = False, split: bool = False):
     """All routed intermediate rows ``h [P, I]`` with the dense backend's ``_quant_act``; for a
     dynamic per-tensor scale its amax comes from GEMM1 (over the valid pairs only: rows of
     pairs routed off this rank are never written and must not enter it). ``pdl``: it lets
-    GEMM2 start early (GEMM2 waits for its writes)."""
+    GEMM2 start early (GEMM2 waits for its writes). ``split`` (experiment, int8): the codes
+    as ``triton_w4a8.split_int8``'s [2, P, I] planes."""
     m, k = h.shape
-    q = torch.empty((m, k), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn,
-                    device=h.device)
+    q = (torch.empty((2, m, k), dtype=torch.float8_e4m3fn, device=h.device) if split else
+         torch.empty((m, k), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn,
+                     device=h.device))
     if POISON_OUTPUTS:
         q.view(torch.uint8).fill_(0x7F if not act_int8 else 0x80)
     if scheme == 1:
@@ -376,7 +430,7 @@ def quantize_h(h: torch.Tensor, act_int8: bool, scheme: int, input_scale, amax: 
     one_pass = k <= 16384
     block = triton.next_power_of_2(k) if one_pass else 4096
     tk._quant_act[(m,)](h, q, s_in, s_out, k, h.stride(0), 1, ACT_INT8=act_int8, MODE=scheme,
-                        ONE_PASS=one_pass, BLOCK=block, PART_P2=1, PDL=pdl,
+                        ONE_PASS=one_pass, BLOCK=block, PART_P2=1, PDL=pdl, SPLIT=split,
                         num_warps=8 if block >= 4096 else 4)
     return q, s_out
 
@@ -481,9 +535,14 @@ def moe_forward(
     bf16_weights: bool = False,
     config1=None,
     config2=None,
+    x_split: bool = False,
 ) -> torch.Tensor:
     """The whole MoE layer; see the module docstring. ``bf16_weights``: ``w13``/``w2`` are
-    ``(stack,)`` of dense bf16 rows and x, h enter the MMA in bf16 (baseline)."""
+    ``(stack,)`` of dense bf16 rows and x, h enter the MMA in bf16 (baseline). ``x_split``
+    (experiment, docs/int8_kernel.md): FP8-repacked weights (``act_int8`` False) with int8
+    activations (int8 scales and schemes) as two exact E4M3 planes each."""
+    if x_split and (act_int8 or bf16_weights):
+        raise ValueError("x_split runs int8 activations on the FP8 weight repacking")
     dev = x.device
     t, h = x.shape
     top_k = topk_ids.shape[1]
@@ -518,7 +577,10 @@ def moe_forward(
     if bf16_weights:
         a1, s1, per_row1 = x, x, False
     else:
-        a1, s1 = quantize_x(x, act_int8, scheme1, w13_input_scale)
+        if x_split:
+            a1, s1 = tk.quantize_activation_gpu(x, True, scheme1, w13_input_scale, split=True)
+        else:
+            a1, s1 = quantize_x(x, act_int8, scheme1, w13_input_scale)
         per_row1 = scheme1 == 3
 
     # routing
@@ -545,7 +607,9 @@ def moe_forward(
 
     # GEMM1 (+ SiLU)
     bn1, bm1, w1_, st1 = config1 or pick_config(t, p, e, act_int8)
-    if h_out_quant:
+    if h_out_quant and x_split:
+        hbuf = torch.empty((2, p, inter), dtype=torch.float8_e4m3fn, device=dev)
+    elif h_out_quant:
         hbuf = torch.empty((p, inter), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn,
                            device=dev)
     else:
@@ -560,11 +624,12 @@ def moe_forward(
         a1, s1, wst1, codes1, rs1, crp1, cblk1, cval1, hbuf, amax.view(torch.int32), tab, cnt,
         off, topk_ids, emap, w2_input_scale if h_out_quant else s1,
         e, inter, k1, *_kp(wst1, codes1, bf16_weights), 2 * ip, ip, top_k, inter, p,
+        t * hidden if x_split else 0, p * inter if x_split else 0,
         ACT_INT8=act_int8, PER_ROW=per_row1, A_BY_TOKEN=True, GATED=True, CORR=corr1,
         AMAX=amax_needed, W_BF16=bf16_weights, DECODE_LUT=lut,
         FP8_PROMOTE=fp8_promote(bm1, True), OUT_QUANT=h_out_quant,
         ROUTE_INLINE=route_inline, HAS_MAP=has_map, PP2=pp2, EP2=ep2, BN=bn1, BM=bm1, BK=bk,
-        PDL=pdl, num_warps=w1_, num_stages=st1, launch_pdl=pdl,
+        PDL=pdl, X_SPLIT=x_split, num_warps=w1_, num_stages=st1, launch_pdl=pdl,
     )
 
     # GEMM2 input
@@ -573,7 +638,8 @@ def moe_forward(
     elif h_out_quant:
         a2, s2, per_row2 = hbuf, w2_input_scale, False
     else:
-        a2, s2 = quantize_h(hbuf, act_int8, scheme2, w2_input_scale, amax, pdl)
+        a2, s2 = quantize_h(hbuf, act_int8 or x_split, scheme2, w2_input_scale, amax, pdl,
+                            x_split)
         per_row2 = scheme2 == 3
 
     # GEMM2
@@ -588,11 +654,12 @@ def moe_forward(
         a2, s2, wst2, codes2, rs2, crp2, cblk2, cval2, y, amax.view(torch.int32), tab, cnt, off,
         topk_ids, emap, s2,
         e, hidden, k2, *_kp(wst2, codes2, bf16_weights), hp, 0, top_k, hidden, p,
+        p * inter if x_split else 0, 0,
         ACT_INT8=act_int8, PER_ROW=per_row2, A_BY_TOKEN=False, GATED=False, CORR=corr2,
         AMAX=False, W_BF16=bf16_weights, DECODE_LUT=lut, FP8_PROMOTE=fp8_promote(bm2, False),
         OUT_QUANT=False, ROUTE_INLINE=route_inline,
-        HAS_MAP=has_map, PP2=pp2, EP2=ep2, BN=bn2, BM=bm2, BK=bk, PDL=pdl, num_warps=w2_,
-        num_stages=st2, launch_pdl=pdl,
+        HAS_MAP=has_map, PP2=pp2, EP2=ep2, BN=bn2, BM=bm2, BK=bk, PDL=pdl, X_SPLIT=x_split,
+        num_warps=w2_, num_stages=st2, launch_pdl=pdl,
     )
 
     # top-k reduction
