@@ -96,7 +96,8 @@ DENSE_SCRIPT = textwrap.dedent("""
     from w4a8_backend.formats import (ActivationDtype, ActivationScheme, quantize_activation,
                                       quantize_mxfp4, reference_linear)
     from w4a8_backend.kernels import triton_w4a8 as tk
-    from w4a8_backend.kernels._sm90_repack import decode_lut, int8_prefill_rows, repack_mxfp4
+    from w4a8_backend.kernels._sm90_repack import (decode_lut, int8_prefill_rows, int8_split_rows,
+                                                   repack_mxfp4)
 
     torch.manual_seed(0)
     tk.DECODE_LUT = False
@@ -143,11 +144,11 @@ DENSE_SCRIPT = textwrap.dedent("""
                           table.corr_values)
             err = per_n(y)
             assert err < 1e-5 < missing, (act.name, name, err, missing)
-    # experiment: int8 activations as two exact E4M3 planes on the FP8 weight repacking
+    # INT8 split path: int8 activations as two exact E4M3 planes on E4M3 weights derived from
+    # the INT8 tile codes against an FP8 reference per row; one row's second tile moved 14
+    # binades up, so that the per-row window drops blocks its tile keeps
     q, xs = quantize_activation(x, ActivationDtype.INT8, ActivationScheme.DYNAMIC_PER_TOKEN)
     xs = xs.reshape(-1).contiguous()
-    ref = reference_linear(x, packed, scale, ActivationDtype.INT8,
-                           ActivationScheme.DYNAMIC_PER_TOKEN)
     planes = tk.split_int8(q)
     assert torch.equal(planes.float().sum(0), q.float())
     for scheme in ActivationScheme:  # the quantization kernel writes the same planes
@@ -159,15 +160,18 @@ DENSE_SCRIPT = textwrap.dedent("""
                                                  ActivationScheme.STATIC_PER_TENSOR else None,
                                                  split=True)
         assert torch.equal(got.view(torch.uint8), tk.split_int8(q_s).view(torch.uint8)), scheme
-    rp = repack_mxfp4(packed, scale, False)
-    assert rp.num_out_of_range > 0
-    for cfg in ((64, 64, 256, 1, 4, 2), (64, 64, 256, 2, 4, 2)):
+    scale[5, 8:16] = (scale[5, 8:16].int() + 14).clamp(max=254).to(torch.uint8)
+    ref = reference_linear(x, packed, scale, ActivationDtype.INT8,
+                           ActivationScheme.DYNAMIC_PER_TOKEN)
+    rp = repack_mxfp4(packed, scale, True)
+    sp = int8_split_rows(packed, scale, rp)
+    assert sp.num_out_of_range > rp.num_out_of_range > 0
+    for cfg in ((64, 64, 256, 1, 4, 2), (64, 64, 256, 2, 4, 2), None):
         y = tk.w4a8_gemm(planes, xs, rp.packed, rp.codes, rp.row_scale,
-                         torch.zeros(64, dtype=torch.int32), decode_lut(False), n, False, True,
-                         None, torch.float32, config=cfg, x_split=True)
+                         torch.zeros(64, dtype=torch.int32), decode_lut(False), n, True, True,
+                         None, torch.float32, config=cfg, split_row_scale=sp.row_scale)
         missing = ((y - ref).norm(dim=0) / ref.norm(dim=0)).max().item()
-        tk.correction(y, planes, xs, True, rp.corr_rows, rp.corr_ptr, rp.corr_blocks,
-                      rp.corr_values)
+        tk.correction(y, planes, xs, True, *sp.corr())
         err = ((y - ref).norm(dim=0) / ref.norm(dim=0)).max().item()
         assert err < 1e-5 < missing, ("int8 split", cfg, err, missing)
     print("ok")
@@ -192,7 +196,7 @@ from w4a8_backend.formats import (ActivationDtype, ActivationScheme, dequantize_
                                   quantize_activation, quantize_mxfp4)
 from w4a8_backend.kernels import _sm90_moe_triton as mk
 from w4a8_backend.kernels import triton_w4a8 as tk
-from w4a8_backend.kernels._sm90_repack import repack_mxfp4, row_offsets
+from w4a8_backend.kernels._sm90_repack import int8_split_rows, repack_mxfp4, row_offsets
 from w4a8_backend.kernels.sm90_triton_moe import stack_expert_rows
 
 torch.manual_seed(1)
@@ -250,15 +254,16 @@ for planted in (True, False):
             assert torch.isfinite(y).all(), (act.name, sch.name, t, "unwritten outputs")
             err = ((y - ref).norm() / ref.norm()).item()
             assert err < 1e-2, (act.name, sch.name, t, err)
-    # experiment (docs/int8_kernel.md): the same int8 activations as two exact E4M3 planes on
-    # the FP8 repacking of the same experts (static, dynamic per tensor and per token)
-    fp8 = [repack_mxfp4(*stack_expert_rows(p13.view(e, 2, i, h // 2), s13.view(e, 2, i, h // 32),
-                                           ip), False),
-           repack_mxfp4(*stack_expert_rows(p2.view(e, 1, h, i // 2), s2.view(e, 1, h, i // 32),
-                                           hp), False)]
-    wsf = [tuple(getattr(rp, f) for f in ("packed", "codes", "row_scale", "corr_rows",
-                                          "corr_ptr", "corr_blocks", "corr_values"))
-           + (row_offsets(rp.corr_rows, rp.corr_ptr, rp.packed.shape[0]),) for rp in fp8]
+    # the INT8 split path (docs/int8_kernel.md): the same int8 activations as two exact E4M3
+    # planes on E4M3 weights derived from the INT8 tile codes (static, dynamic per tensor and
+    # per token); a wrong FP8 reference per row must show
+    st = [stack_expert_rows(p13.view(e, 2, i, h // 2), s13.view(e, 2, i, h // 32), ip),
+          stack_expert_rows(p2.view(e, 1, h, i // 2), s2.view(e, 1, h, i // 32), hp)]
+    wss = []
+    for w, (pk, sc), rp in zip(ws, st, (rp13, rp2)):
+        sp = int8_split_rows(pk, sc, rp)
+        wss.append(w + (sp.row_scale, row_offsets(sp.corr_rows, sp.corr_ptr, rp.packed.shape[0]),
+                        sp.corr_blocks, sp.corr_values))
     for sch in ActivationScheme:
         for t in (1, 5, 40):
             x = torch.randn(t, h).half()
@@ -277,11 +282,17 @@ for planted in (True, False):
             ref = torch.zeros(t, h)
             for j in range(t * k):
                 ref[tok[j]] += tw.reshape(-1)[j] * (hq[j] @ w2[flat[j]].t())
-            y = mk.moe_forward(x, tw, ids, None, *wsf, s_x, s_h, e, h, i, ip, hp, False, int(sch),
-                               int(sch), torch.float32, False, x_split=True)
+            y = mk.moe_forward(x, tw, ids, None, *wss, s_x, s_h, e, h, i, ip, hp, True, int(sch),
+                               int(sch), torch.float32, False)
             assert torch.isfinite(y).all(), ("split", sch.name, t, "unwritten outputs")
             err = ((y - ref).norm() / ref.norm()).item()
             assert err < 1e-2, ("split", sch.name, t, err)
+            if t == 5 and not planted:  # (planted blocks would dominate the error)
+                # (a factor the window absorbs would cancel: move every block out of it)
+                bad = wss[1][:8] + (wss[1][8] * 2.0**20,) + wss[1][9:]
+                y = mk.moe_forward(x, tw, ids, None, wss[0], bad, s_x, s_h, e, h, i, ip, hp,
+                                   True, int(sch), int(sch), torch.float32, False)
+                assert ((y - ref).norm() / ref.norm()).item() > 0.1, "split tensors unused"
     # a NaN in one token's input (per-token x scale: it stays in that token's pairs) makes the
     # intermediate's per-tensor amax NaN, so the reference's whole output is NaN
     for t in (5, 40):

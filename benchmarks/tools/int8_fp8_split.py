@@ -1,21 +1,20 @@
-"""Experiment (docs/int8_kernel.md): INT8 activations on the FP8 weight path. Each int8
-activation q becomes two exact E4M3 planes, 16 * floor(q / 16) and the rest
-(`triton_w4a8.split_int8`), and the fused GEMM runs on the FP8 repacking of the same weight
-with two MMAs per half step (`w4a8_gemm(x_split=True)`): FP8's cheaper decode, twice the MMAs.
+"""The INT8 split path (docs/int8_kernel.md) against the per-tile INT8 GEMM, same layer, same
+run. An INT8 layer loaded on sm_90 carries the split path's FP8 reference per row
+(``int8_split_rows``); between decode and prefill its op quantizes the activations into two
+exact E4M3 planes and runs the fused GEMM on E4M3 weights derived from the INT8 tile codes
+(``triton_w4a8.split_config``: FP8's tile rule, up to 64-token tiles).
 
-Same-run A/B of the whole INT8 op between decode and prefill, L2 flushed, `--repeat` samples
-round robin:
+Whole op, L2 flushed, `--repeat` samples round robin:
 
-- `int8`: the INT8 layer as it runs today (`kern.apply`: quantization, per-tile INT8 GEMM,
-  correction);
-- `split`: the int8 quantization writing the two planes (`quantize_activation_gpu(...,
-  split=True)`), the split GEMM on the FP8 repacking and its correction (which reads the
-  planes);
-- `split_gemm`: the split GEMM alone.
+- `int8`: the op with the split path's tensors withheld (quantization, per-tile INT8 GEMM,
+  correction), as INT8 layers ran before;
+- `split`: the op as it runs now (`kern.apply`); where `split_config` declines the M (tiles of
+  128 tokens), the INT8 GEMM again;
+- `split_bm64`: the split path with FP8's 64-token mid tile (128 x 64, 4 warps, 4 stages,
+  split-K filling the SMs) at any M, to see whether it should take the M that `split_config`
+  leaves to INT8.
 
-The split GEMM takes the FP8 tile rule, with 2 stages where 128-token tiles would overflow
-shared memory (the activation tile is twice FP8's). The outputs' relative difference is
-printed.
+The outputs' relative difference against `int8` is printed.
 
     python benchmarks/tools/int8_fp8_split.py [--repeat 3] > benchmarks/results/int8_fp8_split.jsonl
 """
@@ -33,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_linear import (  # noqa: E402
-    FP8,
     INT8,
     S_STATIC,
     S_TOKEN,
@@ -51,14 +49,16 @@ from w4a8_backend.kernels import triton_w4a8 as tk  # noqa: E402
 MS = (17, 32, 64, 128, 256)
 
 
-def split_config(m: int, n_pad: int, kp: int, sms: int) -> tuple:
-    bn, bm, bk, split, warps, stages = tk.pick_config(m, n_pad, kp, False, sms)
-    return bn, bm, bk, split, warps, 2 if bm >= 128 else stages
+def bm64_config(m: int, n_pad: int, kp: int, sms: int) -> tuple:
+    bn, bm, warps, stages = tk.MID_ROWS
+    tiles = (n_pad // bn) * -(-m // bm)
+    return bn, bm, 256, tk._fill_split(tiles, kp // 256, sms), warps, stages
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
     args = ap.parse_args()
     print_tool_header()
     timer = Timer()
@@ -69,43 +69,47 @@ def main() -> None:
         for scheme in (S_STATIC, S_TOKEN):
             per_token = scheme == S_TOKEN
             kern, layer = our_kernel(packed, scale, INT8, scheme, x_cal)
-            _, fp8 = our_kernel(packed, scale, FP8, S_STATIC, x_cal)  # its repacking only
-            for m in MS:
+            srs, scorr = layer.w4a8_split_row_scale, layer.w4a8_split_corr
+            assert srs is not None, "the INT8 layer has no split path (not sm_90?)"
+            n_pad = layer.weight.shape[0]
+
+            def withheld(x):
+                layer.w4a8_split_row_scale, layer.w4a8_split_corr = None, []
+                try:
+                    return kern.apply(layer, x, None)
+                finally:
+                    layer.w4a8_split_row_scale, layer.w4a8_split_corr = srs, scorr
+
+            for m in (int(v) for v in args.ms.split(",")):
                 x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-                planes, xs = tk.quantize_activation_gpu(x, True, int(scheme), layer.input_scale,
-                                                        split=True)
-                cfg = split_config(m, fp8.weight.shape[0], k, sms)
+                cfg64 = bm64_config(m, n_pad, k, sms)
 
-                def split_gemm():
-                    return tk.w4a8_gemm(planes, xs, fp8.weight, fp8.weight_scale,
-                                        fp8.w4a8_row_scale, fp8.w4a8_counters, fp8.w4a8_lut, n,
-                                        False, per_token, None, torch.bfloat16, config=cfg,
-                                        x_split=True)
-
-                def split_op():
-                    p2, xs2 = tk.quantize_activation_gpu(x, True, int(scheme), layer.input_scale,
-                                                         split=True)
-                    y = tk.w4a8_gemm(p2, xs2, fp8.weight, fp8.weight_scale,
-                                     fp8.w4a8_row_scale, fp8.w4a8_counters, fp8.w4a8_lut, n,
-                                     False, per_token, None, torch.bfloat16, config=cfg,
-                                     x_split=True)
-                    tk.correction(y, p2, xs2, per_token, fp8.w4a8_corr_rows, fp8.w4a8_corr_ptr,
-                                  fp8.w4a8_corr_blocks, fp8.w4a8_corr_values)
+                def split_bm64():
+                    q, xs = tk.quantize_activation_gpu(x, True, int(scheme), layer.input_scale,
+                                                       split=True)
+                    y = tk.w4a8_gemm(q, xs, layer.weight, layer.weight_scale,
+                                     layer.w4a8_row_scale, layer.w4a8_counters, layer.w4a8_lut,
+                                     n, True, per_token, None, torch.bfloat16, config=cfg64,
+                                     split_row_scale=srs)
+                    tk.correction(y, q, xs, per_token, *scorr)
                     return y
 
-                calls = {"int8": lambda: kern.apply(layer, x, None), "split": split_op,
-                         "split_gemm": split_gemm}
+                calls = {"int8": lambda: withheld(x), "split": lambda: kern.apply(layer, x, None),
+                         "split_bm64": split_bm64}
                 on = {"fn": None}
                 outs, samples, medians = round_robin(
                     timer, lambda: on["fn"](),
                     {name: lambda f=f: on.update(fn=f) for name, f in calls.items()},
                     args.repeat)
-                a, b = outs["int8"].float(), outs["split"].float()
+                a = outs["int8"].float()
                 print(json.dumps({
-                    "N": n, "K": k, "M": m, "scheme": scheme.name, "split_config": list(cfg),
-                    "fp8_blocks": int(fp8.w4a8_corr_blocks.numel()), **medians,
-                    "rel_diff": ((a - b).norm() / a.norm()).item(), "samples": samples}),
-                    flush=True)
+                    "N": n, "K": k, "M": m, "scheme": scheme.name,
+                    "split_config": tk.split_config(m, n_pad, k, sms), "bm64_config": cfg64,
+                    "int8_blocks": int(layer.w4a8_corr_blocks.numel()),
+                    "split_blocks": int(scorr[2].numel()), **medians,
+                    **{f"rel_diff_{v}": ((outs[v].float() - a).norm() / a.norm()).item()
+                       for v in ("split", "split_bm64")},
+                    "samples": samples}), flush=True)
 
 
 if __name__ == "__main__":

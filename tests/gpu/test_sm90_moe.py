@@ -599,3 +599,27 @@ def test_can_implement_reasons():
     bad = MoEKernelConfig(FP8, D, D, 8, 256, 128, 2, "gelu", torch.bfloat16)
     ok, why = Sm90TritonMoEKernel.can_implement(bad)
     assert not ok and "gelu" in why
+
+
+@pytest.mark.parametrize("schemes", [(D, D), (P, P), (S, S)], ids=lambda p: f"{p[0].name}")
+def test_int8_split_path(schemes):
+    """INT8 layers on sm_90 run the Triton path with int8 activations as two exact E4M3
+    planes on E4M3 weights derived from the INT8 tile codes (docs/int8_kernel.md): both GEMMs,
+    the intermediate's quantization into planes (static: in GEMM1's epilogue), the corrections
+    reading the planes. Planted blocks include whole 256-wide tiles 13 binades up, which their
+    tile keeps and their row's FP8 window drops (the split path's own side table)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the INT8 split path is built for sm_90 only")
+    kern, layer, dense, g = build(INT8, *schemes, 8, 1024, 512, 2, seed=57, extreme=True)
+    for name in ("w13", "w2"):
+        s = getattr(layer, f"{name}_weight_scale").data
+        s[:, 5:200:17, :8] = (s[:, 5:200:17, :8].int() + 13).clamp(max=254).to(torch.uint8)
+        dense[name] = dequantize_mxfp4(getattr(layer, f"{name}_weight").data, s)
+    kern.process_weights_after_loading(layer)
+    assert kern.delegate is None
+    for name in ("w13", "w2"):
+        split = getattr(layer, f"w4a8_{name}_split")
+        assert len(split) == 4, name
+        assert split[2].numel() > getattr(layer, f"w4a8_{name}_corr")[2].numel(), name
+    for t in (16, 64, 300):
+        run_case(kern, layer, dense, g, t, INT8, *schemes, used=7)

@@ -438,15 +438,15 @@ def test_pdl_launch_gives_the_same_bytes(monkeypatch, act):
     assert int(layer.w4a8_counters.abs().sum()) == 0
 
 
-@pytest.mark.parametrize("act,prefill_m", [(FP8, None), (INT8, 1)],
-                         ids=["fp8", "int8_prefill_rows"])
-def test_custom_op_opcheck_and_compile(monkeypatch, act, prefill_m):
+@pytest.mark.parametrize("act,prefill_m,m", [(FP8, None, 8), (INT8, 1, 8), (INT8, None, 40)],
+                         ids=["fp8", "int8_prefill_rows", "int8_split"])
+def test_custom_op_opcheck_and_compile(monkeypatch, act, prefill_m, m):
     from w4a8_backend.kernels import triton_w4a8
     from w4a8_backend.kernels.sm90_triton import INT8_PREFILL_ROWS_ENV
 
     monkeypatch.setenv(INT8_PREFILL_ROWS_ENV, "1.0")  # the row path despite the harsh weights
     g = _gen(31)
-    n, k, m = 512, 1024, 8
+    n, k = 512, 1024
     scheme = ActivationScheme.DYNAMIC_PER_TOKEN
     packed, scale = make_weight(n, k, g)
     kern = make_kernel(act, scheme, n, k)
@@ -460,7 +460,7 @@ def test_custom_op_opcheck_and_compile(monkeypatch, act, prefill_m):
         x, layer.weight, layer.weight_scale, layer.w4a8_row_scale, layer.w4a8_counters,
         layer.w4a8_lut, layer.w4a8_corr_rows, layer.w4a8_corr_ptr, layer.w4a8_corr_blocks,
         layer.w4a8_corr_values, layer.w4a8_corr_row_ptr, layer.w4a8_prefill_row_scale,
-        layer.w4a8_prefill_corr, None,
+        layer.w4a8_prefill_corr, layer.w4a8_split_row_scale, layer.w4a8_split_corr, None,
         None, n, act == INT8, int(scheme), 0, kern.prefill_m, kern.decode_cuda,
     )
     triton_w4a8.POISON_OUTPUTS = False  # opcheck compares repeated runs
@@ -487,31 +487,31 @@ def test_dispatcher_picks_sm90_triton(act):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name.lower())
-def test_int8_split_planes_on_fp8_weights(scheme):
-    """Experiment (docs/int8_kernel.md): int8 activations as two exact E4M3 planes through the
-    FP8 weight repacking (quantization writing the planes, the fused GEMM's X_SPLIT, the
-    correction reading them) against the exact INT8 reference; planted out-of-range blocks,
-    split-K and 128-token tiles (at 2 stages, as the A/B tool runs them)."""
+def test_int8_split_path(scheme):
+    """INT8 layers between decode and prefill: int8 activations as two exact E4M3 planes on
+    E4M3 weights derived from the INT8 tile codes (quantization writing the planes, the fused
+    GEMM's X_SPLIT, the correction reading them), through the layer's op, against the exact
+    INT8 reference; planted out-of-range blocks (some only outside the FP8 row window), split-K,
+    64-token tiles. Also checks the op takes the split path at these M."""
     from w4a8_backend.kernels import triton_w4a8 as tk
 
     for i, (m, n, k, extreme) in enumerate([(17, 4096, 4096, False), (64, 1056, 224, True),
-                                            (128, 2048, 8192, True), (40, 8192, 8192, False)]):
+                                            (33, 2048, 8192, True), (40, 8192, 8192, False)]):
         g = _gen(70 + i)
         packed, scale = make_weight(n, k, g, extreme)
+        if extreme:  # a whole 256-wide tile 13 binades up: kept by its tile, not by its row
+            scale[3, : min(8, k // 32)] = (scale[3, : min(8, k // 32)].int() + 13).clamp(
+                max=254).to(torch.uint8)
         x = (torch.randn(m, k, device="cuda", generator=g) * 2.0).to(torch.bfloat16)
         s_in = static_scale_for(x, INT8) if scheme == ActivationScheme.STATIC_PER_TENSOR else None
-        kern = make_kernel(FP8, ActivationScheme.STATIC_PER_TENSOR, n, k)
-        layer = make_layer(packed, scale, static_scale_for(x, FP8))
+        kern = make_kernel(INT8, scheme, n, k)
+        layer = make_layer(packed, scale, s_in)
         kern.process_weights_after_loading(layer)
-        planes, xs = tk.quantize_activation_gpu(x, True, int(scheme), s_in, split=True)
-        bn, bm, bk, split, warps, stages = tk.pick_config(m, layer.weight.shape[0], k, False,
-                                                         tk.num_sms(0))
-        cfg = (bn, bm, bk, split, warps, 2 if bm >= 128 else stages)
-        per_token = scheme == ActivationScheme.DYNAMIC_PER_TOKEN
-        y = tk.w4a8_gemm(planes, xs, layer.weight, layer.weight_scale, layer.w4a8_row_scale,
-                         layer.w4a8_counters, layer.w4a8_lut, n, False, per_token, None,
-                         torch.bfloat16, config=cfg, x_split=True)
-        tk.correction(y, planes, xs, per_token, layer.w4a8_corr_rows, layer.w4a8_corr_ptr,
-                      layer.w4a8_corr_blocks, layer.w4a8_corr_values)
+        assert layer.w4a8_split_row_scale is not None
+        assert tk.split_config(m, layer.weight.shape[0], layer.weight.shape[1] * 2,
+                               tk.num_sms(0)) is not None, m
+        if extreme and k > 256:
+            assert len(layer.w4a8_split_corr[2]) > len(layer.w4a8_corr_blocks)
+        y = kern.apply(layer, x, None)
         ref = reference_linear(x, packed, scale, INT8, scheme, s_in)
         assert rel_err(y, ref) <= REL_TOL, (m, n, k, rel_err(y, ref))

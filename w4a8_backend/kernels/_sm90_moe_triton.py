@@ -66,6 +66,10 @@ POISON_OUTPUTS = False
 # may still be in use by the kernel before). So a launch's CTAs are resident when the previous
 # kernel's last ones retire. Not for the BF16 baseline (``bf16_weights``).
 PDL = True
+# INT8 stacks that carry the split path's tensors (sm90_triton_moe) run it while FP8's tile
+# rule gives tiles of at most this many tokens (decode sizes): at 64-token tiles its GEMMs
+# spill (ptxas, sm_90a: GEMM1 896 spill stores, GEMM2 104).
+INT8_SPLIT_MAX_BM = 32
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,17 +150,24 @@ def _block_of_counts(pid_m, cnts, EP2: tl.constexpr, BM: tl.constexpr):
 def _mma_step(acc, w_ptr, c_ptr, rs_ptr, rows, it, k0, x_lo, x_hi, xt, K, KP2, KP32, NPT,
               ACT_INT8: tl.constexpr, W_BF16: tl.constexpr, DECODE_LUT: tl.constexpr,
               FP8_PROMOTE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              y_lo=None, y_hi=None):
-    """``y_lo``/``y_hi`` (experiment, X_SPLIT): the second E4M3 plane of int8 activations
-    (``triton_w4a8.split_int8``), multiplied with the same decoded FP8 weight."""
+              y_lo=None, y_hi=None, row_exp=None):
+    """``y_lo``/``y_hi`` (X_SPLIT): the second E4M3 plane of int8 activations
+    (``triton_w4a8.split_int8``), multiplied with the same E4M3 weight, which is derived from
+    the INT8 tile codes (tile exponents at ``rs_ptr``) against the FP8 reference per row whose
+    biased exponents are ``row_exp`` (``int8_split_rows``)."""
     if W_BF16:
         kk = k0 + tl.arange(0, BK)
         w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * K + kk[None, :],
                     mask=(kk < K)[None, :], other=0.0)
         acc = tl.dot(w, xt, acc)
     else:
-        w_lo, w_hi = _load_decoded(w_ptr, c_ptr, rows, k0, KP2, KP32, BN, BK, ACT_INT8,
-                                   DECODE_LUT)
+        if y_lo is not None:
+            ex = tl.load(rs_ptr + it * NPT + rows).to(tl.int32)
+            w_lo, w_hi = _load_decoded(w_ptr, c_ptr, rows, k0, KP2, KP32, BN, BK, False,
+                                       DECODE_LUT, ex - row_exp)
+        else:
+            w_lo, w_hi = _load_decoded(w_ptr, c_ptr, rows, k0, KP2, KP32, BN, BK, ACT_INT8,
+                                       DECODE_LUT)
         if ACT_INT8:
             p = tl.dot(w_lo, x_lo, out_dtype=tl.int32)
             p = tl.dot(w_hi, x_hi, p, out_dtype=tl.int32)
@@ -215,7 +226,7 @@ def _moe_gemm(
     W_BF16: tl.constexpr, DECODE_LUT: tl.constexpr, FP8_PROMOTE: tl.constexpr,
     OUT_QUANT: tl.constexpr, ROUTE_INLINE: tl.constexpr, HAS_MAP: tl.constexpr, PP2: tl.constexpr,
     EP2: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
-    X_SPLIT: tl.constexpr = False,
+    X_SPLIT: tl.constexpr = False, prs_ptr=None,
 ):
     """out^T tile [BN, BM] = W_e[rows] @ A[rows of the block]^T, see the module docstring.
 
@@ -229,9 +240,11 @@ def _moe_gemm(
     ROUTE_INLINE: the expert's pairs found from the P ids here instead of ``_moe_route``'s
     table (small P: every program scans them; the same pair order).
     PDL: launched while the previous kernel may still run (see ``PDL``).
-    X_SPLIT (experiment): FP8 weights and int8 activations as two E4M3 planes ``a_plane``
-    elements apart (``triton_w4a8.split_int8``); with OUT_QUANT the int8 h goes out the same
-    way, planes ``out_plane`` elements apart.
+    X_SPLIT (INT8 stack, ACT_INT8 False): int8 activations as two E4M3 planes ``a_plane``
+    elements apart (``triton_w4a8.split_int8``) on E4M3 weights derived from the INT8 tile codes
+    against the FP8 reference per row at ``prs_ptr`` (``int8_split_rows``; crp/cblk/cval are
+    then its side table); with OUT_QUANT the int8 h goes out the same way, planes
+    ``out_plane`` elements apart.
     """
     if PDL:
         gdc_launch_dependents()
@@ -267,6 +280,12 @@ def _moe_gemm(
 
     jj = tl.arange(0, BK // 2)
     kx = (jj // 32) * 64 + (jj % 32)
+    if X_SPLIT:
+        tl.static_assert(not ACT_INT8 and not W_BF16, "X_SPLIT runs on E4M3 tensor cores")
+        rexp_g = tl.load(prs_ptr + rows_g).to(tl.int32, bitcast=True) >> 23
+        rexp_u = rexp_g
+        if GATED:
+            rexp_u = tl.load(prs_ptr + rows_u).to(tl.int32, bitcast=True) >> 23
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     acc_u = tl.zeros([BN, BM], dtype=tl.float32)
     # at least one trip: a zero-trip path that zeroes acc makes ptxas serialize the wgmmas
@@ -286,18 +305,17 @@ def _moe_gemm(
                            mask=m_mask[None, :] & (xk + 32 < K)[:, None], other=0.0)
             xt = x_lo
         if X_SPLIT:
-            tl.static_assert(not ACT_INT8 and not W_BF16, "X_SPLIT runs on FP8 weights")
             y_lo = tl.load(a_rows + a_plane + xk[:, None],
                            mask=m_mask[None, :] & (xk < K)[:, None], other=0.0)
             y_hi = tl.load(a_rows + a_plane + (xk + 32)[:, None],
                            mask=m_mask[None, :] & (xk + 32 < K)[:, None], other=0.0)
             acc = _mma_step(acc, w_ptr, c_ptr, rs_ptr, rows_g, it, k0, x_lo, x_hi, xt, K, KP2,
                             KP32, NPT, ACT_INT8, W_BF16, DECODE_LUT, FP8_PROMOTE, BN, BK,
-                            y_lo, y_hi)
+                            y_lo, y_hi, rexp_g)
             if GATED:
                 acc_u = _mma_step(acc_u, w_ptr, c_ptr, rs_ptr, rows_u, it, k0, x_lo, x_hi, xt,
                                   K, KP2, KP32, NPT, ACT_INT8, W_BF16, DECODE_LUT, FP8_PROMOTE,
-                                  BN, BK, y_lo, y_hi)
+                                  BN, BK, y_lo, y_hi, rexp_u)
         else:
             acc = _mma_step(acc, w_ptr, c_ptr, rs_ptr, rows_g, it, k0, x_lo, x_hi, xt, K, KP2,
                             KP32, NPT, ACT_INT8, W_BF16, DECODE_LUT, FP8_PROMOTE, BN, BK)
@@ -310,7 +328,10 @@ def _moe_gemm(
         a_scale = tl.load(as_ptr + src, mask=m_mask, other=0.0)[None, :]
     else:
         a_scale = tl.load(as_ptr)
-    acc = _scale_out(acc, rs_ptr, rows_g, a_scale, ACT_INT8, W_BF16)
+    if X_SPLIT:
+        acc = _scale_out(acc, prs_ptr, rows_g, a_scale, False, False)
+    else:
+        acc = _scale_out(acc, rs_ptr, rows_g, a_scale, ACT_INT8, W_BF16)
     if CORR:
         acc = _add_corrections(acc, crp_ptr, cblk_ptr, cval_ptr, a_rows, rows_g, m_mask, a_scale,
                                a_plane, X_SPLIT)
@@ -318,7 +339,10 @@ def _moe_gemm(
     o_mask = n_mask[:, None] & m_mask[None, :]
     o_rows = out_ptr + pair.to(tl.int64)[None, :] * stride_out
     if GATED:
-        acc_u = _scale_out(acc_u, rs_ptr, rows_u, a_scale, ACT_INT8, W_BF16)
+        if X_SPLIT:
+            acc_u = _scale_out(acc_u, prs_ptr, rows_u, a_scale, False, False)
+        else:
+            acc_u = _scale_out(acc_u, rs_ptr, rows_u, a_scale, ACT_INT8, W_BF16)
         if CORR:
             acc_u = _add_corrections(acc_u, crp_ptr, cblk_ptr, cval_ptr, a_rows, rows_u, m_mask,
                                      a_scale, a_plane, X_SPLIT)
@@ -411,14 +435,14 @@ def quantize_h(h: torch.Tensor, act_int8: bool, scheme: int, input_scale, amax: 
     """All routed intermediate rows ``h [P, I]`` with the dense backend's ``_quant_act``; for a
     dynamic per-tensor scale its amax comes from GEMM1 (over the valid pairs only: rows of
     pairs routed off this rank are never written and must not enter it). ``pdl``: it lets
-    GEMM2 start early (GEMM2 waits for its writes). ``split`` (experiment, int8): the codes
-    as ``triton_w4a8.split_int8``'s [2, P, I] planes."""
+    GEMM2 start early (GEMM2 waits for its writes). ``split`` (int8): the codes as
+    ``triton_w4a8.split_int8``'s [2, P, I] planes."""
     m, k = h.shape
     q = (torch.empty((2, m, k), dtype=torch.float8_e4m3fn, device=h.device) if split else
          torch.empty((m, k), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn,
                      device=h.device))
     if POISON_OUTPUTS:
-        q.view(torch.uint8).fill_(0x7F if not act_int8 else 0x80)
+        q.view(torch.uint8).fill_(0x80 if act_int8 and not split else 0x7F)
     if scheme == 1:
         s_in = s_out = input_scale
     elif scheme == 2:
@@ -496,12 +520,15 @@ def fusion_plan(p: int, e: int, scheme2: int) -> tuple[bool, bool]:
     return h_out_quant, route_inline
 
 
-def _stack_args(w: tuple, bf16_weights: bool):
+def _stack_args(w: tuple, bf16_weights: bool, split: bool = False):
     """(packed, codes, row_scale, corr_row_ptr, corr_blocks, corr_values, has_corrections) of
-    one repacked stack; a bf16 stack ``(rows,)`` fills every slot with its rows (unused)."""
+    one repacked stack; ``split``: the side table is the split path's (``w[9:12]``). A bf16
+    stack ``(rows,)`` fills every slot with its rows (unused)."""
     if bf16_weights:
         rows, = w
         return rows, rows, rows, rows, rows, rows, False
+    if split:
+        return w[0], w[1], w[2], w[9], w[10], w[11], w[10].numel() > 0
     return w[0], w[1], w[2], w[7], w[5], w[6], w[5].numel() > 0
 
 
@@ -518,7 +545,9 @@ def moe_forward(
     topk_ids: torch.Tensor,
     expert_map: torch.Tensor | None,
     w13: tuple,  # (packed, codes, row_scale, corr_rows, corr_ptr, corr_blocks, corr_values,
-    #               corr_row_ptr): repacked stack, side table, and its CSR over every row
+    #               corr_row_ptr): repacked stack, side table, and its CSR over every row;
+    #               INT8 stacks may add (split_row_scale, split_row_ptr, split_blocks,
+    #               split_values): the split path's reference per row and side table
     w2: tuple,
     w13_input_scale: torch.Tensor | None,
     w2_input_scale: torch.Tensor | None,
@@ -535,14 +564,16 @@ def moe_forward(
     bf16_weights: bool = False,
     config1=None,
     config2=None,
-    x_split: bool = False,
+    int8_split: bool = True,
 ) -> torch.Tensor:
     """The whole MoE layer; see the module docstring. ``bf16_weights``: ``w13``/``w2`` are
-    ``(stack,)`` of dense bf16 rows and x, h enter the MMA in bf16 (baseline). ``x_split``
-    (experiment, docs/int8_kernel.md): FP8-repacked weights (``act_int8`` False) with int8
-    activations (int8 scales and schemes) as two exact E4M3 planes each."""
-    if x_split and (act_int8 or bf16_weights):
-        raise ValueError("x_split runs int8 activations on the FP8 weight repacking")
+    ``(stack,)`` of dense bf16 rows and x, h enter the MMA in bf16 (baseline). INT8 stacks that
+    carry the split path's tensors run it (unless ``int8_split`` is False): int8 activations
+    as two exact E4M3 planes on E4M3 weights derived from the tile codes (docs/int8_kernel.md),
+    with FP8's tiles."""
+    x_split = (int8_split and act_int8 and not bf16_weights and len(w13) > 8 and len(w2) > 8
+               and pick_config(x.shape[0], topk_ids.numel(), num_experts, False)[1]
+               <= INT8_SPLIT_MAX_BM)
     dev = x.device
     t, h = x.shape
     top_k = topk_ids.shape[1]
@@ -606,7 +637,8 @@ def moe_forward(
         return min(triton.cdiv(p, bm) + e, p)
 
     # GEMM1 (+ SiLU)
-    bn1, bm1, w1_, st1 = config1 or pick_config(t, p, e, act_int8)
+    mma_int8 = act_int8 and not x_split  # the MMA's operands: int8, else E4M3 (or bf16)
+    bn1, bm1, w1_, st1 = config1 or pick_config(t, p, e, mma_int8)
     if h_out_quant and x_split:
         hbuf = torch.empty((2, p, inter), dtype=torch.float8_e4m3fn, device=dev)
     elif h_out_quant:
@@ -616,20 +648,21 @@ def moe_forward(
         hbuf = torch.empty((p, inter), dtype=f32, device=dev)
     if POISON_OUTPUTS:
         if h_out_quant:
-            hbuf.view(torch.uint8).fill_(0x80 if act_int8 else 0x7F)
+            hbuf.view(torch.uint8).fill_(0x80 if mma_int8 else 0x7F)  # int8 -128 / E4M3 NaN
         else:
             hbuf.fill_(float("nan"))
-    wst1, codes1, rs1, crp1, cblk1, cval1, corr1 = _stack_args(w13, bf16_weights)
+    wst1, codes1, rs1, crp1, cblk1, cval1, corr1 = _stack_args(w13, bf16_weights, x_split)
     _moe_gemm[(triton.cdiv(inter, bn1), grid_m(bm1))](
         a1, s1, wst1, codes1, rs1, crp1, cblk1, cval1, hbuf, amax.view(torch.int32), tab, cnt,
         off, topk_ids, emap, w2_input_scale if h_out_quant else s1,
         e, inter, k1, *_kp(wst1, codes1, bf16_weights), 2 * ip, ip, top_k, inter, p,
         t * hidden if x_split else 0, p * inter if x_split else 0,
-        ACT_INT8=act_int8, PER_ROW=per_row1, A_BY_TOKEN=True, GATED=True, CORR=corr1,
+        ACT_INT8=mma_int8, PER_ROW=per_row1, A_BY_TOKEN=True, GATED=True, CORR=corr1,
         AMAX=amax_needed, W_BF16=bf16_weights, DECODE_LUT=lut,
         FP8_PROMOTE=fp8_promote(bm1, True), OUT_QUANT=h_out_quant,
         ROUTE_INLINE=route_inline, HAS_MAP=has_map, PP2=pp2, EP2=ep2, BN=bn1, BM=bm1, BK=bk,
-        PDL=pdl, X_SPLIT=x_split, num_warps=w1_, num_stages=st1, launch_pdl=pdl,
+        PDL=pdl, X_SPLIT=x_split, prs_ptr=w13[8] if x_split else None,
+        num_warps=w1_, num_stages=st1, launch_pdl=pdl,
     )
 
     # GEMM2 input
@@ -638,8 +671,7 @@ def moe_forward(
     elif h_out_quant:
         a2, s2, per_row2 = hbuf, w2_input_scale, False
     else:
-        a2, s2 = quantize_h(hbuf, act_int8 or x_split, scheme2, w2_input_scale, amax, pdl,
-                            x_split)
+        a2, s2 = quantize_h(hbuf, act_int8, scheme2, w2_input_scale, amax, pdl, x_split)
         per_row2 = scheme2 == 3
 
     # GEMM2
@@ -648,18 +680,18 @@ def moe_forward(
     y = torch.empty((p, hidden), dtype=f32, device=dev)
     if POISON_OUTPUTS:
         y.fill_(float("nan"))
-    bn2, bm2, w2_, st2 = config2 or pick_config(t, p, e, act_int8, gemm2=True)
-    wst2, codes2, rs2, crp2, cblk2, cval2, corr2 = _stack_args(w2, bf16_weights)
+    bn2, bm2, w2_, st2 = config2 or pick_config(t, p, e, mma_int8, gemm2=True)
+    wst2, codes2, rs2, crp2, cblk2, cval2, corr2 = _stack_args(w2, bf16_weights, x_split)
     _moe_gemm[(triton.cdiv(hidden, bn2), grid_m(bm2))](
         a2, s2, wst2, codes2, rs2, crp2, cblk2, cval2, y, amax.view(torch.int32), tab, cnt, off,
         topk_ids, emap, s2,
         e, hidden, k2, *_kp(wst2, codes2, bf16_weights), hp, 0, top_k, hidden, p,
         p * inter if x_split else 0, 0,
-        ACT_INT8=act_int8, PER_ROW=per_row2, A_BY_TOKEN=False, GATED=False, CORR=corr2,
+        ACT_INT8=mma_int8, PER_ROW=per_row2, A_BY_TOKEN=False, GATED=False, CORR=corr2,
         AMAX=False, W_BF16=bf16_weights, DECODE_LUT=lut, FP8_PROMOTE=fp8_promote(bm2, False),
         OUT_QUANT=False, ROUTE_INLINE=route_inline,
         HAS_MAP=has_map, PP2=pp2, EP2=ep2, BN=bn2, BM=bm2, BK=bk, PDL=pdl, X_SPLIT=x_split,
-        num_warps=w2_, num_stages=st2, launch_pdl=pdl,
+        prs_ptr=w2[8] if x_split else None, num_warps=w2_, num_stages=st2, launch_pdl=pdl,
     )
 
     # top-k reduction

@@ -31,12 +31,14 @@ import torch
 
 from ..formats import ActivationDtype, ActivationScheme
 from . import _sm90_moe_cuda as mc
-from ._sm90_repack import N_ALIGN, repack_mxfp4, row_offsets
+from . import sm90_triton
+from ._sm90_repack import N_ALIGN, int8_split_rows, repack_mxfp4, row_offsets
 from .base import DeviceInfo, Verdict
 from .moe_base import MoEKernelConfig, Mxfp4MoEKernel
 from .sm90_triton import (
     DEFAULT_MAX_CORRECTION,
     MAX_CORRECTION_ENV,
+    _capability,
     _cuda_decode_loaded,
     _use_cuda_decode,
 )
@@ -80,7 +82,7 @@ _LOGGED_CUDA_MOE: list[bool] = []
 def _cuda_weights(w: list[torch.Tensor]):
     from ._cuda_ext import MoeWeights
 
-    packed, codes, row_scale, _rows, _ptr, blocks, values, row_ptr = w
+    packed, codes, row_scale, _rows, _ptr, blocks, values, row_ptr = w[:8]
     return MoeWeights(packed, codes, row_scale, row_ptr, blocks, values)
 
 
@@ -106,7 +108,9 @@ def mxfp4_w4a8_moe(
     decode_cuda: bool,
 ) -> torch.Tensor:
     """``[T, H]`` routed-expert output. ``w13``/``w2``: (packed, codes, row_scale, corr_rows,
-    corr_ptr, corr_blocks, corr_values, corr_row_ptr) of the stacked repacked experts; ``dims``:
+    corr_ptr, corr_blocks, corr_values, corr_row_ptr) of the stacked repacked experts, INT8
+    stacks on sm_90 followed by the split path's (row_scale, corr_row_ptr, corr_blocks,
+    corr_values); ``dims``:
     (E, H, I, IP, HP). ``decode_cuda``: a few tokens run on the CUDA decode kernels
     (``_sm90_moe_cuda``) when the library is loaded in this process."""
     e, h, i, ip, hp = dims
@@ -193,10 +197,10 @@ class Sm90TritonMoEKernel(Mxfp4MoEKernel):
                 raise ValueError(f"layer.{name} must be uint8 {shape} for {cfg.describe()}, got "
                                  f"{t.dtype} {tuple(t.shape)}")
         ip, hp = _round_up(i, N_ALIGN), _round_up(h, N_ALIGN)
-        rp13 = repack_mxfp4(*stack_expert_rows(w13.view(e, 2, i, h // 2),
-                                               s13.view(e, 2, i, h // 32), ip), act_int8)
-        rp2 = repack_mxfp4(*stack_expert_rows(w2.view(e, 1, h, i // 2),
-                                              s2.view(e, 1, h, i // 32), hp), act_int8)
+        st13 = stack_expert_rows(w13.view(e, 2, i, h // 2), s13.view(e, 2, i, h // 32), ip)
+        st2 = stack_expert_rows(w2.view(e, 1, h, i // 2), s2.view(e, 1, h, i // 32), hp)
+        rp13 = repack_mxfp4(*st13, act_int8)
+        rp2 = repack_mxfp4(*st2, act_int8)
         real_blocks = e * 3 * i * h // 32
         n_out = rp13.num_out_of_range + rp2.num_out_of_range
         frac = n_out / max(real_blocks, 1)
@@ -222,7 +226,17 @@ class Sm90TritonMoEKernel(Mxfp4MoEKernel):
         else:
             logger.debug("%s", msg)
         self.dims = [e, h, i, ip, hp]
-        for name, rp in (("w13", rp13), ("w2", rp2)):
+        split = (act_int8 and sm90_triton.INT8_SPLIT and w13.is_cuda
+                 and _capability(w13.device.index or 0) == 90)
+        for name, rp, st in (("w13", rp13, st13), ("w2", rp2, st2)):
+            split_args = []
+            if split:  # the INT8 split path (sm90_triton.INT8_SPLIT), its table as a CSR
+                sp = int8_split_rows(*st, rp)
+                table = sp if sp.num_out_of_range > rp.num_out_of_range else rp
+                split_args = [sp.row_scale,
+                              row_offsets(table.corr_rows, table.corr_ptr, rp.packed.shape[0]),
+                              table.corr_blocks, table.corr_values]
+            setattr(layer, f"w4a8_{name}_split", split_args)
             setattr(layer, f"{name}_weight", torch.nn.Parameter(rp.packed, requires_grad=False))
             setattr(layer, f"{name}_weight_scale",
                     torch.nn.Parameter(rp.codes, requires_grad=False))
@@ -241,7 +255,8 @@ class Sm90TritonMoEKernel(Mxfp4MoEKernel):
 
     def _weights(self, layer, name):
         return [getattr(layer, f"{name}_weight"), getattr(layer, f"{name}_weight_scale"),
-                getattr(layer, f"w4a8_{name}_row_scale"), *getattr(layer, f"w4a8_{name}_corr")]
+                getattr(layer, f"w4a8_{name}_row_scale"), *getattr(layer, f"w4a8_{name}_corr"),
+                *getattr(layer, f"w4a8_{name}_split")]
 
     def apply(self, layer, x, topk_weights, topk_ids, expert_map, apply_router_weight_on_input):
         if self.delegate is not None:
