@@ -96,8 +96,7 @@ DENSE_SCRIPT = textwrap.dedent("""
     from w4a8_backend.formats import (ActivationDtype, ActivationScheme, quantize_activation,
                                       quantize_mxfp4, reference_linear)
     from w4a8_backend.kernels import triton_w4a8 as tk
-    from w4a8_backend.kernels._sm90_repack import (decode_lut, int8_prefill_rows, int8_split_rows,
-                                                   repack_mxfp4)
+    from w4a8_backend.kernels._sm90_repack import decode_lut, int8_prefill_rows, repack_mxfp4
 
     torch.manual_seed(0)
     tk.DECODE_LUT = False
@@ -144,11 +143,12 @@ DENSE_SCRIPT = textwrap.dedent("""
                           table.corr_values)
             err = per_n(y)
             assert err < 1e-5 < missing, (act.name, name, err, missing)
-    # INT8 split path: int8 activations as two exact E4M3 planes on E4M3 weights derived from
-    # the INT8 tile codes against an FP8 reference per row; one row's second tile moved 14
-    # binades up, so that the per-row window drops blocks its tile keeps
+    # INT8 split path: int8 activations as two exact E4M3 planes on the FP8 repacking of the
+    # same weight (its planted blocks outside the row windows added back by the correction)
     q, xs = quantize_activation(x, ActivationDtype.INT8, ActivationScheme.DYNAMIC_PER_TOKEN)
     xs = xs.reshape(-1).contiguous()
+    ref = reference_linear(x, packed, scale, ActivationDtype.INT8,
+                           ActivationScheme.DYNAMIC_PER_TOKEN)
     planes = tk.split_int8(q)
     assert torch.equal(planes.float().sum(0), q.float())
     for scheme in ActivationScheme:  # the quantization kernel writes the same planes
@@ -160,18 +160,15 @@ DENSE_SCRIPT = textwrap.dedent("""
                                                  ActivationScheme.STATIC_PER_TENSOR else None,
                                                  split=True)
         assert torch.equal(got.view(torch.uint8), tk.split_int8(q_s).view(torch.uint8)), scheme
-    scale[5, 8:16] = (scale[5, 8:16].int() + 14).clamp(max=254).to(torch.uint8)
-    ref = reference_linear(x, packed, scale, ActivationDtype.INT8,
-                           ActivationScheme.DYNAMIC_PER_TOKEN)
-    rp = repack_mxfp4(packed, scale, True)
-    sp = int8_split_rows(packed, scale, rp)
-    assert sp.num_out_of_range > rp.num_out_of_range > 0
+    rp = repack_mxfp4(packed, scale, False)
+    assert rp.num_out_of_range > 0
     for cfg in ((64, 64, 256, 1, 4, 2), (64, 64, 256, 2, 4, 2), None):
         y = tk.w4a8_gemm(planes, xs, rp.packed, rp.codes, rp.row_scale,
-                         torch.zeros(64, dtype=torch.int32), decode_lut(False), n, True, True,
-                         None, torch.float32, config=cfg, split_row_scale=sp.row_scale)
+                         torch.zeros(64, dtype=torch.int32), decode_lut(False), n, False, True,
+                         None, torch.float32, config=cfg, x_split=True)
         missing = ((y - ref).norm(dim=0) / ref.norm(dim=0)).max().item()
-        tk.correction(y, planes, xs, True, *sp.corr())
+        tk.correction(y, planes, xs, True, rp.corr_rows, rp.corr_ptr, rp.corr_blocks,
+                      rp.corr_values)
         err = ((y - ref).norm(dim=0) / ref.norm(dim=0)).max().item()
         assert err < 1e-5 < missing, ("int8 split", cfg, err, missing)
     print("ok")
@@ -196,7 +193,7 @@ from w4a8_backend.formats import (ActivationDtype, ActivationScheme, dequantize_
                                   quantize_activation, quantize_mxfp4)
 from w4a8_backend.kernels import _sm90_moe_triton as mk
 from w4a8_backend.kernels import triton_w4a8 as tk
-from w4a8_backend.kernels._sm90_repack import int8_split_rows, repack_mxfp4, row_offsets
+from w4a8_backend.kernels._sm90_repack import repack_mxfp4, row_offsets
 from w4a8_backend.kernels.sm90_triton_moe import stack_expert_rows
 
 torch.manual_seed(1)
@@ -255,15 +252,17 @@ for planted in (True, False):
             err = ((y - ref).norm() / ref.norm()).item()
             assert err < 1e-2, (act.name, sch.name, t, err)
     # the INT8 split path (docs/int8_kernel.md): the same int8 activations as two exact E4M3
-    # planes on E4M3 weights derived from the INT8 tile codes (static, dynamic per tensor and
-    # per token); a wrong FP8 reference per row must show
-    st = [stack_expert_rows(p13.view(e, 2, i, h // 2), s13.view(e, 2, i, h // 32), ip),
-          stack_expert_rows(p2.view(e, 1, h, i // 2), s2.view(e, 1, h, i // 32), hp)]
+    # planes on the FP8 repacking of the same experts, carried after the INT8 stacks (static,
+    # dynamic per tensor and per token); a wrong FP8 row scale must show
     wss = []
-    for w, (pk, sc), rp in zip(ws, st, (rp13, rp2)):
-        sp = int8_split_rows(pk, sc, rp)
-        wss.append(w + (sp.row_scale, row_offsets(sp.corr_rows, sp.corr_ptr, rp.packed.shape[0]),
-                        sp.corr_blocks, sp.corr_values))
+    for w, (pk, sc) in zip(ws, (stack_expert_rows(p13.view(e, 2, i, h // 2),
+                                                  s13.view(e, 2, i, h // 32), ip),
+                                stack_expert_rows(p2.view(e, 1, h, i // 2),
+                                                  s2.view(e, 1, h, i // 32), hp))):
+        fp = repack_mxfp4(pk, sc, False)
+        wss.append(w + (fp.codes, fp.row_scale,
+                        row_offsets(fp.corr_rows, fp.corr_ptr, fp.packed.shape[0]),
+                        fp.corr_blocks, fp.corr_values))
     for sch in ActivationScheme:
         for t in (1, 5, 40):
             x = torch.randn(t, h).half()
@@ -288,8 +287,7 @@ for planted in (True, False):
             err = ((y - ref).norm() / ref.norm()).item()
             assert err < 1e-2, ("split", sch.name, t, err)
             if t == 5 and not planted:  # (planted blocks would dominate the error)
-                # (a factor the window absorbs would cancel: move every block out of it)
-                bad = wss[1][:8] + (wss[1][8] * 2.0**20,) + wss[1][9:]
+                bad = wss[1][:9] + (wss[1][9] * 2.0,) + wss[1][10:]
                 y = mk.moe_forward(x, tw, ids, None, wss[0], bad, s_x, s_h, e, h, i, ip, hp,
                                    True, int(sch), int(sch), torch.float32, False)
                 assert ((y - ref).norm() / ref.norm()).item() > 0.1, "split tensors unused"

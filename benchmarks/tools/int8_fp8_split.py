@@ -1,8 +1,8 @@
 """The INT8 split path (docs/int8_kernel.md) against the per-tile INT8 GEMM, same layer, same
-run. An INT8 layer loaded on sm_90 carries the split path's FP8 reference per row
-(``int8_split_rows``); between decode and prefill its op quantizes the activations into two
-exact E4M3 planes and runs the fused GEMM on E4M3 weights derived from the INT8 tile codes
-(``triton_w4a8.split_config``: FP8's tile rule, up to 64-token tiles).
+run. An INT8 layer loaded on sm_90 keeps the FP8 repacking of its weight beside the INT8 one
+(``layer.w4a8_split``); between decode and prefill its op quantizes the activations into two
+exact E4M3 planes and runs the fused GEMM on the FP8 repacking (``triton_w4a8.split_config``:
+FP8's tile rule up to 64-token tiles, one wave for 8-warp tiles).
 
 Whole op, L2 flushed, `--repeat` samples round robin:
 
@@ -10,9 +10,8 @@ Whole op, L2 flushed, `--repeat` samples round robin:
   correction), as INT8 layers ran before;
 - `split`: the op as it runs now (`kern.apply`); where `split_config` declines the M (tiles of
   128 tokens), the INT8 GEMM again;
-- `split_bm64`: the split path with FP8's 64-token mid tile (128 x 64, 4 warps, 4 stages,
-  split-K filling the SMs) at any M, to see whether it should take the M that `split_config`
-  leaves to INT8.
+- `split_fp8_rule`: the split path at FP8's own tile (``pick_config``: no one-wave cap, and
+  128-token tiles at 2 stages where FP8 takes them).
 
 The outputs' relative difference against `int8` is printed.
 
@@ -49,10 +48,9 @@ from w4a8_backend.kernels import triton_w4a8 as tk  # noqa: E402
 MS = (17, 32, 64, 128, 256)
 
 
-def bm64_config(m: int, n_pad: int, kp: int, sms: int) -> tuple:
-    bn, bm, warps, stages = tk.MID_ROWS
-    tiles = (n_pad // bn) * -(-m // bm)
-    return bn, bm, 256, tk._fill_split(tiles, kp // 256, sms), warps, stages
+def fp8_rule_config(m: int, n_pad: int, kp: int, sms: int) -> tuple:
+    bn, bm, bk, split, warps, stages = tk.pick_config(m, n_pad, kp, False, sms)
+    return bn, bm, bk, split, warps, 2 if bm >= 128 else stages  # (4 stages overflow smem)
 
 
 def main() -> None:
@@ -69,33 +67,33 @@ def main() -> None:
         for scheme in (S_STATIC, S_TOKEN):
             per_token = scheme == S_TOKEN
             kern, layer = our_kernel(packed, scale, INT8, scheme, x_cal)
-            srs, scorr = layer.w4a8_split_row_scale, layer.w4a8_split_corr
-            assert srs is not None, "the INT8 layer has no split path (not sm_90?)"
+            split = layer.w4a8_split
+            assert split, "the INT8 layer has no split path (not sm_90?)"
+            s_codes, s_row_scale, *s_corr = split
             n_pad = layer.weight.shape[0]
 
             def withheld(x):
-                layer.w4a8_split_row_scale, layer.w4a8_split_corr = None, []
+                layer.w4a8_split = []
                 try:
                     return kern.apply(layer, x, None)
                 finally:
-                    layer.w4a8_split_row_scale, layer.w4a8_split_corr = srs, scorr
+                    layer.w4a8_split = split
 
             for m in (int(v) for v in args.ms.split(",")):
                 x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-                cfg64 = bm64_config(m, n_pad, k, sms)
+                cfg_fp8 = fp8_rule_config(m, n_pad, k, sms)
 
-                def split_bm64():
+                def split_fp8_rule():
                     q, xs = tk.quantize_activation_gpu(x, True, int(scheme), layer.input_scale,
                                                        split=True)
-                    y = tk.w4a8_gemm(q, xs, layer.weight, layer.weight_scale,
-                                     layer.w4a8_row_scale, layer.w4a8_counters, layer.w4a8_lut,
-                                     n, True, per_token, None, torch.bfloat16, config=cfg64,
-                                     split_row_scale=srs)
-                    tk.correction(y, q, xs, per_token, *scorr)
+                    y = tk.w4a8_gemm(q, xs, layer.weight, s_codes, s_row_scale,
+                                     layer.w4a8_counters, layer.w4a8_lut, n, False, per_token,
+                                     None, torch.bfloat16, config=cfg_fp8, x_split=True)
+                    tk.correction(y, q, xs, per_token, *s_corr)
                     return y
 
                 calls = {"int8": lambda: withheld(x), "split": lambda: kern.apply(layer, x, None),
-                         "split_bm64": split_bm64}
+                         "split_fp8_rule": split_fp8_rule}
                 on = {"fn": None}
                 outs, samples, medians = round_robin(
                     timer, lambda: on["fn"](),
@@ -104,11 +102,11 @@ def main() -> None:
                 a = outs["int8"].float()
                 print(json.dumps({
                     "N": n, "K": k, "M": m, "scheme": scheme.name,
-                    "split_config": tk.split_config(m, n_pad, k, sms), "bm64_config": cfg64,
+                    "split_config": tk.split_config(m, n_pad, k, sms), "fp8_config": cfg_fp8,
                     "int8_blocks": int(layer.w4a8_corr_blocks.numel()),
-                    "split_blocks": int(scorr[2].numel()), **medians,
+                    "split_blocks": int(s_corr[2].numel()), **medians,
                     **{f"rel_diff_{v}": ((outs[v].float() - a).norm() / a.norm()).item()
-                       for v in ("split", "split_bm64")},
+                       for v in ("split", "split_fp8_rule")},
                     "samples": samples}), flush=True)
 
 

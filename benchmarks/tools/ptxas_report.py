@@ -103,20 +103,18 @@ def dense_gemm(act_int8: bool, config: tuple, dense: bool = False,
                split: bool = False) -> Report:
     """`_w4a8_gemm` at ``config`` = (BN, BM, BK, split_k, warps, stages), per-tensor scale, with
     the PDL wait where sm_90 launches it so (``w4a8_gemm``'s rule). ``split``: the INT8 split
-    path (E4M3 planes on E4M3 weights derived from the INT8 tile codes)."""
+    path (E4M3 planes on the FP8 repacking)."""
     mma_int8 = act_int8 and not split
     pdl = (not dense and not mma_int8 and config[1] >= tk.PDL_MIN_BM
            and config[0] >= tk.PDL_MIN_BN)  # gemm_launch_pdl on sm_90
     bn, bm, bk, split_k, warps, stages = config
     act = "*i8" if mma_int8 else "*fp8e4nv"
     types = {"x_ptr": act, "xs_ptr": "*fp32", "w_ptr": act if dense else "*u8", "c_ptr": "*u8",
-             "rs_ptr": "*u8" if act_int8 else "*fp32", "y_ptr": "*bf16", "bias_ptr": "*bf16",
-             "ws_ptr": "*fp32", "cnt_ptr": "*i32", "lut_ptr": "*i32", "prs_ptr": "*fp32"}
+             "rs_ptr": "*u8" if mma_int8 else "*fp32", "y_ptr": "*bf16", "bias_ptr": "*bf16",
+             "ws_ptr": "*fp32", "cnt_ptr": "*i32", "lut_ptr": "*i32"}
     const = dict(ACT_INT8=mma_int8, PER_TOKEN=False, HAS_BIAS=False, W_DENSE=dense,
                  ROW_REF=False, SPLIT_K=split_k, DECODE_LUT=True, BN=bn, BM=bm, BK=bk,
                  PDL=pdl, RELEASE=False, X_SPLIT=split)
-    if not split:
-        const["prs_ptr"] = None
     return _compile(tk._w4a8_gemm, types, const, warps, stages,
                     "dense materialized" if dense else
                     "dense fused, int8 split" if split else "dense fused")
@@ -142,17 +140,15 @@ def moe_gemm(act_int8: bool, gated: bool, bn: int = 64, bm: int = 16, warps: int
     act = "*i8" if mma_int8 else "*fp8e4nv"
     stages = stages or mk.pick_config(16, 128, 128, mma_int8)[3]
     types = {"a_ptr": act, "as_ptr": "*fp32", "w_ptr": "*u8", "c_ptr": "*u8",
-             "rs_ptr": "*u8" if act_int8 else "*fp32", "crp_ptr": "*i32", "cblk_ptr": "*i32",
+             "rs_ptr": "*u8" if mma_int8 else "*fp32", "crp_ptr": "*i32", "cblk_ptr": "*i32",
              "cval_ptr": "*fp32", "out_ptr": act if gated else "*fp32", "amax_ptr": "*i32",
              "tab_ptr": "*i32", "cnt_ptr": "*i32", "off_ptr": "*i32", "ids_ptr": "*i64",
-             "map_ptr": "*i32", "qs_ptr": "*fp32", "prs_ptr": "*fp32"}
+             "map_ptr": "*i32", "qs_ptr": "*fp32"}
     const = dict(ACT_INT8=mma_int8, PER_ROW=False, A_BY_TOKEN=gated, GATED=gated, CORR=False,
                  AMAX=False, W_BF16=False, DECODE_LUT=True,
                  FP8_PROMOTE=0 if mma_int8 else mk.fp8_promote(bm, gated),
                  OUT_QUANT=gated, ROUTE_INLINE=False, HAS_MAP=False, PP2=128, EP2=128, BN=bn,
                  BM=bm, BK=256, PDL=mk.PDL, X_SPLIT=split)  # (sm_90 launches it with PDL)
-    if not split:
-        const["prs_ptr"] = None
     return _compile(mk._moe_gemm, types, const, warps, stages,
                     ("moe gemm1" if gated else "moe gemm2") + (", int8 split" if split else ""))
 

@@ -11,7 +11,6 @@ from w4a8_backend.kernels._sm90_repack import (
     INT8_CODE_BIAS,
     dequantize_repacked,
     int8_prefill_rows,
-    int8_split_rows,
     repack_mxfp4,
     validate_checkpoint_tensors,
 )
@@ -53,7 +52,7 @@ def test_int8_prefill_rows_are_exact(n, k, spread):
     scale[1, 0] = 0
     rp = repack_mxfp4(packed, scale, act_int8=True)
     pf = int8_prefill_rows(packed, scale, rp)
-    assert _same(dequantize_repacked(rp, row_ref=pf), dequantize_mxfp4(packed, scale))
+    assert _same(dequantize_repacked(rp, prefill=pf), dequantize_mxfp4(packed, scale))
     listed = set()
     for i, row in enumerate(pf.corr_rows.tolist()):
         for j in range(int(pf.corr_ptr[i]), int(pf.corr_ptr[i + 1])):
@@ -69,39 +68,6 @@ def test_int8_prefill_rows_are_exact(n, k, spread):
         assert not 0 <= int(s[row, blk]) - int(top[row]) + 3 <= 3, (row, blk)
     if spread <= 1:  # blocks of a narrow row fit one 4-binade window, but for a few
         assert pf.num_out_of_range <= 0.01 * rp.num_blocks
-
-
-@pytest.mark.parametrize("n,k,spread", [(96, 160, 2), (128, 2048, 5), (1056, 224, 30), (40, 4096, 9)])
-def test_int8_split_rows_are_exact(n, k, spread):
-    """The split path's E4M3 weights, derived from the INT8 per-tile codes against one FP8
-    reference per row (as the kernels do), plus its side table give back every weight; the
-    table repeats the per-tile table and adds only blocks outside the row's 12 binades."""
-    packed, scale = _weights(n, k, spread, 5 * n + k)
-    scale[0, 0] = 0xFF
-    scale[1, 0] = 0
-    rp = repack_mxfp4(packed, scale, act_int8=True)
-    sp = int8_split_rows(packed, scale, rp)
-    assert sp.fp8
-    assert _same(dequantize_repacked(rp, row_ref=sp), dequantize_mxfp4(packed, scale))
-    listed = {(row, int(sp.corr_blocks[j])) for i, row in enumerate(sp.corr_rows.tolist())
-              for j in range(int(sp.corr_ptr[i]), int(sp.corr_ptr[i + 1]))}
-    tile_listed = {(row, int(rp.corr_blocks[j])) for i, row in enumerate(rp.corr_rows.tolist())
-                   for j in range(int(rp.corr_ptr[i]), int(rp.corr_ptr[i + 1]))}
-    assert tile_listed <= listed
-    s = scale.to(torch.int32)
-    top = (sp.row_scale[:n].log2() + 133).to(torch.int32)
-    for row, blk in listed - tile_listed:
-        assert not -5 <= int(s[row, blk]) - int(top[row]) + 6 <= 6, (row, blk)
-    if spread <= 5:  # 11 binades: every row fits its window
-        assert listed == tile_listed
-    elif k > 256:  # (one tile's kept blocks span 4 binades: always inside)
-        assert listed > tile_listed
-
-
-def test_int8_split_rows_need_an_int8_repacking():
-    packed, scale = _weights(8, 64, 1, 1)
-    with pytest.raises(ValueError, match="act_int8"):
-        int8_split_rows(packed, scale, repack_mxfp4(packed, scale, act_int8=False))
 
 
 def test_int8_prefill_rows_on_real_weights():
@@ -129,7 +95,7 @@ def test_int8_prefill_rows_on_real_weights():
         blocks += rp.num_blocks
         extra += pf.num_out_of_range - rp.num_out_of_range
         if name.endswith("layer.0.attention.self.query.weight"):
-            assert _same(dequantize_repacked(rp, row_ref=pf), dequantize_mxfp4(packed, scale))
+            assert _same(dequantize_repacked(rp, prefill=pf), dequantize_mxfp4(packed, scale))
     assert blocks > 300_000
     assert 0 < extra / blocks < DEFAULT_INT8_PREFILL_ROWS_MAX / 2, extra / blocks
 

@@ -460,7 +460,7 @@ def test_custom_op_opcheck_and_compile(monkeypatch, act, prefill_m, m):
         x, layer.weight, layer.weight_scale, layer.w4a8_row_scale, layer.w4a8_counters,
         layer.w4a8_lut, layer.w4a8_corr_rows, layer.w4a8_corr_ptr, layer.w4a8_corr_blocks,
         layer.w4a8_corr_values, layer.w4a8_corr_row_ptr, layer.w4a8_prefill_row_scale,
-        layer.w4a8_prefill_corr, layer.w4a8_split_row_scale, layer.w4a8_split_corr, None,
+        layer.w4a8_prefill_corr, layer.w4a8_split, None,
         None, n, act == INT8, int(scheme), 0, kern.prefill_m, kern.decode_cuda,
     )
     triton_w4a8.POISON_OUTPUTS = False  # opcheck compares repeated runs
@@ -488,30 +488,41 @@ def test_dispatcher_picks_sm90_triton(act):
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name.lower())
 def test_int8_split_path(scheme):
-    """INT8 layers between decode and prefill: int8 activations as two exact E4M3 planes on
-    E4M3 weights derived from the INT8 tile codes (quantization writing the planes, the fused
-    GEMM's X_SPLIT, the correction reading them), through the layer's op, against the exact
-    INT8 reference; planted out-of-range blocks (some only outside the FP8 row window), split-K,
-    64-token tiles. Also checks the op takes the split path at these M."""
+    """INT8 layers between decode and prefill: int8 activations as two exact E4M3 planes on the
+    FP8 repacking the layer keeps beside its INT8 one (quantization writing the planes, the
+    fused GEMM's X_SPLIT, the correction reading them), through the layer's op, against the
+    exact INT8 reference; planted out-of-range blocks, split-K, 32- and 64-token tiles. Also
+    checks the op takes the split path at these M, and that it is off with
+    W4A8_MXFP4_INT8_SPLIT=0."""
     from w4a8_backend.kernels import triton_w4a8 as tk
+    from w4a8_backend.kernels.sm90_triton import INT8_SPLIT_ENV
 
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the INT8 split path is built for sm_90 only")
     for i, (m, n, k, extreme) in enumerate([(17, 4096, 4096, False), (64, 1056, 224, True),
-                                            (33, 2048, 8192, True), (40, 8192, 8192, False)]):
+                                            (33, 2048, 8192, True), (40, 6144, 4096, False)]):
         g = _gen(70 + i)
         packed, scale = make_weight(n, k, g, extreme)
-        if extreme:  # a whole 256-wide tile 13 binades up: kept by its tile, not by its row
-            scale[3, : min(8, k // 32)] = (scale[3, : min(8, k // 32)].int() + 13).clamp(
-                max=254).to(torch.uint8)
         x = (torch.randn(m, k, device="cuda", generator=g) * 2.0).to(torch.bfloat16)
         s_in = static_scale_for(x, INT8) if scheme == ActivationScheme.STATIC_PER_TENSOR else None
         kern = make_kernel(INT8, scheme, n, k)
         layer = make_layer(packed, scale, s_in)
         kern.process_weights_after_loading(layer)
-        assert layer.w4a8_split_row_scale is not None
+        assert len(layer.w4a8_split) == 6
         assert tk.split_config(m, layer.weight.shape[0], layer.weight.shape[1] * 2,
                                tk.num_sms(0)) is not None, m
-        if extreme and k > 256:
-            assert len(layer.w4a8_split_corr[2]) > len(layer.w4a8_corr_blocks)
+        if extreme:
+            assert layer.w4a8_split[4].numel() > 0  # FP8 out-of-range blocks
         y = kern.apply(layer, x, None)
         ref = reference_linear(x, packed, scale, INT8, scheme, s_in)
         assert rel_err(y, ref) <= REL_TOL, (m, n, k, rel_err(y, ref))
+    import os
+
+    os.environ[INT8_SPLIT_ENV] = "0"
+    try:
+        layer = make_layer(packed, scale, s_in)
+        kern.process_weights_after_loading(layer)
+        assert layer.w4a8_split == []
+        assert rel_err(kern.apply(layer, x, None), ref) <= REL_TOL
+    finally:
+        del os.environ[INT8_SPLIT_ENV]

@@ -66,10 +66,13 @@ POISON_OUTPUTS = False
 # may still be in use by the kernel before). So a launch's CTAs are resident when the previous
 # kernel's last ones retire. Not for the BF16 baseline (``bf16_weights``).
 PDL = True
-# INT8 stacks that carry the split path's tensors (sm90_triton_moe) run it while FP8's tile
-# rule gives tiles of at most this many tokens (decode sizes): at 64-token tiles its GEMMs
-# spill (ptxas, sm_90a: GEMM1 896 spill stores, GEMM2 104).
-INT8_SPLIT_MAX_BM = 32
+# INT8 stacks that carry their FP8 repacking (sm90_triton_moe, sm90_triton.INT8_SPLIT_ENV) run
+# the split path while FP8's tile rule gives tiles of at most this many tokens (decode sizes).
+# H100, whole layer, Triton path (moe_int8_fp8_split_h100_20261125_1013.jsonl): 0.88-0.94x the
+# INT8 layer's time for gpt-oss-20b at 8-64 tokens, 0.95-0.98x for Qwen3-30B-A3B at 16 and 64,
+# all 16-token tiles. GEMM1 spills at 32-token tiles (ptxas, sm_90a: 76 spill stores; 896 at
+# 64), which were not measured, so they keep the INT8 GEMMs.
+INT8_SPLIT_MAX_BM = 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,24 +153,17 @@ def _block_of_counts(pid_m, cnts, EP2: tl.constexpr, BM: tl.constexpr):
 def _mma_step(acc, w_ptr, c_ptr, rs_ptr, rows, it, k0, x_lo, x_hi, xt, K, KP2, KP32, NPT,
               ACT_INT8: tl.constexpr, W_BF16: tl.constexpr, DECODE_LUT: tl.constexpr,
               FP8_PROMOTE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              y_lo=None, y_hi=None, row_exp=None):
+              y_lo=None, y_hi=None):
     """``y_lo``/``y_hi`` (X_SPLIT): the second E4M3 plane of int8 activations
-    (``triton_w4a8.split_int8``), multiplied with the same E4M3 weight, which is derived from
-    the INT8 tile codes (tile exponents at ``rs_ptr``) against the FP8 reference per row whose
-    biased exponents are ``row_exp`` (``int8_split_rows``)."""
+    (``triton_w4a8.split_int8``), multiplied with the same decoded FP8 weight."""
     if W_BF16:
         kk = k0 + tl.arange(0, BK)
         w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * K + kk[None, :],
                     mask=(kk < K)[None, :], other=0.0)
         acc = tl.dot(w, xt, acc)
     else:
-        if y_lo is not None:
-            ex = tl.load(rs_ptr + it * NPT + rows).to(tl.int32)
-            w_lo, w_hi = _load_decoded(w_ptr, c_ptr, rows, k0, KP2, KP32, BN, BK, False,
-                                       DECODE_LUT, ex - row_exp)
-        else:
-            w_lo, w_hi = _load_decoded(w_ptr, c_ptr, rows, k0, KP2, KP32, BN, BK, ACT_INT8,
-                                       DECODE_LUT)
+        w_lo, w_hi = _load_decoded(w_ptr, c_ptr, rows, k0, KP2, KP32, BN, BK, ACT_INT8,
+                                   DECODE_LUT)
         if ACT_INT8:
             p = tl.dot(w_lo, x_lo, out_dtype=tl.int32)
             p = tl.dot(w_hi, x_hi, p, out_dtype=tl.int32)
@@ -226,7 +222,7 @@ def _moe_gemm(
     W_BF16: tl.constexpr, DECODE_LUT: tl.constexpr, FP8_PROMOTE: tl.constexpr,
     OUT_QUANT: tl.constexpr, ROUTE_INLINE: tl.constexpr, HAS_MAP: tl.constexpr, PP2: tl.constexpr,
     EP2: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
-    X_SPLIT: tl.constexpr = False, prs_ptr=None,
+    X_SPLIT: tl.constexpr = False,
 ):
     """out^T tile [BN, BM] = W_e[rows] @ A[rows of the block]^T, see the module docstring.
 
@@ -240,11 +236,9 @@ def _moe_gemm(
     ROUTE_INLINE: the expert's pairs found from the P ids here instead of ``_moe_route``'s
     table (small P: every program scans them; the same pair order).
     PDL: launched while the previous kernel may still run (see ``PDL``).
-    X_SPLIT (INT8 stack, ACT_INT8 False): int8 activations as two E4M3 planes ``a_plane``
-    elements apart (``triton_w4a8.split_int8``) on E4M3 weights derived from the INT8 tile codes
-    against the FP8 reference per row at ``prs_ptr`` (``int8_split_rows``; crp/cblk/cval are
-    then its side table); with OUT_QUANT the int8 h goes out the same way, planes
-    ``out_plane`` elements apart.
+    X_SPLIT (the INT8 split path): FP8 weights and int8 activations as two E4M3 planes ``a_plane``
+    elements apart (``triton_w4a8.split_int8``); with OUT_QUANT the int8 h goes out the same
+    way, planes ``out_plane`` elements apart.
     """
     if PDL:
         gdc_launch_dependents()
@@ -280,12 +274,6 @@ def _moe_gemm(
 
     jj = tl.arange(0, BK // 2)
     kx = (jj // 32) * 64 + (jj % 32)
-    if X_SPLIT:
-        tl.static_assert(not ACT_INT8 and not W_BF16, "X_SPLIT runs on E4M3 tensor cores")
-        rexp_g = tl.load(prs_ptr + rows_g).to(tl.int32, bitcast=True) >> 23
-        rexp_u = rexp_g
-        if GATED:
-            rexp_u = tl.load(prs_ptr + rows_u).to(tl.int32, bitcast=True) >> 23
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     acc_u = tl.zeros([BN, BM], dtype=tl.float32)
     # at least one trip: a zero-trip path that zeroes acc makes ptxas serialize the wgmmas
@@ -305,17 +293,18 @@ def _moe_gemm(
                            mask=m_mask[None, :] & (xk + 32 < K)[:, None], other=0.0)
             xt = x_lo
         if X_SPLIT:
+            tl.static_assert(not ACT_INT8 and not W_BF16, "X_SPLIT runs on FP8 weights")
             y_lo = tl.load(a_rows + a_plane + xk[:, None],
                            mask=m_mask[None, :] & (xk < K)[:, None], other=0.0)
             y_hi = tl.load(a_rows + a_plane + (xk + 32)[:, None],
                            mask=m_mask[None, :] & (xk + 32 < K)[:, None], other=0.0)
             acc = _mma_step(acc, w_ptr, c_ptr, rs_ptr, rows_g, it, k0, x_lo, x_hi, xt, K, KP2,
                             KP32, NPT, ACT_INT8, W_BF16, DECODE_LUT, FP8_PROMOTE, BN, BK,
-                            y_lo, y_hi, rexp_g)
+                            y_lo, y_hi)
             if GATED:
                 acc_u = _mma_step(acc_u, w_ptr, c_ptr, rs_ptr, rows_u, it, k0, x_lo, x_hi, xt,
                                   K, KP2, KP32, NPT, ACT_INT8, W_BF16, DECODE_LUT, FP8_PROMOTE,
-                                  BN, BK, y_lo, y_hi, rexp_u)
+                                  BN, BK, y_lo, y_hi)
         else:
             acc = _mma_step(acc, w_ptr, c_ptr, rs_ptr, rows_g, it, k0, x_lo, x_hi, xt, K, KP2,
                             KP32, NPT, ACT_INT8, W_BF16, DECODE_LUT, FP8_PROMOTE, BN, BK)
@@ -328,10 +317,7 @@ def _moe_gemm(
         a_scale = tl.load(as_ptr + src, mask=m_mask, other=0.0)[None, :]
     else:
         a_scale = tl.load(as_ptr)
-    if X_SPLIT:
-        acc = _scale_out(acc, prs_ptr, rows_g, a_scale, False, False)
-    else:
-        acc = _scale_out(acc, rs_ptr, rows_g, a_scale, ACT_INT8, W_BF16)
+    acc = _scale_out(acc, rs_ptr, rows_g, a_scale, ACT_INT8, W_BF16)
     if CORR:
         acc = _add_corrections(acc, crp_ptr, cblk_ptr, cval_ptr, a_rows, rows_g, m_mask, a_scale,
                                a_plane, X_SPLIT)
@@ -339,10 +325,7 @@ def _moe_gemm(
     o_mask = n_mask[:, None] & m_mask[None, :]
     o_rows = out_ptr + pair.to(tl.int64)[None, :] * stride_out
     if GATED:
-        if X_SPLIT:
-            acc_u = _scale_out(acc_u, prs_ptr, rows_u, a_scale, False, False)
-        else:
-            acc_u = _scale_out(acc_u, rs_ptr, rows_u, a_scale, ACT_INT8, W_BF16)
+        acc_u = _scale_out(acc_u, rs_ptr, rows_u, a_scale, ACT_INT8, W_BF16)
         if CORR:
             acc_u = _add_corrections(acc_u, crp_ptr, cblk_ptr, cval_ptr, a_rows, rows_u, m_mask,
                                      a_scale, a_plane, X_SPLIT)
@@ -522,13 +505,13 @@ def fusion_plan(p: int, e: int, scheme2: int) -> tuple[bool, bool]:
 
 def _stack_args(w: tuple, bf16_weights: bool, split: bool = False):
     """(packed, codes, row_scale, corr_row_ptr, corr_blocks, corr_values, has_corrections) of
-    one repacked stack; ``split``: the side table is the split path's (``w[9:12]``). A bf16
-    stack ``(rows,)`` fills every slot with its rows (unused)."""
+    one repacked stack; ``split``: its FP8 repacking (``w[8:13]``) for the INT8 split path. A
+    bf16 stack ``(rows,)`` fills every slot with its rows (unused)."""
     if bf16_weights:
         rows, = w
         return rows, rows, rows, rows, rows, rows, False
     if split:
-        return w[0], w[1], w[2], w[9], w[10], w[11], w[10].numel() > 0
+        return w[0], w[8], w[9], w[10], w[11], w[12], w[11].numel() > 0
     return w[0], w[1], w[2], w[7], w[5], w[6], w[5].numel() > 0
 
 
@@ -546,8 +529,8 @@ def moe_forward(
     expert_map: torch.Tensor | None,
     w13: tuple,  # (packed, codes, row_scale, corr_rows, corr_ptr, corr_blocks, corr_values,
     #               corr_row_ptr): repacked stack, side table, and its CSR over every row;
-    #               INT8 stacks may add (split_row_scale, split_row_ptr, split_blocks,
-    #               split_values): the split path's reference per row and side table
+    #               INT8 stacks may add the FP8 repacking of the same weights for the split
+    #               path: (codes, row_scale, corr_row_ptr, corr_blocks, corr_values)
     w2: tuple,
     w13_input_scale: torch.Tensor | None,
     w2_input_scale: torch.Tensor | None,
@@ -568,12 +551,13 @@ def moe_forward(
 ) -> torch.Tensor:
     """The whole MoE layer; see the module docstring. ``bf16_weights``: ``w13``/``w2`` are
     ``(stack,)`` of dense bf16 rows and x, h enter the MMA in bf16 (baseline). INT8 stacks that
-    carry the split path's tensors run it (unless ``int8_split`` is False): int8 activations
-    as two exact E4M3 planes on E4M3 weights derived from the tile codes (docs/int8_kernel.md),
-    with FP8's tiles."""
+    carry their FP8 repacking run the split path (unless ``int8_split`` is False) while FP8's
+    tiles hold at most INT8_SPLIT_MAX_BM tokens: int8 activations as two exact E4M3 planes on
+    the FP8 weights, with FP8's tiles (docs/int8_kernel.md)."""
     x_split = (int8_split and act_int8 and not bf16_weights and len(w13) > 8 and len(w2) > 8
                and pick_config(x.shape[0], topk_ids.numel(), num_experts, False)[1]
                <= INT8_SPLIT_MAX_BM)
+    mma_int8 = act_int8 and not x_split  # the MMA's operands: int8, else E4M3 (or bf16)
     dev = x.device
     t, h = x.shape
     top_k = topk_ids.shape[1]
@@ -637,7 +621,6 @@ def moe_forward(
         return min(triton.cdiv(p, bm) + e, p)
 
     # GEMM1 (+ SiLU)
-    mma_int8 = act_int8 and not x_split  # the MMA's operands: int8, else E4M3 (or bf16)
     bn1, bm1, w1_, st1 = config1 or pick_config(t, p, e, mma_int8)
     if h_out_quant and x_split:
         hbuf = torch.empty((2, p, inter), dtype=torch.float8_e4m3fn, device=dev)
@@ -661,8 +644,7 @@ def moe_forward(
         AMAX=amax_needed, W_BF16=bf16_weights, DECODE_LUT=lut,
         FP8_PROMOTE=fp8_promote(bm1, True), OUT_QUANT=h_out_quant,
         ROUTE_INLINE=route_inline, HAS_MAP=has_map, PP2=pp2, EP2=ep2, BN=bn1, BM=bm1, BK=bk,
-        PDL=pdl, X_SPLIT=x_split, prs_ptr=w13[8] if x_split else None,
-        num_warps=w1_, num_stages=st1, launch_pdl=pdl,
+        PDL=pdl, X_SPLIT=x_split, num_warps=w1_, num_stages=st1, launch_pdl=pdl,
     )
 
     # GEMM2 input
@@ -691,7 +673,7 @@ def moe_forward(
         AMAX=False, W_BF16=bf16_weights, DECODE_LUT=lut, FP8_PROMOTE=fp8_promote(bm2, False),
         OUT_QUANT=False, ROUTE_INLINE=route_inline,
         HAS_MAP=has_map, PP2=pp2, EP2=ep2, BN=bn2, BM=bm2, BK=bk, PDL=pdl, X_SPLIT=x_split,
-        prs_ptr=w2[8] if x_split else None, num_warps=w2_, num_stages=st2, launch_pdl=pdl,
+        num_warps=w2_, num_stages=st2, launch_pdl=pdl,
     )
 
     # top-k reduction

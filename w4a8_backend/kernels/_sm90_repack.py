@@ -41,16 +41,9 @@ INT8 prefill: one reference per row
     The materialized prefill weight (``triton_w4a8.materialize``) can instead use one 4-binade
     window per row, ``top[n]``, so that the dense INT8 GEMM accumulates in int32 over the whole
     K and rescales once in the epilogue (|sum| <= K * 127 * 96 < 2**31 for K < 176k). Blocks
-    outside the row's window go to a second side table (``Int8RowReference``), which also
+    outside the row's window go to a second side table (``Int8PrefillRows``), which also
     repeats the main table's blocks. The block's per-row code is derived in the kernel from the
     per-tile one: ``code_row = code + tile_exp[i, n] - row_exp[n]`` (both biased exponents).
-
-INT8 split path: an FP8 reference per row over the same codes
-    Between decode and prefill, int8 activations run as two exact E4M3 planes on E4M3 weights
-    (docs/int8_kernel.md). The weights are those of the FP8 exponent folding, but no FP8
-    repacking is stored: the kernel derives each block's FP8 code from its INT8 tile code by
-    the same ``code + tile_exp[i, n] - row_exp[n]``, against a 12-binade window per row
-    (``int8_split_rows``: one float32 per row and a side table of the blocks it drops).
 
 Out-of-range blocks (nothing is silently clamped)
     A block whose offset falls outside the exact range, whose E8M0 byte is 0xFF (NaN), or whose
@@ -82,13 +75,6 @@ FP8_D_MIN, FP8_D_MAX = -5, 6
 INT8_D_MIN, INT8_D_MAX = 0, 3
 FP8_CODE_BIAS = 21  # float16 exponent field of 2**(d+6): d + 6 + 15
 INT8_CODE_BIAS = 22  # float16 exponent field of 2**(d+7): d + 7 + 15
-
-
-def row_code_range(fp8: bool) -> tuple[int, int]:
-    """The codes a block may take against a per-row reference (others go to the side table)."""
-    if fp8:
-        return FP8_CODE_BIAS + FP8_D_MIN, FP8_CODE_BIAS + FP8_D_MAX
-    return INT8_CODE_BIAS + INT8_D_MIN, INT8_CODE_BIAS + INT8_D_MAX
 
 
 @dataclasses.dataclass
@@ -297,13 +283,10 @@ def row_offsets(corr_rows: torch.Tensor, corr_ptr: torch.Tensor, rows: int) -> t
 
 
 @dataclasses.dataclass
-class Int8RowReference:
-    """One reference exponent per row over an INT8 repacking's per-tile codes, and the side table
-    of the blocks that leave the main pass with it (module docstring). ``fp8``: the split path's
-    12-binade FP8 window (E4M3 weights), else the prefill path's 4-binade int8 window."""
+class Int8PrefillRows:
+    """The INT8 prefill path's per-row reference (module docstring) and its side table."""
 
-    fp8: bool
-    row_scale: torch.Tensor  # float32 [NP]: 2**(top - 133) (fp8) or 2**(top - 131), normal
+    row_scale: torch.Tensor  # float32 [NP]: 2**(top[n] - 131), a normal power of two
     corr_rows: torch.Tensor
     corr_ptr: torch.Tensor
     corr_blocks: torch.Tensor
@@ -313,78 +296,45 @@ class Int8RowReference:
     def num_out_of_range(self) -> int:
         return int(self.corr_blocks.numel())
 
-    def corr(self) -> list[torch.Tensor]:
-        return [self.corr_rows, self.corr_ptr, self.corr_blocks, self.corr_values]
-
-
-def _int8_row_reference(weight: torch.Tensor, weight_scale: torch.Tensor, rp: RepackedMxfp4,
-                        fp8: bool) -> Int8RowReference:
-    if not rp.act_int8:
-        raise ValueError("a per-row reference over per-tile codes needs an INT8 repacking "
-                         "(act_int8=True)")
-    n, kb = rp.n, rp.k // BLOCK_SIZE
-    s = weight_scale.to(torch.int32)
-    tile_kept = rp.codes[:n, :kb] != 0
-    if fp8:
-        # the window holding the most of the blocks the per-tile pass keeps
-        top = _best_window(s, tile_kept, FP8_D_MAX - FP8_D_MIN + 1).clamp(min=7)
-        d = s - top[:, None] + FP8_D_MAX
-        in_row = (d >= FP8_D_MIN) & (d <= FP8_D_MAX)
-        r = top - E8M0_BIAS - FP8_D_MAX
-    else:
-        top = _best_window(s, s != E8M0_NAN, INT8_D_MAX - INT8_D_MIN + 1).clamp(min=5)
-        d = s - top[:, None] + INT8_D_MAX
-        in_row = (d >= INT8_D_MIN) & (d <= INT8_D_MAX)
-        r = top - 131
-    kept = in_row & tile_kept
-    row_scale = torch.zeros(rp.packed.shape[0], dtype=torch.float32, device=weight.device)
-    row_scale[:n] = torch.exp2(r.to(torch.float32))
-    return Int8RowReference(fp8, row_scale, *_side_table(~kept, weight, weight_scale))
-
 
 def int8_prefill_rows(
     weight: torch.Tensor, weight_scale: torch.Tensor, rp: RepackedMxfp4
-) -> Int8RowReference:
+) -> Int8PrefillRows:
     """Per-row 4-binade windows for the materialized INT8 prefill weight of ``rp`` (an INT8
     repacking of the same tensors). A block is kept there only if it is in range for both its
     tile (``rp.codes``) and its row; all others are listed in the returned side table."""
-    return _int8_row_reference(weight, weight_scale, rp, fp8=False)
+    if not rp.act_int8:
+        raise ValueError("int8_prefill_rows needs an INT8 repacking (act_int8=True)")
+    n, kb = rp.n, rp.k // BLOCK_SIZE
+    s = weight_scale.to(torch.int32)
+    finite = s != E8M0_NAN
+    top = _best_window(s, finite, INT8_D_MAX - INT8_D_MIN + 1).clamp(min=5)
+    d = s - top[:, None] + INT8_D_MAX
+    in_row = finite & (d >= INT8_D_MIN) & (d <= INT8_D_MAX)
+    kept = in_row & (rp.codes[:n, :kb] != 0)
+    row_scale = torch.zeros(rp.packed.shape[0], dtype=torch.float32, device=weight.device)
+    row_scale[:n] = torch.exp2((top - 131).to(torch.float32))
+    return Int8PrefillRows(row_scale, *_side_table(~kept, weight, weight_scale))
 
 
-def int8_split_rows(
-    weight: torch.Tensor, weight_scale: torch.Tensor, rp: RepackedMxfp4
-) -> Int8RowReference:
-    """Per-row FP8 (12-binade) windows over ``rp``'s INT8 per-tile codes, for the split path
-    (int8 activations as two E4M3 planes on E4M3 weights, docs/int8_kernel.md): the kernel
-    derives each block's FP8 code from its tile code, so nothing but this scale per row and the
-    side table is stored. A block kept by its tile and inside its row's window stays in the main
-    pass; all others are listed in the side table."""
-    return _int8_row_reference(weight, weight_scale, rp, fp8=True)
-
-
-def dequantize_repacked(rp: RepackedMxfp4, row_ref: Int8RowReference | None = None) -> torch.Tensor:
+def dequantize_repacked(rp: RepackedMxfp4, prefill: Int8PrefillRows | None = None) -> torch.Tensor:
     """Decode the repacked form back to float32 ``[N, K]`` exactly as the kernels see it
-    (main pass + correction; with ``row_ref``, an INT8 repacking read against one reference per
-    row, as the prefill materialization or the split GEMM derive it, and its table). Used by
-    CPU tests to prove the repacking loses nothing."""
+    (main pass + correction; with ``prefill``, the INT8 prefill path's per-row materialization
+    and its table). Used by CPU tests to prove the repacking loses nothing."""
     n_pad, k_pad = rp.packed.shape[0], rp.packed.shape[1] * 2
     v = e2m1_to_float(unpack_repacked_codes(rp.packed)).reshape(n_pad, k_pad // 32, 32)
     c = rp.codes.to(torch.int32)
     table = rp
-    if row_ref is not None:
-        # the kernels' arithmetic: code_row = code + tile_exp - row_exp, kept if in its range
-        row_exp = (row_ref.row_scale.view(torch.int32) >> 23).reshape(n_pad, 1)
+    if prefill is not None:
+        # the kernel's arithmetic: code_row = code + tile_exp - row_exp, kept if in [0, 3] + bias
+        row_exp = (prefill.row_scale.view(torch.int32) >> 23).reshape(n_pad, 1)
         tile_exp = rp.row_scale.t().to(torch.int32).repeat_interleave(INT8_TILE // 32, dim=1)
         c_row = c + tile_exp - row_exp
-        lo, hi = row_code_range(row_ref.fp8)
-        live = (c != 0) & (c_row >= lo) & (c_row <= hi)
+        live = (c != 0) & (c_row >= INT8_CODE_BIAS) & (c_row <= INT8_CODE_BIAS + INT8_D_MAX)
         c = torch.where(live, c_row, torch.zeros_like(c))
-        if row_ref.fp8:
-            w = v * torch.exp2((c - FP8_CODE_BIAS).float())[:, :, None]
-        else:
-            w = v * (torch.exp2((c - INT8_CODE_BIAS).float()) * 2.0)[:, :, None]
-        w = w * row_ref.row_scale[:, None, None]
-        table = row_ref
+        w = v * (torch.exp2((c - INT8_CODE_BIAS).float()) * 2.0)[:, :, None]
+        w = w * prefill.row_scale[:, None, None]
+        table = prefill
     elif rp.act_int8:
         d = c - INT8_CODE_BIAS
         tile_e = rp.row_scale.t().to(torch.int32) - 127  # 2**(top-131)

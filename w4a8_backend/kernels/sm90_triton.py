@@ -32,8 +32,7 @@ from typing import Optional
 import torch
 
 from ..formats import ActivationDtype, ActivationScheme
-from ._sm90_repack import (decode_lut, int8_prefill_rows, int8_split_rows, repack_mxfp4,
-                           row_offsets)
+from ._sm90_repack import decode_lut, int8_prefill_rows, repack_mxfp4, row_offsets
 from .base import DeviceInfo, LinearKernelConfig, Mxfp4LinearKernel, Verdict
 
 logger = logging.getLogger("vllm.w4a8_mxfp4")  # reaches vLLM's handlers (see dispatch.py)
@@ -58,11 +57,14 @@ DEFAULT_PREFILL_M = {False: 384, True: 384}  # keyed by act_int8; from benchmark
 # vs 639 us, and the correction kernel ~0.2 us per listed block, so the per-row path pays while
 # it adds fewer than ~970 blocks of 2.1M (0.046 %); both sides scale with M and with N * K.
 INT8_PREFILL_ROWS_ENV = "W4A8_MXFP4_INT8_PREFILL_ROWS_MAX"
-# INT8 layers on sm_90 also get the split path's FP8 reference per row at load
-# (int8_split_rows: one float32 per row, and a side table only for blocks outside it): between
-# decode and prefill their activations then run as two exact E4M3 planes on FP8 tensor cores
-# (triton_w4a8.split_config). Measured on H100 only, so not on sm_89.
-INT8_SPLIT = True
+# INT8 layers on sm_90 also keep the FP8 repacking's per-block codes (one byte per 32 weights,
+# +5.9 % over the 4.25-bit weight; the nibbles are shared) and row scales: between decode and
+# prefill their activations then run as two exact E4M3 planes on FP8 tensor cores
+# (triton_w4a8.split_config, docs/int8_kernel.md). Off with W4A8_MXFP4_INT8_SPLIT=0. Measured
+# on H100 only, so not on sm_89. (Deriving the FP8 codes in the kernel from the INT8 ones
+# instead, to store nothing more, made the split GEMM slower than the INT8 one: ~190 more
+# instructions per K step; int8_split_derived_h100_20261125_1029.jsonl.)
+INT8_SPLIT_ENV = "W4A8_MXFP4_INT8_SPLIT"
 DEFAULT_INT8_PREFILL_ROWS_MAX = 0.0004
 # Which kernel runs M <= CUDA_DECODE_MAX_M: "auto" (the CUDA kernel when it builds, else Triton,
 # logged), "cuda" (an error when it cannot be built), "triton".
@@ -145,6 +147,19 @@ def _cuda_decode_loaded(device: torch.device) -> bool:
 def _capability(device_index: int) -> int:
     major, minor = torch.cuda.get_device_capability(device_index)
     return major * 10 + minor
+
+
+def int8_split_enabled(device: torch.device) -> bool:
+    """Whether INT8 layers loaded on ``device`` keep the split path's FP8 codes
+    (``INT8_SPLIT_ENV``, default on; sm_90 only)."""
+    v = os.environ.get(INT8_SPLIT_ENV, "1").strip()
+    if v not in ("0", "1"):
+        raise ValueError(f"{INT8_SPLIT_ENV}={v!r} must be 0 or 1")
+    return v == "1" and device.type == "cuda" and _capability(device.index or 0) == 90
+
+
+def split_bytes(split: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in split)
 
 
 def cuda_decode_max_m(act_int8: bool) -> int:
@@ -269,8 +284,7 @@ def mxfp4_w4a8_linear(
     corr_row_ptr: torch.Tensor,
     prefill_row_scale: Optional[torch.Tensor],
     prefill_corr: list[torch.Tensor],
-    split_row_scale: Optional[torch.Tensor],
-    split_corr: list[torch.Tensor],
+    split: list[torch.Tensor],
     input_scale: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
     n: int,
@@ -286,9 +300,9 @@ def mxfp4_w4a8_linear(
     ``corr_row_ptr``: a CSR over every row into the same blocks, for the CUDA decode GEMM's
     epilogue. ``prefill_row_scale`` and
     ``prefill_corr`` (rows, ptr, blocks, values): the INT8 prefill path's per-row reference and
-    side table (``int8_prefill_rows``), or None and []. ``split_row_scale`` and ``split_corr``:
-    the INT8 split path's FP8 reference per row and side table (``int8_split_rows``), or None
-    and []."""
+    side table (``int8_prefill_rows``), or None and []. ``split``: an INT8 layer's FP8 repacking
+    of the same weight for the split path (codes, row_scale, corr_rows, corr_ptr, corr_blocks,
+    corr_values; its nibbles are ``packed``), or []."""
     from . import triton_w4a8 as tk
 
     out_dtype = _CODE_DTYPE[out_dtype_code]
@@ -306,16 +320,15 @@ def mxfp4_w4a8_linear(
         return y
     sms = tk.num_sms(x.device.index or 0)
     n_pad, kp = packed.shape[0], packed.shape[1] * 2
-    split_cfg = (tk.split_config(m, n_pad, kp, sms)
-                 if split_row_scale is not None and m < prefill_m else None)
+    split_cfg = tk.split_config(m, n_pad, kp, sms) if split and m < prefill_m else None
     if split_cfg is not None:
-        # int8 activations as two exact E4M3 planes on E4M3 weights (docs/int8_kernel.md)
+        # int8 activations as two exact E4M3 planes on the FP8 repacking (docs/int8_kernel.md)
+        s_codes, s_row_scale, *s_corr = split
         q, xs = tk.quantize_activation_gpu(x, True, scheme, input_scale, split=True)
-        pdl = split_corr[0].numel() > 0 and tk.correction_pdl(x.device, split_cfg[1])
-        y = tk.w4a8_gemm(q, xs, packed, codes, row_scale, counters, lut, n, True, per_token,
-                         bias, out_dtype, config=split_cfg, release=pdl,
-                         split_row_scale=split_row_scale)
-        tk.correction(y, q, xs, per_token, *split_corr, pdl)
+        pdl = s_corr[0].numel() > 0 and tk.correction_pdl(x.device, split_cfg[1])
+        y = tk.w4a8_gemm(q, xs, packed, s_codes, s_row_scale, counters, lut, n, False,
+                         per_token, bias, out_dtype, config=split_cfg, release=pdl, x_split=True)
+        tk.correction(y, q, xs, per_token, *s_corr, pdl)
         return y
     q, xs = tk.quantize_activation_gpu(x, act_int8, scheme, input_scale)
     if m >= prefill_m:
@@ -339,8 +352,8 @@ def mxfp4_w4a8_linear(
 
 @mxfp4_w4a8_linear.register_fake
 def _(x, packed, codes, row_scale, counters, lut, corr_rows, corr_ptr, corr_blocks, corr_values,
-      corr_row_ptr, prefill_row_scale, prefill_corr, split_row_scale, split_corr, input_scale,
-      bias, n, act_int8, scheme, out_dtype_code, prefill_m, decode_cuda):
+      corr_row_ptr, prefill_row_scale, prefill_corr, split, input_scale, bias, n, act_int8,
+      scheme, out_dtype_code, prefill_m, decode_cuda):
     return x.new_empty((x.shape[0], n), dtype=_CODE_DTYPE[out_dtype_code])
 
 
@@ -445,18 +458,14 @@ class Sm90TritonLinearKernel(Mxfp4LinearKernel):
                 cfg.describe(), 100 * pf_frac,
                 "one reference per row" if pf_frac <= pf_limit else "per-tile references",
                 INT8_PREFILL_ROWS_ENV, pf_limit)
-        layer.w4a8_split_row_scale = None
-        layer.w4a8_split_corr = []
-        if act_int8 and INT8_SPLIT and dev.type == "cuda" and _capability(dev.index or 0) == 90:
-            sp = int8_split_rows(weight, weight_scale, rp)
-            layer.w4a8_split_row_scale = sp.row_scale
-            # the table repeats the per-tile one; when it adds nothing, share that one
-            layer.w4a8_split_corr = (sp.corr() if sp.num_out_of_range > rp.num_out_of_range
-                                     else [rp.corr_rows, rp.corr_ptr, rp.corr_blocks,
-                                           rp.corr_values])
-            logger.debug("w4a8_mxfp4 sm90_triton: %s: the INT8 split path's FP8 window per row "
-                         "leaves %d more blocks to the correction kernel", cfg.describe(),
-                         sp.num_out_of_range - rp.num_out_of_range)
+        layer.w4a8_split = []
+        if act_int8 and int8_split_enabled(dev):
+            fp = repack_mxfp4(weight, weight_scale, act_int8=False)
+            layer.w4a8_split = [fp.codes, fp.row_scale, fp.corr_rows, fp.corr_ptr,
+                                fp.corr_blocks, fp.corr_values]
+            logger.debug("w4a8_mxfp4 sm90_triton: %s: the INT8 split path's FP8 codes take %d "
+                         "bytes (%d blocks outside their row's 12 binades)", cfg.describe(),
+                         split_bytes(layer.w4a8_split), fp.num_out_of_range)
         self.prefill_rows = layer.w4a8_prefill_row_scale is not None
         self.prefill_m = _prefill_m(act_int8)
         self.decode_cuda = _use_cuda_decode(dev)
@@ -489,8 +498,7 @@ class Sm90TritonLinearKernel(Mxfp4LinearKernel):
             layer.w4a8_corr_row_ptr,
             layer.w4a8_prefill_row_scale,
             layer.w4a8_prefill_corr,
-            layer.w4a8_split_row_scale,
-            layer.w4a8_split_corr,
+            layer.w4a8_split,
             input_scale if cfg.act_scheme == ActivationScheme.STATIC_PER_TENSOR else None,
             bias,
             cfg.out_features,

@@ -31,16 +31,16 @@ import torch
 
 from ..formats import ActivationDtype, ActivationScheme
 from . import _sm90_moe_cuda as mc
-from . import sm90_triton
-from ._sm90_repack import N_ALIGN, int8_split_rows, repack_mxfp4, row_offsets
+from ._sm90_repack import N_ALIGN, repack_mxfp4, row_offsets
 from .base import DeviceInfo, Verdict
 from .moe_base import MoEKernelConfig, Mxfp4MoEKernel
 from .sm90_triton import (
     DEFAULT_MAX_CORRECTION,
     MAX_CORRECTION_ENV,
-    _capability,
     _cuda_decode_loaded,
     _use_cuda_decode,
+    int8_split_enabled,
+    split_bytes,
 )
 
 logger = logging.getLogger("vllm.w4a8_mxfp4")  # reaches vLLM's handlers (see dispatch.py)
@@ -109,8 +109,8 @@ def mxfp4_w4a8_moe(
 ) -> torch.Tensor:
     """``[T, H]`` routed-expert output. ``w13``/``w2``: (packed, codes, row_scale, corr_rows,
     corr_ptr, corr_blocks, corr_values, corr_row_ptr) of the stacked repacked experts, INT8
-    stacks on sm_90 followed by the split path's (row_scale, corr_row_ptr, corr_blocks,
-    corr_values); ``dims``:
+    stacks on sm_90 followed by the FP8 repacking's (codes, row_scale, corr_row_ptr,
+    corr_blocks, corr_values) for the split path; ``dims``:
     (E, H, I, IP, HP). ``decode_cuda``: a few tokens run on the CUDA decode kernels
     (``_sm90_moe_cuda``) when the library is loaded in this process."""
     e, h, i, ip, hp = dims
@@ -226,16 +226,16 @@ class Sm90TritonMoEKernel(Mxfp4MoEKernel):
         else:
             logger.debug("%s", msg)
         self.dims = [e, h, i, ip, hp]
-        split = (act_int8 and sm90_triton.INT8_SPLIT and w13.is_cuda
-                 and _capability(w13.device.index or 0) == 90)
+        split = act_int8 and int8_split_enabled(w13.device)
         for name, rp, st in (("w13", rp13, st13), ("w2", rp2, st2)):
             split_args = []
-            if split:  # the INT8 split path (sm90_triton.INT8_SPLIT), its table as a CSR
-                sp = int8_split_rows(*st, rp)
-                table = sp if sp.num_out_of_range > rp.num_out_of_range else rp
-                split_args = [sp.row_scale,
-                              row_offsets(table.corr_rows, table.corr_ptr, rp.packed.shape[0]),
-                              table.corr_blocks, table.corr_values]
+            if split:  # the INT8 split path's FP8 repacking (its nibbles are rp's)
+                fp = repack_mxfp4(*st, act_int8=False)
+                split_args = [fp.codes, fp.row_scale,
+                              row_offsets(fp.corr_rows, fp.corr_ptr, fp.packed.shape[0]),
+                              fp.corr_blocks, fp.corr_values]
+                logger.debug("w4a8_mxfp4 sm90_triton MoE: %s %s: the INT8 split path's FP8 "
+                             "codes take %d bytes", cfg.describe(), name, split_bytes(split_args))
             setattr(layer, f"w4a8_{name}_split", split_args)
             setattr(layer, f"{name}_weight", torch.nn.Parameter(rp.packed, requires_grad=False))
             setattr(layer, f"{name}_weight_scale",

@@ -71,11 +71,10 @@ PDL_MIN_BN = 128
 CORRECTION_PDL = True
 CORRECTION_PDL_MAX_BM = 64
 # INT8 between decode and prefill (layers loaded with sm90_triton.INT8_SPLIT): the int8
-# activations as two exact E4M3 planes on E4M3 weights derived from the INT8 tile codes
-# (``split_config``, docs/int8_kernel.md), up to tiles of INT8_SPLIT_MAX_BM tokens. H100, whole
-# op, 5 shapes, M = 17-64 (prototype on an FP8 repacking,
-# int8_fp8_split_h100_20261125_1012.jsonl): 0.80-0.93x the INT8 GEMM's time on four shapes,
-# 1.02-1.12x on 6144 x 4096; 128-token tiles fit only 2 stages and were 1.4-1.5x slower.
+# activations as two exact E4M3 planes on the FP8 repacking of the same weight (``split_config``,
+# docs/int8_kernel.md), up to tiles of INT8_SPLIT_MAX_BM tokens. H100, whole op, 5 shapes,
+# M = 17-64 (int8_fp8_split_h100_20261125_1012.jsonl): 0.80-0.93x the INT8 GEMM's time on four
+# shapes, 1.02-1.12x on 6144 x 4096; 128-token tiles fit only 2 stages and were 1.4-1.5x slower.
 INT8_SPLIT_MAX_BM = 64
 
 
@@ -313,10 +312,8 @@ def _lut_half(b, code, BN: tl.constexpr, G: tl.constexpr, HIGH: tl.constexpr,
 @triton.jit
 def _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN: tl.constexpr, BK: tl.constexpr,
                   ACT_INT8: tl.constexpr, DECODE_LUT: tl.constexpr, code_shift=None):
-    """Decode a [BN, BK] weight tile. ``code_shift`` [BN] (a per-row reference over INT8 tile
-    codes: the INT8 prefill's, or the split path's FP8 one with ACT_INT8 False): each block's
-    code moves by it and blocks that leave the exact range ([22, 25] int8, [16, 27] E4M3)
-    decode to 0."""
+    """Decode a [BN, BK] weight tile. ``code_shift`` [BN] (INT8 prefill per-row reference):
+    each block's code moves by it and blocks that leave the exact range [22, 25] decode to 0."""
     G: tl.constexpr = BK // 64
     jj = tl.arange(0, BK // 2)
     b2 = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * KP2 + (k0 // 2 + jj)[None, :])
@@ -326,11 +323,7 @@ def _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN: tl.constexpr, BK: tl.
     if code_shift is not None:
         c = c2.to(tl.int32)
         moved = c + code_shift[:, None]
-        if ACT_INT8:
-            keep = (moved >= 22) & (moved <= 25)
-        else:
-            keep = (moved >= 16) & (moved <= 27)
-        c2 = tl.where((c != 0) & keep, moved, 0).to(tl.uint8)
+        c2 = tl.where((c != 0) & (moved >= 22) & (moved <= 25), moved, 0).to(tl.uint8)
     c_lo, c_hi = tl.split(tl.reshape(c2, (BN, G, 2)))
     if DECODE_LUT:
         w_lo = _lut_half(b, c_lo, BN, G, False, ACT_INT8)
@@ -352,7 +345,7 @@ def _w4a8_gemm(
     ACT_INT8: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_DENSE: tl.constexpr, ROW_REF: tl.constexpr, SPLIT_K: tl.constexpr,
     DECODE_LUT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-    PDL: tl.constexpr, RELEASE: tl.constexpr, X_SPLIT: tl.constexpr = False, prs_ptr=None,
+    PDL: tl.constexpr, RELEASE: tl.constexpr, X_SPLIT: tl.constexpr = False,
 ):
     if RELEASE:  # the correction launched after this one with PDL may start (it waits for us)
         gdc_launch_dependents()
@@ -375,12 +368,10 @@ def _w4a8_gemm(
         # exact int32 sums over the whole K, rescaled once in the epilogue
         tl.static_assert(ACT_INT8 and W_DENSE, "ROW_REF is the INT8 dense (prefill) GEMM")
         acc_i = tl.zeros([BN, BM], dtype=tl.int32)
-    elif ACT_INT8 or X_SPLIT:
+    elif ACT_INT8:
         tl.static_assert(BK == INT8_TILE_K, "INT8 needs one reference tile per K step")
         # the tile exponents are one byte per row (not pipelined by cp.async): prefetch by hand
         e_next = tl.load(rs_ptr + it0 * NP + offs_n)
-        if X_SPLIT:  # the FP8 reference per row (int8_split_rows), as a biased exponent
-            row_exp = tl.load(prs_ptr + offs_n).to(tl.int32, bitcast=True) >> 23
     if W_DENSE:
         kk = tl.arange(0, BK)
     else:
@@ -404,23 +395,16 @@ def _w4a8_gemm(
             else:
                 acc = tl.dot(w, xt, acc)
         else:
-            if X_SPLIT:
-                # E4M3 weights: each block's FP8 code derived from its INT8 tile code
-                e = e_next
-                e_next = tl.load(rs_ptr + tl.minimum(it + 1, n_iters - 1) * NP + offs_n)
-                w_lo, w_hi = _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN, BK, False,
-                                           DECODE_LUT, e.to(tl.int32) - row_exp)
-            else:
-                w_lo, w_hi = _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN, BK,
-                                           ACT_INT8, DECODE_LUT)
+            w_lo, w_hi = _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN, BK, ACT_INT8,
+                                       DECODE_LUT)
             xk = k0 + kx
             x_lo = tl.load(x_rows + xk[:, None], mask=m_mask[None, :] & (xk < K)[:, None], other=0.0)
             x_hi = tl.load(x_rows + (xk + 32)[:, None],
                            mask=m_mask[None, :] & (xk + 32 < K)[:, None], other=0.0)
             if X_SPLIT:
                 # int8 activations as two exact E4M3 planes, 16 * floor(q / 16) and the rest
-                # (split_int8): E4M3 weights, two MMAs per half
-                tl.static_assert(not ACT_INT8, "X_SPLIT runs on E4M3 tensor cores")
+                # (split_int8): FP8 weights, two MMAs per half
+                tl.static_assert(not ACT_INT8, "X_SPLIT runs on the FP8 weight path")
                 y_lo = tl.load(x_rows + M * K + xk[:, None],
                                mask=m_mask[None, :] & (xk < K)[:, None], other=0.0)
                 y_hi = tl.load(x_rows + M * K + (xk + 32)[:, None],
@@ -460,15 +444,8 @@ def _w4a8_gemm(
                 acc += tl.load(ws_tile + s * tile_stride, mask=st_mask, other=0.0,
                                cache_modifier=".cg")
             tl.atomic_xchg(cnt, 0)
-            if X_SPLIT:
-                _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, prs_ptr, y_ptr, bias_ptr, N,
-                          stride_ym, False, PER_TOKEN, HAS_BIAS)
-            else:
-                _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, rs_ptr, y_ptr, bias_ptr, N,
-                          stride_ym, ACT_INT8 and not ROW_REF, PER_TOKEN, HAS_BIAS)
-    elif X_SPLIT:
-        _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, prs_ptr, y_ptr, bias_ptr, N, stride_ym,
-                  False, PER_TOKEN, HAS_BIAS)
+            _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, rs_ptr, y_ptr, bias_ptr, N, stride_ym,
+                      ACT_INT8 and not ROW_REF, PER_TOKEN, HAS_BIAS)
     else:
         _epilogue(acc, offs_n, offs_m, m_mask, xs_ptr, rs_ptr, y_ptr, bias_ptr, N, stride_ym,
                   ACT_INT8 and not ROW_REF, PER_TOKEN, HAS_BIAS)
@@ -741,11 +718,16 @@ def pick_config(m: int, n_pad: int, kp: int, act_int8: bool, sms: int, dense: bo
 
 
 def split_config(m: int, n_pad: int, kp: int, sms: int) -> tuple | None:
-    """The INT8 split GEMM's tile (int8 activations as two E4M3 planes on E4M3 weights: FP8's
-    decode, twice its MMAs): FP8's tile rule, or None where that takes tiles of more than
+    """The INT8 split GEMM's tile (int8 activations as two E4M3 planes on the FP8 repacking:
+    FP8's decode, twice its MMAs): FP8's tile rule, or None where that takes tiles of more than
     INT8_SPLIT_MAX_BM tokens (the INT8 GEMM is kept there)."""
-    cfg = pick_config(m, n_pad, kp, False, sms)
-    return cfg if cfg[1] <= INT8_SPLIT_MAX_BM else None
+    bn, bm, bk, split, warps, stages = pick_config(m, n_pad, kp, False, sms)
+    if bm > INT8_SPLIT_MAX_BM:
+        return None
+    # an 8-warp tile's twice-FP8 activation stages leave room for one CTA per SM: one wave
+    while warps == 8 and split > 1 and (n_pad // bn) * triton.cdiv(m, bm) * split > sms:
+        split //= 2
+    return bn, bm, bk, split, warps, stages
 
 
 def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor,
@@ -754,24 +736,22 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
               out_dtype: torch.dtype, config=None,
               dense: torch.Tensor | None = None,
               prefill_row_scale: torch.Tensor | None = None, tma: bool | None = None,
-              tma_config=None, release: bool = False,
-              split_row_scale: torch.Tensor | None = None) -> torch.Tensor:
+              tma_config=None, release: bool = False, x_split: bool = False) -> torch.Tensor:
     """``dense``: the materialized weight (prefill); INT8 with ``prefill_row_scale``: it was
     materialized against one reference per row (``materialize(..., prefill_row_scale)``).
     ``tma``: the dense FP8 and INT8-per-row GEMMs as ``_prefill_gemm`` (default: on sm_90 and
     newer) with ``tma_config`` (default ``prefill_config``); otherwise, and for the per-tile INT8
     weight, ``_w4a8_gemm`` with ``config``. (The per-tile INT8 GEMM on TMA loads was slower:
     748 against 643 us at N = K = 8192, M = 4096, H100, in the sweep below.) ``release``:
-    ``_w4a8_gemm`` lets a correction launched next with ``pdl`` start early.
-    ``split_row_scale`` (INT8, ``int8_split_rows``): the split path, ``q`` being
-    ``split_int8``'s [2, M, K] E4M3 planes, on E4M3 weights derived from the INT8 tile codes
-    (``config`` default: ``split_config``)."""
+    ``_w4a8_gemm`` lets a correction launched next with ``pdl`` start early. ``x_split``
+    (the INT8 split path): ``q`` is ``split_int8``'s [2, M, K] E4M3 planes of int8 activations
+    and the weight the FP8 repacking of the same tensors (``act_int8`` False; ``config``
+    default: ``split_config``)."""
     m, k = q.shape[-2:]
-    x_split = split_row_scale is not None
-    if x_split and (not act_int8 or dense is not None or q.dim() != 3 or q.shape[0] != 2
+    if x_split and (act_int8 or dense is not None or q.dim() != 3 or q.shape[0] != 2
                     or q.dtype != torch.float8_e4m3fn):
-        raise ValueError("split_row_scale takes an INT8 layer's activations as [2, M, K] E4M3 "
-                         f"planes on the fused GEMM; got q {q.dtype} {tuple(q.shape)}, "
+        raise ValueError("x_split takes int8 activations as [2, M, K] E4M3 planes on the fused "
+                         f"GEMM of the FP8 repacking; got q {q.dtype} {tuple(q.shape)}, "
                          f"act_int8={act_int8}, dense={dense is not None}")
     row_ref = prefill_row_scale is not None
     if row_ref and (dense is None or not act_int8):
@@ -796,7 +776,7 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
         config = pick_config(m, n_pad, kp, act_int8, sms,
                              dense is not None, row_ref)
     bn, bm, bk, split, warps, stages = config
-    pdl = gemm_launch_pdl(q.device, act_int8 and not x_split, bn, bm, dense is not None)
+    pdl = gemm_launch_pdl(q.device, act_int8, bn, bm, dense is not None)
     iters = kp // bk
     per_split = triton.cdiv(iters, split)
     split = triton.cdiv(iters, per_split)
@@ -815,10 +795,10 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
         prefill_row_scale if row_ref else row_scale, y,
         bias if bias is not None else y, ws, counters, lut,
         m, n, k, kp, kp // 2, kp // 32, n_pad, y.stride(0), per_split,
-        ACT_INT8=act_int8 and not x_split, PER_TOKEN=per_token, HAS_BIAS=bias is not None,
+        ACT_INT8=act_int8, PER_TOKEN=per_token, HAS_BIAS=bias is not None,
         W_DENSE=dense is not None, ROW_REF=row_ref, SPLIT_K=split, DECODE_LUT=DECODE_LUT,
         BN=bn, BM=bm, BK=bk, PDL=pdl, RELEASE=release, X_SPLIT=x_split,
-        prs_ptr=split_row_scale, num_warps=warps, num_stages=stages, launch_pdl=pdl,
+        num_warps=warps, num_stages=stages, launch_pdl=pdl,
     )
     return y
 
