@@ -242,6 +242,21 @@ def test_sm90_fraction_settings_name_the_variable(monkeypatch):
         sm90_triton._env_fraction(name, 0.25)
 
 
+def test_int8_split_setting(monkeypatch):
+    """W4A8_MXFP4_INT8_SPLIT: on by default but only on sm_90 CUDA devices (never on the CPU),
+    off with 0, and a malformed value is an error that names the variable."""
+    from w4a8_backend.kernels import sm90_triton
+
+    name = sm90_triton.INT8_SPLIT_ENV
+    monkeypatch.delenv(name, raising=False)
+    assert sm90_triton.int8_split_enabled(torch.device("cpu")) is False
+    monkeypatch.setenv(name, "0")
+    assert sm90_triton.int8_split_enabled(torch.device("cpu")) is False
+    monkeypatch.setenv(name, "yes")
+    with pytest.raises(ValueError, match=name):
+        sm90_triton.int8_split_enabled(torch.device("cpu"))
+
+
 @pytest.mark.parametrize("n_pad, sms, expected_warps", [
     (4096, 132, 8),    # 256 CTAs x 4 warps = 7.8 warps per SM: the small-grid config
     (6144, 132, 4),    # 384 CTAs: 11.6 warps per SM at 4 warps per CTA

@@ -391,6 +391,20 @@ for m, n, bn in ((512, 4096, 128), (512, 6144, 256), (512, 8192, 256), (512, 286
                  (4096, 8192, 256), (384, 4096, 128)):
     assert tk.prefill_config(m, n, False, SMS)[1] == bn, (m, n)
     assert tk.prefill_config(m, n, True, SMS) == tk.PREFILL_CONFIG  # INT8 per row: not measured
+# the INT8 split path (int8_fp8_split_h100_20261125_1043.jsonl): FP8's tiles up to 64 tokens,
+# one wave for 8-warp tiles (6144 x 4096 M = 17: split 4 was 1.02x INT8's time, split 2 0.86x)
+assert tk.split_config(17, 6144, 4096, SMS)[:4] == (128, 32, 256, 2)
+assert tk.split_config(17, 8192, 8192, SMS) == tk.pick_config(17, 8192, 8192, False, SMS)
+assert tk.split_config(128, 4096, 4096, SMS)[:2] == (128, 64)
+for m, n, k in ((128, 8192, 8192), (128, 28672, 4096), (256, 6144, 4096)):
+    assert tk.split_config(m, n, k, SMS) is None, (m, n, k)  # 128-token tiles: INT8
+for m in range(17, 384, 5):
+    for n, k in ((4096, 4096), (6144, 4096), (28672, 4096), (8192, 8192), (4096, 14336)):
+        cfg = tk.split_config(m, n, k, SMS)
+        if cfg is not None:
+            bn, bm, bk, split, warps, stages = cfg
+            assert bm <= tk.INT8_SPLIT_MAX_BM and bk == 256, (m, n, k, cfg)
+            assert warps == 4 or split == 1 or (n // bn) * -(-m // bm) * split <= SMS, cfg
 print("ok")
 """
 
@@ -398,7 +412,7 @@ print("ok")
 def test_gemm_tile_rules():
     """Which tiles the dense GEMMs take above 32 tokens (measured on an H100: docs/kernels.md):
     one wave of CTAs that fills the SMs, split-K only to fill it; the prefill GEMM's narrow
-    tile for grids the wide one leaves half empty."""
+    tile for grids the wide one leaves half empty; the INT8 split path's tiles."""
     _run_interpreted(TILE_RULES_SCRIPT)
 
 
