@@ -199,7 +199,7 @@ def test_unbuildable_kernel_auto_falls_back_forced_raises(monkeypatch, caplog, t
     major, minor = torch.cuda.get_device_capability()
     cap = major * 10 + minor
     monkeypatch.setitem(_cuda_ext._LOADED, cap, _cuda_ext.CudaExtUnavailable("nvcc not found"))
-    monkeypatch.setattr(sm90_triton, "_LOGGED_DECODE", set())
+    monkeypatch.setattr(sm90_triton, "_LOGGED_ONCE", set())
     monkeypatch.setenv("W4A8_SM90_DECODE", "auto")
     with caplog.at_level(logging.WARNING, logger="vllm.w4a8_mxfp4"):
         _, kern = check(FP8, ActivationScheme.DYNAMIC_PER_TOKEN, 2, 512, 1024, 1)

@@ -106,7 +106,7 @@ def _decode_kernel_choice() -> str:
     return v
 
 
-_LOGGED_DECODE: set = set()
+_LOGGED_ONCE: set = set()
 
 
 def _use_cuda_decode(device: torch.device) -> bool:
@@ -122,13 +122,13 @@ def _use_cuda_decode(device: torch.device) -> bool:
     except _cuda_ext.CudaExtUnavailable as exc:
         if choice == "cuda":
             raise RuntimeError(f"{DECODE_KERNEL_ENV}=cuda but {exc}") from exc
-        if "unavailable" not in _LOGGED_DECODE:
-            _LOGGED_DECODE.add("unavailable")
+        if "unavailable" not in _LOGGED_ONCE:
+            _LOGGED_ONCE.add("unavailable")
             logger.warning("w4a8_mxfp4 sm90_triton: the CUDA decode kernel is not used (%s); "
                            "small M runs on the Triton kernel", exc)
         return False
-    if "loaded" not in _LOGGED_DECODE:
-        _LOGGED_DECODE.add("loaded")
+    if "loaded" not in _LOGGED_ONCE:
+        _LOGGED_ONCE.add("loaded")
         logger.info("w4a8_mxfp4 sm90_triton: M <= %d (FP8) / %d (INT8) runs on the CUDA decode "
                     "kernel (%s)", CUDA_DECODE_MAX_M[False], CUDA_DECODE_MAX_M[True],
                     lib.path.name)
@@ -463,6 +463,11 @@ class Sm90TritonLinearKernel(Mxfp4LinearKernel):
             fp = repack_mxfp4(weight, weight_scale, act_int8=False)
             layer.w4a8_split = [fp.codes, fp.row_scale, fp.corr_rows, fp.corr_ptr,
                                 fp.corr_blocks, fp.corr_values]
+            if "split" not in _LOGGED_ONCE:
+                _LOGGED_ONCE.add("split")
+                logger.info("w4a8_mxfp4 sm90_triton: INT8 layers also keep their FP8 codes (one "
+                            "byte per 32 weights) for the split path between decode and prefill "
+                            "(%s=0 turns it off)", INT8_SPLIT_ENV)
             logger.debug("w4a8_mxfp4 sm90_triton: %s: the INT8 split path's FP8 codes take %d "
                          "bytes (%d blocks outside their row's 12 binades)", cfg.describe(),
                          split_bytes(layer.w4a8_split), fp.num_out_of_range)
