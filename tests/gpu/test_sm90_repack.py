@@ -288,3 +288,15 @@ def test_kernel_table_arithmetic_matches_table(act_int8):
             assert got == want, (c, [hex(v) for v in got], [hex(v) for v in want])
         else:
             assert got == [0] * len(want)
+
+
+def test_fp8_repacking_can_share_the_int8_nibbles():
+    """The word-layout nibbles do not depend on the mode: an INT8 layer's FP8 repacking (the
+    split path) reuses them instead of building a second copy, and is otherwise the same."""
+    packed, scale = _weights(96, 512, 4, 9)
+    i8 = repack_mxfp4(packed, scale, act_int8=True)
+    fp = repack_mxfp4(packed, scale, act_int8=False)
+    shared = repack_mxfp4(packed, scale, act_int8=False, packed=i8.packed)
+    assert torch.equal(fp.packed, i8.packed) and shared.packed is i8.packed
+    for name, t in fp.tensors().items():
+        assert torch.equal(getattr(shared, name), t), name

@@ -68,10 +68,10 @@ POISON_OUTPUTS = False
 PDL = True
 # INT8 stacks that carry their FP8 repacking (sm90_triton_moe, sm90_triton.INT8_SPLIT_ENV) run
 # the split path while FP8's tile rule gives tiles of at most this many tokens (decode sizes).
-# H100, whole layer, Triton path (moe_int8_fp8_split_h100_20261125_1013.jsonl): 0.88-0.94x the
-# INT8 layer's time for gpt-oss-20b at 8-64 tokens, 0.95-0.98x for Qwen3-30B-A3B at 16 and 64,
-# all 16-token tiles. GEMM1 spills at 32-token tiles (ptxas, sm_90a: 76 spill stores; 896 at
-# 64), which were not measured, so they keep the INT8 GEMMs.
+# H100, whole layer, Triton path (moe_int8_fp8_split_h100_20261125_1045.jsonl): 0.72-0.93x the
+# INT8 layer's time for gpt-oss-20b at 1-64 tokens, 0.60-0.97x for Qwen3-30B-A3B, all 16-token
+# tiles; with 64-token tiles (512 tokens) 1.29-1.52x slower. GEMM1 spills at 32-token tiles
+# (ptxas, sm_90a: 76 spill stores; 896 at 64), so those keep the INT8 GEMMs.
 INT8_SPLIT_MAX_BM = 16
 
 
@@ -332,12 +332,10 @@ def _moe_gemm(
         h = acc / (1.0 + tl.exp(-acc)) * acc_u
         if OUT_QUANT:
             if X_SPLIT:  # int8 h as two E4M3 planes
-                hq = tk.quantize_values(h, tl.load(qs_ptr).to(tl.float32), True).to(tl.int32)
-                h_hi = (hq >> 4) << 4
-                tl.store(o_rows + offs_n[:, None], h_hi.to(tl.float32).to(tl.float8e4nv),
-                         mask=o_mask)
-                tl.store(o_rows + out_plane + offs_n[:, None],
-                         (hq - h_hi).to(tl.float32).to(tl.float8e4nv), mask=o_mask)
+                h_hi, h_lo = tk.split_planes(
+                    tk.quantize_values(h, tl.load(qs_ptr).to(tl.float32), True))
+                tl.store(o_rows + offs_n[:, None], h_hi, mask=o_mask)
+                tl.store(o_rows + out_plane + offs_n[:, None], h_lo, mask=o_mask)
             else:
                 tl.store(o_rows + offs_n[:, None],
                          tk.quantize_values(h, tl.load(qs_ptr).to(tl.float32), ACT_INT8),

@@ -182,9 +182,12 @@ def _best_window(exps: torch.Tensor, valid: torch.Tensor, width: int) -> torch.T
 
 
 def repack_mxfp4(
-    weight: torch.Tensor, weight_scale: torch.Tensor, act_int8: bool
+    weight: torch.Tensor, weight_scale: torch.Tensor, act_int8: bool,
+    packed: torch.Tensor | None = None,
 ) -> RepackedMxfp4:
-    """Repack checkpoint MXFP4 tensors for the W4A8 kernels (see the module docstring)."""
+    """Repack checkpoint MXFP4 tensors for the W4A8 kernels (see the module docstring).
+    ``packed``: the word-layout nibbles of the same weight from a repacking in the other mode
+    (they do not depend on it), shared instead of built again."""
     n, k = validate_checkpoint_tensors(weight, weight_scale)
     dev = weight.device
     n_pad, k_pad = _round_up(n, N_ALIGN), _round_up(k, K_ALIGN)
@@ -240,7 +243,7 @@ def repack_mxfp4(
         act_int8=act_int8,
         n=n,
         k=k,
-        packed=_repack_nibbles(weight, n_pad, k_pad),
+        packed=_repack_nibbles(weight, n_pad, k_pad) if packed is None else packed,
         codes=codes,
         row_scale=row_scale,
         corr_rows=corr_rows,

@@ -460,7 +460,7 @@ class Sm90TritonLinearKernel(Mxfp4LinearKernel):
                 INT8_PREFILL_ROWS_ENV, pf_limit)
         layer.w4a8_split = []
         if act_int8 and int8_split_enabled(dev):
-            fp = repack_mxfp4(weight, weight_scale, act_int8=False)
+            fp = repack_mxfp4(weight, weight_scale, act_int8=False, packed=rp.packed)
             layer.w4a8_split = [fp.codes, fp.row_scale, fp.corr_rows, fp.corr_ptr,
                                 fp.corr_blocks, fp.corr_values]
             if "split" not in _LOGGED_ONCE:

@@ -230,7 +230,7 @@ class Sm90TritonMoEKernel(Mxfp4MoEKernel):
         for name, rp, st in (("w13", rp13, st13), ("w2", rp2, st2)):
             split_args = []
             if split:  # the INT8 split path's FP8 repacking (its nibbles are rp's)
-                fp = repack_mxfp4(*st, act_int8=False)
+                fp = repack_mxfp4(*st, act_int8=False, packed=rp.packed)
                 split_args = [fp.codes, fp.row_scale,
                               row_offsets(fp.corr_rows, fp.corr_ptr, fp.packed.shape[0]),
                               fp.corr_blocks, fp.corr_values]

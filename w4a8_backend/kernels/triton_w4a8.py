@@ -70,11 +70,12 @@ PDL_MIN_BN = 128
 # 4-warp programs, but 1.00-1.06x at M = 128-256 (one 8-warp program per SM).
 CORRECTION_PDL = True
 CORRECTION_PDL_MAX_BM = 64
-# INT8 between decode and prefill (layers loaded with sm90_triton.INT8_SPLIT): the int8
-# activations as two exact E4M3 planes on the FP8 repacking of the same weight (``split_config``,
-# docs/int8_kernel.md), up to tiles of INT8_SPLIT_MAX_BM tokens. H100, whole op, 5 shapes,
-# M = 17-64 (int8_fp8_split_h100_20261125_1012.jsonl): 0.80-0.93x the INT8 GEMM's time on four
-# shapes, 1.02-1.12x on 6144 x 4096; 128-token tiles fit only 2 stages and were 1.4-1.5x slower.
+# INT8 between decode and prefill (layers that keep their FP8 codes, sm90_triton.INT8_SPLIT_ENV):
+# the int8 activations as two exact E4M3 planes on the FP8 repacking of the same weight
+# (``split_config``, docs/int8_kernel.md), up to tiles of INT8_SPLIT_MAX_BM tokens. H100, whole
+# op, 5 shapes (int8_fp8_split_h100_20261125_1043.jsonl): 0.80-0.94x the INT8 time at M = 17-32,
+# 0.91-0.98x at M = 64 on three shapes but 1.02-1.05x on 6144 x 4096 and 4096 x 4096; 128-token
+# tiles fit only 2 stages and were 1.4-1.5x slower.
 INT8_SPLIT_MAX_BM = 64
 
 
@@ -101,6 +102,15 @@ def gemm_launch_pdl(device: torch.device, act_int8: bool, bn: int, bm: int,
 # --------------------------------------------------------------------------------------------
 # activation quantization
 # --------------------------------------------------------------------------------------------
+@triton.jit
+def split_planes(q):
+    """int8 codes (any int type) as the two exact E4M3 planes of ``split_int8``: (16 *
+    floor(q / 16), q - that)."""
+    q = q.to(tl.int32)
+    hi = (q >> 4) << 4
+    return hi.to(tl.float32).to(tl.float8e4nv), (q - hi).to(tl.float32).to(tl.float8e4nv)
+
+
 @triton.jit
 def quantize_values(v, scale, ACT_INT8: tl.constexpr):
     """float32 ``v`` -> E4M3 or int8 codes of ``v / scale``, bit-exact with
@@ -203,13 +213,10 @@ def _quant_act(
         qv = quantize_values(xv, scale, ACT_INT8)
         if SPLIT:  # int8 codes as two exact E4M3 planes: see split_int8
             tl.static_assert(ACT_INT8, "SPLIT splits int8 codes")
-            hi = (qv.to(tl.int32) >> 4) << 4
+            q_hi, q_lo = split_planes(qv)
             rows = tl.num_programs(0).to(tl.int64) * K  # (q_ptr: the planes, float8)
-            tl.store(q_row + k0 + offs, hi.to(tl.float32).to(tl.float8e4nv),
-                     mask=k0 + offs < K)
-            tl.store(q_row + rows + k0 + offs,
-                     (qv.to(tl.int32) - hi).to(tl.float32).to(tl.float8e4nv),
-                     mask=k0 + offs < K)
+            tl.store(q_row + k0 + offs, q_hi, mask=k0 + offs < K)
+            tl.store(q_row + rows + k0 + offs, q_lo, mask=k0 + offs < K)
         else:
             tl.store(q_row + k0 + offs, qv, mask=k0 + offs < K)
 
