@@ -171,6 +171,28 @@ DENSE_SCRIPT = textwrap.dedent("""
                       rp.corr_values)
         err = ((y - ref).norm(dim=0) / ref.norm(dim=0)).max().item()
         assert err < 1e-5 < missing, ("int8 split", cfg, err, missing)
+    # the prefill path's quantization and materialization in one launch write the same bytes as
+    # the two launches (several programs per row: a smaller chunk)
+    tk.QUANT_CHUNK = 128
+    for act in (ActivationDtype.INT8, ActivationDtype.FP8_E4M3):
+        i8 = act == ActivationDtype.INT8
+        rp = repack_mxfp4(packed, scale, i8)
+        refs = (None, int8_prefill_rows(packed, scale, rp).row_scale) if i8 else (None,)
+        for prs in refs:
+            for scheme in ActivationScheme:
+                s_in = ((x.float().abs().amax() / 100.0).reshape(1)
+                        if scheme == ActivationScheme.STATIC_PER_TENSOR else None)
+                q0, xs0 = tk.quantize_activation_gpu(x, i8, int(scheme), s_in)
+                d0 = tk.materialize(rp.packed, rp.codes, rp.row_scale, i8, prs)
+                q1, xs1, d1 = tk.prepare_prefill(x, i8, int(scheme), s_in, rp.packed, rp.codes,
+                                                 rp.row_scale, prs)
+                what = (act.name, scheme.name, prs is not None)
+                assert torch.equal(q1.view(torch.uint8), q0.view(torch.uint8)), what
+                assert torch.equal(xs1, xs0), what
+                assert torch.equal(d1.view(torch.uint8), d0.view(torch.uint8)), what
+                if i8:  # (the interpreter's float8 rounding is not the GPU's: INT8 only)
+                    q_ref, _ = quantize_activation(x, act, scheme, s_in)
+                    assert torch.equal(q1, q_ref), what
     print("ok")
 """)
 

@@ -438,6 +438,39 @@ def test_pdl_launch_gives_the_same_bytes(monkeypatch, act):
     assert int(layer.w4a8_counters.abs().sum()) == 0
 
 
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name.lower())
+def test_prefill_launches_give_the_same_bytes(monkeypatch, act, scheme):
+    """The prefill path's quantization and materialization in one launch (``prepare_prefill``)
+    compute exactly what the two launches compute, eager and replayed in a CUDA graph, on a
+    weight with out-of-range blocks."""
+    from w4a8_backend.kernels import triton_w4a8
+
+    g = _gen(29)
+    n, k, m = 2048, 4096, 600
+    packed, scale = make_weight(n, k, g, extreme=True)
+    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+    s_in = static_scale_for(x, act) if scheme == ActivationScheme.STATIC_PER_TENSOR else None
+    kern = make_kernel(act, scheme, n, k)
+    layer = make_layer(packed, scale, s_in)
+    kern.process_weights_after_loading(layer)
+    assert m >= kern.prefill_m
+    outs = {}
+    for name, fused in {"two launches": False, "one launch": True}.items():
+        monkeypatch.setattr(triton_w4a8, "PREFILL_FUSED_PREPARE", fused)
+        outs[name] = kern.apply(layer, x, None)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_graph = kern.apply(layer, x, None)
+        y_graph.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y_graph, outs[name]), name
+        assert torch.equal(outs[name], outs["two launches"]), name
+    assert rel_err(outs["two launches"],
+                   reference_linear(x, packed, scale, act, scheme, s_in)) <= REL_TOL
+
+
 @pytest.mark.parametrize("act,prefill_m,m", [(FP8, None, 8), (INT8, 1, 8), (INT8, None, 40)],
                          ids=["fp8", "int8_prefill_rows", "int8_split"])
 def test_custom_op_opcheck_and_compile(monkeypatch, act, prefill_m, m):

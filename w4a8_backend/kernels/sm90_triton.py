@@ -330,11 +330,12 @@ def mxfp4_w4a8_linear(
                          per_token, bias, out_dtype, config=split_cfg, release=pdl, x_split=True)
         tk.correction(y, q, xs, per_token, *s_corr, pdl)
         return y
-    q, xs = tk.quantize_activation_gpu(x, act_int8, scheme, input_scale)
     if m >= prefill_m:
-        # (the Triton dense GEMM beats torch._scaled_mm row-wise on H100: 373 vs 448 us at
-        # M=4096, N=K=8192; benchmarks/results/dense_prefill_gemm_h100_20261124_2327.jsonl)
-        dense = tk.materialize(packed, codes, row_scale, act_int8, prefill_row_scale)
+        # activations and weight in one launch, then the dense GEMM (the Triton dense GEMM
+        # beats torch._scaled_mm row-wise on H100: 373 vs 448 us at M=4096, N=K=8192;
+        # benchmarks/results/dense_prefill_gemm_h100_20261124_2327.jsonl)
+        q, xs, dense = tk.prepare_prefill(x, act_int8, scheme, input_scale, packed, codes,
+                                          row_scale, prefill_row_scale)
         y = tk.w4a8_gemm(q, xs, packed, codes, row_scale, counters, lut, n, act_int8, per_token,
                          bias, out_dtype, dense=dense, prefill_row_scale=prefill_row_scale)
         if prefill_row_scale is not None:
@@ -342,6 +343,7 @@ def mxfp4_w4a8_linear(
             return y
         tk.correction(y, q, xs, per_token, corr_rows, corr_ptr, corr_blocks, corr_values)
     else:
+        q, xs = tk.quantize_activation_gpu(x, act_int8, scheme, input_scale)
         cfg = tk.pick_config(m, n_pad, kp, act_int8, sms)
         pdl = corr_rows.numel() > 0 and tk.correction_pdl(x.device, cfg[1])
         y = tk.w4a8_gemm(q, xs, packed, codes, row_scale, counters, lut, n, act_int8, per_token,

@@ -164,6 +164,51 @@ def _amax_partials(x_ptr, part_ptr, K, stride_xm, CHUNKS, TILES, BLOCK: tl.const
 
 
 @triton.jit
+def _quant_chunks(x_ptr, q_ptr, s_in_ptr, s_out_ptr, row, chunk, chunks, rows, K, stride_xm,
+                  n_part, ACT_INT8: tl.constexpr, MODE: tl.constexpr, ONE_PASS: tl.constexpr,
+                  BLOCK: tl.constexpr, PART_P2: tl.constexpr, SPLIT: tl.constexpr):
+    """One quantization program: row ``row`` of ``rows``, its BLOCK-wide chunks ``chunk``,
+    ``chunk + chunks``, ... (MODE 1 static scale, 2 scale from n_part partial amaxes, 3 per-token
+    amax: then ``chunks`` is 1)."""
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    q_row = q_ptr + row.to(tl.int64) * K
+    offs = tl.arange(0, BLOCK)
+    if MODE == 1:
+        scale = tl.load(s_in_ptr).to(tl.float32)
+    elif MODE == 2:
+        p = tl.arange(0, PART_P2)
+        amax = nan_amax(tl.load(s_in_ptr + p, mask=p < n_part, other=0.0).to(tl.float32), 0)
+        scale = dynamic_scale(amax, ACT_INT8)
+        if row == 0 and chunk == 0:
+            tl.store(s_out_ptr, scale)
+    else:
+        if ONE_PASS:
+            xv = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            amax = nan_amax(xv, 0)
+        else:
+            amax_v = tl.zeros([BLOCK], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK):
+                xv = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+                amax_v = nan_max(amax_v, tl.abs(xv))
+            amax = nan_amax(amax_v, 0)
+        scale = dynamic_scale(amax, ACT_INT8)
+        tl.store(s_out_ptr + row, scale)
+    # (a known scale: the row's BLOCK-wide chunks may be spread over several programs)
+    for k0 in range(chunk * BLOCK, K, BLOCK * chunks):
+        if not ONE_PASS or MODE != 3:
+            xv = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        qv = quantize_values(xv, scale, ACT_INT8)
+        if SPLIT:  # int8 codes as two exact E4M3 planes: see split_int8
+            tl.static_assert(ACT_INT8, "SPLIT splits int8 codes")
+            q_hi, q_lo = split_planes(qv)
+            plane = rows.to(tl.int64) * K  # (q_ptr: the planes, float8)
+            tl.store(q_row + k0 + offs, q_hi, mask=k0 + offs < K)
+            tl.store(q_row + plane + k0 + offs, q_lo, mask=k0 + offs < K)
+        else:
+            tl.store(q_row + k0 + offs, qv, mask=k0 + offs < K)
+
+
+@triton.jit
 def _quant_act(
     x_ptr,
     q_ptr,
@@ -182,43 +227,9 @@ def _quant_act(
 ):
     if PDL:  # a GEMM launched after this one with PDL may start now (it waits for our writes)
         gdc_launch_dependents()
-    row = tl.program_id(0)
-    x_row = x_ptr + row.to(tl.int64) * stride_xm
-    q_row = q_ptr + row.to(tl.int64) * K
-    offs = tl.arange(0, BLOCK)
-    if MODE == 1:
-        scale = tl.load(s_in_ptr).to(tl.float32)
-    elif MODE == 2:
-        p = tl.arange(0, PART_P2)
-        amax = nan_amax(tl.load(s_in_ptr + p, mask=p < n_part, other=0.0).to(tl.float32), 0)
-        scale = dynamic_scale(amax, ACT_INT8)
-        if row == 0 and tl.program_id(1) == 0:
-            tl.store(s_out_ptr, scale)
-    else:
-        if ONE_PASS:
-            xv = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            amax = nan_amax(xv, 0)
-        else:
-            amax_v = tl.zeros([BLOCK], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK):
-                xv = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-                amax_v = nan_max(amax_v, tl.abs(xv))
-            amax = nan_amax(amax_v, 0)
-        scale = dynamic_scale(amax, ACT_INT8)
-        tl.store(s_out_ptr + row, scale)
-    # (a known scale: the row's BLOCK-wide chunks may be spread over the grid's second axis)
-    for k0 in range(tl.program_id(1) * BLOCK, K, BLOCK * tl.num_programs(1)):
-        if not ONE_PASS or MODE != 3:
-            xv = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        qv = quantize_values(xv, scale, ACT_INT8)
-        if SPLIT:  # int8 codes as two exact E4M3 planes: see split_int8
-            tl.static_assert(ACT_INT8, "SPLIT splits int8 codes")
-            q_hi, q_lo = split_planes(qv)
-            rows = tl.num_programs(0).to(tl.int64) * K  # (q_ptr: the planes, float8)
-            tl.store(q_row + k0 + offs, q_hi, mask=k0 + offs < K)
-            tl.store(q_row + rows + k0 + offs, q_lo, mask=k0 + offs < K)
-        else:
-            tl.store(q_row + k0 + offs, qv, mask=k0 + offs < K)
+    _quant_chunks(x_ptr, q_ptr, s_in_ptr, s_out_ptr, tl.program_id(0), tl.program_id(1),
+                  tl.num_programs(1), tl.num_programs(0), K, stride_xm, n_part, ACT_INT8, MODE,
+                  ONE_PASS, BLOCK, PART_P2, SPLIT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,11 +548,9 @@ def _prefill_gemm(x_desc, w_desc, xs_ptr, rs_ptr, y_ptr, bias_ptr, M, N, K, stri
 # materialize (prefill): decoded weight [NP, KP] E4M3 / int8
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _materialize(w_ptr, c_ptr, rs_ptr, prs_ptr, out_ptr, KP, KP2, KP32, NP,
-                 ACT_INT8: tl.constexpr, ROW_REF: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr, DECODE_LUT: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+def _materialize_tile(w_ptr, c_ptr, rs_ptr, prs_ptr, out_ptr, pid_n, pid_k, KP, KP2, KP32, NP,
+                      ACT_INT8: tl.constexpr, ROW_REF: tl.constexpr, BN: tl.constexpr,
+                      BK: tl.constexpr, DECODE_LUT: tl.constexpr):
     offs_n = pid_n * BN + tl.arange(0, BN)
     k0 = pid_k * BK
     G: tl.constexpr = BK // 64
@@ -561,6 +570,33 @@ def _materialize(w_ptr, c_ptr, rs_ptr, prs_ptr, out_ptr, KP, KP2, KP32, NP,
     base = out_ptr + offs_n.to(tl.int64)[:, None, None] * KP + k0 + (g * 64)[None, :, None] + j[None, None, :]
     tl.store(base, tl.reshape(w_lo, (BN, G, 32)))
     tl.store(base + 32, tl.reshape(w_hi, (BN, G, 32)))
+
+
+@triton.jit
+def _materialize(w_ptr, c_ptr, rs_ptr, prs_ptr, out_ptr, KP, KP2, KP32, NP,
+                 ACT_INT8: tl.constexpr, ROW_REF: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr, DECODE_LUT: tl.constexpr):
+    _materialize_tile(w_ptr, c_ptr, rs_ptr, prs_ptr, out_ptr, tl.program_id(0), tl.program_id(1),
+                      KP, KP2, KP32, NP, ACT_INT8, ROW_REF, BN, BK, DECODE_LUT)
+
+
+@triton.jit
+def _prefill_prepare(x_ptr, q_ptr, s_in_ptr, s_out_ptr, K, stride_xm, n_part, M, CHUNKS, NQ,
+                     w_ptr, c_ptr, rs_ptr, prs_ptr, dense_ptr, KP, KP2, KP32, NP, K_TILES,
+                     ACT_INT8: tl.constexpr, MODE: tl.constexpr, ONE_PASS: tl.constexpr,
+                     BLOCK: tl.constexpr, PART_P2: tl.constexpr, ROW_REF: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr, DECODE_LUT: tl.constexpr):
+    """The prefill path's two passes over memory in one launch: programs [0, NQ) quantize the
+    activations (as ``_quant_act``, CHUNKS programs per row), the others materialize the
+    weight (as ``_materialize``)."""
+    pid = tl.program_id(0)
+    if pid < NQ:
+        _quant_chunks(x_ptr, q_ptr, s_in_ptr, s_out_ptr, pid // CHUNKS, pid % CHUNKS, CHUNKS, M,
+                      K, stride_xm, n_part, ACT_INT8, MODE, ONE_PASS, BLOCK, PART_P2, False)
+    else:
+        t = pid - NQ
+        _materialize_tile(w_ptr, c_ptr, rs_ptr, prs_ptr, dense_ptr, t // K_TILES, t % K_TILES,
+                          KP, KP2, KP32, NP, ACT_INT8, ROW_REF, BN, BK, DECODE_LUT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -616,10 +652,23 @@ AMAX_PARTIALS_MAX = 512
 QUANT_CHUNK = 2048
 
 
-def quantize_activation_gpu(x2: torch.Tensor, act_int8: bool, scheme: int,
-                            input_scale: torch.Tensor | None, split: bool = False):
-    """x2 [M, K] (bf16/fp16/fp32, last dim contiguous) -> (q [M, K], scale fp32 [M] or [1]).
-    ``split`` (INT8): q as ``split_int8``'s [2, M, K] E4M3 planes."""
+class _QuantLaunch:
+    """A quantization's outputs and its launch parameters (``_quant_plan``)."""
+
+    def __init__(self, q, s_out, s_in, n_part, rows, chunks, one_pass, block):
+        self.q, self.s_out, self.s_in, self.n_part = q, s_out, s_in, n_part
+        self.rows, self.chunks, self.one_pass, self.block = rows, chunks, one_pass, block
+
+    @property
+    def warps(self) -> int:
+        return 8 if self.block >= 4096 else 4
+
+
+def _quant_plan(x2: torch.Tensor, act_int8: bool, scheme: int, input_scale: torch.Tensor | None,
+                split: bool) -> _QuantLaunch:
+    """Allocates the quantization's outputs and, for a dynamic per-tensor scale, launches the
+    partial amaxes; the quantization itself is the caller's launch (``_quant_act`` or
+    ``_prefill_prepare``)."""
     m, k = x2.shape
     dev = x2.device
     if split and not act_int8:
@@ -632,10 +681,8 @@ def quantize_activation_gpu(x2: torch.Tensor, act_int8: bool, scheme: int,
                                                         dtype=torch.float32, device=dev)
     if POISON_OUTPUTS and scheme != 1:
         s_out.fill_(float("nan"))
-    if m == 0:
-        return q, s_out
     s_in, n_part = input_scale if scheme == 1 else x2, 1  # (x2: unused by the per-token mode)
-    if scheme == 2:
+    if scheme == 2 and m > 0:
         # the amax in two launches, neither a single CTA: partial amaxes over the whole GPU,
         # reduced again by every program of the quantization
         chunks = triton.cdiv(k, AMAX_BLOCK)
@@ -646,14 +693,60 @@ def quantize_activation_gpu(x2: torch.Tensor, act_int8: bool, scheme: int,
     if scheme == 3:  # one program per row: it needs the row's amax
         one_pass = k <= 16384
         block = triton.next_power_of_2(k) if one_pass else 4096
-        grid = (m, 1)
+        chunks = 1
     else:  # a known scale: a program per QUANT_CHUNK of a row
         one_pass, block = False, QUANT_CHUNK
-        grid = (m, triton.cdiv(k, QUANT_CHUNK))
-    _quant_act[grid](x2, q, s_in, s_out, k, x2.stride(0), n_part, ACT_INT8=act_int8, MODE=scheme,
-                     ONE_PASS=one_pass, BLOCK=block, PART_P2=triton.next_power_of_2(n_part),
-                     PDL=pdl_enabled(dev), SPLIT=split, num_warps=8 if block >= 4096 else 4)
-    return q, s_out
+        chunks = triton.cdiv(k, QUANT_CHUNK)
+    return _QuantLaunch(q, s_out, s_in, n_part, m, chunks, one_pass, block)
+
+
+def quantize_activation_gpu(x2: torch.Tensor, act_int8: bool, scheme: int,
+                            input_scale: torch.Tensor | None, split: bool = False):
+    """x2 [M, K] (bf16/fp16/fp32, last dim contiguous) -> (q [M, K], scale fp32 [M] or [1]).
+    ``split`` (INT8): q as ``split_int8``'s [2, M, K] E4M3 planes."""
+    m, k = x2.shape
+    pl = _quant_plan(x2, act_int8, scheme, input_scale, split)
+    if m == 0:
+        return pl.q, pl.s_out
+    _quant_act[(m, pl.chunks)](x2, pl.q, pl.s_in, pl.s_out, k, x2.stride(0), pl.n_part,
+                               ACT_INT8=act_int8, MODE=scheme, ONE_PASS=pl.one_pass,
+                               BLOCK=pl.block, PART_P2=triton.next_power_of_2(pl.n_part),
+                               PDL=pdl_enabled(x2.device), SPLIT=split, num_warps=pl.warps)
+    return pl.q, pl.s_out
+
+
+# The prefill path's activation quantization and weight materialization in one launch
+# (``prepare_prefill``). H100, whole op, medians of 3 (benchmarks/tools/prefill_prepare.py,
+# prefill_prepare_h100_20261125_1236.jsonl): N = K = 8192 FP8 M = 4096 440.5 -> 436.2 us
+# (static), 438.6 -> 432.4 (per token), M = 512 95.6 -> 89.6; INT8 M = 512 145.1 -> 138.1, M =
+# 4096 a tie. The dense GEMM after it with PDL gained nothing (released after each program's
+# stores) or lost 3-7 % (released at its start: the persistent GEMM took SMs early), so it is
+# launched plainly.
+PREFILL_FUSED_PREPARE = True
+
+
+def prepare_prefill(x2: torch.Tensor, act_int8: bool, scheme: int,
+                    input_scale: torch.Tensor | None, packed: torch.Tensor, codes: torch.Tensor,
+                    row_scale: torch.Tensor, prefill_row_scale: torch.Tensor | None = None):
+    """``quantize_activation_gpu`` and ``materialize`` in one launch: (q, scale, dense)."""
+    m, k = x2.shape
+    if m == 0 or not PREFILL_FUSED_PREPARE:
+        q, xs = quantize_activation_gpu(x2, act_int8, scheme, input_scale)
+        return q, xs, materialize(packed, codes, row_scale, act_int8, prefill_row_scale)
+    pl = _quant_plan(x2, act_int8, scheme, input_scale, False)
+    n_pad, kp = packed.shape[0], packed.shape[1] * 2
+    dense = _dense_out(n_pad, kp, act_int8, packed.device)
+    row_ref = prefill_row_scale is not None
+    bn, bk = MATERIALIZE_TILE
+    nq = m * pl.chunks
+    _prefill_prepare[(nq + (n_pad // bn) * (kp // bk),)](
+        x2, pl.q, pl.s_in, pl.s_out, k, x2.stride(0), pl.n_part, m, pl.chunks, nq,
+        packed, codes, row_scale, prefill_row_scale if row_ref else row_scale, dense,
+        kp, kp // 2, kp // 32, n_pad, kp // bk,
+        ACT_INT8=act_int8, MODE=scheme, ONE_PASS=pl.one_pass, BLOCK=pl.block,
+        PART_P2=triton.next_power_of_2(pl.n_part), ROW_REF=row_ref, BN=bn, BK=bk,
+        DECODE_LUT=DECODE_LUT, num_warps=pl.warps)
+    return pl.q, pl.s_out, dense
 
 
 def _fill_split(tiles: int, iters: int, sms: int) -> int:
@@ -866,17 +959,25 @@ def _prefill_launch(q, xs, dense, scale, y, bias, n, act_int8, per_token, config
         GROUP_M=group_m, num_warps=warps, num_stages=stages)
 
 
+MATERIALIZE_TILE = (64, 256)  # (weight rows, K) per program
+
+
+def _dense_out(n_pad: int, kp: int, act_int8: bool, device: torch.device) -> torch.Tensor:
+    out = torch.empty((n_pad, kp), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn,
+                      device=device)
+    if POISON_OUTPUTS:
+        out.view(torch.uint8).fill_(0x7F if not act_int8 else 0x80)
+    return out
+
+
 def materialize(packed: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor,
                 act_int8: bool, prefill_row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The whole weight decoded to [NP, KP] E4M3 / int8. INT8 with ``prefill_row_scale``
     (``int8_prefill_rows``): against one reference per row instead of per tile."""
     n_pad, kp = packed.shape[0], packed.shape[1] * 2
-    out = torch.empty((n_pad, kp), dtype=torch.int8 if act_int8 else torch.float8_e4m3fn,
-                      device=packed.device)
-    if POISON_OUTPUTS:
-        out.view(torch.uint8).fill_(0x7F if not act_int8 else 0x80)
+    out = _dense_out(n_pad, kp, act_int8, packed.device)
     row_ref = prefill_row_scale is not None
-    bn, bk = 64, 256
+    bn, bk = MATERIALIZE_TILE
     _materialize[(n_pad // bn, kp // bk)](
         packed, codes, row_scale, prefill_row_scale if row_ref else row_scale, out,
         kp, kp // 2, kp // 32, n_pad, ACT_INT8=act_int8, ROW_REF=row_ref, BN=bn, BK=bk,
