@@ -223,6 +223,21 @@ __device__ __forceinline__ void cp_async16_evict_first(void* dst, const void* sr
                "l"(src), "l"(policy));
 #endif
 }
+// the same with the shared-memory address already converted (the decode GEMM's main loop keeps
+// its stage addresses as 32-bit shared addresses)
+__device__ __forceinline__ void cp_async16_evict_first_s(uint32_t dst, const void* src) {
+#if defined(W4A8_NO_L2_HINT)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+#else
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(dst),
+               "l"(src), "l"(policy));
+#endif
+}
+__device__ __forceinline__ void cp_async8_s(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src));
+}
 __device__ __forceinline__ void cp_async8(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(dst)), "l"(src));
 }
@@ -329,8 +344,8 @@ struct StepRegs {
 // The decode and MMAs of one step. acc (FP8) accumulates across steps; INT8 sums a step exactly
 // in int32 and adds it to acc once, scaled by the rows' tile exponents.
 template <bool kInt8, int kNT>
-__device__ __forceinline__ void step_mma(const StepRegs<kNT>& r, float (&acc)[kNT][4],
-                                         float (&acc2)[kNT][4]) {
+__device__ __forceinline__ void step_mma(const StepRegs<kNT>& r, const uint4 (&x)[kNT][4],
+                                         float (&acc)[kNT][4], float (&acc2)[kNT][4]) {
   const Lut la_lo = make_lut<kInt8>(r.ca & 0xFF);
   const Lut la_hi = make_lut<kInt8>(r.ca >> 8);
   const Lut lb_lo = make_lut<kInt8>(r.cb & 0xFF);
@@ -346,8 +361,8 @@ __device__ __forceinline__ void step_mma(const StepRegs<kNT>& r, float (&acc)[kN
     decode8<kInt8>(pb, lb_lo, lb_hi, a1, a3);  // row g + 8, same K
 #pragma unroll
     for (int j = 0; j < kNT; ++j) {
-      const uint32_t b0 = word(r.x[j][0], r.x[j][1], i8);
-      const uint32_t b1 = word(r.x[j][2], r.x[j][3], i8);
+      const uint32_t b0 = word(x[j][0], x[j][1], i8);
+      const uint32_t b1 = word(x[j][2], x[j][3], i8);
       mma_16x8x32<kInt8>(acc[j], acc2[j], iacc[j], a0, a1, a2, a3, b0, b1);
     }
   }
@@ -389,9 +404,63 @@ __global__ void __launch_bounds__(kWarps * 32)
   const size_t kp2 = size_t(KP) / 2, kp32 = size_t(KP) / 32;
   const uint8_t* tiles = static_cast<const uint8_t*>(row_scale);
 
-  // activations: token m0 + 8j + g, the 64 bytes of this lane's K group (L2-resident)
-  auto load_x = [&](int s, uint4 (&x)[kNT][4]) {
-    const int kx = s * kStepK + t * 64;
+  float acc[kNT][4], acc2[kNT][4];  // acc2: FP8's second k16 halves (mma_16x8x32)
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) {
+    acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    acc2[j][0] = acc2[j][1] = acc2[j][2] = acc2[j][3] = 0.f;
+  }
+
+  // The main loop keeps its addresses in registers and moves them by one warp step (kWarps K
+  // steps) per iteration: nothing is recomputed from the thread index or the kernel arguments
+  // inside it (that address arithmetic was about a third of the loop's instructions).
+  // copies: instruction i moves rows 4i .. 4i+3 (lane: row 4i + lane/8, 16-byte chunk
+  // lane%8); lanes 0-15 one row's code bytes; lane 16 the 16 tile exponents (INT8)
+  const int copy_row = lane >> 3, copy_chunk = (lane & 7) * 16;
+  const size_t row4 = 4 * kp2;
+  const uint8_t* w_next = packed + size_t(n0 + copy_row) * kp2 + copy_chunk + warp * (kStepK / 2);
+  const uint8_t* c_next = codes + size_t(n0 + (lane & 15)) * kp32 + warp * (kStepK / 32);
+  const uint8_t* t_next = tiles + n0 + size_t(warp) * NP;
+  const uint8_t* ring = ring_all + warp * (kStages * kStageBytes);
+  const uint32_t ring_s = smem_addr(ring);
+  const uint32_t w_dst = ring_s + copy_row * kRowStride + copy_chunk;
+  const uint32_t c_dst = ring_s + kStageWeights + (lane & 15) * 8;
+  const uint32_t t_dst = ring_s + kStageWeights + kStageCodes;
+  // copies the next step into the stage at byte offset `stage` of the ring
+  auto issue = [&](uint32_t stage) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      cp_async16_evict_first_s(w_dst + stage + 4 * i * kRowStride, w_next + i * row4);
+    if (lane < 16) cp_async8_s(c_dst + stage, c_next);
+    if (kInt8 && lane == 16) cp_async16_evict_first_s(t_dst + stage, t_next);
+    w_next += kWarps * (kStepK / 2);
+    c_next += kWarps * (kStepK / 32);
+    t_next += size_t(kWarps) * NP;
+  };
+  auto next_stage = [](uint32_t stage) {
+    return stage + kStageBytes == kStages * kStageBytes ? 0u : stage + kStageBytes;
+  };
+
+  // Two token tiles: addresses from the step index and one register set copied, as before
+  // 2026-11-25 (the pointers and register sets of the loop for one tile below took 145-150
+  // registers here: fewer CTAs per SM than the grid has, 1.1-1.2x slower on an H100,
+  // benchmarks/results/cuda_lib_ab_h100_20261125_1249.jsonl)
+  const uint8_t* w_src = packed + size_t(n0 + copy_row) * kp2 + copy_chunk;
+  const uint8_t* c_src = codes + size_t(n0 + (lane & 15)) * kp32;
+  const uint8_t* t_src = tiles + n0;
+  auto issue_at = [&](int s_at, int stage) {
+    uint8_t* st = ring_all + warp * (kStages * kStageBytes) + stage * kStageBytes +
+                  copy_row * kRowStride + copy_chunk;
+    const uint8_t* src = w_src + s_at * (kStepK / 2);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      cp_async16_evict_first(st + 4 * i * kRowStride, src + 4 * i * kp2);
+    uint8_t* sc = ring_all + warp * (kStages * kStageBytes) + stage * kStageBytes + kStageWeights;
+    if (lane < 16) cp_async8(sc + lane * 8, c_src + s_at * (kStepK / 32));
+    if (kInt8 && lane == 16) cp_async16_evict_first(sc + kStageCodes, t_src + size_t(s_at) * NP);
+  };
+  auto load_x_at = [&](int s_at, uint4 (&x)[kNT][4]) {
+    const int kx = s_at * kStepK + t * 64;
 #pragma unroll
     for (int j = 0; j < kNT; ++j) {
       const int m = m0 + 8 * j + g;
@@ -402,36 +471,16 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   };
 
-  float acc[kNT][4], acc2[kNT][4];  // acc2: FP8's second k16 halves (mma_16x8x32)
-#pragma unroll
-  for (int j = 0; j < kNT; ++j) {
-    acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    acc2[j][0] = acc2[j][1] = acc2[j][2] = acc2[j][3] = 0.f;
-  }
-
-  uint8_t* ring = ring_all + warp * (kStages * kStageBytes);
-  // copies: instruction i moves rows 4i .. 4i+3 (lane: row 4i + lane/8, 16-byte chunk
-  // lane%8); lanes 0-15 one row's code bytes; lane 16 the 16 tile exponents (INT8)
-  const int copy_row = lane >> 3, copy_chunk = (lane & 7) * 16;
-  const uint8_t* w_src = packed + size_t(n0 + copy_row) * kp2 + copy_chunk;
-  const uint8_t* c_src = codes + size_t(n0 + (lane & 15)) * kp32;
-  const uint8_t* t_src = tiles + n0;
-  auto issue = [&](int s, int stage) {
-    uint8_t* st = ring + stage * kStageBytes + copy_row * kRowStride + copy_chunk;
-    const uint8_t* src = w_src + s * (kStepK / 2);
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      cp_async16_evict_first(st + 4 * i * kRowStride, src + 4 * i * kp2);
-    uint8_t* sc = ring + stage * kStageBytes + kStageWeights;
-    if (lane < 16) cp_async8(sc + lane * 8, c_src + s * (kStepK / 32));
-    if (kInt8 && lane == 16) cp_async16_evict_first(sc + kStageCodes, t_src + size_t(s) * NP);
-  };
-
   // The weights do not depend on the previous kernel: start their copies before waiting.
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {
-    const int s = warp + i * kWarps;
-    if (s < steps) issue(s, i);
+    if (warp + i * kWarps < steps) {
+      if constexpr (kNT == 1) {
+        issue(i * kStageBytes);
+      } else {
+        issue_at(warp + i * kWarps, i);
+      }
+    }
     cp_async_commit();
   }
   // The CTA's out-of-range blocks are [c_first, c_end) of the CSR (its rows are consecutive);
@@ -451,28 +500,56 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   pdl_wait();
 
-  // The activations of a step are loaded one step ahead: loaded in the step itself, their L2
-  // latency added to the largest stall (ncu, H100: 36 % of the warps' cycles on the L1TEX
-  // scoreboard, with the cp.async ring's waits).
-  uint4 x_next[kNT][4];
-  if (warp < steps) load_x(warp, x_next);
-  int stage = 0;
-  for (int s = warp; s < steps; s += kWarps) {
-    StepRegs<kNT> r;
+  // Activations: token m0 + 8j + g, the 64 bytes of this lane's K group of each step
+  // (L2-resident), loaded one step ahead: loaded in the step itself, their L2 latency added to
+  // the largest stall (ncu, H100: 36 % of the warps' cycles on the L1TEX scoreboard, with the
+  // cp.async ring's waits). One token tile: two register sets, swapped by unrolling the loop
+  // twice; two tiles copy one set instead (two sets took 154 registers, which left room for
+  // fewer CTAs than the grid has). Lanes of tokens past M keep their zeros.
+  const uint8_t* x_next[kNT];
+  bool x_live[kNT];
 #pragma unroll
-    for (int j = 0; j < kNT; ++j)
+  for (int j = 0; j < kNT; ++j) {
+    const int m = m0 + 8 * j + g;
+    x_live[j] = m < M;
+    x_next[j] = xq + size_t(x_live[j] ? m : 0) * K + warp * kStepK + t * 64;
+  }
+  int k_left = K - (warp * kStepK + t * 64);  // this lane's K values from its next load on
+  auto load_x = [&](uint4 (&x)[kNT][4]) {
 #pragma unroll
-      for (int q = 0; q < 4; ++q) r.x[j][q] = x_next[j][q];
-    if (s + kWarps < steps) load_x(s + kWarps, x_next);
-    __syncwarp();  // every lane is done reading the stage that the next copy overwrites
-    const int s_next = s + (kStages - 1) * kWarps;
-    if (s_next < steps) issue(s_next, stage == 0 ? kStages - 1 : stage - 1);
-    cp_async_commit();
-    cp_async_wait<kStages - 1>();
-    __syncwarp();  // make the other lanes' copies (codes, tile exponents) visible
+    for (int j = 0; j < kNT; ++j) {
+      if (!x_live[j]) continue;
+      const uint4* px = reinterpret_cast<const uint4*>(x_next[j]);
+      if (k_left >= 64) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) x[j][q] = __ldg(px + q);
+      } else {  // the last step of a K that is not a multiple of kStepK
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+          x[j][q] = 16 * q < k_left ? __ldg(px + q) : make_uint4(0, 0, 0, 0);
+      }
+      x_next[j] += kWarps * kStepK;
+    }
+    k_left -= kWarps * kStepK;
+  };
+  uint4 xa[kNT][4], xb[kNT == 1 ? kNT : 1][4];
+#pragma unroll
+  for (int j = 0; j < kNT; ++j)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) xa[j][q] = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) xb[0][q] = make_uint4(0, 0, 0, 0);
+  if (warp < steps) {
+    if constexpr (kNT == 1) {
+      load_x(xa);
+    } else {
+      load_x_at(warp, xa);
+    }
+  }
 
-    const uint8_t* st = ring + stage * kStageBytes;
-    stage = stage + 1 == kStages ? 0 : stage + 1;
+  // this lane's weights, code bytes and (INT8) tile exponents of the stage at st
+  auto stage_regs = [&](const uint8_t* st) {
+    StepRegs<kNT> r;
     r.wa0 = *reinterpret_cast<const uint4*>(st + g * kRowStride + 32 * t);
     r.wa1 = *reinterpret_cast<const uint4*>(st + g * kRowStride + 32 * t + 16);
     r.wb0 = *reinterpret_cast<const uint4*>(st + (g + 8) * kRowStride + 32 * t);
@@ -481,7 +558,49 @@ __global__ void __launch_bounds__(kWarps * 32)
     r.cb = *reinterpret_cast<const uint16_t*>(st + kStageWeights + (g + 8) * 8 + t * 2);
     r.ta = st[kStageWeights + kStageCodes + g];
     r.tb = st[kStageWeights + kStageCodes + g + 8];
-    step_mma<kInt8, kNT>(r, acc, acc2);
+    return r;
+  };
+  uint32_t st_read = 0, st_write = (kStages - 1) * kStageBytes;
+  int s = warp;
+  // one K step: x holds its activations, x_ahead receives the next step's
+  auto step = [&](const uint4 (&x)[kNT][4], uint4 (&x_ahead)[kNT][4]) {
+    if (s + kWarps < steps) load_x(x_ahead);
+    __syncwarp();  // every lane is done reading the stage that the next copy overwrites
+    if (s + (kStages - 1) * kWarps < steps) issue(st_write);
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();
+    __syncwarp();  // make the other lanes' copies (codes, tile exponents) visible
+
+    step_mma<kInt8, kNT>(stage_regs(ring + st_read), x, acc, acc2);
+    st_read = next_stage(st_read);
+    st_write = next_stage(st_write);
+    s += kWarps;
+  };
+  if constexpr (kNT == 1) {
+    while (s < steps) {
+      step(xa, xb);
+      if (s >= steps) break;
+      step(xb, xa);
+    }
+  } else {  // two token tiles (issue_at, load_x_at above)
+    int stage = 0;
+    for (; s < steps; s += kWarps) {
+      uint4 x[kNT][4];
+#pragma unroll
+      for (int j = 0; j < kNT; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) x[j][q] = xa[j][q];
+      if (s + kWarps < steps) load_x_at(s + kWarps, xa);
+      __syncwarp();  // every lane is done reading the stage that the next copy overwrites
+      const int s_next = s + (kStages - 1) * kWarps;
+      if (s_next < steps) issue_at(s_next, stage == 0 ? kStages - 1 : stage - 1);
+      cp_async_commit();
+      cp_async_wait<kStages - 1>();
+      __syncwarp();  // make the other lanes' copies (codes, tile exponents) visible
+      const uint8_t* st = ring + stage * kStageBytes;
+      stage = stage + 1 == kStages ? 0 : stage + 1;
+      step_mma<kInt8, kNT>(stage_regs(st), x, acc, acc2);
+    }
   }
   cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
 
