@@ -720,8 +720,8 @@ def quantize_activation_gpu(x2: torch.Tensor, act_int8: bool, scheme: int,
 # prefill_prepare_h100_20261125_1236.jsonl): N = K = 8192 FP8 M = 4096 440.5 -> 436.2 us
 # (static), 438.6 -> 432.4 (per token), M = 512 95.6 -> 89.6; INT8 M = 512 145.1 -> 138.1, M =
 # 4096 a tie. The dense GEMM after it with PDL gained nothing (released after each program's
-# stores) or lost 3-7 % (released at its start: the persistent GEMM took SMs early), so it is
-# launched plainly.
+# stores) or lost 3 % and 7 % at M = 4096 (released at their start: the persistent GEMM took
+# SMs early), so it is launched plainly.
 PREFILL_FUSED_PREPARE = True
 
 
