@@ -333,7 +333,8 @@ __device__ __forceinline__ float correction_dot(const Corrections& corr, int b_f
 // ----------------------------------------------------------------------------------------------
 // One warp's share of a 256-wide K step, as the MMAs take it: this lane's K group (bytes
 // 32t .. 32t + 31) of weight rows g and g + 8, their code bytes, (INT8) their tile exponents,
-// and the activation bytes of the same K group for each token tile.
+// and (the MoE kernel's unstaged items; the dense kernel keeps them apart, step_mma's x) the
+// activation bytes of the same K group for each token tile.
 template <int kNT>
 struct StepRegs {
   uint4 wa0, wa1, wb0, wb1;
