@@ -11,7 +11,12 @@ Baselines, in the same run:
   when vLLM is importable (on the GPU machine: carry .kit, ``source .kit/activate.sh``).
 - ``Triton BF16 grouped``: this project's grouped kernels with dense bf16 weights (same routing,
   tiles and reduction as ours; only the weight format differs).
-Humming's MoE kernels are not used: humming-kernels 0.1.19 exposes dense layers only.
+Humming is not a baseline here yet. (Until 2026-11-25 this said humming-kernels 0.1.19
+exposes dense layers only. That is wrong: its GEMM takes MoE layouts, `humming_forward(...,
+sorted_ids, expert_ids, num_tokens_padded, top_k)` with `LayerConfig.num_experts` and
+`GemmType.INDEXED` / `GROUPED_CONTIGUOUS` / `GROUPED_MASKED` (humming/forward.py,
+humming/config/enum.py, humming/testing/runner.py in the wheel). A Humming MoE layer built from
+those GEMMs has not been written or run; docs/moe_kernels.md.)
 
     python benchmarks/bench_moe.py --out benchmarks/results          # table, json, png
     python benchmarks/bench_moe.py --sweep                            # Triton tile configs
