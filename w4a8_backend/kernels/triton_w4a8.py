@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -652,12 +653,16 @@ AMAX_PARTIALS_MAX = 512
 QUANT_CHUNK = 2048
 
 
-class _QuantLaunch:
+class _QuantLaunch(NamedTuple):
     """A quantization's outputs and its launch parameters (``_quant_plan``)."""
 
-    def __init__(self, q, s_out, s_in, n_part, rows, chunks, one_pass, block):
-        self.q, self.s_out, self.s_in, self.n_part = q, s_out, s_in, n_part
-        self.rows, self.chunks, self.one_pass, self.block = rows, chunks, one_pass, block
+    q: torch.Tensor
+    s_out: torch.Tensor
+    s_in: torch.Tensor
+    n_part: int
+    chunks: int  # programs per row
+    one_pass: bool
+    block: int
 
     @property
     def warps(self) -> int:
@@ -697,7 +702,7 @@ def _quant_plan(x2: torch.Tensor, act_int8: bool, scheme: int, input_scale: torc
     else:  # a known scale: a program per QUANT_CHUNK of a row
         one_pass, block = False, QUANT_CHUNK
         chunks = triton.cdiv(k, QUANT_CHUNK)
-    return _QuantLaunch(q, s_out, s_in, n_part, m, chunks, one_pass, block)
+    return _QuantLaunch(q, s_out, s_in, n_part, chunks, one_pass, block)
 
 
 def quantize_activation_gpu(x2: torch.Tensor, act_int8: bool, scheme: int,
