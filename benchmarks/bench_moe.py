@@ -11,12 +11,12 @@ Baselines, in the same run:
   when vLLM is importable (on the GPU machine: carry .kit, ``source .kit/activate.sh``).
 - ``Triton BF16 grouped``: this project's grouped kernels with dense bf16 weights (same routing,
   tiles and reduction as ours; only the weight format differs).
-Humming is not a baseline here yet. (Until 2026-11-25 this said humming-kernels 0.1.19
-exposes dense layers only. That is wrong: its GEMM takes MoE layouts, `humming_forward(...,
-sorted_ids, expert_ids, num_tokens_padded, top_k)` with `LayerConfig.num_experts` and
-`GemmType.INDEXED` / `GROUPED_CONTIGUOUS` / `GROUPED_MASKED` (humming/forward.py,
-humming/config/enum.py, humming/testing/runner.py in the wheel). A Humming MoE layer built from
-those GEMMs has not been written or run; docs/moe_kernels.md.)
+- ``Humming W4A8 MoE`` / ``Humming W4A16 MoE``: humming-kernels' indexed MXFP4 GEMMs composed
+  into a layer (benchmarks/humming_moe.py: vLLM's alignment, GEMM1, Humming's fused
+  SiLU-and-mul + quantization, GEMM2, a torch top-k sum), when both humming and vLLM import.
+  W4A8 quantizes activations per token (FP8), as ``ours FP8 dyn-tensor`` does per tensor.
+Every output is compared with the BF16 baseline's; a column whose relative difference exceeds
+MAX_REL_DIFF is dropped from the row (logged), so a wrong layer cannot post a time.
 
     python benchmarks/bench_moe.py --out benchmarks/results          # table, json, png
     python benchmarks/bench_moe.py --sweep                            # Triton tile configs
@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_linear import Timer, make_logger, make_weight, run_metadata  # noqa: E402
+from humming_moe import VARIANTS as HUMMING_VARIANTS  # noqa: E402
 
 from w4a8_backend.formats import ActivationDtype, ActivationScheme, dequantize_mxfp4  # noqa: E402
 from w4a8_backend.kernels import _sm90_moe_cuda as mc  # noqa: E402
@@ -67,6 +68,8 @@ TRITON_PATH = {
 }
 VLLM = "vLLM BF16 fused_experts"
 TRITON_BF16 = "Triton BF16 grouped"
+# ours are ~0.02-0.07 from the BF16 layer (activation quantization); a wrong layout is ~1
+MAX_REL_DIFF = 0.15
 
 
 class Layer(torch.nn.Module):
@@ -159,7 +162,22 @@ def bytes_touched(ids, m):
     return params * 4.25 / 8, params * 2
 
 
-def bench_model(timer, name, m, tokens, fused_experts, log, repeat=1):
+def humming_moes(weights, log, name):
+    """Label -> HummingMoE for each variant that builds (benchmarks/humming_moe.py)."""
+    from humming_moe import HummingMoE
+
+    out = {}
+    for label, input_config in HUMMING_VARIANTS.items():
+        t0 = time.time()
+        try:
+            out[label] = HummingMoE(*weights, input_config)
+            log(f"# {name} {label}: load {time.time() - t0:.1f}s")
+        except Exception:
+            log(f"# {name} {label} setup failed:\n{traceback.format_exc()}")
+    return out
+
+
+def bench_model(timer, name, m, tokens, fused_experts, log, repeat=1, use_humming=False):
     weights = make_moe_weights(m, seed=len(name))
     w13_bf16 = dequantize_mxfp4(weights[0], weights[1], torch.bfloat16)
     w2_bf16 = dequantize_mxfp4(weights[2], weights[3], torch.bfloat16)
@@ -173,6 +191,7 @@ def bench_model(timer, name, m, tokens, fused_experts, log, repeat=1):
         k = ours[label][0]
         log(f"# {name} {label}: load {time.time() - t0:.1f}s, out-of-range blocks "
             f"{k.num_out_of_range}")
+    hum = humming_moes(weights, log, name) if use_humming else {}
     rows = []
     for t in tokens:
         x = torch.randn(t, m["hidden"], device="cuda").to(torch.bfloat16)
@@ -199,21 +218,36 @@ def bench_model(timer, name, m, tokens, fused_experts, log, repeat=1):
         for label, variant in TRITON_PATH.items():
             if mc.usable(t, m["top_k"], m["experts"], m["hidden"], m["inter"]):
                 tm(label, lambda k_l=ours[variant]: triton_path(*k_l, x, tw, ti))
+        for label, layer in hum.items():
+            tm(label, lambda layer=layer: layer(x, tw, ti))
+        if outs:
+            # every output against the BF16 baseline's (quantization error only); a column
+            # far off it is a wrong layer and gets no time
+            ref = outs.get(VLLM, outs.get(TRITON_BF16, next(iter(outs.values())))).float()
+            res["rel_diff_vs_bf16"] = {
+                k: round(((v.float() - ref).norm() / ref.norm()).item(), 4)
+                for k, v in outs.items()}
+            for label, diff in res["rel_diff_vs_bf16"].items():
+                if not diff <= MAX_REL_DIFF:
+                    log(f"{label} {name} T={t}: output {diff} from the BF16 baseline's "
+                        f"(> {MAX_REL_DIFF}); not timed")
+                    fns.pop(label, None)
+                    res[label] = None
         # every column timed `repeat` times, round robin, so that a slow spell of the machine
         # falls on all columns alike; the table shows medians, the json every sample
         samples = {label: [] for label in fns}
         for _ in range(repeat):
             for label, fn in fns.items():
-                samples[label].append(round(timer.time_us(fn), 2))
+                if samples[label] is None:
+                    continue
+                try:
+                    samples[label].append(round(timer.time_us(fn), 2))
+                except Exception:
+                    log(f"{label} {name} T={t} timing failed:\n{traceback.format_exc()}")
+                    samples[label] = None
         for label, vals in samples.items():
-            res[label] = round(statistics.median(vals), 2)
+            res[label] = round(statistics.median(vals), 2) if vals else None
         res["samples_us"] = samples
-        # sanity: every output close to the BF16 baseline (quantization error only)
-        if outs:
-            ref = outs.get(VLLM, outs.get(TRITON_BF16, next(iter(outs.values())))).float()
-            res["rel_diff_vs_bf16"] = {
-                k: round(((v.float() - ref).norm() / ref.norm()).item(), 4)
-                for k, v in outs.items()}
         log(json.dumps(res))
         rows.append(res)
     return rows
@@ -239,7 +273,7 @@ def write_report(rows, out_dir: Path, meta):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "moe_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     base = VLLM if any(r.get(VLLM) for r in rows) else TRITON_BF16
-    cols = [c for c in [VLLM, TRITON_BF16, *OURS, *TRITON_PATH]
+    cols = [c for c in [VLLM, TRITON_BF16, *HUMMING_VARIANTS, *OURS, *TRITON_PATH]
             if any(r.get(c) is not None for r in rows)]
     lines = [
         "# W4A8 MXFP4 MoE layer: time (us) and speed-up vs " + base,
@@ -258,6 +292,10 @@ def write_report(rows, out_dir: Path, meta):
         f"the routed pairs are at most {mc.MAX_PAIR_FRACTION} x the experts), the Triton grouped "
         "kernels otherwise; `Triton kernels`: the same layers forced onto Triton where the "
         "default is CUDA.",
+        "- `Humming W4A8 MoE` / `Humming W4A16 MoE`: humming-kernels' indexed MXFP4 GEMMs "
+        "composed into a layer (benchmarks/humming_moe.py: vLLM's alignment, gate-up GEMM, "
+        "Humming's SiLU-and-mul fused with its per-token FP8 quantization (W4A8) or alone "
+        "(W4A16), down GEMM, torch top-k sum); Humming's heuristic tuning configs.",
         "- `floor` = MXFP4 weight bytes of the experts the routing touches / copy bandwidth "
         "(BF16 floor in brackets).",
         "",
@@ -439,6 +477,7 @@ def main(argv=None):
                     help=f"comma-separated token counts (default {','.join(map(str, TOKENS))}; "
                     "with --cuda-sweep 1,2,4,8)")
     ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--no-humming", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time Triton tile configs only")
     ap.add_argument("--cuda-sweep", action="store_true",
                     help="time the CUDA decode path's launch configs against Triton only")
@@ -472,11 +511,25 @@ def main(argv=None):
         except Exception as exc:
             log(f"# vLLM fused_experts not importable ({type(exc).__name__}: {exc}); "
                 "baseline is the Triton BF16 grouped kernel only")
+    use_humming = not args.no_humming
+    if use_humming:
+        try:
+            import humming  # noqa: F401
+            from vllm.model_executor.layers.fused_moe.moe_align_block_size import (  # noqa: F401
+                moe_align_block_size,
+            )
+
+            meta["humming"] = getattr(humming, "__version__", "?")
+        except Exception as exc:
+            log(f"# Humming MoE baseline left out: needs humming and vLLM's moe_align_block_size "
+                f"({type(exc).__name__}: {exc})")
+            use_humming = False
     log(json.dumps(meta))
     tokens = [int(v) for v in args.tokens.split(",")]
     rows = []
     for name in args.models.split(","):
-        rows += bench_model(timer, name, MODELS[name], tokens, fused_experts, log, args.repeat)
+        rows += bench_model(timer, name, MODELS[name], tokens, fused_experts, log, args.repeat,
+                            use_humming)
         write_report(rows, Path(args.out), meta)
     print(write_report(rows, Path(args.out), meta))
 
