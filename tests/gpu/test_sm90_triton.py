@@ -394,6 +394,23 @@ def check_graph_replay(kern, layer, m, k, g, reference):
         assert rel_err(y_graph, reference(x)) <= REL_TOL
 
 
+def replayed_once(kern, layer, x):
+    """``kern.apply(layer, x)`` captured in a CUDA graph (after a warm-up outside the capture),
+    its output poisoned with NaN, replayed once: the replay's output."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        kern.apply(layer, x, None)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = kern.apply(layer, x, None)
+    y_graph.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    return y_graph
+
+
 @pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
 def test_pdl_launch_gives_the_same_bytes(monkeypatch, act):
     """The fused Triton GEMM launched with PDL (FP8 tiles of >= PDL_MIN_BN x PDL_MIN_BM: it
@@ -420,18 +437,7 @@ def test_pdl_launch_gives_the_same_bytes(monkeypatch, act):
         for pdl in (False, True):
             monkeypatch.setattr(triton_w4a8, "PDL", pdl)
             outs[pdl] = kern.apply(layer, x, None)
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                kern.apply(layer, x, None)
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                y_graph = kern.apply(layer, x, None)
-            y_graph.fill_(float("nan"))
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(y_graph, outs[pdl]), (m, pdl)
+            assert torch.equal(replayed_once(kern, layer, x), outs[pdl]), (m, pdl)
         assert torch.equal(outs[True], outs[False]), m
         assert rel_err(outs[True], reference_linear(
             x, packed, scale, act, ActivationScheme.DYNAMIC_PER_TOKEN)) <= REL_TOL
@@ -459,13 +465,7 @@ def test_prefill_launches_give_the_same_bytes(monkeypatch, act, scheme):
     for name, fused in {"two launches": False, "one launch": True}.items():
         monkeypatch.setattr(triton_w4a8, "PREFILL_FUSED_PREPARE", fused)
         outs[name] = kern.apply(layer, x, None)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y_graph = kern.apply(layer, x, None)
-        y_graph.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(y_graph, outs[name]), name
+        assert torch.equal(replayed_once(kern, layer, x), outs[name]), name
         assert torch.equal(outs[name], outs["two launches"]), name
     assert rel_err(outs["two launches"],
                    reference_linear(x, packed, scale, act, scheme, s_in)) <= REL_TOL
