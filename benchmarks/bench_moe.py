@@ -84,24 +84,27 @@ def make_moe_weights(m, seed):
             p2.view(e, h, i // 2), s2.view(e, h, i // 32))
 
 
-def our_layer(weights, m, act, scheme, x_cal, routing_cal):
+def our_layer(weights, m, act, scheme, x_cal, routing_cal, scheme2=None):
+    """Our MoE kernel and layer; ``scheme2``: the intermediate's scheme when it is not the
+    input's. Static scales are calibrated as the amaxes of a dynamic run's inputs."""
     from w4a8_backend.kernels.sm90_triton_moe import Sm90TritonMoEKernel
 
+    scheme2 = scheme if scheme2 is None else scheme2
     e, h, i, k = m["experts"], m["hidden"], m["inter"], m["top_k"]
-    kern = Sm90TritonMoEKernel(MoEKernelConfig(act, scheme, scheme, e, h, i, k, "silu",
+    kern = Sm90TritonMoEKernel(MoEKernelConfig(act, scheme, scheme2, e, h, i, k, "silu",
                                                torch.bfloat16))
     layer = Layer()
     for name, t in zip(("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale"),
                        weights):
         layer.register_parameter(name, torch.nn.Parameter(t.clone(), requires_grad=False))
     layer.w13_input_scale = layer.w2_input_scale = None
+    qmax = 448.0 if act == FP8 else 127.0
     if scheme == S:
-        # calibrate: amax of a dynamic per-tensor run's inputs (x and the intermediate)
-        qmax = 448.0 if act == FP8 else 127.0
         layer.w13_input_scale = (x_cal.float().abs().amax() / qmax).reshape(1)
+    if scheme2 == S:
         layer.w2_input_scale = torch.tensor([1.0], device="cuda")  # replaced below
     kern.process_weights_after_loading(layer)
-    if scheme == S:
+    if scheme2 == S:
         from w4a8_backend.kernels import _sm90_moe_triton as mk
 
         seen = {}
