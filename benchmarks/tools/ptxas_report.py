@@ -63,6 +63,7 @@ class Report:
     wgmma: int
     waits: list[int]
     notes: list[str]
+    l2_hinted: int  # cp.async copies with an L2 cache policy (W_EVICT, kernels/_triton_l2.py)
 
     @property
     def serialized(self) -> bool:
@@ -93,17 +94,20 @@ def _compile(fn, types: dict, const: dict, warps: int, stages: int, name: str) -
     regs, st, ld, notes = _ptxas_info(ptx)
     waits = [int(w) for w in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)]
     config = {k: v for k, v in const.items() if k in ("ACT_INT8", "BN", "BM", "BK", "SPLIT_K",
-                                                      "W_DENSE", "GATED", "FP8_PROMOTE")}
+                                                      "W_DENSE", "GATED", "FP8_PROMOTE",
+                                                      "W_EVICT")}
     config.update(warps=warps, stages=stages)
     return Report(name, config, regs, st, ld, kernel.metadata.shared,
-                  len(re.findall(r"wgmma\.mma_async", ptx)), waits, notes)
+                  len(re.findall(r"wgmma\.mma_async", ptx)), waits, notes,
+                  len(re.findall(r"cp\.async\.c[ag]\.shared\.global\.L2::cache_hint", ptx)))
 
 
 def dense_gemm(act_int8: bool, config: tuple, dense: bool = False,
-               split: bool = False) -> Report:
+               split: bool = False, evict: str = "") -> Report:
     """`_w4a8_gemm` at ``config`` = (BN, BM, BK, split_k, warps, stages), per-tensor scale, with
     the PDL wait where sm_90 launches it so (``w4a8_gemm``'s rule). ``split``: the INT8 split
-    path (E4M3 planes on the FP8 repacking)."""
+    path (E4M3 planes on the FP8 repacking). ``evict``: the weight loads' L2 policy
+    (``W_EVICT``)."""
     mma_int8 = act_int8 and not split
     pdl = (not dense and not mma_int8 and config[1] >= tk.PDL_MIN_BM
            and config[0] >= tk.PDL_MIN_BN)  # gemm_launch_pdl on sm_90
@@ -114,7 +118,7 @@ def dense_gemm(act_int8: bool, config: tuple, dense: bool = False,
              "ws_ptr": "*fp32", "cnt_ptr": "*i32", "lut_ptr": "*i32"}
     const = dict(ACT_INT8=mma_int8, PER_TOKEN=False, HAS_BIAS=False, W_DENSE=dense,
                  ROW_REF=False, SPLIT_K=split_k, DECODE_LUT=True, BN=bn, BM=bm, BK=bk,
-                 PDL=pdl, RELEASE=False, X_SPLIT=split)
+                 PDL=pdl, RELEASE=False, X_SPLIT=split, W_EVICT=evict)
     return _compile(tk._w4a8_gemm, types, const, warps, stages,
                     "dense materialized" if dense else
                     "dense fused, int8 split" if split else "dense fused")
@@ -133,9 +137,9 @@ def prefill_gemm(act_int8: bool, config: tuple | None = None) -> Report:
 
 
 def moe_gemm(act_int8: bool, gated: bool, bn: int = 64, bm: int = 16, warps: int = 4,
-             stages: int | None = None, split: bool = False) -> Report:
+             stages: int | None = None, split: bool = False, evict: str = "") -> Report:
     """`_moe_gemm` at a decode tile: GEMM1 (``gated``, static intermediate scale) or GEMM2.
-    ``split``: the INT8 split path."""
+    ``split``: the INT8 split path. ``evict``: the weight loads' L2 policy (``W_EVICT``)."""
     mma_int8 = act_int8 and not split
     act = "*i8" if mma_int8 else "*fp8e4nv"
     stages = stages or mk.pick_config(16, 128, 128, mma_int8)[3]
@@ -148,7 +152,8 @@ def moe_gemm(act_int8: bool, gated: bool, bn: int = 64, bm: int = 16, warps: int
                  AMAX=False, W_BF16=False, DECODE_LUT=True,
                  FP8_PROMOTE=0 if mma_int8 else mk.fp8_promote(bm, gated),
                  OUT_QUANT=gated, ROUTE_INLINE=False, HAS_MAP=False, PP2=128, EP2=128, BN=bn,
-                 BM=bm, BK=256, PDL=mk.PDL, X_SPLIT=split)  # (sm_90 launches it with PDL)
+                 BM=bm, BK=256, PDL=mk.PDL, X_SPLIT=split,  # (sm_90 launches it with PDL)
+                 W_EVICT=evict)
     return _compile(mk._moe_gemm, types, const, warps, stages,
                     ("moe gemm1" if gated else "moe gemm2") + (", int8 split" if split else ""))
 

@@ -621,3 +621,30 @@ def test_int8_split_path(schemes):
     for t, takes_split in ((16, True), (40, True), (64, False), (300, False)):
         assert (mk.pick_config(t, 2 * t, 8, False)[1] <= mk.INT8_SPLIT_MAX_BM) == takes_split
         run_case(kern, layer, dense, g, t, INT8, *schemes, used=7)
+
+
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+def test_weight_l2_policy_gives_the_same_bytes(act, monkeypatch):
+    """The grouped GEMMs' expert weight copies with the L2 evict_first policy (restored in the
+    PTX by ``_triton_l2``; forced on here for every tile) compute exactly what the plain copies
+    compute, at decode and prefill tiles, with out-of-range blocks."""
+    from w4a8_backend.kernels import _sm90_moe_triton as mk
+    from w4a8_backend.kernels import triton_w4a8 as tk
+
+    _need_fp8(act)
+    assert tk.WEIGHT_EVICT_FIRST, "the stage hook did not install on this triton"
+    kern, layer, dense, g = build(act, P, P, 16, 512, 256, 4, seed=61, extreme=True)
+    kern.process_weights_after_loading(layer)
+    for t in (16, 64, 700):
+        outs = {}
+        state = g.get_state()
+        for on in (False, True):
+            monkeypatch.setattr(mk, "weight_eviction",
+                                lambda *args, on=on: "evict_first" if on else "")
+            g.set_state(state)
+            x = make_x(t, 512, g, DEV)
+            tw, ti = make_routing(t, 16, 4, g, DEV, used=12)
+            outs[on] = kern.apply(layer, x, tw, ti, None, False)
+        assert torch.equal(outs[True], outs[False]), t
+        g.set_state(state)
+        run_case(kern, layer, dense, g, t, act, P, P, used=12)

@@ -445,6 +445,36 @@ def test_pdl_launch_gives_the_same_bytes(monkeypatch, act):
 
 
 @pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
+def test_weight_l2_policy_gives_the_same_bytes(monkeypatch, act):
+    """The Triton GEMM's weight copies with the L2 evict_first policy (restored in the PTX by
+    ``_triton_l2``) compute exactly what the plain copies compute, eager and replayed in a CUDA
+    graph, split-K and not, with out-of-range blocks; forced on for every tile here (the
+    default rule, ``weight_eviction``, takes FP8 at M <= 32 over large weights)."""
+    from w4a8_backend.kernels import sm90_triton, triton_w4a8
+
+    assert triton_w4a8.WEIGHT_EVICT_FIRST, "the stage hook did not install on this triton"
+    monkeypatch.setattr(sm90_triton, "CUDA_DECODE_MAX_M", {False: 0, True: 0})  # Triton path
+    g = _gen(29)
+    n, k = 4096, 8192
+    packed, scale = make_weight(n, k, g, extreme=True)
+    kern = make_kernel(act, ActivationScheme.DYNAMIC_PER_TOKEN, n, k)
+    layer = make_layer(packed, scale)
+    kern.process_weights_after_loading(layer)
+    for m in (1, 16, 64):
+        x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+        outs = {}
+        for on in (False, True):
+            monkeypatch.setattr(triton_w4a8, "weight_eviction",
+                                lambda *args, on=on: "evict_first" if on else "")
+            outs[on] = kern.apply(layer, x, None)
+            assert torch.equal(replayed_once(kern, layer, x), outs[on]), (m, on)
+        assert torch.equal(outs[True], outs[False]), m
+        assert rel_err(outs[True], reference_linear(
+            x, packed, scale, act, ActivationScheme.DYNAMIC_PER_TOKEN)) <= REL_TOL
+    assert int(layer.w4a8_counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("act", [FP8, INT8], ids=["fp8", "int8"])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name.lower())
 def test_prefill_launches_give_the_same_bytes(monkeypatch, act, scheme):
     """The prefill path's quantization and materialization in one launch (``prepare_prefill``)

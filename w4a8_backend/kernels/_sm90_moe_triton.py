@@ -153,7 +153,7 @@ def _block_of_counts(pid_m, cnts, EP2: tl.constexpr, BM: tl.constexpr):
 def _mma_step(acc, w_ptr, c_ptr, rs_ptr, rows, it, k0, x_lo, x_hi, xt, K, KP2, KP32, NPT,
               ACT_INT8: tl.constexpr, W_BF16: tl.constexpr, DECODE_LUT: tl.constexpr,
               FP8_PROMOTE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              y_lo=None, y_hi=None):
+              EVICT: tl.constexpr, y_lo=None, y_hi=None):
     """``y_lo``/``y_hi`` (X_SPLIT): the second E4M3 plane of int8 activations
     (``triton_w4a8.split_int8``), multiplied with the same decoded FP8 weight."""
     if W_BF16:
@@ -163,11 +163,11 @@ def _mma_step(acc, w_ptr, c_ptr, rs_ptr, rows, it, k0, x_lo, x_hi, xt, K, KP2, K
         acc = tl.dot(w, xt, acc)
     else:
         w_lo, w_hi = _load_decoded(w_ptr, c_ptr, rows, k0, KP2, KP32, BN, BK, ACT_INT8,
-                                   DECODE_LUT)
+                                   DECODE_LUT, EVICT)
         if ACT_INT8:
             p = tl.dot(w_lo, x_lo, out_dtype=tl.int32)
             p = tl.dot(w_hi, x_hi, p, out_dtype=tl.int32)
-            ex = tl.load(rs_ptr + it * NPT + rows)
+            ex = tl.load(rs_ptr + it * NPT + rows, eviction_policy=EVICT)
             ts = (ex.to(tl.int32) << 23).to(tl.float32, bitcast=True)
             acc += p.to(tl.float32) * ts[:, None]
         else:
@@ -222,7 +222,7 @@ def _moe_gemm(
     W_BF16: tl.constexpr, DECODE_LUT: tl.constexpr, FP8_PROMOTE: tl.constexpr,
     OUT_QUANT: tl.constexpr, ROUTE_INLINE: tl.constexpr, HAS_MAP: tl.constexpr, PP2: tl.constexpr,
     EP2: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
-    X_SPLIT: tl.constexpr = False,
+    X_SPLIT: tl.constexpr = False, W_EVICT: tl.constexpr = "",
 ):
     """out^T tile [BN, BM] = W_e[rows] @ A[rows of the block]^T, see the module docstring.
 
@@ -236,6 +236,7 @@ def _moe_gemm(
     ROUTE_INLINE: the expert's pairs found from the P ids here instead of ``_moe_route``'s
     table (small P: every program scans them; the same pair order).
     PDL: launched while the previous kernel may still run (see ``PDL``).
+    W_EVICT: the L2 eviction policy of the weight loads (``weight_eviction``).
     X_SPLIT (the INT8 split path): FP8 weights and int8 activations as two E4M3 planes ``a_plane``
     elements apart (``triton_w4a8.split_int8``); with OUT_QUANT the int8 h goes out the same
     way, planes ``out_plane`` elements apart.
@@ -300,18 +301,19 @@ def _moe_gemm(
                            mask=m_mask[None, :] & (xk + 32 < K)[:, None], other=0.0)
             acc = _mma_step(acc, w_ptr, c_ptr, rs_ptr, rows_g, it, k0, x_lo, x_hi, xt, K, KP2,
                             KP32, NPT, ACT_INT8, W_BF16, DECODE_LUT, FP8_PROMOTE, BN, BK,
-                            y_lo, y_hi)
+                            W_EVICT, y_lo, y_hi)
             if GATED:
                 acc_u = _mma_step(acc_u, w_ptr, c_ptr, rs_ptr, rows_u, it, k0, x_lo, x_hi, xt,
                                   K, KP2, KP32, NPT, ACT_INT8, W_BF16, DECODE_LUT, FP8_PROMOTE,
-                                  BN, BK, y_lo, y_hi)
+                                  BN, BK, W_EVICT, y_lo, y_hi)
         else:
             acc = _mma_step(acc, w_ptr, c_ptr, rs_ptr, rows_g, it, k0, x_lo, x_hi, xt, K, KP2,
-                            KP32, NPT, ACT_INT8, W_BF16, DECODE_LUT, FP8_PROMOTE, BN, BK)
+                            KP32, NPT, ACT_INT8, W_BF16, DECODE_LUT, FP8_PROMOTE, BN, BK,
+                            W_EVICT)
             if GATED:
                 acc_u = _mma_step(acc_u, w_ptr, c_ptr, rs_ptr, rows_u, it, k0, x_lo, x_hi, xt,
                                   K, KP2, KP32, NPT, ACT_INT8, W_BF16, DECODE_LUT, FP8_PROMOTE,
-                                  BN, BK)
+                                  BN, BK, W_EVICT)
 
     if PER_ROW:
         a_scale = tl.load(as_ptr + src, mask=m_mask, other=0.0)[None, :]
@@ -465,6 +467,20 @@ def pick_config(num_tokens: int, num_pairs: int, num_experts: int,
     if gemm2 and bm == 64 and not act_int8:
         return 128, bm, 4, 3
     return 64, bm, 4, 4 if bm == 16 and not act_int8 else 3
+
+
+# The expert weight copies with an L2 evict_first policy (``triton_w4a8.WEIGHT_EVICT_FIRST``,
+# ``_triton_l2``): off. Same-run A/B on an H100 (benchmarks/tools/triton_l2_ab.py, 2026-11-25,
+# whole layer on the Triton kernels): Qwen3-30B-A3B 1-4 % faster at 4-16 tokens, but gpt-oss-20b
+# FP8 static 5-10 % slower at 4-128 tokens (its GEMM1: 185 -> 203 us at 16 tokens with the
+# policy on GEMM1 alone); GEMM2 alone moved -1.5 .. +1.7 %.
+EVICT_FIRST = False
+
+
+def weight_eviction(bf16_weights: bool) -> str:
+    """The expert weight loads' L2 eviction policy (``EVICT_FIRST``)."""
+    on = EVICT_FIRST and tk.WEIGHT_EVICT_FIRST and not bf16_weights
+    return "evict_first" if on else ""
 
 
 def fp8_promote(bm: int, requantized: bool) -> int:
@@ -642,7 +658,8 @@ def moe_forward(
         AMAX=amax_needed, W_BF16=bf16_weights, DECODE_LUT=lut,
         FP8_PROMOTE=fp8_promote(bm1, True), OUT_QUANT=h_out_quant,
         ROUTE_INLINE=route_inline, HAS_MAP=has_map, PP2=pp2, EP2=ep2, BN=bn1, BM=bm1, BK=bk,
-        PDL=pdl, X_SPLIT=x_split, num_warps=w1_, num_stages=st1, launch_pdl=pdl,
+        PDL=pdl, X_SPLIT=x_split, W_EVICT=weight_eviction(bf16_weights), num_warps=w1_,
+        num_stages=st1, launch_pdl=pdl,
     )
 
     # GEMM2 input
@@ -671,7 +688,8 @@ def moe_forward(
         AMAX=False, W_BF16=bf16_weights, DECODE_LUT=lut, FP8_PROMOTE=fp8_promote(bm2, False),
         OUT_QUANT=False, ROUTE_INLINE=route_inline,
         HAS_MAP=has_map, PP2=pp2, EP2=ep2, BN=bn2, BM=bm2, BK=bk, PDL=pdl, X_SPLIT=x_split,
-        num_warps=w2_, num_stages=st2, launch_pdl=pdl,
+        W_EVICT=weight_eviction(bf16_weights), num_warps=w2_, num_stages=st2,
+        launch_pdl=pdl,
     )
 
     # top-k reduction

@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from . import _decode_ptx
+from . import _decode_ptx, _triton_l2
 from ._sm90_repack import INT8_TILE, decode_lut
 
 INT8_TILE_K = tl.constexpr(INT8_TILE)
@@ -45,6 +45,27 @@ def lut_for(device: torch.device, act_int8: bool) -> torch.Tensor:
     if key not in _LUTS:
         _LUTS[key] = decode_lut(act_int8).to(device)
     return _LUTS[key]
+
+# Weight loads that stream a weight once may ask the L2 to evict those lines first; Triton 3.6
+# drops the request on its pipelined copies, _triton_l2 restores it (False: this Triton has no
+# stage hook, or W4A8_TRITON_L2_HINT=0).
+WEIGHT_EVICT_FIRST = _triton_l2.install()
+# Where it pays, measured on an H100 (benchmarks/tools/triton_l2_ab.py, 2026-11-25, L2 flushed):
+# the FP8 GEMM at M <= 32 over weights of >= 25 MB 1.5-6 % faster (8192 x 8192 M = 16: 23.8 ->
+# 22.6 us; as a decode step 21.1 -> 20.4 us); 4096 x 4096 1-4 % slower, M >= 64 and the INT8
+# GEMM within -4 .. +2 %.
+EVICT_FIRST_MAX_M = 32
+EVICT_FIRST_MIN_BYTES = 25 << 20
+
+
+def weight_eviction(m: int, m_blocks: int, weight_bytes: int, int8: bool) -> str:
+    """The dense GEMM's weight-load L2 policy: ``evict_first`` for FP8 activations (not
+    ``int8``, split or not) on tiles read by one program each (``m_blocks`` == 1) where it
+    measured faster, else the default."""
+    on = (WEIGHT_EVICT_FIRST and not int8 and m_blocks == 1 and m <= EVICT_FIRST_MAX_M
+          and weight_bytes >= EVICT_FIRST_MIN_BYTES)
+    return "evict_first" if on else ""
+
 
 FP8_MAX = 448.0
 INT8_MAX = 127.0
@@ -330,15 +351,19 @@ def _lut_half(b, code, BN: tl.constexpr, G: tl.constexpr, HIGH: tl.constexpr,
 
 @triton.jit
 def _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN: tl.constexpr, BK: tl.constexpr,
-                  ACT_INT8: tl.constexpr, DECODE_LUT: tl.constexpr, code_shift=None):
+                  ACT_INT8: tl.constexpr, DECODE_LUT: tl.constexpr, EVICT: tl.constexpr,
+                  code_shift=None):
     """Decode a [BN, BK] weight tile. ``code_shift`` [BN] (INT8 prefill per-row reference):
-    each block's code moves by it and blocks that leave the exact range [22, 25] decode to 0."""
+    each block's code moves by it and blocks that leave the exact range [22, 25] decode to 0.
+    ``EVICT``: the L2 eviction policy of the weight loads (``weight_eviction``)."""
     G: tl.constexpr = BK // 64
     jj = tl.arange(0, BK // 2)
-    b2 = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * KP2 + (k0 // 2 + jj)[None, :])
+    b2 = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * KP2 + (k0 // 2 + jj)[None, :],
+                 eviction_policy=EVICT)
     b = tl.reshape(b2, (BN, G, 32))
     cc = tl.arange(0, 2 * G)
-    c2 = tl.load(c_ptr + offs_n.to(tl.int64)[:, None] * KP32 + (k0 // 32 + cc)[None, :])
+    c2 = tl.load(c_ptr + offs_n.to(tl.int64)[:, None] * KP32 + (k0 // 32 + cc)[None, :],
+                 eviction_policy=EVICT)
     if code_shift is not None:
         c = c2.to(tl.int32)
         moved = c + code_shift[:, None]
@@ -365,6 +390,7 @@ def _w4a8_gemm(
     W_DENSE: tl.constexpr, ROW_REF: tl.constexpr, SPLIT_K: tl.constexpr,
     DECODE_LUT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
     PDL: tl.constexpr, RELEASE: tl.constexpr, X_SPLIT: tl.constexpr = False,
+    W_EVICT: tl.constexpr = "",
 ):
     if RELEASE:  # the correction launched after this one with PDL may start (it waits for us)
         gdc_launch_dependents()
@@ -415,7 +441,7 @@ def _w4a8_gemm(
                 acc = tl.dot(w, xt, acc)
         else:
             w_lo, w_hi = _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN, BK, ACT_INT8,
-                                       DECODE_LUT)
+                                       DECODE_LUT, W_EVICT)
             xk = k0 + kx
             x_lo = tl.load(x_rows + xk[:, None], mask=m_mask[None, :] & (xk < K)[:, None], other=0.0)
             x_hi = tl.load(x_rows + (xk + 32)[:, None],
@@ -562,10 +588,10 @@ def _materialize_tile(w_ptr, c_ptr, rs_ptr, prs_ptr, out_ptr, pid_n, pid_k, KP, 
         tile_exp = tl.load(rs_ptr + pid_k * NP + offs_n).to(tl.int32)
         row_exp = tl.load(prs_ptr + offs_n).to(tl.int32, bitcast=True) >> 23
         w_lo, w_hi = _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN, BK, ACT_INT8,
-                                   DECODE_LUT, tile_exp - row_exp)
+                                   DECODE_LUT, "", tile_exp - row_exp)
     else:
         w_lo, w_hi = _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN, BK, ACT_INT8,
-                                   DECODE_LUT)
+                                   DECODE_LUT, "")
     g = tl.arange(0, G)
     j = tl.arange(0, 32)
     base = out_ptr + offs_n.to(tl.int64)[:, None, None] * KP + k0 + (g * 64)[None, :, None] + j[None, None, :]
@@ -624,7 +650,9 @@ def _correction(x_ptr, xs_ptr, y_ptr, rows_ptr, ptr_ptr, blk_ptr, val_ptr, M, K,
         xp = x_ptr + offs_m.to(tl.int64)[:, None] * K + blk * 32 + j[None, :]
         xq = tl.load(xp, mask=m_mask[:, None], other=0.0).to(tl.float32)
         if X_SPLIT:  # the two planes of split_int8 sum to the int8 codes
-            xq += tl.load(xp + M.to(tl.int64) * K, mask=m_mask[:, None], other=0.0).to(tl.float32)
+            # (tl.cast: Triton passes M = 1 as a constant, which has no .to)
+            xq += tl.load(xp + tl.cast(M, tl.int64) * K, mask=m_mask[:, None],
+                          other=0.0).to(tl.float32)
         acc += tl.sum(xq * v[None, :], axis=1)
     if PER_TOKEN:
         acc = acc * tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)
@@ -903,6 +931,8 @@ def w4a8_gemm(q: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, codes: to
         ACT_INT8=act_int8, PER_TOKEN=per_token, HAS_BIAS=bias is not None,
         W_DENSE=dense is not None, ROW_REF=row_ref, SPLIT_K=split, DECODE_LUT=DECODE_LUT,
         BN=bn, BM=bm, BK=bk, PDL=pdl, RELEASE=release, X_SPLIT=x_split,
+        W_EVICT=weight_eviction(m, grid[1], packed.numel() + codes.numel(),
+                                act_int8 or x_split),
         num_warps=warps, num_stages=stages, launch_pdl=pdl,
     )
     return y
