@@ -77,8 +77,44 @@ for name, build in cases.items():
     out[name] = dict(plain_hinted=plain.l2_hinted, plain_has_hint="cache_hint" in plain_ptx,
                      hinted=hinted.l2_hinted, copies=copies, in_binary=in_binary,
                      problem=problem, raw_rewritten=raw != ptx, raw_problem=raw_problem)
+# a kernel of another package that asks for the same policy is compiled as Triton compiles it
+with tempfile.TemporaryDirectory() as d:
+    open(f"{d}/foreign_kernel.py", "w").write(FOREIGN)
+    sys.path.insert(0, d)
+    import foreign_kernel
+    from triton.compiler import ASTSource
+    from triton.backends.compiler import GPUTarget
+    def build_foreign(warps):
+        sig = {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "K": "i32"}
+        aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 3)}
+        return triton.compile(ASTSource(foreign_kernel.gemm, sig, {}, attrs=aligned),
+                              target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_stages=3, num_warps=warps))
+    fk = build_foreign(4)
+    l2.KERNELS_DIR = d  # the positive control: the same kernel, as if it were this package's
+    mine = build_foreign(8)  # (other options: not Triton's cached binary)
+    out["foreign"] = dict(asks="evictionPolicy = evict_first" in fk.asm["ttgir"],
+                          async_copies=fk.asm["ttgir"].count("async_copy_global_to_local"),
+                          hinted=l2.POLICY_REG in fk.asm["ptx"],
+                          hinted_as_ours=l2.POLICY_REG in mine.asm["ptx"])
 print(json.dumps(out))
 """
+FOREIGN = """
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def gemm(a_ptr, b_ptr, c_ptr, K):
+    offs = tl.arange(0, 64)
+    acc = tl.zeros([64, 64], dtype=tl.float32)
+    for k0 in range(0, K, 64):
+        a = tl.load(a_ptr + offs[:, None] * K + (k0 + offs)[None, :], eviction_policy="evict_first")
+        b = tl.load(b_ptr + (k0 + offs)[:, None] * 64 + offs[None, :])
+        acc = tl.dot(a, b, acc)
+    tl.store(c_ptr + offs[:, None] * 64 + offs[None, :], acc)
+"""
+
 
 pytestmark = pytest.mark.skipif(
     _triton_dir() is None,
@@ -86,11 +122,15 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def compiled() -> dict:
+def compiled(tmp_path_factory) -> dict:
     path = os.pathsep.join(p for p in (str(REPO), _triton_dir(), os.environ.get("PYTHONPATH"))
                            if p)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True,
-                          text=True, timeout=900, env=dict(os.environ, PYTHONPATH=path))
+    script = f"FOREIGN = {FOREIGN!r}\n{SCRIPT}"
+    # a fresh Triton cache: the hook runs only when Triton compiles
+    cache = tmp_path_factory.mktemp("triton_cache")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=900,
+                          env=dict(os.environ, PYTHONPATH=path, TRITON_CACHE_DIR=str(cache)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -101,6 +141,15 @@ CASES = ["dense fp8 m16", "dense int8 m32", "moe gemm1 fp8", "moe gemm2 int8",
 
 def test_hook_installs(compiled):
     assert compiled["installed"] is True
+
+
+def test_other_packages_kernels_untouched(compiled):
+    """A kernel outside this package that asks for the same policy on pipelined copies keeps
+    Triton's own lowering (the hook is process-wide; vLLM's kernels compile through it too)."""
+    r = compiled["foreign"]
+    assert r["asks"] and r["async_copies"] > 0, r
+    assert r["hinted_as_ours"], r  # it qualifies...
+    assert not r["hinted"], r  # ...but is not this package's
 
 
 @pytest.mark.parametrize("case", CASES)

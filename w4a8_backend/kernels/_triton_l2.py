@@ -24,8 +24,8 @@ add_stages_inspection_hook``, chained with any hook already there) that restores
    (``check_hinted_copies``); if one is wrong or the check cannot run, it compiles the
    unmodified PTX instead (logged).
 
-Kernels that ask for nothing are compiled untouched. The request is part of the kernel's source,
-so Triton's cache keys the two forms apart.
+Kernels that ask for nothing, and kernels of other packages (``ours``), are compiled untouched.
+The request is part of the kernel's source, so Triton's cache keys the two forms apart.
 """
 
 from __future__ import annotations
@@ -43,7 +43,10 @@ ADDR_REG = "%w4a8_smem"
 ZERO_REG = "%w4a8_zero"
 LANES_REG = "%w4a8_lanes"
 
+KERNELS_DIR = os.path.dirname(os.path.realpath(__file__))
+
 # TTGIR
+_FUNC_LOC = re.compile(r'^#loc = loc\("([^"]+)":\d+:\d+\)', re.M)
 _FUNC = re.compile(r"tt\.func public @(\w+)\((.*?)\) attributes", re.S)
 _ARG = re.compile(r"%(\w+): (\S+)")
 _DEF = re.compile(r"^\s*(%[\w:#, %]+?) = (.*)$")
@@ -230,6 +233,14 @@ def _sass_problem(cubin: bytes) -> str | None:
     return problem
 
 
+def ours(ttgir: str) -> bool:
+    """Whether the kernel of ``ttgir`` is defined in this package (its location; Triton names
+    the function's source file unless line info is off, and then nothing is hinted). Other
+    libraries' kernels in the same process are left as Triton compiles them."""
+    m = _FUNC_LOC.search(ttgir)
+    return m is not None and os.path.dirname(os.path.realpath(m.group(1))) == KERNELS_DIR
+
+
 def _hook(backend, stages, options, language, capability) -> None:
     if capability < 80 or not {"llir", "ptx", "cubin"} <= stages.keys():
         return
@@ -237,7 +248,8 @@ def _hook(backend, stages, options, language, capability) -> None:
     state: dict = {}  # one compilation: these closures are made per compile
 
     def llir(src, metadata):
-        state["params"] = streamed_arguments(str(src))
+        ttgir = str(src)
+        state["params"] = streamed_arguments(ttgir) if ours(ttgir) else []
         return make_llir(src, metadata)
 
     def ptx(src, metadata):
@@ -266,8 +278,8 @@ def _hook(backend, stages, options, language, capability) -> None:
 
 def install() -> bool:
     """Add the hook to Triton's compiler once (chained with an existing one); False when this
-    Triton has no stage hook or ``W4A8_TRITON_L2_HINT=0``."""
-    if os.environ.get("W4A8_TRITON_L2_HINT", "1") == "0":
+    Triton has no stage hook or ``W4A8_SM90_L2_HINT=0``."""
+    if os.environ.get("W4A8_SM90_L2_HINT", "1") == "0":
         return False
     try:
         from triton import knobs

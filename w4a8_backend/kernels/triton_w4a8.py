@@ -48,7 +48,7 @@ def lut_for(device: torch.device, act_int8: bool) -> torch.Tensor:
 
 # Weight loads that stream a weight once may ask the L2 to evict those lines first; Triton 3.6
 # drops the request on its pipelined copies, _triton_l2 restores it (False: this Triton has no
-# stage hook, or W4A8_TRITON_L2_HINT=0).
+# stage hook, or W4A8_SM90_L2_HINT=0).
 WEIGHT_EVICT_FIRST = _triton_l2.install()
 # Where it pays, measured on an H100 (benchmarks/tools/triton_l2_ab.py, 2026-11-25, L2 flushed):
 # the FP8 GEMM at M <= 32 over weights of >= 25 MB 1.5-6 % faster (8192 x 8192 M = 16: 23.8 ->
