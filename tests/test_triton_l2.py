@@ -2,10 +2,11 @@
 compiled for sm_90a on this machine (no GPU needed; triton's NVIDIA backend ships ptxas and
 cuobjdump):
 
-- with ``W_EVICT="evict_first"`` the weight copies of the dense GEMM and of both MoE GEMMs
-  (FP8, INT8, INT8 split) carry the policy in the PTX and still carry it in the cubin that the
-  hook hands to Triton (no fallback), the activation copies do not; without it the kernels are
-  untouched;
+- with ``W_EVICT="evict_first"`` the weight-nibble copies of the dense GEMM and of both MoE
+  GEMMs (FP8, INT8, INT8 split) carry the policy in the PTX and still carry it in the cubin
+  that the hook hands to Triton (no fallback), the activation and block-code copies do not;
+  without it the kernels are untouched; another package's kernel asking for the same is left
+  as Triton compiles it;
 - the SASS check sees ptxas's defect: the same hinted PTX without the shared-memory address
   trick compiles to copies whose descriptor nothing valid wrote (the reason Triton drops the
   policy), and the check reports it;
@@ -156,7 +157,7 @@ def test_other_packages_kernels_untouched(compiled):
 def test_weight_copies_carry_the_policy_into_the_binary(compiled, case):
     r = compiled[case]
     assert r["plain_hinted"] == 0 and not r["plain_has_hint"], r
-    # the weight codes and block exponents are hinted; the activation copies are not
+    # the weight nibbles are hinted; the activation and block-code copies are not
     assert 0 < r["hinted"] < r["copies"], r
     assert r["problem"] is None, r
     assert r["in_binary"] >= r["hinted"], r  # each PTX copy is one or more SASS copies

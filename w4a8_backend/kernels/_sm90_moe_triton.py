@@ -470,10 +470,12 @@ def pick_config(num_tokens: int, num_pairs: int, num_experts: int,
 
 
 # The expert weight copies with an L2 evict_first policy (``triton_w4a8.WEIGHT_EVICT_FIRST``,
-# ``_triton_l2``): off. Same-run A/B on an H100 (benchmarks/tools/triton_l2_ab.py, 2026-11-25,
-# whole layer on the Triton kernels): Qwen3-30B-A3B 1-4 % faster at 4-16 tokens, but gpt-oss-20b
-# FP8 static 5-10 % slower at 4-128 tokens (its GEMM1: 185 -> 203 us at 16 tokens with the
-# policy on GEMM1 alone); GEMM2 alone moved -1.5 .. +1.7 %.
+# ``_triton_l2``): off. Same-run A/B on an H100 (benchmarks/tools/triton_l2_ab.py, whole layer on
+# the Triton kernels): with the policy on the nibbles and the block codes (16:32 UTC),
+# Qwen3-30B-A3B 1-4 % faster at 4-16 tokens but gpt-oss-20b FP8 static 5-10 % slower at 4-128
+# (its GEMM1); on the nibbles only (17:13 UTC) Qwen3 2-7 % faster at 4-16 tokens and 0-3 % at
+# 64-512, gpt-oss FP8 static +1 % at 4-8 tokens and 3 % slower at 16 (larger counts not measured:
+# the device time ran out).
 EVICT_FIRST = False
 
 

@@ -50,10 +50,10 @@ def lut_for(device: torch.device, act_int8: bool) -> torch.Tensor:
 # drops the request on its pipelined copies, _triton_l2 restores it (False: this Triton has no
 # stage hook, or W4A8_SM90_L2_HINT=0).
 WEIGHT_EVICT_FIRST = _triton_l2.install()
-# Where it pays, measured on an H100 (benchmarks/tools/triton_l2_ab.py, 2026-11-25, L2 flushed):
-# the FP8 GEMM at M <= 32 over weights of >= 25 MB 1.5-6 % faster (8192 x 8192 M = 16: 23.8 ->
-# 22.6 us; as a decode step 21.1 -> 20.4 us); 4096 x 4096 1-4 % slower, M >= 64 and the INT8
-# GEMM within -4 .. +2 %.
+# Where it pays, measured on an H100 (benchmarks/tools/triton_l2_ab.py, 2026-11-25 17:13 UTC, L2
+# flushed; the policy on the weight nibbles, not the block codes): the FP8 GEMM at M <= 32 over
+# weights of >= 25 MB 5-10 % faster (8192 x 8192 M = 16: 24.0 -> 21.9 us; as a decode step
+# 20.9 -> 19.4 us); 4096 x 4096 M = 16 3 % slower, M >= 64 and the INT8 GEMM within -3 .. +3 %.
 EVICT_FIRST_MAX_M = 32
 EVICT_FIRST_MIN_BYTES = 25 << 20
 
@@ -362,8 +362,9 @@ def _load_decoded(w_ptr, c_ptr, offs_n, k0, KP2, KP32, BN: tl.constexpr, BK: tl.
                  eviction_policy=EVICT)
     b = tl.reshape(b2, (BN, G, 32))
     cc = tl.arange(0, 2 * G)
-    c2 = tl.load(c_ptr + offs_n.to(tl.int64)[:, None] * KP32 + (k0 // 32 + cc)[None, :],
-                 eviction_policy=EVICT)
+    # (the block codes keep the default policy: a row's codes are one or two L2 lines that the
+    # next K steps read again, 8 bytes at a time)
+    c2 = tl.load(c_ptr + offs_n.to(tl.int64)[:, None] * KP32 + (k0 // 32 + cc)[None, :])
     if code_shift is not None:
         c = c2.to(tl.int32)
         moved = c + code_shift[:, None]
